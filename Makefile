@@ -1,0 +1,29 @@
+# meshmail developer tasks. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Lint rules live here, not in a config file: pyproject.toml holds only [build-system].
+RUFF_ARGS := --line-length 120 --target-version py311 --select E,F,W,I,B,UP
+PYTEST_ARGS ?=
+
+.PHONY: test lint bench-gossip clean
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-lint
+	$(BIN)/python -m ruff check $(RUFF_ARGS) meshmail tests
+
+bench-gossip: $(VENV)/.installed-test
+	$(BIN)/python tests/bench/bench_gossip.py
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps: reinstall only when the package metadata changes (or the venv is new).
+$(VENV)/.installed-%: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[$*]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,360 @@
+"""meshmail's TOML configuration, loaded strictly into frozen attrs records.
+
+An unknown key, a value of the wrong type or a missing required key is a ConfigError whose
+message is one line naming the file and the dotted key. Gossip timings start from a named
+profile (meshmail.gossip.config) and every field of it can be overridden in [gossip].
+This module reads files and checks values; it starts nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import ipaddress
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from .gossip.config import PROFILES, GossipConfig, profile
+from .gossip.keyring import KEY_SIZE
+from .gossip.messages import MAX_NAME
+from .gossip.meta import ROLES, SERVICES, NodeMeta
+
+Address = tuple[str, int]
+
+DEFAULT_PATH = "/etc/meshmail/meshmail.toml"
+DEFAULT_GOSSIP_PORT = 7946
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used. str() is one line: ``FILE: KEY: problem``."""
+
+
+class _Bad(ValueError):
+    """A value a field parser refuses; `where` extends the key (``[2]`` for a list item)."""
+
+    def __init__(self, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
+
+
+# --- addresses --------------------------------------------------------------------------
+
+
+def parse_address(text: str, *, port_zero: bool = False) -> Address:
+    """Parse ``host:port`` (IPv6 as ``[::1]:7946``) into (host, port).
+
+    Port 0 ("any free port") is accepted only with `port_zero`, which is for binding.
+    Raises ValueError with a message meant for people.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f'expected a string "host:port", got {_kind(text)}')
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        _ip(host, text)
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, like [::1]:{DEFAULT_GOSSIP_PORT}")
+    if not sep or not host or not port_text.isascii() or not port_text.isdigit():
+        raise ValueError(f"{text!r} is not host:port")
+    port = int(port_text)
+    lowest = 0 if port_zero else 1
+    if not lowest <= port <= 65535:
+        raise ValueError(f"{text!r}: port must be {lowest}..65535")
+    return host, port
+
+
+def format_address(address: Address) -> str:
+    """The ``host:port`` form of an address, bracketing IPv6 hosts."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ip(host: str, text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+
+
+# --- field parsers: value from TOML -> checked value, or _Bad ---------------------------
+
+
+def _kind(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array", dict: "a table"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _expect(value: object, kind: type | tuple[type, ...], what: str) -> None:
+    # bool is an int subclass, but `probe_interval = true` is surely a mistake.
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise _Bad(f"expected {what}, got {_kind(value)}")
+
+
+def _string(value: object) -> str:
+    _expect(value, str, "a string")
+    return value
+
+
+def _non_empty(value: object) -> str:
+    if not _string(value):
+        raise _Bad("must not be empty")
+    return value
+
+
+def _integer(value: object) -> int:
+    _expect(value, int, "an integer")
+    return value
+
+
+def _number(value: object) -> float:
+    _expect(value, (int, float), "a number")
+    return float(value)
+
+
+def _boolean(value: object) -> bool:
+    _expect(value, bool, "a boolean (true or false)")
+    return value
+
+
+def _choice(*options: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if _string(value) not in options:
+            raise _Bad(f"{value!r} is not one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _address(*, port_zero: bool = False, ip: bool = False) -> Callable[[object], Address]:
+    def parse(value: object) -> Address:
+        try:
+            address = parse_address(value, port_zero=port_zero)
+            if ip:
+                _ip(address[0], value)
+        except ValueError as exc:
+            raise _Bad(str(exc)) from None
+        return address
+
+    return parse
+
+
+def _list_of(item: Callable[[object], Any]) -> Callable[[object], tuple]:
+    def parse(value: object) -> tuple:
+        _expect(value, list, "an array")
+        items = []
+        for index, element in enumerate(value):
+            try:
+                items.append(item(element))
+            except _Bad as exc:
+                raise _Bad(str(exc), f"[{index}]{exc.where}") from None
+        return tuple(items)
+
+    return parse
+
+
+def _key(value: object) -> bytes:
+    _expect(value, str, "a base64 string")
+    try:
+        key = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise _Bad("not valid base64 (generate a key with: meshmail keygen)") from None
+    if len(key) != KEY_SIZE:
+        # Never echo the key itself: config errors end up in logs.
+        raise _Bad(f"decodes to {len(key)} bytes; a gossip key is {KEY_SIZE} bytes (meshmail keygen)")
+    return key
+
+
+def _gossip_override(kind: type) -> Callable[[object], Any]:
+    return {bool: _boolean, int: _integer, float: _number}[kind]
+
+
+# --- records ----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class NodeSection:
+    name: str
+    role: str = "master"
+    data_dir: str = "/var/lib/meshmail"
+
+
+@attrs.frozen
+class GossipSection:
+    cluster: str
+    #: Decoded keys, primary first. Left out of repr so that key material is never logged.
+    keys: tuple[bytes, ...] = attrs.field(repr=False)
+    bind: Address = ("0.0.0.0", DEFAULT_GOSSIP_PORT)
+    #: The address other members reach us at, when it differs from `bind`.
+    advertise: Address | None = None
+    seeds: tuple[Address, ...] = ()
+    settings: GossipConfig = attrs.Factory(GossipConfig)
+
+
+@attrs.frozen
+class HttpSection:
+    bind: Address = ("127.0.0.1", 8080)
+
+
+@attrs.frozen
+class Config:
+    """One node's configuration as loaded from `path`."""
+
+    path: str
+    node: NodeSection
+    gossip: GossipSection
+    http: HttpSection = HttpSection()
+    endpoints: Mapping[str, str] = attrs.Factory(dict)
+    tags: Mapping[str, str] = attrs.Factory(dict)
+
+    @property
+    def node_meta(self) -> NodeMeta:
+        return NodeMeta(role=self.node.role, endpoints=dict(self.endpoints), tags=dict(self.tags))
+
+
+# --- loading ----------------------------------------------------------------------------
+
+_REQUIRED = object()
+_ABSENT = object()
+
+_Fields = dict[str, tuple[Callable[[object], Any], Any]]
+
+_NODE: _Fields = {
+    "name": (_non_empty, _REQUIRED),
+    "role": (_choice(*ROLES), "master"),
+    "data_dir": (_non_empty, "/var/lib/meshmail"),
+}
+_GOSSIP_TUNABLES: _Fields = {
+    name: (_gossip_override(kind), _ABSENT)
+    for name, kind in typing.get_type_hints(GossipConfig).items()
+    if name != "profile"
+}
+_GOSSIP: _Fields = {
+    "bind": (_address(port_zero=True, ip=True), ("0.0.0.0", DEFAULT_GOSSIP_PORT)),
+    "advertise": (_address(ip=True), None),
+    "cluster": (_non_empty, _REQUIRED),
+    "keys": (_list_of(_key), _REQUIRED),
+    "seeds": (_list_of(_address()), ()),
+    "profile": (_choice(*PROFILES), "lan"),
+    **_GOSSIP_TUNABLES,
+}
+_HTTP: _Fields = {"bind": (_address(port_zero=True), ("127.0.0.1", 8080))}
+_SECTIONS = ("node", "gossip", "http", "endpoints", "tags")
+
+
+def load(path: str) -> Config:
+    """Read and check the TOML file at `path`. Raises ConfigError."""
+    try:
+        with open(path, "rb") as file:
+            text = file.read().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return loads(text, path)
+
+
+def loads(text: str, path: str = "<config>") -> Config:
+    """Check the TOML document `text`; `path` names it in errors. Raises ConfigError."""
+    return _Reader(path).config(text)
+
+
+@attrs.define
+class _Reader:
+    path: str
+
+    def fail(self, key: str, problem: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.path}: {key}: {problem}")
+
+    def unknown(self, key: str, known: typing.Iterable[str]) -> typing.NoReturn:
+        section, _, name = key.rpartition(".")
+        close = difflib.get_close_matches(name, list(known), n=1)
+        hint = f" (did you mean {'.'.join(filter(None, [section, close[0]]))}?)" if close else ""
+        self.fail(key, f"unknown key{hint}")
+
+    def table(self, document: dict, name: str) -> dict:
+        value = document.get(name, {})
+        if not isinstance(value, dict):
+            self.fail(name, f"expected a table [{name}], got {_kind(value)}")
+        return value
+
+    def section(self, document: dict, name: str, fields: _Fields) -> dict[str, Any]:
+        table = self.table(document, name)
+        for key in table:
+            if key not in fields:
+                self.unknown(f"{name}.{key}", fields)
+        values = {}
+        for key, (parse, default) in fields.items():
+            if key not in table:
+                if default is _REQUIRED:
+                    self.fail(f"{name}.{key}", "missing (required)")
+                if default is not _ABSENT:
+                    values[key] = default
+                continue
+            try:
+                values[key] = parse(table[key])
+            except _Bad as exc:
+                self.fail(f"{name}.{key}{exc.where}", str(exc))
+        return values
+
+    def mapping(self, document: dict, name: str, known: tuple[str, ...] | None, parse: Callable) -> dict[str, Any]:
+        values = {}
+        for key, value in self.table(document, name).items():
+            if known is not None and key not in known:
+                self.fail(f"{name}.{key}", f"unknown service (known: {', '.join(known)})")
+            try:
+                values[key] = parse(value)
+            except _Bad as exc:
+                self.fail(f"{name}.{key}", str(exc))
+        return values
+
+    def config(self, text: str) -> Config:
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{self.path}: invalid TOML: {exc}") from None
+        for key in document:
+            if key not in _SECTIONS:
+                self.unknown(key, _SECTIONS)
+        node = self.section(document, "node", _NODE)
+        if len(node["name"].encode()) > MAX_NAME:
+            self.fail("node.name", f"longer than {MAX_NAME} bytes")
+        gossip = self.section(document, "gossip", _GOSSIP)
+        if not gossip["keys"]:
+            self.fail("gossip.keys", "needs at least one key (generate one with: meshmail keygen)")
+        if gossip["advertise"] is None and _ip(gossip["bind"][0], "").is_unspecified:
+            self.fail("gossip.advertise", f"required when gossip.bind is {format_address(gossip['bind'])}")
+        endpoints = self.mapping(document, "endpoints", SERVICES, lambda value: format_address(_address()(value)))
+        tags = self.mapping(document, "tags", None, _string)
+        config = Config(
+            path=self.path,
+            node=NodeSection(**node),
+            gossip=GossipSection(settings=self.gossip_settings(gossip), **gossip),
+            http=HttpSection(**self.section(document, "http", _HTTP)),
+            endpoints=endpoints,
+            tags=tags,
+        )
+        try:
+            config.node_meta.encode()
+        except ValueError as exc:
+            self.fail("tags", str(exc))
+        return config
+
+    def gossip_settings(self, gossip: dict[str, Any]) -> GossipConfig:
+        """Pop the profile and its overrides from `gossip`; check each override alone so
+        that an error names its key."""
+        name = gossip.pop("profile")
+        overrides = {key: gossip.pop(key) for key in _GOSSIP_TUNABLES if key in gossip}
+        for key, value in overrides.items():
+            try:
+                profile(name, **{key: value})
+            except (TypeError, ValueError) as exc:
+                self.fail(f"gossip.{key}", f"invalid value {value!r}: {exc}")
+        try:
+            return profile(name, **overrides)
+        except (TypeError, ValueError) as exc:
+            self.fail("gossip", str(exc))

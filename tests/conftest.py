@@ -1,0 +1,49 @@
+"""Fixtures shared by the tests: gossip keys and config files to start from."""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+#: The `meshmail` command as a subprocess argv prefix, for tests of the real CLI.
+MESHMAIL = [sys.executable, "-m", "meshmail"]
+
+
+def new_key_b64() -> str:
+    return base64.b64encode(os.urandom(32)).decode("ascii")
+
+
+def minimal_config(name: str = "m1", *, key: str | None = None, extra: str = "") -> str:
+    """A valid config for one node on 127.0.0.1 with ports chosen by the kernel."""
+    return f"""
+[node]
+name = "{name}"
+
+[gossip]
+bind = "127.0.0.1:0"
+cluster = "test"
+keys = ["{key or new_key_b64()}"]
+profile = "local"
+
+[http]
+bind = "127.0.0.1:0"
+{extra}
+"""
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[str], Path]:
+    """Write TOML text to a fresh file and return its path."""
+    counter = iter(range(1_000_000))
+
+    def write(text: str) -> Path:
+        path = tmp_path / f"meshmail-{next(counter)}.toml"
+        path.write_text(text)
+        return path
+
+    return write
