@@ -1,0 +1,211 @@
+"""One meshmail node: a loaded Config wired to the gossip layer and the HTTP server.
+
+`serve` runs what a `meshmail run` process runs, under one nursery, until the node leaves
+(SIGTERM, SIGINT or POST /leave) or is cancelled. Role services (proxy, MX, store) join
+this wiring in later steps; the protocol logic itself lives in their own packages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from functools import partial
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .config import Address, Config, format_address
+from .gossip.keyring import Keyring
+from .gossip.member import MemberEvent
+from .gossip.memberlist import Memberlist
+from .gossip.messages import State
+from .gossip.transport import NetTransport
+from .web import create_app
+
+log = logging.getLogger("meshmail.node")
+
+#: How long a graceful leave waits for the "left" broadcast to go out.
+LEAVE_TIMEOUT = 5.0
+#: How long in-flight HTTP requests may take to finish once the node is leaving.
+HTTP_GRACE = 2.0
+#: Seeds are retried with a delay doubling from the first to the second value (seconds).
+JOIN_RETRY = (0.5, 5.0)
+
+
+class NodeError(Exception):
+    """A node that cannot start (an address in use...); str() is one line for people."""
+
+
+@attrs.frozen
+class Bound:
+    """Where a started node listens."""
+
+    gossip: Address
+    http: Address
+
+
+@attrs.define(eq=False)
+class Node:
+    """What the HTTP app sees of a running node."""
+
+    config: Config
+    memberlist: Memberlist
+    _leave: trio.Event = attrs.field(factory=trio.Event)
+
+    def request_leave(self) -> None:
+        """Ask `serve` to leave the cluster gracefully and stop; returns at once."""
+        self._leave.set()
+
+    @property
+    def leaving(self) -> bool:
+        return self._leave.is_set()
+
+    async def join(self, seeds: Iterable[Address]) -> int:
+        """Push-pull with each seed; the number that answered."""
+        return await self.memberlist.join(list(seeds))
+
+
+def new_memberlist(config: Config) -> Memberlist:
+    """The gossip node described by `config` (not started)."""
+    gossip = config.gossip
+    return Memberlist(
+        name=config.node.name,
+        transport=NetTransport(*gossip.bind),
+        keyring=Keyring(list(gossip.keys)),
+        cluster=gossip.cluster,
+        config=gossip.settings,
+        meta=config.node_meta.encode(),
+        advertise=gossip.advertise,
+        wall_clock=time.time,
+    )
+
+
+async def serve(
+    config: Config, *, leave_on_signals: bool = False, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a node: gossip, then HTTP, then join the seeds in the background.
+
+    Reports a `Bound` through task_status once both listen. Returns after a graceful
+    leave, asked for by POST /leave or, with `leave_on_signals`, by SIGTERM or SIGINT (a
+    second signal stops at once). Raises NodeError when an address cannot be bound.
+    """
+    memberlist = new_memberlist(config)
+    node = Node(config, memberlist)
+    events = memberlist.subscribe()
+    async with trio.open_nursery() as nursery:
+        with _bind_errors("gossip", config.gossip.bind):
+            await nursery.start(memberlist.run)
+        nursery.start_soon(_log_events, events)
+        http_stop, http_done = trio.Event(), trio.Event()
+        with _bind_errors("http", config.http.bind):
+            http = await nursery.start(_serve_http, create_app(node), config.http.bind, http_stop, http_done)
+        if leave_on_signals:
+            await nursery.start(_leave_on_signals, node, nursery.cancel_scope)
+        nursery.start_soon(_join_seeds, memberlist, config.gossip.seeds)
+        bound = Bound(gossip=memberlist.address, http=http)
+        log.info(
+            "node %s (%s) in cluster %s: gossip on %s, http on %s",
+            config.node.name,
+            config.node.role,
+            config.gossip.cluster,
+            format_address(bound.gossip),
+            format_address(bound.http),
+        )
+        task_status.started(bound)
+
+        await node._leave.wait()
+        log.info("leaving the cluster")
+        await memberlist.leave(timeout=LEAVE_TIMEOUT)
+        http_stop.set()
+        with trio.move_on_after(HTTP_GRACE + 1):
+            await http_done.wait()
+        nursery.cancel_scope.cancel()
+    log.info("node %s stopped", config.node.name)
+
+
+@contextlib.contextmanager
+def _bind_errors(what: str, address: Address) -> Iterator[None]:
+    """Turn an OSError while binding `what` (bare or in exception groups) into NodeError."""
+    try:
+        yield
+    except (OSError, BaseExceptionGroup) as exc:
+        leaf = exc
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if not isinstance(leaf, OSError):
+            raise
+        reason = leaf.strerror or str(leaf)
+        raise NodeError(f"cannot listen for {what} on {format_address(address)}: {reason}") from None
+
+
+async def _serve_http(
+    app, bind: Address, stop: trio.Event, done: trio.Event, *, task_status: trio.TaskStatus[Address]
+) -> None:
+    settings = HypercornConfig()
+    settings.bind = [format_address(bind)]
+    settings.accesslog = None
+    settings.errorlog = logging.getLogger("meshmail.http")
+    settings.graceful_timeout = HTTP_GRACE
+    try:
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(partial(hypercorn_serve, app, settings, shutdown_trigger=stop.wait))
+            url = urlsplit(urls[0])
+            task_status.started((url.hostname, url.port))
+    finally:
+        done.set()
+
+
+async def _log_events(events: trio.MemoryReceiveChannel[MemberEvent]) -> None:
+    async with events:
+        async for event in events:
+            member = event.member
+            log.info(
+                "member %s %s (incarnation %d) at %s",
+                member.name,
+                event.kind.value,
+                member.incarnation,
+                format_address((member.host, member.port)),
+            )
+
+
+async def _join_seeds(memberlist: Memberlist, seeds: Iterable[Address]) -> None:
+    """Join through the seeds, retrying until one answers or someone joins through us,
+    so that the nodes of a cluster can start in any order."""
+    seeds = [seed for seed in seeds if seed != memberlist.address]
+    delay, longest = JOIN_RETRY
+    while seeds:
+        joined = await memberlist.join(seeds)
+        if joined:
+            log.info("joined the cluster through %d of %d seed(s)", joined, len(seeds))
+            return
+        if any(m.state == State.ALIVE and m.name != memberlist.name for m in memberlist.members()):
+            log.info("joined the cluster (a member reached us first)")
+            return
+        if delay == JOIN_RETRY[0]:
+            shown = ", ".join(format_address(seed) for seed in seeds)
+            log.warning("no seed answered (%s); retrying in the background", shown)
+        await trio.sleep(delay)
+        delay = min(delay * 2, longest)
+
+
+async def _leave_on_signals(node: Node, scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        task_status.started()
+        return
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if node.leaving:
+                log.warning("%s again: stopping without waiting for the leave", name)
+                scope.cancel()
+                return
+            log.info("%s: leaving gracefully (send it again to stop at once)", name)
+            node.request_leave()

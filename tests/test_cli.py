@@ -1,0 +1,197 @@
+"""The `meshmail` command as an operator runs it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import base64
+import re
+import signal
+import socket
+import subprocess
+
+import pytest
+import trio
+from conftest import MESHMAIL, minimal_config
+
+from meshmail.cli import format_status
+
+SUBCOMMANDS = ["run", "status", "leave", "keygen"]
+
+
+def meshmail(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([*MESHMAIL, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_failure(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("meshmail: ")
+    for word in words:
+        assert word in lines[0]
+
+
+def closed_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (just released by us)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_help():
+    result = meshmail("--help")
+    assert result.returncode == 0
+    for command in SUBCOMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_of_each_command(command):
+    result = meshmail(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: meshmail {command}")
+
+
+def test_keygen_prints_a_gossip_key():
+    first, second = meshmail("keygen"), meshmail("keygen")
+    assert first.returncode == 0
+    assert len(base64.b64decode(first.stdout.strip(), validate=True)) == 32
+    assert first.stdout != second.stdout
+
+
+def test_run_with_a_bad_config(write_config):
+    path = write_config(minimal_config().replace('profile = "local"', 'profile = "local"\nprobe_intervall = 1'))
+    assert_one_line_failure(meshmail("run", "--config", str(path)), str(path), "gossip.probe_intervall: unknown key")
+
+
+def test_run_with_a_missing_config(tmp_path):
+    path = tmp_path / "absent.toml"
+    assert_one_line_failure(meshmail("run", "--config", str(path)), f"meshmail: {path}: cannot read")
+
+
+def test_run_check(write_config):
+    path = write_config(minimal_config("checked"))
+    result = meshmail("run", "--config", str(path), "--check")
+    assert result.returncode == 0 and "config ok" in result.stdout
+
+
+def test_run_with_the_gossip_port_taken(write_config):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(minimal_config().replace('bind = "127.0.0.1:0"', f'bind = "127.0.0.1:{port}"', 1))
+        result = meshmail("run", "--config", str(path))
+    assert_one_line_failure(result, f"cannot listen for gossip on 127.0.0.1:{port}", "in use")
+
+
+@pytest.mark.parametrize("command", ["status", "leave"])
+def test_unreachable_node(command):
+    url = f"http://127.0.0.1:{closed_port()}"
+    assert_one_line_failure(meshmail(command, "--url", url), "cannot reach the node at", "refused")
+
+
+def test_status_with_a_bad_config(write_config):
+    path = write_config("[node]\n")
+    assert_one_line_failure(meshmail("status", "--config", str(path)), f"{path}: node.name: missing")
+
+
+def test_status_url_from_config_needs_a_port(write_config):
+    path = write_config(minimal_config())
+    assert_one_line_failure(meshmail("status", "--config", str(path)), "http.bind has port 0")
+
+
+async def test_run_status_leave(write_config):
+    """One real node process: status as a table and as JSON, then `meshmail leave` ends it
+    with status 0; a second process ends with status 0 on SIGTERM."""
+    path = write_config(minimal_config("proc"))
+    process = await trio.lowlevel.open_process(
+        [*MESHMAIL, "run", "--config", str(path)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
+    try:
+        with trio.fail_after(20):
+            url = await _wait_for_http(process)
+            table = await trio.to_thread.run_sync(meshmail, "status", "--url", url)
+            assert table.returncode == 0, table.stderr
+            assert re.search(r"^proc\s+alive\s+1\s+127\.0\.0\.1:\d+\s+master", table.stdout, re.M), table.stdout
+            as_json = await trio.to_thread.run_sync(meshmail, "status", "--url", url, "--json")
+            assert '"node": "proc"' in as_json.stdout
+            left = await trio.to_thread.run_sync(meshmail, "leave", "--url", url)
+            assert left.returncode == 0, left.stderr
+            assert await process.wait() == 0
+    finally:
+        _stop(process)
+
+    process = await trio.lowlevel.open_process(
+        [*MESHMAIL, "run", "--config", str(path)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
+    try:
+        with trio.fail_after(20):
+            await _wait_for_http(process)
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+    finally:
+        _stop(process)
+
+
+async def _wait_for_http(process: trio.Process) -> str:
+    """Read the node's log until it says where it serves HTTP; return that URL."""
+    log = b""
+    async for chunk in process.stderr:
+        log += chunk
+        found = re.search(rb"http on (\S+)\n", log)
+        if found:
+            return "http://" + found.group(1).decode()
+    raise AssertionError(f"node exited before serving HTTP: {log.decode(errors='replace')}")
+
+
+def _stop(process: trio.Process) -> None:
+    if process.returncode is None:
+        process.kill()
+
+
+def test_format_status():
+    document = {
+        "node": "m1",
+        "role": "master",
+        "cluster": "prod",
+        "address": "10.0.0.1:7946",
+        "incarnation": 3,
+        "health_score": 0,
+        "members": [
+            {
+                "name": "m1",
+                "state": "alive",
+                "incarnation": 3,
+                "address": "10.0.0.1:7946",
+                "role": "master",
+                "endpoints": {},
+                "tags": {},
+                "changed": "2026-01-01T10:00:00.000Z",
+                "changed_unix": 1767261600.0,
+            },
+            {
+                "name": "store-2",
+                "state": "dead",
+                "incarnation": 12,
+                "address": "10.0.0.2:7946",
+                "role": "slave",
+                "endpoints": {"imap": "10.0.0.2:143", "lmtp": "10.0.0.2:24"},
+                "tags": {},
+                "changed": "2026-01-01T10:05:00.000Z",
+                "changed_unix": 1767261900.0,
+            },
+        ],
+        "counters": {"packets_in": 10, "dropped.auth_failed": 2},
+    }
+    assert format_status(document).splitlines() == [
+        "node m1 (master) in cluster prod at 10.0.0.1:7946, incarnation 3, health 0",
+        "",
+        "NAME     STATE  INC  ADDRESS        ROLE    ENDPOINTS                           CHANGED",
+        "m1       alive  3    10.0.0.1:7946  master  -                                   2026-01-01T10:00:00.000Z",
+        "store-2  dead   12   10.0.0.2:7946  slave   imap=10.0.0.2:143,lmtp=10.0.0.2:24  2026-01-01T10:05:00.000Z",
+        "",
+        "counters:",
+        "  packets_in           10",
+        "  dropped.auth_failed  2",
+    ]

@@ -1,0 +1,137 @@
+"""A real node (node.serve on 127.0.0.1, ports from the kernel) asked over real HTTP."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import trio
+from conftest import minimal_config
+
+from meshmail.config import format_address, loads
+from meshmail.node import Bound, serve
+from meshmail.web import create_app
+from meshmail.web.app import MAX_BODY
+
+ENDPOINTS = '[endpoints]\nimap = "127.0.0.1:1143"\n[tags]\nrack = "r1"\n'
+
+
+async def request(bound: Bound, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    """One HTTP request from a thread (urllib), returning the status and the JSON answer."""
+    url = f"http://{format_address(bound.http)}{path}"
+    headers = {"Content-Type": "application/json"}
+
+    def call() -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, body, headers, method=method), timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    return await trio.to_thread.run_sync(call)
+
+
+@pytest.fixture
+async def node(nursery) -> Bound:
+    config = loads(minimal_config("solo", extra=ENDPOINTS), "test.toml")
+    with trio.fail_after(10):
+        return await nursery.start(serve, config)
+
+
+async def test_status_document(node):
+    status, document = await request(node, "GET", "/status")
+    assert status == 200
+    assert document["node"] == "solo"
+    assert document["role"] == "master"
+    assert document["cluster"] == "test"
+    assert document["address"] == format_address(node.gossip)
+    assert document["incarnation"] >= 1
+    assert isinstance(document["health_score"], int)
+    assert isinstance(document["counters"], dict)
+    [me] = document["members"]
+    assert me["name"] == "solo"
+    assert me["state"] == "alive"
+    assert me["address"] == format_address(node.gossip)
+    assert me["role"] == "master"
+    assert me["endpoints"] == {"imap": "127.0.0.1:1143"}
+    assert me["tags"] == {"rack": "r1"}
+    assert abs(me["changed_unix"] - time.time()) < 60
+    changed = datetime.datetime.fromisoformat(me["changed"].replace("Z", "+00:00"))
+    assert me["changed"].endswith("Z")
+    assert abs(changed.timestamp() - me["changed_unix"]) < 0.001
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        ("/leave", b"leave now", "not valid JSON"),
+        ("/leave", b"\xff\xfe", "not valid JSON"),
+        ("/leave", b"[]", "must be a JSON object"),
+        ("/join", b"", "not valid JSON"),
+        ("/join", b"{seeds: 1}", "not valid JSON"),
+        ("/join", b'"127.0.0.1:7946"', "must be a JSON object"),
+        ("/join", b'{"seeds": "127.0.0.1:7946"}', "at least one seed"),
+        ("/join", b'{"seeds": []}', "at least one seed"),
+        ("/join", b'{"seeds": ["127.0.0.1"]}', "is not host:port"),
+        ("/join", b'{"seeds": [7946]}', "expected a string"),
+        ("/join", b'{"seeds": ["' + b"1" * MAX_BODY + b'"]}', f"larger than {MAX_BODY} bytes"),
+    ],
+)
+async def test_admin_endpoints_refuse_bad_bodies(node, path, body, words):
+    status, document = await request(node, "POST", path, body)
+    assert status == 400
+    assert words in document["error"]
+    status, document = await request(node, "GET", "/status")
+    assert status == 200 and document["members"][0]["state"] == "alive"
+
+
+async def test_join_with_no_answer(node):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    body = json.dumps({"seeds": [f"127.0.0.1:{port}"]}).encode()
+    assert await request(node, "POST", "/join", body) == (200, {"joined": 0})
+
+
+async def test_unknown_path_and_method_answer_json(node):
+    assert (await request(node, "GET", "/nope"))[0] == 404
+    status, document = await request(node, "GET", "/leave")
+    assert status == 405 and document["error"]
+
+
+async def test_leave_stops_the_node():
+    config = loads(minimal_config("leaver"), "test.toml")
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(serve, config)
+            assert await request(bound, "POST", "/leave") == (202, {"leaving": True})
+        # serve returned by itself: the nursery is done without being cancelled.
+
+
+class _FakeNode:
+    """Just enough of a Node for the admin guard."""
+
+    def __init__(self) -> None:
+        self.leave_requested = False
+
+    def request_leave(self) -> None:
+        self.leave_requested = True
+
+
+@pytest.mark.parametrize("headers", [{}, {"Remote-Addr": "127.0.0.1", "X-Forwarded-For": "127.0.0.1"}])
+async def test_admin_endpoints_refuse_remote_clients(headers):
+    node = _FakeNode()
+    client = create_app(node).test_client()
+    remote = {"client": ("192.0.2.7", 40000)}
+    for path in ("/leave", "/join"):
+        response = await client.post(path, json={"seeds": ["127.0.0.1:1"]}, headers=headers, scope_base=remote)
+        assert response.status_code == 403
+        assert "loopback" in (await response.get_json())["error"]
+    assert not node.leave_requested
+    response = await client.post("/leave", json={}, scope_base={"client": ("::1", 40000)})
+    assert response.status_code == 202 and node.leave_requested
