@@ -67,6 +67,9 @@ class Node:
     def leaving(self) -> bool:
         return self._leave.is_set()
 
+    async def wait_until_leaving(self) -> None:
+        await self._leave.wait()
+
     async def join(self, seeds: Iterable[Address]) -> int:
         """Push-pull with each seed; the number that answered."""
         return await self.memberlist.join(list(seeds))
@@ -108,7 +111,7 @@ async def serve(
             http = await nursery.start(_serve_http, create_app(node), config.http.bind, http_stop, http_done)
         if leave_on_signals:
             await nursery.start(_leave_on_signals, node, nursery.cancel_scope)
-        nursery.start_soon(_join_seeds, memberlist, config.gossip.seeds)
+        nursery.start_soon(join_seeds, memberlist, config.gossip.seeds)
         bound = Bound(gossip=memberlist.address, http=http)
         log.info(
             "node %s (%s) in cluster %s: gossip on %s, http on %s",
@@ -120,7 +123,7 @@ async def serve(
         )
         task_status.started(bound)
 
-        await node._leave.wait()
+        await node.wait_until_leaving()
         log.info("leaving the cluster")
         await memberlist.leave(timeout=LEAVE_TIMEOUT)
         http_stop.set()
@@ -175,7 +178,7 @@ async def _log_events(events: trio.MemoryReceiveChannel[MemberEvent]) -> None:
             )
 
 
-async def _join_seeds(memberlist: Memberlist, seeds: Iterable[Address]) -> None:
+async def join_seeds(memberlist: Memberlist, seeds: Iterable[Address]) -> None:
     """Join through the seeds, retrying until one answers or someone joins through us,
     so that the nodes of a cluster can start in any order."""
     seeds = [seed for seed in seeds if seed != memberlist.address]

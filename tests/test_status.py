@@ -14,7 +14,7 @@ import trio
 from conftest import minimal_config
 
 from meshmail.config import format_address, loads
-from meshmail.node import Bound, serve
+from meshmail.node import Bound, join_seeds, serve
 from meshmail.web import create_app
 from meshmail.web.app import MAX_BODY
 
@@ -135,3 +135,35 @@ async def test_admin_endpoints_refuse_remote_clients(headers):
     assert not node.leave_requested
     response = await client.post("/leave", json={}, scope_base={"client": ("::1", 40000)})
     assert response.status_code == 202 and node.leave_requested
+
+
+class _Seeds:
+    """A memberlist stand-in that answers joins from a script."""
+
+    name = "me"
+    address = ("127.0.0.1", 7946)
+
+    def __init__(self, answers: list[int]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[float, list]] = []
+
+    async def join(self, seeds) -> int:
+        self.calls.append((trio.current_time(), list(seeds)))
+        return self.answers.pop(0)
+
+    def members(self) -> list:
+        return []
+
+
+async def test_seeds_are_retried_until_one_answers(autojump_clock):
+    memberlist = _Seeds([0, 0, 0, 0, 0, 0, 1])
+    seed = ("127.0.0.1", 7947)
+    await join_seeds(memberlist, [memberlist.address, seed])
+    assert [seeds for _, seeds in memberlist.calls] == [[seed]] * 7  # never itself
+    assert [at for at, _ in memberlist.calls] == [0, 0.5, 1.5, 3.5, 7.5, 12.5, 17.5]
+
+
+async def test_a_lone_seed_does_not_join():
+    memberlist = _Seeds([])
+    await join_seeds(memberlist, [memberlist.address])
+    assert memberlist.calls == []
