@@ -12,7 +12,8 @@ import pytest
 import trio
 from conftest import MESHMAIL, minimal_config
 
-from meshmail.cli import format_status
+from meshmail.cli import format_status, node_url
+from meshmail.config import loads
 
 SUBCOMMANDS = ["run", "status", "leave", "keygen"]
 
@@ -195,3 +196,18 @@ def test_format_status():
         "  packets_in           10",
         "  dropped.auth_failed  2",
     ]
+
+
+@pytest.mark.parametrize(
+    ("bind", "url"),
+    [
+        ("127.0.0.2:8080", "http://127.0.0.2:8080"),
+        ("0.0.0.0:8080", "http://127.0.0.1:8080"),
+        ("[::]:8081", "http://[::1]:8081"),
+        ("status.example.com:80", "http://status.example.com:80"),
+    ],
+)
+def test_node_url_from_config(bind, url):
+    config = loads(minimal_config().replace('bind = "127.0.0.1:0"\n\n', f'bind = "{bind}"\n\n', 1))
+    assert config.http.bind != ("127.0.0.1", 0)
+    assert node_url(config) == url
