@@ -34,8 +34,8 @@ import msgpack
 REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 
-#: memberlist's DefaultLANConfig, which `serf agent -profile=lan` uses; meshmail's "lan"
-#: profile must carry the same values for the comparison to mean anything.
+#: memberlist's DefaultLANConfig, which `serf agent -profile=lan` uses; written into each
+#: meshmail node's config as well, so both sides probe and suspect on the same schedule.
 LAN = {
     "probe_interval": 1.0,
     "probe_timeout": 0.5,
