@@ -1,0 +1,696 @@
+"""The membership protocol: SWIM failure detection with Lifeguard, gossip and push-pull.
+
+`Memberlist` owns this node's view of the cluster. Its state machine (`_alive`,
+`_suspect`, `_dead`) is plain synchronous code that takes a message and updates the view,
+queueing broadcasts and events; the trio tasks around it probe, gossip, push-pull and read
+the transport. Time is trio's clock, randomness an injected random.Random, and the
+network a Transport, so the same code runs on UDP/TCP and on the simulated network.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import struct
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from . import messages as m
+from .awareness import Awareness
+from .broadcast import BroadcastQueue
+from .config import GossipConfig
+from .keyring import OVERHEAD, EnvelopeError, Keyring, ReplayGuard
+from .member import EventKind, Member, MemberEvent, MemberInfo
+from .messages import State
+from .suspicion import Suspicion
+from .timing import push_pull_interval, retransmit_limit, suspicion_min
+from .transport import Address, Transport
+
+log = logging.getLogger("meshmail.gossip")
+
+_FRAME_HEADER = struct.Struct(">I")
+#: Streams served at once; more are closed at once and counted.
+MAX_CONCURRENT_STREAMS = 64
+#: How often a failed (not left) member is offered a push-pull, as Serf's reconnect does.
+RECONNECT_INTERVAL = 30.0
+
+
+class Delegate:
+    """Hooks for the layer above (Step 2 replicates cluster state through these)."""
+
+    def local_state(self, join: bool) -> bytes:
+        """Bytes to send in the push-pull extension slot."""
+        return b""
+
+    def merge_remote_state(self, data: bytes, join: bool) -> None:
+        """Called with a peer's push-pull extension; must not raise for bad input."""
+
+    def notify_broadcast(self, key: str, payload: bytes) -> None:
+        """Called for each application broadcast received."""
+
+
+class FrameError(Exception):
+    """A stream frame that is too large, cut short, or does not open; `reason` is a counter."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@attrs.define(eq=False)
+class _AckWaiter:
+    acked: trio.Event = attrs.field(factory=trio.Event)
+    nacks: int = 0
+
+
+class Memberlist:
+    """One gossip node.
+
+    Args:
+        name: unique member name.
+        transport: where packets and streams go; started by `run`.
+        keyring: keys for the envelope of every packet and stream frame.
+        cluster: cluster name, bound into every envelope so clusters never mix.
+        config: timing and size settings.
+        meta: this node's metadata (NodeMeta.encode()), at most 1 KiB.
+        advertise: address told to others; defaults to the transport's bound address.
+        rng: randomness for probe order and target choice (seed it in tests).
+        wall_clock: Unix time for envelope timestamps and status (trio's clock in simulations).
+        delegate: hooks for the push-pull extension slot and application broadcasts.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        transport: Transport,
+        keyring: Keyring,
+        cluster: str,
+        config: GossipConfig | None = None,
+        meta: bytes = b"",
+        advertise: Address | None = None,
+        rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        delegate: Delegate | None = None,
+    ) -> None:
+        self.name = name
+        self.transport = transport
+        self.keyring = keyring
+        self.cluster = cluster
+        self.config = config or GossipConfig()
+        self.delegate = delegate or Delegate()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._meta = meta
+        self._advertise = advertise
+        self._rng = rng or random.Random()
+        self._wall = wall_clock
+        self._aad = b"meshmail-gossip/1/" + cluster.encode()
+        self._replay = ReplayGuard(self.config.replay_window)
+        self._awareness = Awareness(self.config.awareness_max_multiplier)
+        self._broadcasts = BroadcastQueue(lambda: retransmit_limit(self.config.retransmit_mult, self._live))
+        self._members: dict[str, Member] = {}
+        self._live = 0  # members alive or suspect, self included
+        self._suspicions: dict[str, Suspicion] = {}
+        self._acks: dict[int, _AckWaiter] = {}
+        self._seq = 0
+        self._incarnation = 0
+        self._probe_order: list[str] = []
+        self._probe_index = 0
+        self._subscribers: list[trio.MemorySendChannel] = []
+        self._leaving = False
+        self._nursery: trio.Nursery | None = None
+        self._streams = trio.Semaphore(MAX_CONCURRENT_STREAMS)
+        header = m.Header(m.PROTOCOL_VERSION, 1 << 62, name)
+        # Envelope, header and the growth of the message array header past 15 entries.
+        self._packet_budget = self.config.packet_size - OVERHEAD - len(m.pack_wire(header, [])) - 2
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def address(self) -> Address:
+        return self._members[self.name].address
+
+    @property
+    def incarnation(self) -> int:
+        return self._incarnation
+
+    @property
+    def health_score(self) -> int:
+        return self._awareness.score
+
+    def members(self) -> list[MemberInfo]:
+        """Every member known, this node included, dead and left ones until reaped."""
+        return [member.snapshot() for member in self._members.values()]
+
+    def local(self) -> MemberInfo:
+        return self._members[self.name].snapshot()
+
+    def subscribe(self, max_buffer: int = 1024) -> trio.MemoryReceiveChannel:
+        """A channel of MemberEvents; when the reader falls behind, events are dropped and counted."""
+        send, receive = trio.open_memory_channel(max_buffer)
+        self._subscribers.append(send)
+        return receive
+
+    def queue_broadcast(self, key: str, payload: bytes) -> None:
+        """Gossip an application payload; a newer one with the same key replaces a queued older one."""
+        self._broadcasts.queue("app/" + key, m.to_wire(m.Broadcast(key, payload)))
+
+    def update_meta(self, meta: bytes) -> None:
+        """Change this node's metadata and tell the cluster."""
+        if len(meta) > m.MAX_META:
+            raise ValueError(f"node metadata is {len(meta)} bytes; the limit is {m.MAX_META}")
+        self._meta = meta
+        self._announce_self(self._incarnation + 1)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Start the transport and the protocol tasks; report the bound address; run until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            bound = await nursery.start(self.transport.run)
+            host, port = self._advertise or bound
+            now = trio.current_time()
+            self._incarnation = 1
+            self._members[self.name] = Member(self.name, host, port, self._meta, 1, State.ALIVE, now, self._wall())
+            self._live = 1
+            for loop in (
+                self._packet_loop,
+                self._stream_loop,
+                self._probe_loop,
+                self._gossip_loop,
+                self._push_pull_loop,
+                self._reconnect_loop,
+                self._reap_loop,
+            ):
+                nursery.start_soon(loop)
+            task_status.started(bound)
+
+    async def join(self, seeds: Iterable[Address]) -> int:
+        """Exchange full state with each seed; return how many answered. Never raises for the network."""
+        joined = 0
+        for seed in seeds:
+            if tuple(seed) != self.address and await self._push_pull(tuple(seed), join=True):
+                joined += 1
+        return joined
+
+    async def leave(self, timeout: float) -> None:
+        """Tell the cluster this node leaves (state "left", not "dead"), waiting up to timeout."""
+        self._leaving = True
+        me = self._members[self.name]
+        sent = trio.Event()
+        message = m.Dead(self._incarnation, self.name, self.name)
+        self._set_state(me, State.LEFT)
+        self._broadcasts.queue(self.name, m.to_wire(message), sent=sent)
+        peers = self._pick(self.config.gossip_nodes, lambda x: x.state in (State.ALIVE, State.SUSPECT))
+        with trio.move_on_after(timeout):
+            for peer in peers:
+                await self._send(peer.address, [message], piggyback=False)
+            if peers:
+                await sent.wait()
+
+    # ------------------------------------------------------------ state machine
+
+    def _alive(self, msg: m.Alive) -> None:
+        """Handle news that a member is alive (memberlist's aliveNode)."""
+        if self._leaving and msg.node == self.name:
+            return
+        now = trio.current_time()
+        member = self._members.get(msg.node)
+        is_self = msg.node == self.name
+        fresh = member is None
+        if member is not None and member.address != (msg.host, msg.port):
+            if member.state not in (State.DEAD, State.LEFT) or is_self:
+                self.counters["conflicts"] += 1
+                log.warning(
+                    "name conflict: %s claimed by %s:%d while %s:%d is %s; refused",
+                    msg.node, msg.host, msg.port, member.host, member.port, member.state.name.lower(),
+                )
+                return
+            fresh = True  # a dead or left member came back from a new address
+        elif member is not None and member.state in (State.DEAD, State.LEFT):
+            # Forgotten for protocol purposes once gossip to the dead stopped (as memberlist
+            # drops such nodes): a restarted member is then welcome at any incarnation.
+            fresh = now - member.changed > self.config.gossip_to_the_dead_time
+        if is_self:
+            if msg.incarnation < self._incarnation or (msg.incarnation == self._incarnation and msg.meta == self._meta):
+                return
+            self._refute(msg.incarnation)
+            return
+        if not fresh and msg.incarnation <= member.incarnation:
+            return
+        self._clear_suspicion(msg.node)
+        self._broadcasts.queue(msg.node, m.to_wire(msg))
+        if member is None:
+            member = Member(msg.node, msg.host, msg.port, msg.meta, msg.incarnation, State.DEAD, now, self._wall())
+            self._members[msg.node] = member
+            self._probe_order.insert(self._rng.randint(0, len(self._probe_order)), msg.node)
+        elif member.state in (State.DEAD, State.LEFT) and msg.node not in self._probe_order:
+            self._probe_order.insert(self._rng.randint(0, len(self._probe_order)), msg.node)
+        old_state, old_meta = member.state, member.meta
+        member.host, member.port, member.meta, member.incarnation = msg.host, msg.port, msg.meta, msg.incarnation
+        if old_state != State.ALIVE:
+            self._set_state(member, State.ALIVE)
+        if old_state in (State.DEAD, State.LEFT):
+            self._publish(EventKind.JOINED, member)
+        elif old_meta != msg.meta or old_state == State.SUSPECT:
+            self._publish(EventKind.UPDATED, member)
+
+    def _suspect(self, msg: m.Suspect) -> None:
+        """Handle an accusation (memberlist's suspectNode), with Lifeguard confirmations."""
+        member = self._members.get(msg.node)
+        if member is None or msg.incarnation < member.incarnation:
+            return
+        suspicion = self._suspicions.get(msg.node)
+        if suspicion is not None:
+            if suspicion.confirm(msg.source):
+                self.counters["suspicion_confirmations"] += 1
+                self._broadcasts.queue(msg.node, m.to_wire(msg))
+            return
+        if member.state != State.ALIVE:
+            return
+        if msg.node == self.name:
+            self._refute(msg.incarnation)
+            return
+        self.counters["suspicions"] += 1
+        self._broadcasts.queue(msg.node, m.to_wire(msg))
+        member.incarnation = msg.incarnation
+        self._set_state(member, State.SUSPECT)
+        cfg = self.config
+        expected = cfg.suspicion_mult - 2
+        if self._live - 2 < expected:
+            expected = 0
+        minimum = suspicion_min(cfg.suspicion_mult, self._live, cfg.probe_interval)
+        suspicion = Suspicion(member.changed, minimum, minimum * cfg.suspicion_max_timeout_mult, expected, {msg.source})
+        self._suspicions[msg.node] = suspicion
+        if self._nursery is not None:
+            self._nursery.start_soon(self._suspicion_timer, msg.node, suspicion)
+            if msg.source != self.name:
+                # Check the accusation ourselves now rather than when the round-robin gets
+                # there: a failed probe is an independent confirmation that shortens the
+                # Lifeguard timer, and an ack means our probes keep the member honest.
+                self._nursery.start_soon(self._probe, member, trio.current_time() + cfg.probe_interval)
+        self._publish(EventKind.SUSPECT, member)
+
+    def _dead(self, msg: m.Dead) -> None:
+        """Handle a failure or a leave (memberlist's deadNode)."""
+        member = self._members.get(msg.node)
+        if member is None or msg.incarnation < member.incarnation:
+            return
+        self._clear_suspicion(msg.node)
+        if member.state in (State.DEAD, State.LEFT):
+            return
+        if msg.node == self.name and not self._leaving:
+            self._refute(msg.incarnation)
+            return
+        self._broadcasts.queue(msg.node, m.to_wire(msg))
+        member.incarnation = msg.incarnation
+        self._set_state(member, State.LEFT if msg.is_leave else State.DEAD)
+        self.counters["left" if msg.is_leave else "failed"] += 1
+        log.info("member %s %s (incarnation %d)", member.name, "left" if msg.is_leave else "failed", member.incarnation)
+        self._publish(EventKind.LEFT if msg.is_leave else EventKind.FAILED, member)
+
+    def _merge(self, remote: Sequence[m.MemberState]) -> None:
+        """Fold a peer's full view into ours; its "dead" only makes us suspect (memberlist)."""
+        for s in remote:
+            if s.state == State.ALIVE:
+                self._alive(m.Alive(s.incarnation, s.node, s.host, s.port, s.meta))
+            elif s.state == State.LEFT:
+                self._dead(m.Dead(s.incarnation, s.node, s.node))
+            else:
+                self._suspect(m.Suspect(s.incarnation, s.node, self.name))
+
+    def _refute(self, accused: int) -> None:
+        """Someone thinks we are suspect or dead: outbid their incarnation and say we are alive."""
+        self.counters["refutations"] += 1
+        self._awareness.apply(1)
+        self._announce_self(max(self._incarnation, accused) + 1)
+
+    def _announce_self(self, incarnation: int) -> None:
+        me = self._members[self.name]
+        self._incarnation = me.incarnation = incarnation
+        me.meta = self._meta
+        self._broadcasts.queue(self.name, m.to_wire(m.Alive(incarnation, self.name, me.host, me.port, self._meta)))
+
+    def _set_state(self, member: Member, state: State) -> None:
+        live_before = member.state in (State.ALIVE, State.SUSPECT)
+        live_after = state in (State.ALIVE, State.SUSPECT)
+        self._live += live_after - live_before
+        member.state = state
+        member.changed = trio.current_time()
+        member.changed_wall = self._wall()
+
+    def _clear_suspicion(self, name: str) -> None:
+        suspicion = self._suspicions.pop(name, None)
+        if suspicion is not None:
+            suspicion.scope.cancel()
+
+    async def _suspicion_timer(self, name: str, suspicion: Suspicion) -> None:
+        with suspicion.scope:
+            await trio.sleep_forever()
+        if self._suspicions.get(name) is not suspicion:
+            return  # refuted or settled meanwhile
+        member = self._members[name]
+        log.info("suspicion of %s timed out with %d confirmation(s)", name, suspicion.confirmations)
+        self._dead(m.Dead(member.incarnation, name, self.name))
+
+    def _publish(self, kind: EventKind, member: Member) -> None:
+        event = MemberEvent(kind, member.snapshot())
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                self.counters["events_dropped"] += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(channel)
+
+    # ------------------------------------------------------------ probing
+
+    def _next_probe_target(self) -> Member | None:
+        for _ in range(len(self._probe_order) + 1):
+            if self._probe_index >= len(self._probe_order):
+                self._probe_order = [
+                    name for name, x in self._members.items()
+                    if name != self.name and x.state in (State.ALIVE, State.SUSPECT)
+                ]
+                self._rng.shuffle(self._probe_order)
+                self._probe_index = 0
+                if not self._probe_order:
+                    return None
+            member = self._members.get(self._probe_order[self._probe_index])
+            self._probe_index += 1
+            if member is not None and member.state in (State.ALIVE, State.SUSPECT):
+                return member
+        return None
+
+    async def _probe_loop(self) -> None:
+        # Spread the first probe over one interval so nodes started together do not align.
+        await trio.sleep(self._rng.random() * self.config.probe_interval)
+        while True:
+            start = trio.current_time()
+            interval = self._awareness.scale(self.config.probe_interval)
+            target = self._next_probe_target()
+            if target is not None:
+                await self._probe(target, start + interval)
+            await trio.sleep_until(start + interval)
+
+    async def _probe(self, member: Member, deadline: float) -> None:
+        """One SWIM probe: direct ping, then indirect pings and a TCP ping, then suspicion."""
+        cfg = self.config
+        seq, waiter = self._new_waiter()
+        try:
+            ping = m.Ping(seq, member.name, self.name, *self.address)
+            messages: list[Any] = [ping]
+            if member.state == State.SUSPECT:
+                # Lifeguard's buddy system: tell the suspect directly so it can refute at once.
+                messages.append(m.Suspect(member.incarnation, member.name, self.name))
+            self.counters["probes"] += 1
+            await self._send(member.address, messages)
+            with trio.move_on_after(self._awareness.scale(cfg.probe_timeout)):
+                await waiter.acked.wait()
+            if waiter.acked.is_set():
+                self._awareness.apply(-1)
+                return
+            peers = self._pick(
+                cfg.indirect_checks,
+                lambda x: x.state == State.ALIVE and x.name != member.name,
+            )
+            request = m.IndirectPing(seq, member.name, member.host, member.port, self.name, *self.address, nack=True)
+            for peer in peers:
+                self.counters["indirect_probes"] += 1
+                await self._send(peer.address, [request])
+            async with trio.open_nursery() as nursery:
+                if cfg.tcp_fallback_probe:
+                    nursery.start_soon(self._tcp_probe, member, seq, waiter)
+                with trio.move_on_at(deadline):
+                    await waiter.acked.wait()
+                nursery.cancel_scope.cancel()
+            if waiter.acked.is_set():
+                return
+            self.counters["probe_failures"] += 1
+            self._awareness.apply(len(peers) - waiter.nacks if peers else 1)
+        finally:
+            self._acks.pop(seq, None)
+        if member.state in (State.ALIVE, State.SUSPECT) and member.name in self._members:
+            self._suspect(m.Suspect(member.incarnation, member.name, self.name))
+
+    async def _tcp_probe(self, member: Member, seq: int, waiter: _AckWaiter) -> None:
+        try:
+            stream = await self.transport.connect(member.address)
+        except OSError:
+            return
+        async with stream:
+            try:
+                await self._write_frame(stream, [m.Ping(seq, member.name, self.name, *self.address)])
+                _, reply = await self._read_frame(stream)
+            except (FrameError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+        if any(isinstance(x, m.Ack) and x.seq == seq for x in reply):
+            self.counters["tcp_fallback_acks"] += 1
+            waiter.acked.set()
+
+    async def _indirect_probe(self, request: m.IndirectPing, requester: Address) -> None:
+        """Probe a member on someone else's behalf and report the ack, or a nack."""
+        seq, waiter = self._new_waiter()
+        try:
+            await self._send((request.host, request.port), [m.Ping(seq, request.node, self.name, *self.address)])
+            with trio.move_on_after(self.config.probe_timeout):
+                await waiter.acked.wait()
+        finally:
+            self._acks.pop(seq, None)
+        if waiter.acked.is_set():
+            await self._send(requester, [m.Ack(request.seq)])
+        elif request.nack:
+            await self._send(requester, [m.Nack(request.seq)])
+
+    def _new_waiter(self) -> tuple[int, _AckWaiter]:
+        self._seq += 1
+        waiter = self._acks[self._seq] = _AckWaiter()
+        return self._seq, waiter
+
+    def _pick(self, k: int, wanted: Callable[[Member], bool]) -> list[Member]:
+        """Up to k random other members for which wanted() holds."""
+        candidates = [x for x in self._members.values() if x.name != self.name and wanted(x)]
+        return self._rng.sample(candidates, min(k, len(candidates)))
+
+    # ------------------------------------------------------------ packets
+
+    async def _packet_loop(self) -> None:
+        while True:
+            packet = await self.transport.receive_packet()
+            await self._handle_packet(packet.source, packet.data)
+
+    async def _handle_packet(self, source: Address, data: bytes) -> None:
+        """Open, check and dispatch one datagram; every bad one is dropped and counted."""
+        self.counters["packets_in"] += 1
+        self.counters["bytes_in"] += len(data)
+        if len(data) > 2 * self.config.packet_size:
+            self.counters["dropped.oversize"] += 1
+            return
+        try:
+            _, messages = self._open(data)
+        except FrameError as exc:
+            self.counters["dropped." + exc.reason] += 1
+            return
+        for msg in messages:
+            await self._dispatch(msg, source)
+
+    async def _dispatch(self, msg: Any, source: Address) -> None:
+        if isinstance(msg, m.Ping):
+            if msg.node != self.name:
+                self.counters["dropped.wrong_node"] += 1
+                return
+            await self._send(source, [m.Ack(msg.seq)])
+        elif isinstance(msg, m.Ack):
+            waiter = self._acks.get(msg.seq)
+            if waiter is not None:
+                waiter.acked.set()
+        elif isinstance(msg, m.Nack):
+            waiter = self._acks.get(msg.seq)
+            if waiter is not None:
+                waiter.nacks += 1
+        elif isinstance(msg, m.IndirectPing):
+            assert self._nursery is not None
+            self._nursery.start_soon(self._indirect_probe, msg, source)
+        elif isinstance(msg, m.Alive):
+            self._alive(msg)
+        elif isinstance(msg, m.Suspect):
+            self._suspect(msg)
+        elif isinstance(msg, m.Dead):
+            self._dead(msg)
+        elif isinstance(msg, m.Broadcast):
+            self.delegate.notify_broadcast(msg.key, msg.payload)
+        else:
+            self.counters["dropped.unexpected_type"] += 1
+
+    def _open(self, data: bytes) -> tuple[m.Header, list[Any]]:
+        """Decrypt, check freshness and decode a packet or frame; raise FrameError(reason)."""
+        try:
+            nonce, plaintext = self.keyring.open(data, self._aad)
+        except EnvelopeError as exc:
+            raise FrameError(exc.reason) from None
+        try:
+            header, messages = m.unpack(plaintext)
+        except m.MalformedMessage:
+            raise FrameError("malformed") from None
+        reason = self._replay.check(nonce, header.sent_ms / 1000, self._wall())
+        if reason is not None:
+            raise FrameError(reason)
+        return header, messages
+
+    def _seal(self, wired: list[list]) -> bytes:
+        header = m.Header(m.PROTOCOL_VERSION, int(self._wall() * 1000), self.name)
+        return self.keyring.seal(m.pack_wire(header, wired), self._aad)
+
+    async def _send(self, address: Address, messages: list[Any], *, piggyback: bool = True) -> None:
+        wired = [m.to_wire(x) for x in messages]
+        if piggyback:
+            used = sum(m.wire_size(w) for w in wired)
+            wired += self._broadcasts.take(self._packet_budget - used, 0)
+        await self._send_wired(address, wired)
+
+    async def _send_wired(self, address: Address, wired: list[list]) -> None:
+        data = self._seal(wired)
+        self.counters["packets_out"] += 1
+        self.counters["bytes_out"] += len(data)
+        await self.transport.send_packet(address, data)
+
+    # ------------------------------------------------------------ gossip
+
+    async def _gossip_loop(self) -> None:
+        cfg = self.config
+        while True:
+            await trio.sleep(cfg.gossip_interval)
+            if not len(self._broadcasts):
+                continue
+            targets = self._pick(cfg.gossip_nodes, self._gossip_reaches)
+            for target in targets:
+                wired = self._broadcasts.take(self._packet_budget, 0)
+                if not wired:
+                    break
+                self.counters["gossip_packets"] += 1
+                await self._send_wired(target.address, wired)
+
+    def _gossip_reaches(self, member: Member) -> bool:
+        """Gossip goes to live members and, for a while, to dead ones so they can refute."""
+        if member.state in (State.ALIVE, State.SUSPECT):
+            return True
+        return trio.current_time() - member.changed < self.config.gossip_to_the_dead_time
+
+    # ------------------------------------------------------------ streams
+
+    async def _stream_loop(self) -> None:
+        assert self._nursery is not None
+        while True:
+            peer, stream = await self.transport.accept()
+            if self._streams.value == 0:
+                self.counters["dropped.busy"] += 1
+                await stream.aclose()
+                continue
+            self._nursery.start_soon(self._handle_stream, stream)
+
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one incoming stream: a TCP ping or a push-pull exchange."""
+        async with self._streams, stream:
+            self.counters["streams_in"] += 1
+            with trio.move_on_after(self.config.tcp_timeout):
+                try:
+                    _, messages = await self._read_frame(stream)
+                    for msg in messages:
+                        if isinstance(msg, m.Ping) and msg.node == self.name:
+                            await self._write_frame(stream, [m.Ack(msg.seq)])
+                        elif isinstance(msg, m.PushPull):
+                            await self._write_frame(stream, [self._local_push_pull(msg.join)])
+                            self._merge_push_pull(msg)
+                except FrameError as exc:
+                    self.counters["dropped." + exc.reason] += 1
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    self.counters["streams_broken"] += 1
+
+    async def _push_pull(self, address: Address, *, join: bool) -> bool:
+        """Exchange full state with the member at address; True when it answered."""
+        with trio.move_on_after(self.config.tcp_timeout):
+            try:
+                stream = await self.transport.connect(address)
+                async with stream:
+                    await self._write_frame(stream, [self._local_push_pull(join)])
+                    _, messages = await self._read_frame(stream)
+            except FrameError as exc:
+                self.counters["dropped." + exc.reason] += 1
+                return False
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                self.counters["push_pull_failures"] += 1
+                return False
+            for msg in messages:
+                if isinstance(msg, m.PushPull):
+                    self.counters["push_pulls"] += 1
+                    self._merge_push_pull(msg)
+                    return True
+        return False
+
+    def _local_push_pull(self, join: bool) -> m.PushPull:
+        states = [
+            m.MemberState(x.name, x.host, x.port, x.incarnation, int(x.state), x.meta) for x in self._members.values()
+        ]
+        return m.PushPull(join, states, self.delegate.local_state(join))
+
+    def _merge_push_pull(self, msg: m.PushPull) -> None:
+        self._merge(msg.members)
+        if msg.extension:
+            self.delegate.merge_remote_state(msg.extension, msg.join)
+
+    async def _write_frame(self, stream: trio.abc.Stream, messages: list[Any]) -> None:
+        data = self._seal([m.to_wire(x) for x in messages])
+        self.counters["bytes_out"] += len(data) + _FRAME_HEADER.size
+        await stream.send_all(_FRAME_HEADER.pack(len(data)) + data)
+
+    async def _read_frame(self, stream: trio.abc.Stream) -> tuple[m.Header, list[Any]]:
+        (size,) = _FRAME_HEADER.unpack(await _receive_exactly(stream, _FRAME_HEADER.size))
+        if size > self.config.max_stream_frame:
+            raise FrameError("oversize")
+        data = await _receive_exactly(stream, size)
+        self.counters["bytes_in"] += len(data) + _FRAME_HEADER.size
+        return self._open(data)
+
+    async def _push_pull_loop(self) -> None:
+        base = self.config.push_pull_interval
+        await trio.sleep(self._rng.random() * base)
+        while True:
+            peers = self._pick(1, lambda x: x.state == State.ALIVE)
+            if peers:
+                await self._push_pull(peers[0].address, join=False)
+            await trio.sleep(push_pull_interval(base, self._live))
+
+    async def _reconnect_loop(self) -> None:
+        """Offer a push-pull to one failed member now and then, so partitions heal."""
+        while True:
+            await trio.sleep(RECONNECT_INTERVAL * (0.5 + self._rng.random()))
+            peers = self._pick(1, lambda x: x.state == State.DEAD)
+            if peers:
+                self.counters["reconnect_attempts"] += 1
+                await self._push_pull(peers[0].address, join=False)
+
+    async def _reap_loop(self) -> None:
+        """Forget dead and left members after reap_after."""
+        reap_after = self.config.reap_after
+        while True:
+            await trio.sleep(min(reap_after / 4, 60.0))
+            now = trio.current_time()
+            for name, member in list(self._members.items()):
+                if member.state in (State.DEAD, State.LEFT) and now - member.changed > reap_after:
+                    del self._members[name]
+                    self.counters["reaped"] += 1
+
+
+async def _receive_exactly(stream: trio.abc.Stream, size: int) -> bytes:
+    buffer = bytearray()
+    while len(buffer) < size:
+        chunk = await stream.receive_some(min(size - len(buffer), 1 << 16))
+        if not chunk:
+            raise FrameError("truncated")
+        buffer += chunk
+    return bytes(buffer)
+
