@@ -310,7 +310,6 @@ class Memberlist:
         member.incarnation = msg.incarnation
         self._set_state(member, State.LEFT if msg.is_leave else State.DEAD)
         self.counters["left" if msg.is_leave else "failed"] += 1
-        log.info("member %s %s (incarnation %d)", member.name, "left" if msg.is_leave else "failed", member.incarnation)
         self._publish(EventKind.LEFT if msg.is_leave else EventKind.FAILED, member)
 
     def _merge(self, remote: Sequence[m.MemberState]) -> None:
