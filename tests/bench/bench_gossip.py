@@ -79,6 +79,8 @@ class RoundResult:
     fail_s: float | None = None
     #: The same two times for the first node done, which shows the spread.
     join_first_s: float | None = None
+    #: The node that saw all alive last: the one to look at in its log when it lags.
+    join_last_node: str | None = None
     fail_first_s: float | None = None
     bytes_per_node_s: float | None = None
     error: str | None = None
@@ -597,6 +599,7 @@ def measure(cluster: Cluster, args: argparse.Namespace) -> RoundResult:
         join_s=max(joined),
         fail_s=max(failed),
         join_first_s=min(joined),
+        join_last_node=cluster.names[joined.index(max(joined))],
         fail_first_s=min(failed),
         bytes_per_node_s=per_node_rate,
     )
@@ -815,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
                         rate = "n/a" if result.bytes_per_node_s is None else f"{result.bytes_per_node_s:.0f}"
                         print(
                             f"{tag} all alive {result.join_s:.3f} s "
-                            f"(first {result.join_first_s:.3f}), all report failed "
+                            f"(first {result.join_first_s:.3f}, last {result.join_last_node}), all report failed "
                             f"{result.fail_s:.2f} s (first {result.fail_first_s:.2f}), "
                             f"{rate} B/node/s",
                             flush=True,
