@@ -8,6 +8,7 @@ worthless.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Callable
 
@@ -15,6 +16,9 @@ import attrs
 import trio
 
 from .messages import wire_size
+
+#: Items too large for what is left of a packet that one take looks past before stopping.
+MAX_SKIPPED = 32
 
 
 @attrs.define(eq=False)
@@ -24,6 +28,7 @@ class _Item:
     size: int
     order: int
     transmits: int = 0
+    replaced: bool = False
     sent: trio.Event | None = None
 
 
@@ -32,51 +37,54 @@ class BroadcastQueue:
     """Messages waiting to be piggybacked; `limit()` gives the current retransmit limit."""
 
     limit: Callable[[], int]
-    #: One dict per transmit count; insertion order is age, so newest is last.
-    _tiers: list[dict[str, _Item]] = attrs.field(factory=list)
-    _where: dict[str, int] = attrs.field(factory=dict)
+    #: One heap per transmit count, of (-order, item): newest first. Replaced items stay
+    #: in their heap, flagged, until a take pops them.
+    _tiers: list[list[tuple[int, _Item]]] = attrs.field(factory=list)
+    _items: dict[str, _Item] = attrs.field(factory=dict)
     _counter: itertools.count = attrs.field(factory=itertools.count)
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._items)
 
     def queue(self, key: str, wired: list, sent: trio.Event | None = None) -> None:
         """Queue a message in wire form; `sent` is set once it has gone out at least once."""
-        self._drop(key)
-        item = _Item(key, wired, wire_size(wired), next(self._counter), sent=sent)
-        self._tier(0)[key] = item
-        self._where[key] = 0
+        old = self._items.get(key)
+        if old is not None:
+            old.replaced = True
+        item = self._items[key] = _Item(key, wired, wire_size(wired), next(self._counter), sent=sent)
+        self._push(item)
 
     def take(self, budget: int, overhead: int) -> list[list]:
         """Messages that fit in `budget` bytes (each costing `overhead` extra), counted as sent."""
         chosen: list[_Item] = []
-        for tier in self._tiers:
+        for heap in self._tiers:
+            skipped: list[tuple[int, _Item]] = []
+            while heap and budget >= overhead + 8 and len(skipped) < MAX_SKIPPED:
+                entry = heapq.heappop(heap)
+                item = entry[1]
+                if item.replaced:
+                    continue
+                if item.size + overhead <= budget:
+                    chosen.append(item)
+                    budget -= item.size + overhead
+                else:
+                    skipped.append(entry)
+            for entry in skipped:
+                heapq.heappush(heap, entry)
             if budget < overhead + 8:
                 break
-            for item in reversed(tier.values()):
-                cost = item.size + overhead
-                if cost <= budget:
-                    chosen.append(item)
-                    budget -= cost
         limit = self.limit()
         for item in chosen:
-            del self._tiers[item.transmits][item.key]
             if item.sent is not None:
                 item.sent.set()
             item.transmits += 1
             if item.transmits >= limit:
-                del self._where[item.key]
+                del self._items[item.key]
             else:
-                self._tier(item.transmits)[item.key] = item
-                self._where[item.key] = item.transmits
+                self._push(item)
         return [item.wired for item in chosen]
 
-    def _drop(self, key: str) -> None:
-        tier = self._where.pop(key, None)
-        if tier is not None:
-            del self._tiers[tier][key]
-
-    def _tier(self, transmits: int) -> dict[str, _Item]:
-        while len(self._tiers) <= transmits:
-            self._tiers.append({})
-        return self._tiers[transmits]
+    def _push(self, item: _Item) -> None:
+        while len(self._tiers) <= item.transmits:
+            self._tiers.append([])
+        heapq.heappush(self._tiers[item.transmits], (-item.order, item))

@@ -55,7 +55,7 @@ class Keyring:
     def __attrs_post_init__(self) -> None:
         if not self._keys:
             raise KeyringError("a keyring needs at least one key")
-        self._keys = [_check_key(k) for k in dict.fromkeys(self._keys)]
+        self._keys = list(dict.fromkeys(_check_key(k) for k in self._keys))
         self._ciphers = {k: AESGCM(k) for k in self._keys}
 
     def __repr__(self) -> str:

@@ -125,6 +125,7 @@ class Memberlist:
         self._leaving = False
         self._nursery: trio.Nursery | None = None
         self._streams = trio.Semaphore(MAX_CONCURRENT_STREAMS)
+        self._gossip_now = trio.Event()
         header = m.Header(m.PROTOCOL_VERSION, 1 << 62, name)
         # Envelope, header and the growth of the message array header past 15 entries.
         self._packet_budget = self.config.packet_size - OVERHEAD - len(m.pack_wire(header, [])) - 2
@@ -177,6 +178,9 @@ class Memberlist:
             self._incarnation = 1
             self._members[self.name] = Member(self.name, host, port, self._meta, 1, State.ALIVE, now, self._wall())
             self._live = 1
+            # Our own alive waits in the queue until the first members are known, so a
+            # joining node tells others about itself directly instead of only through its seed.
+            self._announce_self(1)
             for loop in (
                 self._packet_loop,
                 self._stream_loop,
@@ -195,6 +199,9 @@ class Memberlist:
         for seed in seeds:
             if tuple(seed) != self.address and await self._push_pull(tuple(seed), join=True):
                 joined += 1
+        if joined:
+            # Announce ourselves now rather than at the next gossip tick.
+            self._gossip_now.set()
         return joined
 
     async def leave(self, timeout: float) -> None:
@@ -264,13 +271,23 @@ class Memberlist:
         member = self._members.get(msg.node)
         if member is None or msg.incarnation < member.incarnation:
             return
+        if member.state == State.LEFT and msg.incarnation == member.incarnation:
+            # The accuser missed the leave: tell the cluster again rather than let the
+            # member end up "dead" somewhere.
+            self._broadcasts.queue(msg.node, m.to_wire(m.Dead(member.incarnation, msg.node, msg.node)))
+            return
         suspicion = self._suspicions.get(msg.node)
-        if suspicion is not None:
+        if suspicion is not None and msg.incarnation == member.incarnation:
             if suspicion.confirm(msg.source):
                 self.counters["suspicion_confirmations"] += 1
                 self._broadcasts.queue(msg.node, m.to_wire(msg))
             return
-        if member.state != State.ALIVE:
+        if member.state == State.SUSPECT and msg.incarnation > member.incarnation:
+            # An accusation at a newer incarnation means the suspect refuted the one we
+            # hold (its alive did not reach us, or was replaced in the queues by this very
+            # message): that suspicion is void, and the new one starts its own timer.
+            self._clear_suspicion(msg.node)
+        elif member.state != State.ALIVE:
             return
         if msg.node == self.name:
             self._refute(msg.incarnation)
@@ -301,7 +318,7 @@ class Memberlist:
         if member is None or msg.incarnation < member.incarnation:
             return
         self._clear_suspicion(msg.node)
-        if member.state in (State.DEAD, State.LEFT):
+        if member.state == State.LEFT or (member.state == State.DEAD and not msg.is_leave):
             return
         if msg.node == self.name and not self._leaving:
             self._refute(msg.incarnation)
@@ -532,12 +549,15 @@ class Memberlist:
         except EnvelopeError as exc:
             raise FrameError(exc.reason) from None
         try:
-            header, messages = m.unpack(plaintext)
+            header, messages, unknown = m.unpack(plaintext)
         except m.MalformedMessage:
             raise FrameError("malformed") from None
         reason = self._replay.check(nonce, header.sent_ms / 1000, self._wall())
         if reason is not None:
             raise FrameError(reason)
+        if unknown:
+            # Types from a newer version: ignored by design, counted so an operator sees them.
+            self.counters["ignored.unknown_type"] += unknown
         return header, messages
 
     def _seal(self, wired: list[list]) -> bytes:
@@ -555,14 +575,17 @@ class Memberlist:
         data = self._seal(wired)
         self.counters["packets_out"] += 1
         self.counters["bytes_out"] += len(data)
-        await self.transport.send_packet(address, data)
+        if not await self.transport.send_packet(address, data):
+            self.counters["send_errors"] += 1
 
     # ------------------------------------------------------------ gossip
 
     async def _gossip_loop(self) -> None:
         cfg = self.config
         while True:
-            await trio.sleep(cfg.gossip_interval)
+            with trio.move_on_after(cfg.gossip_interval):
+                await self._gossip_now.wait()
+            self._gossip_now = trio.Event()
             if not len(self._broadcasts):
                 continue
             targets = self._pick(cfg.gossip_nodes, self._gossip_reaches)
@@ -574,10 +597,11 @@ class Memberlist:
                 await self._send_wired(target.address, wired)
 
     def _gossip_reaches(self, member: Member) -> bool:
-        """Gossip goes to live members and, for a while, to dead ones so they can refute."""
+        """Gossip goes to live members and, for a while, to dead ones so they can refute;
+        never to members that left."""
         if member.state in (State.ALIVE, State.SUSPECT):
             return True
-        return trio.current_time() - member.changed < self.config.gossip_to_the_dead_time
+        return member.state == State.DEAD and trio.current_time() - member.changed < self.config.gossip_to_the_dead_time
 
     # ------------------------------------------------------------ streams
 
@@ -585,7 +609,9 @@ class Memberlist:
         assert self._nursery is not None
         while True:
             peer, stream = await self.transport.accept()
-            if self._streams.value == 0:
+            try:
+                self._streams.acquire_nowait()
+            except trio.WouldBlock:
                 self.counters["dropped.busy"] += 1
                 await stream.aclose()
                 continue
@@ -593,9 +619,15 @@ class Memberlist:
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one incoming stream: a TCP ping or a push-pull exchange."""
-        async with self._streams, stream:
-            self.counters["streams_in"] += 1
-            with trio.move_on_after(self.config.tcp_timeout):
+        try:
+            async with stream:
+                await self._serve_stream(stream)
+        finally:
+            self._streams.release()
+
+    async def _serve_stream(self, stream: trio.abc.Stream) -> None:
+        self.counters["streams_in"] += 1
+        with trio.move_on_after(self.config.tcp_timeout) as timer:
                 try:
                     _, messages = await self._read_frame(stream)
                     for msg in messages:
@@ -604,10 +636,14 @@ class Memberlist:
                         elif isinstance(msg, m.PushPull):
                             await self._write_frame(stream, [self._local_push_pull(msg.join)])
                             self._merge_push_pull(msg)
+                            if msg.join:
+                                self._gossip_now.set()
                 except FrameError as exc:
                     self.counters["dropped." + exc.reason] += 1
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     self.counters["streams_broken"] += 1
+        if timer.cancelled_caught:
+            self.counters["streams_timed_out"] += 1
 
     async def _push_pull(self, address: Address, *, join: bool) -> bool:
         """Exchange full state with the member at address; True when it answered."""

@@ -143,9 +143,10 @@ class MemoryTransport(Transport):
             return False
         return True
 
-    async def send_packet(self, address: Address, data: bytes) -> None:
+    async def send_packet(self, address: Address, data: bytes) -> bool:
         self.network.send(self._address, address, data)
         await trio.lowlevel.checkpoint()
+        return True
 
     async def receive_packet(self) -> Packet:
         return await self._packets[1].receive()

@@ -9,6 +9,7 @@ breaking older ones. Anything else that is wrong raises MalformedMessage.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from typing import Any, ClassVar
 
 import attrs
@@ -40,8 +41,13 @@ class State(enum.IntEnum):
 _name = attrs.field(validator=[v.instance_of(str), v.max_len(MAX_NAME), v.min_len(1)])
 _seq = attrs.field(validator=[v.instance_of(int), v.ge(0), v.lt(1 << 63)])
 _incarnation = attrs.field(validator=[v.instance_of(int), v.ge(0), v.lt(1 << 63)])
-_host = attrs.field(validator=[v.instance_of(str), v.max_len(MAX_HOST)])
-_port = attrs.field(validator=[v.instance_of(int), v.ge(0), v.le(65535)])
+def _ip_literal(instance, attribute, value: str) -> None:
+    # Hosts on the wire are IP literals: a name would make every send a DNS lookup.
+    ipaddress.ip_address(value)
+
+
+_host = attrs.field(validator=[v.instance_of(str), v.max_len(MAX_HOST), _ip_literal])
+_port = attrs.field(validator=[v.instance_of(int), v.ge(1), v.le(65535)])
 _meta = attrs.field(default=b"", validator=[v.instance_of(bytes), v.max_len(MAX_META)])
 
 
@@ -226,8 +232,9 @@ def pack_wire(header: Header, wired: list[list]) -> bytes:
     return msgpack.packb([header.version, header.sent_ms, header.sender, wired], use_bin_type=True)
 
 
-def unpack(data: bytes, max_messages: int = 256) -> tuple[Header, list[Any]]:
-    """Decode a plaintext body into its header and the messages of known types.
+def unpack(data: bytes, max_messages: int = 256) -> tuple[Header, list[Any], int]:
+    """Decode a plaintext body into its header, the messages of known types, and how
+    many messages of unknown types were skipped.
 
     Raises MalformedMessage for bad msgpack, a bad header, or too many messages.
     """
@@ -246,10 +253,13 @@ def unpack(data: bytes, max_messages: int = 256) -> tuple[Header, list[Any]]:
     version, sent_ms, sender, wired = obj
     if not isinstance(version, int) or not isinstance(sent_ms, int) or not isinstance(sender, str):
         raise MalformedMessage("bad header")
+    if version < 1:
+        raise MalformedMessage("bad protocol version")
     if not isinstance(wired, list) or len(wired) > max_messages:
         raise MalformedMessage("bad message list")
-    messages = [m for m in (from_wire(w) for w in wired) if m is not None]
-    return Header(version, sent_ms, sender), messages
+    decoded = [from_wire(w) for w in wired]
+    messages = [m for m in decoded if m is not None]
+    return Header(version, sent_ms, sender), messages, len(decoded) - len(messages)
 
 
 def wire_size(wired: list) -> int:

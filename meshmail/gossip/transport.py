@@ -8,7 +8,6 @@ simulations lives in memory.py and implements the same interface.
 from __future__ import annotations
 
 import abc
-import errno
 import socket
 
 import attrs
@@ -39,8 +38,8 @@ class Transport(abc.ABC):
         """Bind, report the bound address through task_status, then serve until cancelled."""
 
     @abc.abstractmethod
-    async def send_packet(self, address: Address, data: bytes) -> None:
-        """Send one datagram. Network errors are swallowed: datagrams may be lost anyway."""
+    async def send_packet(self, address: Address, data: bytes) -> bool:
+        """Send one datagram; False when the network refused it (datagrams may be lost anyway)."""
 
     @abc.abstractmethod
     async def receive_packet(self) -> Packet:
@@ -111,14 +110,16 @@ class NetTransport(Transport):
                 continue
             await send.send((peer, stream))
 
-    async def send_packet(self, address: Address, data: bytes) -> None:
+    async def send_packet(self, address: Address, data: bytes) -> bool:
         if self._udp is None:
-            return
+            return False
         try:
             await self._udp.sendto(data, address)
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE):
-                raise
+        except OSError:
+            # Refused, unreachable, too big, or an address this socket cannot reach: the
+            # probe that needed it fails as it would on a lossy network.
+            return False
+        return True
 
     async def receive_packet(self) -> Packet:
         if self._udp is None:

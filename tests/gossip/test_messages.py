@@ -14,6 +14,9 @@ from meshmail.gossip import messages as m
 from meshmail.gossip.messages import MalformedMessage, State
 from meshmail.gossip.meta import NodeMeta
 
+#: The longest textual IP address: hosts on the wire are IP literals.
+LONGEST_IP = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+
 HEADER = m.Header(m.PROTOCOL_VERSION, 1_700_000_000_000, "node-a")
 
 MEMBER = m.MemberState("node-b", "10.0.0.2", 7946, 3, int(State.SUSPECT), b"\x81\xa4role\xa5slave")
@@ -29,7 +32,7 @@ EVERY_MESSAGE = [
     m.Dead(6, "node-b", "node-a"),
     m.Dead(7, "node-b", "node-b"),
     MEMBER,
-    m.PushPull(True, [MEMBER, m.MemberState("n" * m.MAX_NAME, "h" * m.MAX_HOST, 0, 0, int(State.LEFT))], b"ext"),
+    m.PushPull(True, [MEMBER, m.MemberState("n" * m.MAX_NAME, LONGEST_IP, 65535, 0, int(State.LEFT))], b"ext"),
     m.PushPull(False, []),
     m.Broadcast("app/key", b"\x00\xff" * 100),
 ]
@@ -38,7 +41,7 @@ EVERY_MESSAGE = [
 @pytest.mark.parametrize("message", EVERY_MESSAGE, ids=lambda x: type(x).__name__)
 def test_round_trip_each_message(message) -> None:
     """pack then unpack gives back the header and the equal message."""
-    header, decoded = m.unpack(m.pack(HEADER, [message]))
+    header, decoded, _ = m.unpack(m.pack(HEADER, [message]))
     assert header == HEADER
     assert decoded == [message]
     assert type(decoded[0]) is type(message)
@@ -48,7 +51,7 @@ def test_round_trip_all_messages_in_one_body() -> None:
     """A compound body keeps every message and their order; pack_wire is the same encoding."""
     body = m.pack(HEADER, EVERY_MESSAGE)
     assert body == m.pack_wire(HEADER, [m.to_wire(x) for x in EVERY_MESSAGE])
-    assert m.unpack(body) == (HEADER, EVERY_MESSAGE)
+    assert m.unpack(body) == (HEADER, EVERY_MESSAGE, 0)
 
 
 def test_wire_form_and_wire_size() -> None:
@@ -83,9 +86,9 @@ def test_unknown_fields_are_ignored() -> None:
 
 def test_optional_fields_take_their_defaults() -> None:
     """Fields added later with defaults (meta, nack, extension) may be absent on the wire."""
-    assert m.from_wire([6, {"incarnation": 1, "node": "a", "host": "h", "port": 1}]).meta == b""
+    assert m.from_wire([6, {"incarnation": 1, "node": "a", "host": "10.0.0.1", "port": 1}]).meta == b""
     assert m.from_wire(
-        [2, {"seq": 1, "node": "b", "host": "h", "port": 1, "source": "a", "source_host": "h", "source_port": 2}]
+        [2, {"seq": 1, "node": "b", "host": "10.0.0.2", "port": 1, "source": "a", "source_host": "10.0.0.1", "source_port": 2}]
     ).nack is True
     assert m.from_wire([9, {"join": False, "members": []}]).extension == b""
 
@@ -95,8 +98,8 @@ def test_unknown_types_are_skipped(type_id: int) -> None:
     """An unknown type decodes to None and is left out of unpack's list, its neighbours kept."""
     assert m.from_wire([type_id, {"anything": 1}]) is None
     body = m.pack_wire(HEADER, [m.to_wire(m.Ack(1)), [type_id, {"x": 1}], m.to_wire(m.Nack(2))])
-    assert m.unpack(body) == (HEADER, [m.Ack(1), m.Nack(2)])
-    assert m.unpack(m.pack_wire(HEADER, [[type_id, {}]])) == (HEADER, [])
+    assert m.unpack(body) == (HEADER, [m.Ack(1), m.Nack(2)], 1)
+    assert m.unpack(m.pack_wire(HEADER, [[type_id, {}]])) == (HEADER, [], 1)
 
 
 def _ping(**changes) -> list:
@@ -138,6 +141,8 @@ BAD_WIRE = {
     "node too long": _ping(node="n" * (m.MAX_NAME + 1)),
     "host too long": _ping(source_host="h" * (m.MAX_HOST + 1)),
     "host is None": _ping(source_host=None),
+    "host is a name, not an IP": _ping(source_host="mail.example.com"),
+    "port 0": _ping(source_port=0),
     "port negative": _ping(source_port=-1),
     "port 65536": _ping(source_port=65536),
     "port is a string": _ping(source_port="7946"),
@@ -235,7 +240,7 @@ def test_body_truncated_at_every_offset_rejected() -> None:
 
 def test_body_with_trailing_data_rejected_at_every_length() -> None:
     """Any bytes after a complete body make it malformed (a body is exactly one msgpack object)."""
-    body = m.pack(HEADER, [m.Ping(1, "b", "a", "h", 1)])
+    body = m.pack(HEADER, [m.Ping(1, "b", "a", "10.0.0.1", 1)])
     for extra in (b"\x00", b"\xc0", b"\x90", body, b"\xff" * 100):
         with pytest.raises(MalformedMessage):
             m.unpack(body + extra)
