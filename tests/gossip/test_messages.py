@@ -88,7 +88,8 @@ def test_optional_fields_take_their_defaults() -> None:
     """Fields added later with defaults (meta, nack, extension) may be absent on the wire."""
     assert m.from_wire([6, {"incarnation": 1, "node": "a", "host": "10.0.0.1", "port": 1}]).meta == b""
     assert m.from_wire(
-        [2, {"seq": 1, "node": "b", "host": "10.0.0.2", "port": 1, "source": "a", "source_host": "10.0.0.1", "source_port": 2}]
+        [2, {"seq": 1, "node": "b", "host": "10.0.0.2", "port": 1,
+             "source": "a", "source_host": "10.0.0.1", "source_port": 2}]
     ).nack is True
     assert m.from_wire([9, {"join": False, "members": []}]).extension == b""
 
