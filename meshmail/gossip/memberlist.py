@@ -355,6 +355,8 @@ class Memberlist:
         live_before = member.state in (State.ALIVE, State.SUSPECT)
         live_after = state in (State.ALIVE, State.SUSPECT)
         self._live += live_after - live_before
+        # A change of membership is news: gossip it now, not at the next tick.
+        self._gossip_now.set()
         member.state = state
         member.changed = trio.current_time()
         member.changed_wall = self._wall()
@@ -583,9 +585,14 @@ class Memberlist:
     async def _gossip_loop(self) -> None:
         cfg = self.config
         while True:
+            eager = False
             with trio.move_on_after(cfg.gossip_interval):
                 await self._gossip_now.wait()
+                eager = True
             self._gossip_now = trio.Event()
+            if eager:
+                # Eager rounds spend the same retransmits sooner; cap them at ten per interval.
+                await trio.sleep(cfg.gossip_interval / 10)
             if not len(self._broadcasts):
                 continue
             targets = self._pick(cfg.gossip_nodes, self._gossip_reaches)
