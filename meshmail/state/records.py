@@ -1,0 +1,132 @@
+"""The values the replicated map stores, one attrs record type per key namespace, and their codec.
+
+A key is ``<namespace>/<name>``; the namespace decides the record type of its value. Adding a
+namespace is one decorated class here. Names are only checked for length: their syntax
+(domain normalization, addresses) belongs to the names module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from attrs import validators as v
+
+from meshmail.state.hlc import node_field
+
+#: Longest key, in UTF-8 bytes, including the namespace prefix.
+MAX_KEY_BYTES = 512
+
+
+class BadEntry(ValueError):
+    """A key, value or encoded entry that cannot be accepted; the message says why."""
+
+
+#: Distinct decoded values kept for sharing. Most maps hold a few values (one per slave) over
+#: many keys, so sharing one record per value saves its size on every entry.
+MAX_SHARED_VALUES = 1 << 16
+_shared: dict[Any, Any] = {}
+
+#: namespace -> record type of its values. Filled by @namespace; part of the wire protocol.
+NAMESPACES: dict[str, type] = {}
+
+
+def namespace(name: str):
+    """Class decorator: values of keys ``<name>/...`` are records of this class."""
+
+    def register(cls: type) -> type:
+        if name in NAMESPACES or "/" in name:
+            raise ValueError(f"namespace {name!r} already registered or invalid")
+        NAMESPACES[name] = cls
+        cls.NAMESPACE = name
+        cls.FIELDS = tuple(f.name for f in attrs.fields(cls))
+        return cls
+
+    return register
+
+
+@namespace("domain")
+@attrs.frozen
+class DomainRoute:
+    """The slave that hosts a domain; `source` says who set it: the slave itself or an admin."""
+
+    slave: str = node_field()
+    source: str = attrs.field(validator=[v.instance_of(str), v.in_(("slave", "admin"))])
+
+
+@namespace("address")
+@attrs.frozen
+class AddressOverride:
+    """A per-mailbox route that beats the domain's, for moving one mailbox to another slave."""
+
+    slave: str = node_field()
+
+
+def make_key(ns: str, name: str) -> str:
+    """The key ``<ns>/<name>``; raises BadEntry when it would not pass split_key."""
+    key = f"{ns}/{name}"
+    split_key(key)
+    return key
+
+
+def split_key(key: Any) -> tuple[str, str]:
+    """Split a key into (namespace, name).
+
+    Raises BadEntry when the key is not a str, is too long, has an empty name, or its namespace
+    is unknown (check `namespace_of(key) in NAMESPACES` first to skip unknown ones quietly).
+    """
+    if type(key) is not str:
+        raise BadEntry(f"key must be a str, not {type(key).__name__}")
+    try:
+        if len(key) > MAX_KEY_BYTES or len(key.encode()) > MAX_KEY_BYTES:
+            raise BadEntry(f"key longer than {MAX_KEY_BYTES} bytes")
+    except UnicodeEncodeError:
+        raise BadEntry("key is not valid Unicode") from None
+    ns, sep, name = key.partition("/")
+    if not sep or not name:
+        raise BadEntry(f"key {key[:80]!r} is not <namespace>/<name>")
+    if ns not in NAMESPACES:
+        raise BadEntry(f"unknown namespace {ns[:40]!r}")
+    return ns, name
+
+
+def namespace_of(key: str) -> str:
+    """The namespace part of a key (not validated)."""
+    return key.partition("/")[0]
+
+
+def check_value(ns: str, record: Any) -> None:
+    """Raise BadEntry unless `record` is a value of namespace `ns`."""
+    cls = NAMESPACES.get(ns)
+    if cls is None:
+        raise BadEntry(f"unknown namespace {ns[:40]!r}")
+    if type(record) is not cls:
+        raise BadEntry(f"a {ns} value must be a {cls.__name__}, not {type(record).__name__}")
+
+
+def encode_value(ns: str, record: Any) -> dict[str, Any]:
+    """The msgpack-ready form of a value: ``{field: value}``. Raises BadEntry on a type mismatch."""
+    check_value(ns, record)
+    return {name: getattr(record, name) for name in record.FIELDS}
+
+
+def decode_value(ns: str, obj: Any) -> Any:
+    """The record encoded by encode_value; unknown fields are ignored, wrong types raise BadEntry.
+
+    Equal records decoded in this process are one shared object (up to MAX_SHARED_VALUES).
+    """
+    cls = NAMESPACES.get(ns)
+    if cls is None:
+        raise BadEntry(f"unknown namespace {ns[:40]!r}")
+    if not isinstance(obj, dict):
+        raise BadEntry(f"{ns} value must be a map, not {type(obj).__name__}")
+    try:
+        record = cls(**{name: obj[name] for name in cls.FIELDS if name in obj})
+    except (TypeError, ValueError) as exc:
+        raise BadEntry(f"bad {ns} value: {exc}") from None
+    shared = _shared.get(record)
+    if shared is not None:
+        return shared
+    if len(_shared) < MAX_SHARED_VALUES:
+        _shared[record] = record
+    return record
