@@ -327,9 +327,7 @@ def decode_entries(data: bytes, max_entries: int) -> DecodedEntries:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise BadEntry(f"batch must be bytes, not {type(data).__name__}")
     try:
-        obj = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, max_array_len=max(max_entries, 16), max_map_len=64
-        )
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_array_len=max(max_entries, 16), max_map_len=64)
     except Exception as exc:  # msgpack raises a handful of unrelated types
         raise BadEntry(f"bad msgpack: {type(exc).__name__}") from None
     if not isinstance(obj, dict) or type(obj.get("v")) is not int or not isinstance(obj.get("e"), list):
