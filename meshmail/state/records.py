@@ -23,9 +23,10 @@ class BadEntry(ValueError):
 
 
 #: Distinct decoded values kept for sharing. Most maps hold a few values (one per slave) over
-#: many keys, so sharing one record per value saves its size on every entry.
+#: many keys: one record per value saves its size on every entry and its validation on every
+#: decode. Keyed by namespace and the (type, value) of each field, so 1 and True stay apart.
 MAX_SHARED_VALUES = 1 << 16
-_shared: dict[Any, Any] = {}
+_shared: dict[tuple, Any] = {}
 
 #: namespace -> record type of its values. Filled by @namespace; part of the wire protocol.
 NAMESPACES: dict[str, type] = {}
@@ -120,13 +121,19 @@ def decode_value(ns: str, obj: Any) -> Any:
         raise BadEntry(f"unknown namespace {ns[:40]!r}")
     if not isinstance(obj, dict):
         raise BadEntry(f"{ns} value must be a map, not {type(obj).__name__}")
+    fields = {name: obj[name] for name in cls.FIELDS if name in obj}
     try:
-        record = cls(**{name: obj[name] for name in cls.FIELDS if name in obj})
-    except (TypeError, ValueError) as exc:
-        raise BadEntry(f"bad {ns} value: {exc}") from None
-    shared = _shared.get(record)
+        # An unhashable field (a list, from a malformed or a future record) is never shared.
+        signature: tuple | None = (ns, *((name, type(value), value) for name, value in fields.items()))
+        shared = _shared.get(signature)
+    except TypeError:
+        signature = shared = None
     if shared is not None:
         return shared
-    if len(_shared) < MAX_SHARED_VALUES:
-        _shared[record] = record
+    try:
+        record = cls(**fields)
+    except (TypeError, ValueError) as exc:
+        raise BadEntry(f"bad {ns} value: {exc}") from None
+    if signature is not None and len(_shared) < MAX_SHARED_VALUES:
+        _shared[signature] = record
     return record

@@ -46,6 +46,7 @@ def test_values_round_trip_and_ignore_unknown_fields():
         ("domain", ["slave-a", "slave"], "must be a map"),
         ("domain", {"slave": "slave-a"}, "bad domain value"),
         ("domain", {"slave": 7, "source": "slave"}, "bad domain value"),
+        ("domain", {"slave": ["s"], "source": "slave"}, "bad domain value"),
         ("domain", {"slave": "s", "source": "robot"}, "bad domain value"),
         ("domain", {"slave": "x" * 129, "source": "slave"}, "bad domain value"),
         ("address", {"slave": ""}, "bad address value"),
