@@ -1,0 +1,155 @@
+"""Routing: which slave, at which endpoint, serves a mail address for a protocol.
+
+A pure lookup over the replicated cluster state and this node's view of the members:
+address override, then domain, then the slave's member record and its published endpoint.
+No I/O and no network; what to do with a NoRoute (bounce, spool, retry) is the caller's.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import attrs
+
+from meshmail.gossip.member import MemberInfo
+from meshmail.gossip.messages import State
+from meshmail.gossip.meta import SERVICES
+from meshmail.state.names import MAX_INPUT, InvalidName, normalize_address
+from meshmail.state.records import AddressOverride, DomainRoute
+
+#: NoRoute reasons: part of the API (the proxies map them to replies, /status counts them).
+INVALID_ADDRESS = "invalid_address"
+UNKNOWN_DOMAIN = "unknown_domain"
+SLAVE_UNKNOWN = "slave_unknown"  # the state names a slave that is not in the member list
+SLAVE_DOWN = "slave_down"  # the slave is dead or has left
+NO_ENDPOINT = "no_endpoint"  # the slave publishes no usable endpoint for the protocol
+REASONS = (INVALID_ADDRESS, UNKNOWN_DOMAIN, SLAVE_UNKNOWN, SLAVE_DOWN, NO_ENDPOINT)
+
+#: Normalized addresses kept, by the text as given. An entry holds at most MAX_INPUT
+#: characters of input plus its result, so the cache stays within a few tens of MB even
+#: when filled with the longest names; typical addresses use a few hundred bytes each.
+NORMALIZED_CACHE = 1 << 14
+#: Members whose parsed endpoints are kept; far above any real cluster. Beyond it the
+#: cache starts afresh rather than grow with names that come and go.
+ENDPOINT_CACHE = 1 << 12
+
+# Suspect still routes: a suspect member is usually alive (a lost probe, a busy host), and
+# refusing it would bounce or spool mail during every blip. Dead and left members do not.
+_DOWN = frozenset((State.DEAD, State.LEFT))
+_SERVICES = frozenset(SERVICES)
+
+
+class StateView(Protocol):
+    """What routing reads from the cluster state: O(1) lookups by already-normalized name."""
+
+    def domain(self, name: str) -> DomainRoute | None: ...
+
+    def override(self, address: str) -> AddressOverride | None: ...
+
+
+@attrs.frozen
+class Route:
+    """Where to send a connection: the slave's node name, its (host, port), and its state."""
+
+    slave: str
+    endpoint: tuple[str, int]
+    state: State
+
+
+@attrs.frozen
+class NoRoute:
+    """Why an address cannot be routed: `reason` is one of REASONS, `detail` is for people."""
+
+    reason: str
+    detail: str
+
+
+class Router:
+    """Resolves mail addresses to routes over a StateView and a view of the members.
+
+    `members` is a mapping or a function from node name to MemberInfo (None when unknown).
+    Endpoints are parsed once per member incarnation and metadata; normalized addresses are
+    kept in a bounded cache, so resolve does no parsing for addresses seen recently.
+    """
+
+    def __init__(self, state: StateView, members: Callable[[str], MemberInfo | None] | Mapping[str, MemberInfo]):
+        self._state = state
+        self._member: Callable[[str], MemberInfo | None] = members.get if isinstance(members, Mapping) else members
+        # name -> (incarnation, meta, {service: (host, port) or why it is unusable})
+        self._endpoints: dict[str, tuple[int, bytes, dict[str, tuple[str, int] | str]]] = {}
+
+    def resolve(self, address: str, protocol: str) -> Route | NoRoute:
+        """Return the Route for `address` over `protocol` (one of meta.SERVICES), or a NoRoute.
+
+        An address override beats the domain entry. A slave that is alive or suspect routes;
+        dead or left gives NoRoute(SLAVE_DOWN). Never raises for any address text; raises
+        ValueError for an unknown protocol, which is a programming error.
+        """
+        if protocol not in _SERVICES:
+            raise ValueError(f"unknown protocol {protocol!r} (known: {', '.join(SERVICES)})")
+        normal = _normalize(address) if len(address) <= MAX_INPUT else _normalize_uncached(address)
+        if type(normal) is str:
+            return NoRoute(INVALID_ADDRESS, normal)
+        key, domain = normal
+        override = self._state.override(key)
+        if override is not None:
+            slave = override.slave
+        else:
+            entry = self._state.domain(domain)
+            if entry is None:
+                return NoRoute(UNKNOWN_DOMAIN, f"no slave hosts {domain}")
+            slave = entry.slave
+        member = self._member(slave)
+        if member is None:
+            self._endpoints.pop(slave, None)
+            return NoRoute(SLAVE_UNKNOWN, f"slave {slave} of {key} is not a member of the cluster")
+        state = member.state
+        if state in _DOWN:
+            return NoRoute(SLAVE_DOWN, f"slave {slave} of {key} is {state.name.lower()}")
+        cached = self._endpoints.get(slave)
+        if cached is None or cached[0] != member.incarnation or cached[1] != member.meta:
+            cached = self._parse(member)
+        endpoint = cached[2].get(protocol)
+        if type(endpoint) is tuple:
+            return Route(slave, endpoint, state)
+        why = endpoint or "publishes none"
+        return NoRoute(NO_ENDPOINT, f"slave {slave} has no {protocol} endpoint: {why}")
+
+    def _parse(self, member: MemberInfo) -> tuple[int, bytes, dict[str, tuple[str, int] | str]]:
+        """Parse and cache a member's endpoints; the metadata is decoded leniently."""
+        endpoints = {service: parse_endpoint(text) for service, text in member.node_meta.endpoints.items()}
+        if len(self._endpoints) >= ENDPOINT_CACHE:
+            self._endpoints.clear()
+        cached = self._endpoints[member.name] = (member.incarnation, member.meta, endpoints)
+        return cached
+
+
+def parse_endpoint(text: str) -> tuple[str, int] | str:
+    """Parse "host:port" or "[ipv6]:port" into (host, port); return the reason as a str if unusable.
+
+    An IPv6 address must be in brackets: "::1:143" could be port 143 of ::1 or an address.
+    """
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            return f"{text!r} has brackets around a host that is not an IPv6 address"
+    elif ":" in host:
+        return f"{text!r} has an IPv6 address without brackets"
+    if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"{text!r} is not host:port"
+    return (host, int(port))
+
+
+def _normalize_uncached(address: str) -> tuple[str, str] | str:
+    """(normalized address, its domain), or the InvalidName reason as a str."""
+    try:
+        normal = normalize_address(address)
+    except InvalidName as e:
+        return str(e)
+    return (str(normal), normal.domain)
+
+
+_normalize = functools.lru_cache(maxsize=NORMALIZED_CACHE)(_normalize_uncached)
