@@ -36,6 +36,7 @@ class DictState:
 def build(n_domains: int, n_members: int) -> Router:
     routes = [DomainRoute(slave=f"slave-{i}", source="slave") for i in range(n_members)]
     domains = {f"domain{i}.example": routes[i % n_members] for i in range(n_domains)}
+    domains["xn--bcher-kva.example"] = routes[0]
     overrides = {"moved@domain7.example": AddressOverride(slave="slave-42")}
     members = {}
     for i in range(n_members):
@@ -62,10 +63,12 @@ def main() -> None:
     cases = [
         ("address hit (normalized ASCII)", "alice@domain123456.example", Route),
         ("override hit", "moved@domain7.example", Route),
+        ("address hit (upper case, full path)", "alice@DOMAIN123456.example", Route),
+        ("address hit (Unicode domain, IDNA)", "alice@bücher.example", Route),
         ("unknown domain", "bob@nowhere.example", NoRoute),
         ("invalid address", "no at sign here", NoRoute),
     ]
-    print(f"{'case':34} {'warm µs':>8} {'cold µs':>8}")
+    print(f"{'case':36} {'warm µs':>8} {'cold µs':>8}")
     for label, address, kind in cases:
         assert type(router.resolve(address, "imap")) is kind, (label, router.resolve(address, "imap"))
         warm = per_call_us(lambda a=address: router.resolve(a, "imap"), args.number)
@@ -76,7 +79,7 @@ def main() -> None:
 
         clear = per_call_us(_normalize.cache_clear, args.number)
         cold_us = per_call_us(cold, args.number // 10) - clear
-        print(f"{label:34} {warm:8.2f} {cold_us:8.2f}")
+        print(f"{label:36} {warm:8.2f} {cold_us:8.2f}")
 
 
 if __name__ == "__main__":
