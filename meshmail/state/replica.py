@@ -1,0 +1,477 @@
+"""ClusterState: the replicated map one node holds, with its clock and journal, behind one object.
+
+Local writes, remote deltas, reads for routing, conflicts, tombstone GC, compaction and the
+anti-entropy messages. Sans-IO apart from the journal's synchronous file I/O: no sockets, no
+trio; the caller moves the bytes and runs it in a thread if it must not block.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from hashlib import blake2b
+from typing import Any
+
+import attrs
+import msgpack
+
+from meshmail.state.hlc import ClockSkewError, HybridClock, Timestamp
+from meshmail.state.journal import Journal
+from meshmail.state.lww import Entry, LWWMap, chunks, decode_entries, encode_entries
+from meshmail.state.names import InvalidName, normalize_address, normalize_domain
+from meshmail.state.records import AddressOverride, BadEntry, DomainRoute, make_key, split_key
+
+DAY_MS = 24 * 3600 * 1000
+DEFAULT_GC_GRACE_MS = 7 * DAY_MS
+#: Largest anti-entropy message or entry batch accepted; chunks we send are at most SYNC_CHUNK_BYTES.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SYNC_CHUNK_BYTES = 1024 * 1024
+#: Most entries one batch may hold (a 1 MiB chunk of the smallest entries holds about 20,000).
+MAX_BATCH_ENTRIES = 65_536
+#: The log is folded into a snapshot once it is larger than this and than the snapshot.
+DEFAULT_COMPACT_MIN_BYTES = 4 * 1024 * 1024
+#: record_sync persists the sync time at most this often: an older value only makes the
+#: away-too-long check stricter.
+SYNC_PERSIST_INTERVAL_MS = 10 * 60 * 1000
+#: Version of the anti-entropy messages (sync_offer, sync_answer, sync_request).
+SYNC_VERSION = 1
+
+_DOMAIN = "domain/"
+_ADDRESS = "address/"
+
+
+class SyncError(ValueError):
+    """An anti-entropy message that cannot be used; the message says why. Count it and drop it."""
+
+
+@attrs.frozen
+class ApplyResult:
+    """What apply() did with a batch: entries applied, stale (older than or equal to what we
+    hold), rejected by reason ("bad_batch", "invalid_name", "future_timestamp"), skipped for an
+    unknown namespace (from a newer node), and for a bad batch the reason in words."""
+
+    applied: int = 0
+    stale: int = 0
+    rejected: dict[str, int] = attrs.field(factory=dict)
+    skipped: int = 0
+    error: str | None = None
+
+
+# Journal records: msgpack maps {"t": type, ...}; unknown types and fields are ignored.
+#   {"t": "entries", "b": <encode_entries batch>, "h": [wall_ms, logical]}  ("h": clock high water)
+#   {"t": "hlc", "h": [wall_ms, logical]}
+#   {"t": "synced", "ms": unix_ms}                      (last anti-entropy with any peer)
+#   {"t": "conflicts", "c": [[domain, [slave, ...]], ...]}  (empty list: no conflict any more)
+
+
+def _record(kind: str, **fields: Any) -> bytes:
+    return msgpack.packb({"t": kind, **fields})
+
+
+def _hlc_field(ts: Timestamp) -> list[int]:
+    return [ts.wall_ms, ts.logical]
+
+
+class ClusterState:
+    """The replicated map of one node: domain routes and address overrides.
+
+    Durability. Every local write is in the journal (fsynced) before it returns; apply()
+    persists what it applied in one append. The clock's high water mark goes with each
+    record, so timestamps stay monotonic across restarts even if the physical clock goes back.
+    On open the map is loaded from disk: a node routes before it has talked to anyone.
+
+    Conflicts. A domain may be published by two slaves (source "slave"). The last writer
+    routes; the slave whose claim lost is named in conflicts() until an admin assignment, a
+    delete, or a newer claim by that slave settles it. A node lists the conflicts it has seen
+    both claims of (a node that only ever received the winner lists none).
+
+    Tombstones and long absence. gc() drops tombstones older than gc_grace, after which a
+    peer could bring the deleted key back with an old live entry. So the time of the last
+    sync with any peer is persisted, and a node opened more than gc_grace after it discards
+    its map (`discarded` says how many entries) and receives everything again from its peers
+    by anti-entropy: that is how a node that was away too long never brings deleted entries
+    back. A node that never synced (a first or single node) keeps its map.
+
+    Anti-entropy (the two-level exchange of LWWMap, as bytes; A starts, B answers):
+    A ``offer = sync_offer()``; B ``answer = sync_answer(offer)``; A ``request =
+    sync_request(answer)`` and sends ``sync_entries(answer)``; B sends
+    ``sync_entries(request)``; each side apply()s the chunks it receives. In sync, the
+    exchange is the offer (about 600 bytes) and an answer of a few bytes. Every message is
+    at most MAX_MESSAGE_BYTES; bad input raises SyncError.
+
+    Not thread-safe: one caller at a time.
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        clock: HybridClock,
+        physical_ms: Callable[[], int],
+        *,
+        gc_grace_ms: int,
+        compact_min_bytes: int,
+    ) -> None:
+        """Use ClusterState.open."""
+        self._journal = journal
+        self.clock = clock
+        self._physical_ms = physical_ms
+        self.gc_grace_ms = gc_grace_ms
+        self.compact_min_bytes = compact_min_bytes
+        self.map = LWWMap()
+        #: domain -> slaves whose claim lost to the current one.
+        self._conflicts: dict[str, frozenset[str]] = {}
+        self._last_sync: dict[str, int] = {}
+        self._synced_at: int | None = None
+        #: Entries dropped on open because the node was away longer than gc_grace.
+        self.discarded = 0
+        #: Journal records that could not be read on open (from a newer version, or a bug).
+        self.unreadable_records = 0
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        node_id: str,
+        physical_ms: Callable[[], int],
+        *,
+        max_skew_ms: int = 60_000,
+        gc_grace_ms: int = DEFAULT_GC_GRACE_MS,
+        fsync: bool = True,
+        compact_min_bytes: int = DEFAULT_COMPACT_MIN_BYTES,
+    ) -> ClusterState:
+        """Open the journal in `directory`, load the map, and restore the clock.
+
+        `physical_ms` returns Unix milliseconds (injected; it may go backwards). Raises
+        JournalError as Journal.open does (in use, not a journal, damaged beyond a crash).
+        """
+        journal = Journal.open(directory, fsync=fsync)
+        try:
+            state = cls._load(journal, node_id, physical_ms, max_skew_ms, gc_grace_ms, compact_min_bytes)
+        except BaseException:
+            journal.close()
+            raise
+        return state
+
+    @classmethod
+    def _load(cls, journal, node_id, physical_ms, max_skew_ms, gc_grace_ms, compact_min_bytes) -> ClusterState:
+        clock = HybridClock(node_id, physical_ms, max_skew_ms)
+        state = cls(journal, clock, physical_ms, gc_grace_ms=gc_grace_ms, compact_min_bytes=compact_min_bytes)
+        floor = (0, 0)
+        for raw in journal.load():
+            try:
+                floor = max(floor, state._replay(raw))
+            except (ValueError, TypeError, KeyError, msgpack.UnpackException):
+                state.unreadable_records += 1
+        state.clock = HybridClock(node_id, physical_ms, max_skew_ms, floor=Timestamp(*floor, clock.node))
+        now = physical_ms()
+        if state._synced_at is not None and now - state._synced_at > gc_grace_ms:
+            state.discarded = len(state.map) + state.map.tombstones
+            state.map = LWWMap()
+            state._conflicts.clear()
+            state._synced_at = None
+            state.compact()
+        else:
+            state.map.gc(now - gc_grace_ms)
+        return state
+
+    def _replay(self, raw: bytes) -> tuple[int, int]:
+        """Apply one journal record; returns the highest (wall_ms, logical) it holds."""
+        record = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        kind = record["t"]
+        high = (0, 0)
+        if "h" in record:
+            wall_ms, logical = record["h"]
+            high = Timestamp(wall_ms, logical, self.clock.node)
+            high = (high.wall_ms, high.logical)
+        if kind == "entries":
+            for entry in decode_entries(record["b"], max_entries=1 << 30).entries:
+                self.map.merge(entry)
+                high = max(high, (entry.wall_ms, entry.logical))
+        elif kind == "synced":
+            self._synced_at = int(record["ms"])
+        elif kind == "conflicts":
+            self._set_conflicts((domain, frozenset(slaves)) for domain, slaves in record["c"])
+        return high
+
+    def close(self) -> None:
+        """Close the journal. Idempotent."""
+        self._journal.close()
+
+    def __enter__(self) -> ClusterState:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # Local writes.
+
+    def assign_domain(self, name: str, slave: str, source: str = "admin") -> Entry:
+        """Route domain `name` to `slave`; `source` is "admin" or "slave" (the slave published it).
+
+        Returns the entry, durable, for the caller to broadcast as ``encode_entries([entry])``.
+        Raises InvalidName for a bad name, ValueError or TypeError for a bad slave or source.
+        """
+        return self._write(make_key("domain", normalize_domain(name)), DomainRoute(slave, source))
+
+    def unassign_domain(self, name: str) -> Entry | None:
+        """Delete the route of domain `name` (a tombstone); None if it has none."""
+        return self._write(make_key("domain", normalize_domain(name)), None)
+
+    def override_address(self, address: str, slave: str) -> Entry:
+        """Route the mailbox `address` to `slave`, whatever its domain's route says."""
+        return self._write(make_key("address", str(normalize_address(address))), AddressOverride(slave))
+
+    def clear_override(self, address: str) -> Entry | None:
+        """Delete the override of `address`; None if it has none."""
+        return self._write(make_key("address", str(normalize_address(address))), None)
+
+    def _write(self, key: str, value: Any) -> Entry | None:
+        if value is None and self.map.get(key) is None:
+            return None
+        entry = Entry(key, value, self.clock.now())
+        claims = self._claims_after(entry, self.map.entry(key))
+        # Journal first: if the disk fails, the map does not hold what was never persisted.
+        self._append([entry], [claims] if claims else [])
+        self.map.merge(entry)
+        if claims:
+            self._set_conflicts([claims])
+        self.maybe_compact()
+        return entry
+
+    # Remote input.
+
+    def apply(self, data: bytes) -> ApplyResult:
+        """Merge a batch of entries from a peer (a delta or an anti-entropy chunk).
+
+        A malformed batch is rejected whole (rejected["bad_batch"], `error` says why). An entry
+        whose domain or address key is not in normal form is rejected ("invalid_name"), one
+        more than max_skew_ms in the future too ("future_timestamp"); the others are merged.
+        Applied entries are persisted in one journal append. Never raises for bad input;
+        raises OSError or JournalError if the journal cannot be written.
+        """
+        try:
+            if not isinstance(data, bytes | bytearray | memoryview) or len(data) > MAX_MESSAGE_BYTES:
+                raise BadEntry(f"batch must be bytes of at most {MAX_MESSAGE_BYTES}")
+            decoded = decode_entries(data, MAX_BATCH_ENTRIES)
+        except BadEntry as exc:
+            return ApplyResult(rejected={"bad_batch": 1}, error=str(exc))
+        rejected: dict[str, int] = {}
+        applied: list[Entry] = []
+        changed_claims: list[tuple[str, frozenset[str]]] = []
+        stale = 0
+        for entry in decoded.entries:
+            if not _normal_key(entry.key):
+                rejected["invalid_name"] = rejected.get("invalid_name", 0) + 1
+                continue
+            try:
+                self.clock.observe(entry.ts)
+            except ClockSkewError:
+                rejected["future_timestamp"] = rejected.get("future_timestamp", 0) + 1
+                continue
+            claims = self._claims_after(entry, self.map.entry(entry.key))
+            if claims:
+                self._set_conflicts([claims])
+                changed_claims.append(claims)
+            if self.map.merge(entry):
+                applied.append(entry)
+            else:
+                stale += 1
+        if applied or changed_claims:
+            self._append(applied, changed_claims)
+            self.maybe_compact()
+        return ApplyResult(len(applied), stale, rejected, decoded.skipped)
+
+    def _append(self, entries: list[Entry], claims: list[tuple[str, frozenset[str]]]) -> None:
+        records = []
+        if entries:
+            batch = encode_entries(entries)
+            records.append(_record("entries", b=batch, h=_hlc_field(self.clock.high_water)))
+        if claims:
+            records.append(_record("conflicts", c=[[domain, sorted(slaves)] for domain, slaves in claims]))
+        self._journal.append_many(records)
+
+    # Reads.
+
+    def domain(self, name: str) -> DomainRoute | None:
+        """The route of domain `name`, or None. O(1), no normalization: pass the normal form
+        (names.normalize_domain); another spelling of the name is not found."""
+        return self.map.get(_DOMAIN + name)
+
+    def override(self, address: str) -> AddressOverride | None:
+        """The override of `address` ("local@domain" in normal form, see domain()), or None."""
+        return self.map.get(_ADDRESS + address)
+
+    def domains(self, slave: str | None = None) -> Iterator[tuple[str, DomainRoute]]:
+        """(domain, route) of every routed domain, or of those routed to `slave`; unordered."""
+        for key, route in self.map.items(_DOMAIN):
+            if slave is None or route.slave == slave:
+                yield key[len(_DOMAIN) :], route
+
+    @property
+    def live(self) -> int:
+        """The number of live keys (domains and overrides)."""
+        return len(self.map)
+
+    @property
+    def tombstones(self) -> int:
+        return self.map.tombstones
+
+    def digest_summary(self) -> str:
+        """A short hex digest of the whole map: equal on replicas holding the same entries."""
+        packed = b"".join(d.to_bytes(8, "big") for d in self.map.group_digests())
+        return blake2b(packed, digest_size=8).hexdigest()
+
+    @property
+    def last_sync(self) -> dict[str, int]:
+        """peer -> Unix ms of the last anti-entropy with it, since open."""
+        return dict(self._last_sync)
+
+    @property
+    def synced_at(self) -> int | None:
+        """Unix ms of the last sync with any peer as persisted (None: never, or resynced)."""
+        return self._synced_at
+
+    # Conflicts.
+
+    def conflicts(self) -> list[tuple[str, str, list[str]]]:
+        """(domain, slave that routes it, [slaves whose claim lost]) per conflicting domain, sorted."""
+        result = []
+        for domain, others in sorted(self._conflicts.items()):
+            route = self.domain(domain)
+            if route is not None:
+                result.append((domain, route.slave, sorted(others)))
+        return result
+
+    def _claims_after(self, entry: Entry, held: Entry | None) -> tuple[str, frozenset[str]] | None:
+        """The losing slave claims of entry's domain once `entry` is merged, if they change."""
+        if not entry.key.startswith(_DOMAIN):
+            return None
+        domain = entry.key[len(_DOMAIN) :]
+        if held is not None and (entry.wall_ms, entry.logical, entry.node) == (held.wall_ms, held.logical, held.node):
+            return None
+        current = self._conflicts.get(domain, frozenset())
+        if held is None or (entry.wall_ms, entry.logical, entry.node) > (held.wall_ms, held.logical, held.node):
+            winner, loser = entry.value, None if held is None else held.value
+        else:
+            winner, loser = held.value, entry.value
+        if winner is None or winner.source != "slave":
+            others: frozenset[str] = frozenset()  # deleted, or an admin decided
+        else:
+            others = current - {winner.slave}
+            if loser is not None and loser.source == "slave" and loser.slave != winner.slave:
+                others |= {loser.slave}
+        return None if others == current else (domain, others)
+
+    def _set_conflicts(self, changes: Iterable[tuple[str, frozenset[str]]]) -> None:
+        for domain, others in changes:
+            if others:
+                self._conflicts[domain] = others
+            else:
+                self._conflicts.pop(domain, None)
+
+    # Maintenance.
+
+    def gc(self, now_ms: int) -> int:
+        """Drop tombstones older than now_ms - gc_grace; returns how many. The journal keeps
+        them until the next compaction (they are dropped again on open)."""
+        return self.map.gc(now_ms - self.gc_grace_ms)
+
+    def maybe_compact(self) -> bool:
+        """Compact if the log outgrew compact_min_bytes and the snapshot; True if it did."""
+        log = self._journal.log_size()
+        if log > self.compact_min_bytes and log > self._journal.size() - log:
+            self.compact()
+            return True
+        return False
+
+    def compact(self) -> None:
+        """Replace the journal by a snapshot of the whole map, the clock and the sync time."""
+        self._journal.compact(self._snapshot_records())
+
+    def _snapshot_records(self) -> Iterator[bytes]:
+        yield _record("hlc", h=_hlc_field(self.clock.high_water))
+        if self._synced_at is not None:
+            yield _record("synced", ms=self._synced_at)
+        if self._conflicts:
+            yield _record("conflicts", c=[[d, sorted(s)] for d, s in self._conflicts.items()])
+        for batch in chunks(self.map.entries_in(), SYNC_CHUNK_BYTES):
+            yield _record("entries", b=batch)
+
+    def record_sync(self, peer: str, now_ms: int) -> None:
+        """Note a completed anti-entropy exchange with `peer` at now_ms (persisted, at most
+        every SYNC_PERSIST_INTERVAL_MS)."""
+        self._last_sync[peer] = now_ms
+        if self._synced_at is None or now_ms - self._synced_at >= SYNC_PERSIST_INTERVAL_MS:
+            self._journal.append(_record("synced", ms=now_ms))
+            self._synced_at = now_ms
+
+    # Anti-entropy.
+
+    def sync_offer(self) -> bytes:
+        """Step 1 (A): our group digests."""
+        return msgpack.packb({"v": SYNC_VERSION, "g": self.map.group_digests()})
+
+    def sync_answer(self, offer: bytes) -> bytes:
+        """Step 2 (B): the groups that differ from the offer and our bucket digests of them."""
+        message = self._decode(offer)
+        try:
+            groups = self.map.differing_groups(message.get("g"))
+        except BadEntry as exc:
+            raise SyncError(f"bad offer: {exc}") from None
+        return msgpack.packb({"v": SYNC_VERSION, "g": groups, "d": self.map.digests(groups)})
+
+    def sync_request(self, answer: bytes) -> bytes:
+        """Step 3 (A): the buckets that differ, for the peer to send its entries of them."""
+        return msgpack.packb({"v": SYNC_VERSION, "b": self._buckets(answer)})
+
+    def sync_entries(self, answer_or_request: bytes) -> Iterator[bytes]:
+        """Our entries of the buckets that differ, as batches for apply(), each at most
+        SYNC_CHUNK_BYTES. Raises SyncError (before yielding anything) on a bad message."""
+        return chunks(self.map.entries_in(self._buckets(answer_or_request)), SYNC_CHUNK_BYTES)
+
+    def _buckets(self, message_bytes: bytes) -> list[int]:
+        """Bucket ids named by a request, or differing according to an answer."""
+        message = self._decode(message_bytes)
+        try:
+            if "b" in message:
+                buckets = message["b"]
+                if not isinstance(buckets, list) or len(buckets) > self.map.buckets:
+                    raise BadEntry("b is not a list of bucket ids")
+                for bucket in buckets:
+                    if type(bucket) is not int or not 0 <= bucket < self.map.buckets:
+                        raise BadEntry(f"bucket id {bucket!r} out of range")
+                return list(dict.fromkeys(buckets))
+            groups = message.get("g")
+            if not isinstance(groups, list) or len(groups) > self.map.groups:
+                raise BadEntry("g is not a list of group ids")
+            return self.map.differing(message.get("d"), groups)
+        except BadEntry as exc:
+            raise SyncError(f"bad sync message: {exc}") from None
+
+    def _decode(self, data: bytes) -> dict:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise SyncError(f"sync message must be bytes, not {type(data).__name__}")
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise SyncError(f"sync message of {len(data)} bytes, over {MAX_MESSAGE_BYTES}")
+        try:
+            message = msgpack.unpackb(
+                data, raw=False, strict_map_key=True, max_array_len=self.map.buckets, max_map_len=16
+            )
+        except Exception as exc:  # msgpack raises a handful of unrelated types
+            raise SyncError(f"bad msgpack: {type(exc).__name__}") from None
+        if not isinstance(message, dict) or message.get("v") != SYNC_VERSION:
+            raise SyncError(f"not a sync message of version {SYNC_VERSION}")
+        return message
+
+
+def _normal_key(key: str) -> bool:
+    """Whether a domain or address key names its domain or address in normal form."""
+    ns, name = split_key(key)
+    try:
+        if ns == "domain":
+            return normalize_domain(name) == name
+        if ns == "address":
+            return str(normalize_address(name)) == name
+    except InvalidName:
+        return False
+    return True
