@@ -164,13 +164,7 @@ class ClusterState:
                 state.unreadable_records += 1
         state.clock = HybridClock(node_id, physical_ms, max_skew_ms, floor=Timestamp(*floor, clock.node))
         now = physical_ms()
-        if state._synced_at is not None and now - state._synced_at > gc_grace_ms:
-            state.discarded = len(state.map) + state.map.tombstones
-            state.map = LWWMap()
-            state._conflicts.clear()
-            state._synced_at = None
-            state.compact()
-        else:
+        if not state.discard_if_away(now):
             state.map.gc(now - gc_grace_ms)
         return state
 
@@ -181,8 +175,8 @@ class ClusterState:
         high = (0, 0)
         if "h" in record:
             wall_ms, logical = record["h"]
-            high = Timestamp(wall_ms, logical, self.clock.node)
-            high = (high.wall_ms, high.logical)
+            Timestamp(wall_ms, logical, self.clock.node)  # validates both
+            high = (wall_ms, logical)
         if kind == "entries":
             for entry in decode_entries(record["b"], max_entries=1 << 30).entries:
                 self.map.merge(entry)
@@ -209,7 +203,9 @@ class ClusterState:
         """Route domain `name` to `slave`; `source` is "admin" or "slave" (the slave published it).
 
         Returns the entry, durable, for the caller to broadcast as ``encode_entries([entry])``.
-        Raises InvalidName for a bad name, ValueError or TypeError for a bad slave or source.
+        If the domain already has this very route, nothing is written and the held entry is
+        returned (a slave republishing its domains causes no churn). Raises InvalidName for a bad name,
+        ValueError or TypeError for a bad slave or source.
         """
         return self._write(make_key("domain", normalize_domain(name)), DomainRoute(slave, source))
 
@@ -226,10 +222,14 @@ class ClusterState:
         return self._write(make_key("address", str(normalize_address(address))), None)
 
     def _write(self, key: str, value: Any) -> Entry | None:
-        if value is None and self.map.get(key) is None:
-            return None
+        held = self.map.entry(key)
+        if held is None or held.value is None:
+            if value is None:
+                return None
+        elif held.value == value:
+            return held  # republishing the same route changes nothing (a slave agent restarting)
         entry = Entry(key, value, self.clock.now())
-        claims = self._claims_after(entry, self.map.entry(key))
+        claims = self._claims_after(entry, held)
         # Journal first: if the disk fails, the map does not hold what was never persisted.
         self._append([entry], [claims] if claims else [])
         self.map.merge(entry)
@@ -396,6 +396,24 @@ class ClusterState:
             yield _record("conflicts", c=[[d, sorted(s)] for d, s in self._conflicts.items()])
         for batch in chunks(self.map.entries_in(), SYNC_CHUNK_BYTES):
             yield _record("entries", b=batch)
+
+    def discard_if_away(self, now_ms: int) -> int:
+        """Discard the map if the last sync with any peer is more than gc_grace before now_ms.
+
+        Called by open; a running node that was cut off from every peer for that long may call
+        it too. The clock is kept. Returns how many entries were discarded (also in
+        `discarded`); 0 if the node synced recently or never.
+        """
+        last = max([self._synced_at or 0, *self._last_sync.values()])
+        if not last or now_ms - last <= self.gc_grace_ms:
+            return 0
+        self.discarded = len(self.map) + self.map.tombstones
+        self.map = LWWMap()
+        self._conflicts.clear()
+        self._last_sync.clear()
+        self._synced_at = None
+        self.compact()
+        return self.discarded
 
     def record_sync(self, peer: str, now_ms: int) -> None:
         """Note a completed anti-entropy exchange with `peer` at now_ms (persisted, at most

@@ -85,6 +85,22 @@ def test_writes_survive_reopen_and_route_from_disk(node):
     assert [d for d, _ in s.domains(slave="slave-b")] == ["xn--bcher-kva.example"]
 
 
+def test_republishing_the_same_route_writes_nothing(node):
+    first = node.state.assign_domain("a.org", "s", source="slave")
+    size = node.state._journal.log_size()
+    assert node.state.assign_domain("A.org", "s", source="slave") == first
+    assert node.state._journal.log_size() == size
+    assert node.state.assign_domain("a.org", "s").value.source == "admin"
+
+
+def test_unreadable_and_unknown_journal_records_are_counted_or_ignored(node):
+    node.state.assign_domain("a.org", "s")
+    node.state._journal.append_many([b"\xc1", msgpack.packb({"t": "from-a-newer-version", "x": 1}), b"\x01"])
+    s = node.reopen()
+    assert s.unreadable_records == 2
+    assert s.domain("a.org") == DomainRoute("s", "admin")
+
+
 def test_invalid_names_are_refused_with_the_reason(node):
     with pytest.raises(InvalidName, match="single label"):
         node.state.assign_domain("localhost", "s")
@@ -244,6 +260,16 @@ def test_node_away_longer_than_gc_grace_discards_its_map(tmp_path):
     assert s.clock.high_water >= high
     assert n.reopen().live == 0  # the discard is durable
     n.state.close()
+
+
+def test_running_node_cut_off_longer_than_gc_grace_can_discard(node):
+    s = node.state
+    s.assign_domain("a.org", "s")
+    s.record_sync("m2", START_MS)
+    s.record_sync("m2", START_MS + DAY_MS)  # not persisted (within the interval) but counted here
+    assert s.discard_if_away(START_MS + 8 * DAY_MS) == 0
+    assert s.discard_if_away(START_MS + 8 * DAY_MS + 1) == 1
+    assert s.live == 0 and s.last_sync == {}
 
 
 def test_node_that_never_synced_keeps_its_map(tmp_path):
