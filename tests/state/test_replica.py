@@ -396,3 +396,12 @@ def test_journal_in_use_is_refused(node, tmp_path):
     with pytest.raises(JournalError):
         ClusterState.open(node.directory, "m1", lambda: START_MS)
     assert os.path.isdir(node.directory)
+
+
+def test_default_fsync_path_round_trips(tmp_path):
+    with ClusterState.open(tmp_path / "m1", "m1", lambda: START_MS) as s:
+        s.assign_domain("a.org", "s")
+        s.record_sync("m2", START_MS)
+        s.compact()
+    with ClusterState.open(tmp_path / "m1", "m1", lambda: START_MS) as s:
+        assert s.domain("a.org") == DomainRoute("s", "admin") and s.synced_at == START_MS
