@@ -25,6 +25,7 @@ from meshmail.routing import (
     parse_endpoint,
 )
 from meshmail.state.records import AddressOverride, DomainRoute
+from meshmail.state.replica import ClusterState
 
 
 class DictState:
@@ -253,3 +254,18 @@ def test_resolve_never_raises(address, protocol):
         assert isinstance(result, (Route, NoRoute))
         if isinstance(result, NoRoute):
             assert result.reason in REASONS
+
+
+def test_routes_from_a_reopened_cluster_state(tmp_path) -> None:
+    """The real ClusterState is a StateView: assignments and overrides written, the state
+    closed and opened again with no peers, and resolve answers from disk alone."""
+    clock = iter(range(1_700_000_000_000, 1_700_000_100_000, 10))
+    with ClusterState.open(tmp_path, "m1", lambda: next(clock)) as state:
+        state.assign_domain("Bücher.Example.", "s1")
+        state.override_address("moved@bücher.example", "s2")
+    members = {"s1": member("s1", imap="192.0.2.10:143"), "s2": member("s2", imap="[2001:db8::2]:993")}
+    with ClusterState.open(tmp_path, "m1", lambda: next(clock)) as state:
+        router = Router(state, members)
+        assert router.resolve("user@BÜCHER.example", "imap") == Route("s1", ("192.0.2.10", 143), State.ALIVE)
+        assert router.resolve("moved@bücher.example", "imap") == Route("s2", ("2001:db8::2", 993), State.ALIVE)
+        assert router.resolve("user@unknown.example", "imap").reason == UNKNOWN_DOMAIN
