@@ -87,10 +87,11 @@ class ClusterState:
 
     Tombstones and long absence. gc() drops tombstones older than gc_grace, after which a
     peer could bring the deleted key back with an old live entry. So the time of the last
-    sync with any peer is persisted, and a node opened more than gc_grace after it discards
-    its map (`discarded` says how many entries) and receives everything again from its peers
-    by anti-entropy: that is how a node that was away too long never brings deleted entries
-    back. A node that never synced (a first or single node) keeps its map.
+    sync with any peer is persisted, and a node opened more than gc_grace after it is `stale`:
+    its old map still routes (if the whole cluster was down that long it is all there is),
+    but anti-entropy offers and fills an empty replica, which replaces the map at the first
+    completed sync (`discarded` then says how many keys went). That is how a node that was
+    away too long never brings deleted entries back. A node that never synced keeps its map.
 
     Anti-entropy (the two-level exchange of LWWMap, as bytes; A starts, B answers):
     A ``offer = sync_offer()``; B ``answer = sync_answer(offer)``; A ``request =
@@ -117,12 +118,19 @@ class ClusterState:
         self._physical_ms = physical_ms
         self.gc_grace_ms = gc_grace_ms
         self.compact_min_bytes = compact_min_bytes
+        #: What routing reads.
         self.map = LWWMap()
+        #: What anti-entropy offers and fills: the same map, except while `stale`.
+        self._replica = self.map
+        #: Away longer than gc_grace: the old map still routes, but is never offered to a
+        #: peer (it may hold entries deleted meanwhile); a fresh replica fills from peers
+        #: and replaces it at the first completed sync.
+        self.stale = False
         #: domain -> slaves whose claim lost to the current one.
         self._conflicts: dict[str, frozenset[str]] = {}
         self._last_sync: dict[str, int] = {}
         self._synced_at: int | None = None
-        #: Entries dropped on open because the node was away longer than gc_grace.
+        #: Entries dropped when a stale map was replaced by a fresh one from a peer.
         self.discarded = 0
         #: Journal records that could not be read on open (from a newer version, or a bug).
         self.unreadable_records = 0
@@ -164,8 +172,8 @@ class ClusterState:
                 state.unreadable_records += 1
         state.clock = HybridClock(node_id, physical_ms, max_skew_ms, floor=Timestamp(*floor, clock.node))
         now = physical_ms()
-        if not state.discard_if_away(now):
-            state.map.gc(now - gc_grace_ms)
+        state.map.gc(now - gc_grace_ms)
+        state.mark_stale_if_away(now)
         return state
 
     def _replay(self, raw: bytes) -> tuple[int, int]:
@@ -232,7 +240,7 @@ class ClusterState:
         claims = self._claims_after(entry, held)
         # Journal first: if the disk fails, the map does not hold what was never persisted.
         self._append([entry], [claims] if claims else [])
-        self.map.merge(entry)
+        self._merge(entry)
         if claims:
             self._set_conflicts([claims])
         self.maybe_compact()
@@ -272,7 +280,7 @@ class ClusterState:
             if claims:
                 self._set_conflicts([claims])
                 changed_claims.append(claims)
-            if self.map.merge(entry):
+            if self._merge(entry):
                 applied.append(entry)
             else:
                 stale += 1
@@ -280,6 +288,11 @@ class ClusterState:
             self._append(applied, changed_claims)
             self.maybe_compact()
         return ApplyResult(len(applied), stale, rejected, decoded.skipped)
+
+    def _merge(self, entry: Entry) -> bool:
+        """Merge into the routing map and, while stale, into the fresh replica too."""
+        fresh = self._replica is not self.map and self._replica.merge(entry)
+        return self.map.merge(entry) or fresh
 
     def _append(self, entries: list[Entry], claims: list[tuple[str, frozenset[str]]]) -> None:
         records = []
@@ -374,7 +387,10 @@ class ClusterState:
     def gc(self, now_ms: int) -> int:
         """Drop tombstones older than now_ms - gc_grace; returns how many. The journal keeps
         them until the next compaction (they are dropped again on open)."""
-        return self.map.gc(now_ms - self.gc_grace_ms)
+        horizon = now_ms - self.gc_grace_ms
+        if self._replica is not self.map:
+            self._replica.gc(horizon)
+        return self.map.gc(horizon)
 
     def maybe_compact(self) -> bool:
         """Compact if the log outgrew compact_min_bytes and the snapshot; True if it did."""
@@ -397,27 +413,32 @@ class ClusterState:
         for batch in chunks(self.map.entries_in(), SYNC_CHUNK_BYTES):
             yield _record("entries", b=batch)
 
-    def discard_if_away(self, now_ms: int) -> int:
-        """Discard the map if the last sync with any peer is more than gc_grace before now_ms.
+    def mark_stale_if_away(self, now_ms: int) -> bool:
+        """Become `stale` if the last sync with any peer is more than gc_grace before now_ms.
 
-        Called by open; a running node that was cut off from every peer for that long may call
-        it too. The clock is kept. Returns how many entries were discarded (also in
-        `discarded`); 0 if the node synced recently or never.
+        Called by open; a running node cut off from every peer that long may call it too.
+        The map keeps routing (if the whole cluster was down that long, it is all there is),
+        but from now on anti-entropy offers and fills an empty replica, which replaces the
+        map at the next completed sync (`record_sync`). A node that never synced is not stale.
         """
         last = max([self._synced_at or 0, *self._last_sync.values()])
-        if not last or now_ms - last <= self.gc_grace_ms:
-            return 0
-        self.discarded = len(self.map) + self.map.tombstones
-        self.map = LWWMap()
-        self._conflicts.clear()
-        self._last_sync.clear()
-        self._synced_at = None
-        self.compact()
-        return self.discarded
+        if self.stale or not last or now_ms - last <= self.gc_grace_ms:
+            return self.stale
+        self.stale = True
+        self._replica = LWWMap()
+        return True
 
     def record_sync(self, peer: str, now_ms: int) -> None:
         """Note a completed anti-entropy exchange with `peer` at now_ms (persisted, at most
-        every SYNC_PERSIST_INTERVAL_MS)."""
+        every SYNC_PERSIST_INTERVAL_MS). A stale node now routes from the fresh replica."""
+        if self.stale:
+            self.discarded = sum(1 for e in self.map.entries_in() if self._replica.entry(e.key) is None)
+            self.map = self._replica
+            self.stale = False
+            self._conflicts.clear()
+            self._last_sync.clear()
+            self._synced_at = None
+            self.compact()
         self._last_sync[peer] = now_ms
         if self._synced_at is None or now_ms - self._synced_at >= SYNC_PERSIST_INTERVAL_MS:
             self._journal.append(_record("synced", ms=now_ms))
@@ -427,16 +448,16 @@ class ClusterState:
 
     def sync_offer(self) -> bytes:
         """Step 1 (A): our group digests."""
-        return msgpack.packb({"v": SYNC_VERSION, "g": self.map.group_digests()})
+        return msgpack.packb({"v": SYNC_VERSION, "g": self._replica.group_digests()})
 
     def sync_answer(self, offer: bytes) -> bytes:
         """Step 2 (B): the groups that differ from the offer and our bucket digests of them."""
         message = self._decode(offer)
         try:
-            groups = self.map.differing_groups(message.get("g"))
+            groups = self._replica.differing_groups(message.get("g"))
         except BadEntry as exc:
             raise SyncError(f"bad offer: {exc}") from None
-        return msgpack.packb({"v": SYNC_VERSION, "g": groups, "d": self.map.digests(groups)})
+        return msgpack.packb({"v": SYNC_VERSION, "g": groups, "d": self._replica.digests(groups)})
 
     def sync_request(self, answer: bytes) -> bytes:
         """Step 3 (A): the buckets that differ, for the peer to send its entries of them."""
@@ -445,7 +466,7 @@ class ClusterState:
     def sync_entries(self, answer_or_request: bytes) -> Iterator[bytes]:
         """Our entries of the buckets that differ, as batches for apply(), each at most
         SYNC_CHUNK_BYTES. Raises SyncError (before yielding anything) on a bad message."""
-        return chunks(self.map.entries_in(self._buckets(answer_or_request)), SYNC_CHUNK_BYTES)
+        return chunks(self._replica.entries_in(self._buckets(answer_or_request)), SYNC_CHUNK_BYTES)
 
     def _buckets(self, message_bytes: bytes) -> list[int]:
         """Bucket ids named by a request, or differing according to an answer."""
@@ -453,16 +474,16 @@ class ClusterState:
         try:
             if "b" in message:
                 buckets = message["b"]
-                if not isinstance(buckets, list) or len(buckets) > self.map.buckets:
+                if not isinstance(buckets, list) or len(buckets) > self._replica.buckets:
                     raise BadEntry("b is not a list of bucket ids")
                 for bucket in buckets:
-                    if type(bucket) is not int or not 0 <= bucket < self.map.buckets:
+                    if type(bucket) is not int or not 0 <= bucket < self._replica.buckets:
                         raise BadEntry(f"bucket id {bucket!r} out of range")
                 return list(dict.fromkeys(buckets))
             groups = message.get("g")
-            if not isinstance(groups, list) or len(groups) > self.map.groups:
+            if not isinstance(groups, list) or len(groups) > self._replica.groups:
                 raise BadEntry("g is not a list of group ids")
-            return self.map.differing(message.get("d"), groups)
+            return self._replica.differing(message.get("d"), groups)
         except BadEntry as exc:
             raise SyncError(f"bad sync message: {exc}") from None
 
@@ -473,7 +494,7 @@ class ClusterState:
             raise SyncError(f"sync message of {len(data)} bytes, over {MAX_MESSAGE_BYTES}")
         try:
             message = msgpack.unpackb(
-                data, raw=False, strict_map_key=True, max_array_len=self.map.buckets, max_map_len=16
+                data, raw=False, strict_map_key=True, max_array_len=self._replica.buckets, max_map_len=16
             )
         except Exception as exc:  # msgpack raises a handful of unrelated types
             raise SyncError(f"bad msgpack: {type(exc).__name__}") from None

@@ -246,37 +246,49 @@ def test_gc_drops_old_tombstones_and_they_stay_dropped(node):
     assert s.apply(encode_entries([old])).applied == 0
 
 
-def test_node_away_longer_than_gc_grace_discards_its_map(tmp_path):
+def test_node_away_longer_than_gc_grace_routes_from_its_map_until_a_peer_resyncs_it(tmp_path):
+    """Away longer than gc_grace: the old map keeps routing (it may be all the cluster has),
+    but is never offered to a peer; the first completed sync replaces it with the peer's."""
     n = Node(tmp_path / "m1", "m1")
+    peer = Node(tmp_path / "m2", "m2")
     n.state.assign_domain("deleted-elsewhere.org", "s")
     n.state.record_sync("m2", START_MS)
     high = n.state.clock.high_water
-    n.ms = START_MS + 7 * DAY_MS  # exactly the grace: kept
-    assert n.reopen().live == 1 and n.state.discarded == 0
+    n.ms = START_MS + 7 * DAY_MS  # exactly the grace: not stale
+    assert not n.reopen().stale
     n.state.record_sync("m2", n.ms)
     n.ms += 7 * DAY_MS + 1
     s = n.reopen()
-    assert s.discarded == 1 and s.live == 0 and s.synced_at is None
+    assert s.stale and s.domain("deleted-elsewhere.org") == DomainRoute("s", "admin")
     assert s.clock.high_water >= high
-    assert n.reopen().live == 0  # the discard is durable
+    peer.ms = n.ms
+    peer.state.assign_domain("kept.org", "t")
+    sync(s, peer.state)
+    sync(peer.state, s)
+    assert peer.state.domain("deleted-elsewhere.org") is None, "a stale map leaked to a peer"
+    assert s.domain("kept.org") == DomainRoute("t", "admin")  # fresh news routes at once
+    s.record_sync("m2", n.ms)
+    assert not s.stale and s.discarded == 1 and s.domain("deleted-elsewhere.org") is None
+    assert not n.reopen().stale and n.state.domain("deleted-elsewhere.org") is None  # durable
     n.state.close()
+    peer.state.close()
 
 
-def test_running_node_cut_off_longer_than_gc_grace_can_discard(node):
+def test_running_node_cut_off_longer_than_gc_grace_can_turn_stale(node):
     s = node.state
     s.assign_domain("a.org", "s")
     s.record_sync("m2", START_MS)
     s.record_sync("m2", START_MS + DAY_MS)  # not persisted (within the interval) but counted here
-    assert s.discard_if_away(START_MS + 8 * DAY_MS) == 0
-    assert s.discard_if_away(START_MS + 8 * DAY_MS + 1) == 1
-    assert s.live == 0 and s.last_sync == {}
+    assert not s.mark_stale_if_away(START_MS + 8 * DAY_MS)
+    assert s.mark_stale_if_away(START_MS + 8 * DAY_MS + 1)
+    assert s.live == 1 and s.stale
 
 
 def test_node_that_never_synced_keeps_its_map(tmp_path):
     n = Node(tmp_path / "m1", "m1")
     n.state.assign_domain("a.org", "s")
     n.ms += 30 * DAY_MS
-    assert n.reopen().live == 1
+    assert n.reopen().live == 1 and not n.state.stale
     n.state.close()
 
 
