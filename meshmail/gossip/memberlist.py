@@ -53,6 +53,34 @@ class Delegate:
     def notify_broadcast(self, key: str, payload: bytes) -> None:
         """Called for each application broadcast received."""
 
+    async def sync_client(self, peer: str, conversation: Conversation) -> None:
+        """Called after a push-pull we started, on its stream: exchange replicated state."""
+
+    async def sync_server(self, peer: str, conversation: Conversation) -> None:
+        """Called after a push-pull we answered, on its stream; `peer` is its sender."""
+
+
+class Conversation:
+    """Encrypted StateSync messages over a push-pull's stream, each within tcp_timeout."""
+
+    def __init__(self, memberlist: Memberlist, stream: trio.abc.Stream) -> None:
+        self._memberlist = memberlist
+        self._stream = stream
+
+    async def send(self, payload: bytes) -> None:
+        """Send one message; raises trio.TooSlowError, trio.BrokenResourceError or OSError."""
+        with trio.fail_after(self._memberlist.config.tcp_timeout):
+            await self._memberlist._write_frame(self._stream, [m.StateSync(payload)])
+
+    async def receive(self) -> bytes:
+        """The next message; raises FrameError (bad or missing frame) or trio.TooSlowError."""
+        with trio.fail_after(self._memberlist.config.tcp_timeout):
+            _, messages = await self._memberlist._read_frame(self._stream)
+        for msg in messages:
+            if isinstance(msg, m.StateSync):
+                return msg.payload
+        raise FrameError("malformed")
+
 
 class FrameError(Exception):
     """A stream frame that is too large, cut short, or does not open; `reason` is a counter."""
@@ -634,44 +662,71 @@ class Memberlist:
 
     async def _serve_stream(self, stream: trio.abc.Stream) -> None:
         self.counters["streams_in"] += 1
+        push_pull_from = None
         with trio.move_on_after(self.config.tcp_timeout) as timer:
-                try:
-                    _, messages = await self._read_frame(stream)
-                    for msg in messages:
-                        if isinstance(msg, m.Ping) and msg.node == self.name:
-                            await self._write_frame(stream, [m.Ack(msg.seq)])
-                        elif isinstance(msg, m.PushPull):
-                            await self._write_frame(stream, [self._local_push_pull(msg.join)])
-                            self._merge_push_pull(msg)
-                            if msg.join:
-                                self._gossip_now.set()
-                except FrameError as exc:
-                    self.counters["dropped." + exc.reason] += 1
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    self.counters["streams_broken"] += 1
+            try:
+                header, messages = await self._read_frame(stream)
+                for msg in messages:
+                    if isinstance(msg, m.Ping) and msg.node == self.name:
+                        await self._write_frame(stream, [m.Ack(msg.seq)])
+                    elif isinstance(msg, m.PushPull):
+                        await self._write_frame(stream, [self._local_push_pull(msg.join)])
+                        self._merge_push_pull(msg)
+                        push_pull_from = header.sender
+                        if msg.join:
+                            self._gossip_now.set()
+            except FrameError as exc:
+                self.counters["dropped." + exc.reason] += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self.counters["streams_broken"] += 1
         if timer.cancelled_caught:
             self.counters["streams_timed_out"] += 1
+        elif push_pull_from is not None:
+            await self._sync(push_pull_from, stream, client=False)
+
+    async def _sync(self, peer: str, stream: trio.abc.Stream, *, client: bool) -> None:
+        """Let the delegate exchange replicated state on a push-pull's stream; every
+        failure is counted, none escapes (each message has its own tcp_timeout)."""
+        conversation = Conversation(self, stream)
+        try:
+            if client:
+                await self.delegate.sync_client(peer, conversation)
+            else:
+                await self.delegate.sync_server(peer, conversation)
+        except FrameError as exc:
+            self.counters["dropped." + exc.reason] += 1
+        except trio.TooSlowError:
+            self.counters["streams_timed_out"] += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.counters["streams_broken"] += 1
 
     async def _push_pull(self, address: Address, *, join: bool) -> bool:
-        """Exchange full state with the member at address; True when it answered."""
-        with trio.move_on_after(self.config.tcp_timeout):
-            try:
+        """Exchange full state with the member at address, then let the delegate sync
+        replicated state on the same stream; True when the member answered."""
+        try:
+            with trio.fail_after(self.config.tcp_timeout):
                 stream = await self.transport.connect(address)
-                async with stream:
+        except (OSError, trio.TooSlowError):
+            self.counters["push_pull_failures"] += 1
+            return False
+        async with stream:
+            try:
+                with trio.fail_after(self.config.tcp_timeout):
                     await self._write_frame(stream, [self._local_push_pull(join)])
-                    _, messages = await self._read_frame(stream)
+                    header, messages = await self._read_frame(stream)
             except FrameError as exc:
                 self.counters["dropped." + exc.reason] += 1
                 return False
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
                 self.counters["push_pull_failures"] += 1
                 return False
-            for msg in messages:
-                if isinstance(msg, m.PushPull):
-                    self.counters["push_pulls"] += 1
-                    self._merge_push_pull(msg)
-                    return True
-        return False
+            answer = next((msg for msg in messages if isinstance(msg, m.PushPull)), None)
+            if answer is None:
+                return False
+            self.counters["push_pulls"] += 1
+            self._merge_push_pull(answer)
+            await self._sync(header.sender, stream, client=True)
+        return True
 
     def _local_push_pull(self, join: bool) -> m.PushPull:
         states = [

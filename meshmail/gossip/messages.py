@@ -158,10 +158,19 @@ class Broadcast:
     payload: bytes = attrs.field(validator=[v.instance_of(bytes), v.max_len(1 << 16)])
 
 
-Message = Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | PushPull | Broadcast
+@attrs.frozen
+class StateSync:
+    """One message of the replicated-state exchange that follows a push-pull on its stream."""
+
+    TYPE: ClassVar[int] = 11
+    payload: bytes = attrs.field(validator=[v.instance_of(bytes), v.max_len(MAX_EXTENSION)])
+
+
+Message = Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | PushPull | Broadcast | StateSync
 
 _BY_TYPE: dict[int, type] = {
-    cls.TYPE: cls for cls in (Ping, IndirectPing, Ack, Nack, Suspect, Alive, Dead, MemberState, PushPull, Broadcast)
+    cls.TYPE: cls
+    for cls in (Ping, IndirectPing, Ack, Nack, Suspect, Alive, Dead, MemberState, PushPull, Broadcast, StateSync)
 }
 _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in attrs.fields(cls)) for cls in _BY_TYPE.values()}
 

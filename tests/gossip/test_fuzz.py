@@ -204,7 +204,7 @@ class Barrage:
         yield seal([m.to_wire(msg)]), "dropped.unexpected_type"
 
     def unknown_type(self) -> Iterator[tuple[bytes, str]]:
-        wired = [[self.rng.randrange(11, 1000), {"seq": 1, "future": "field"}] for _ in range(self.rng.randint(1, 3))]
+        wired = [[self.rng.randrange(100, 1000), {"seq": 1, "future": "field"}] for _ in range(self.rng.randint(1, 3))]
         yield seal(wired), UNKNOWN
 
     def packets(self, count: int) -> Iterator[tuple[bytes, str]]:

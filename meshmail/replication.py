@@ -1,0 +1,125 @@
+"""Replication of the cluster state over gossip: the glue between ClusterState and Memberlist.
+
+Local writes go to disk, then out as small deltas through the gossip broadcast queue.
+Anti-entropy rides on every push-pull: the two sides exchange group digests, then only the
+entries of the buckets that differ, on the same encrypted stream. Bad input is counted in
+`counters` (under "state.*") and never raised.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import trio
+
+from .gossip.memberlist import Conversation, Delegate, FrameError, Memberlist
+from .state.lww import Entry, encode_entries
+from .state.replica import ApplyResult, ClusterState, SyncError
+
+log = logging.getLogger("meshmail.state")
+
+#: The end of a stream of entry chunks.
+END = b""
+#: Most entry chunks (1 MiB each) one side may send in one exchange.
+MAX_CHUNKS = 4096
+
+
+class Replication(Delegate):
+    """Keeps one node's ClusterState in step with the cluster's.
+
+    Args:
+        state: the node's open ClusterState.
+        physical_ms: Unix milliseconds, for the last-sync bookkeeping.
+    """
+
+    def __init__(self, state: ClusterState, physical_ms) -> None:
+        self.state = state
+        self.memberlist: Memberlist | None = None
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._physical_ms = physical_ms
+
+    def attach(self, memberlist: Memberlist) -> None:
+        """Broadcast deltas through `memberlist` (whose delegate this is)."""
+        self.memberlist = memberlist
+
+    # Local writes: durable first, then gossiped.
+
+    def assign_domain(self, name: str, slave: str, source: str = "admin") -> Entry:
+        """Route `name` to `slave`; raises InvalidName with the reason."""
+        return self._publish(self.state.assign_domain(name, slave, source))
+
+    def unassign_domain(self, name: str) -> Entry | None:
+        """Remove the route of `name`; None when there was none."""
+        return self._publish(self.state.unassign_domain(name))
+
+    def _publish(self, entry: Entry | None) -> Entry | None:
+        if entry is not None and self.memberlist is not None:
+            self.memberlist.queue_broadcast(entry.key, encode_entries([entry]))
+        return entry
+
+    # Gossip hooks.
+
+    def notify_broadcast(self, key: str, payload: bytes) -> None:
+        self._count(self.state.apply(payload), "delta")
+
+    async def sync_client(self, peer: str, conversation: Conversation) -> None:
+        state = self.state
+        await conversation.send(state.sync_offer())
+        answer = await conversation.receive()
+        try:
+            request = state.sync_request(answer)
+            ours = list(state.sync_entries(answer))
+        except SyncError as exc:
+            self._bad(peer, exc)
+            return
+        await conversation.send(request)
+        await self._send_chunks(conversation, ours)
+        await self._receive_chunks(peer, conversation)
+        state.record_sync(peer, self._physical_ms())
+        self.counters["state.syncs"] += 1
+
+    async def sync_server(self, peer: str, conversation: Conversation) -> None:
+        state = self.state
+        offer = await conversation.receive()
+        try:
+            answer = state.sync_answer(offer)
+        except SyncError as exc:
+            self._bad(peer, exc)
+            return
+        await conversation.send(answer)
+        request = await conversation.receive()
+        await self._receive_chunks(peer, conversation)
+        try:
+            theirs = list(state.sync_entries(request))
+        except SyncError as exc:
+            self._bad(peer, exc)
+            return
+        await self._send_chunks(conversation, theirs)
+        state.record_sync(peer, self._physical_ms())
+        self.counters["state.syncs"] += 1
+
+    async def _send_chunks(self, conversation: Conversation, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            await conversation.send(chunk)
+        await conversation.send(END)
+
+    async def _receive_chunks(self, peer: str, conversation: Conversation) -> None:
+        for _ in range(MAX_CHUNKS):
+            chunk = await conversation.receive()
+            if chunk == END:
+                return
+            self._count(self.state.apply(chunk), "sync")
+            await trio.lowlevel.checkpoint()
+        raise FrameError("oversize")
+
+    def _count(self, result: ApplyResult, how: str) -> None:
+        self.counters[f"state.{how}_applied"] += result.applied
+        for reason, count in result.rejected.items():
+            self.counters[f"state.rejected.{reason}"] += count
+        if result.skipped:
+            self.counters["state.skipped_unknown_namespace"] += result.skipped
+
+    def _bad(self, peer: str, exc: Exception) -> None:
+        self.counters["state.rejected.bad_sync"] += 1
+        log.warning("state sync with %s refused: %s", peer, exc)
