@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from functools import partial
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import attrs
@@ -27,6 +28,9 @@ from .gossip.member import MemberEvent
 from .gossip.memberlist import Memberlist
 from .gossip.messages import State
 from .gossip.transport import NetTransport
+from .replication import Replication
+from .state.journal import JournalError
+from .state.replica import ClusterState
 from .web import create_app
 
 log = logging.getLogger("meshmail.node")
@@ -57,6 +61,7 @@ class Node:
 
     config: Config
     memberlist: Memberlist
+    replication: Replication
     _leave: trio.Event = attrs.field(factory=trio.Event)
 
     def request_leave(self) -> None:
@@ -75,10 +80,25 @@ class Node:
         return await self.memberlist.join(list(seeds))
 
 
-def new_memberlist(config: Config) -> Memberlist:
+def wall_ms() -> int:
+    """Unix time in milliseconds: the physical clock of the replicated state."""
+    return time.time_ns() // 1_000_000
+
+
+def open_state(config: Config) -> ClusterState:
+    """The node's replicated state from `data_dir/state`; raises NodeError if it cannot be used."""
+    directory = Path(config.node.data_dir) / "state"
+    try:
+        return ClusterState.open(directory, config.node.name, wall_ms)
+    except (JournalError, OSError) as exc:
+        raise NodeError(f"cannot open the cluster state in {directory}: {exc}") from None
+
+
+def new_memberlist(config: Config, delegate: Replication | None = None) -> Memberlist:
     """The gossip node described by `config` (not started)."""
     gossip = config.gossip
     return Memberlist(
+        delegate=delegate,
         name=config.node.name,
         transport=NetTransport(*gossip.bind),
         keyring=Keyring(list(gossip.keys)),
@@ -99,8 +119,16 @@ async def serve(
     leave, asked for by POST /leave or, with `leave_on_signals`, by SIGTERM or SIGINT (a
     second signal stops at once). Raises NodeError when an address cannot be bound.
     """
-    memberlist = new_memberlist(config)
-    node = Node(config, memberlist)
+    state = await trio.to_thread.run_sync(open_state, config)
+    with contextlib.closing(state):
+        await _serve(config, state, leave_on_signals, task_status)
+
+
+async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, task_status) -> None:
+    replication = Replication(state, wall_ms)
+    memberlist = new_memberlist(config, replication)
+    replication.attach(memberlist)
+    node = Node(config, memberlist, replication)
     events = memberlist.subscribe()
     async with trio.open_nursery() as nursery:
         with _bind_errors("gossip", config.gossip.bind):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,11 +19,14 @@ def new_key_b64() -> str:
     return base64.b64encode(os.urandom(32)).decode("ascii")
 
 
-def minimal_config(name: str = "m1", *, key: str | None = None, extra: str = "") -> str:
-    """A valid config for one node on 127.0.0.1 with ports chosen by the kernel."""
+def minimal_config(name: str = "m1", *, key: str | None = None, extra: str = "", data_dir: str | None = None) -> str:
+    """A valid config for one node on 127.0.0.1 with ports chosen by the kernel, its data
+    in `data_dir` (a fresh temporary folder by default)."""
+    data_dir = data_dir or tempfile.mkdtemp(prefix="meshmail-test-")
     return f"""
 [node]
 name = "{name}"
+data_dir = "{data_dir}"
 
 [gossip]
 bind = "127.0.0.1:0"

@@ -176,6 +176,11 @@ class Memberlist:
         """Every member known, this node included, dead and left ones until reaped."""
         return [member.snapshot() for member in self._members.values()]
 
+    def member(self, name: str) -> MemberInfo | None:
+        """One member as this node sees it, or None if unknown (or reaped)."""
+        member = self._members.get(name)
+        return None if member is None else member.snapshot()
+
     def local(self) -> MemberInfo:
         return self._members[self.name].snapshot()
 
