@@ -1,8 +1,9 @@
 """The quart-trio application: routes, request limits and JSON errors.
 
-Admin endpoints (POST /leave, POST /join) answer only loopback clients until the
-authentication of a later step arrives. Every error, including a malformed or oversized
-body, is a JSON object {"error": "..."} with a 4xx status, never a 500 with a traceback.
+Endpoints that change something (POST /leave, POST /join, PUT and DELETE /domains/<name>)
+answer only loopback clients until the authentication of a later step arrives; reads are
+open like /status. Every error, including a malformed or oversized body or an invalid
+domain name, is a JSON object {"error": "..."} with a 4xx status, never a 500.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from typing import Any
 
 from quart import request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import BadRequest, Forbidden, HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, Forbidden, HTTPException, NotFound, RequestEntityTooLarge
 
-from ..config import parse_address
-from .status import status_document
+from ..config import format_address, parse_address
+from ..gossip.meta import SERVICES
+from ..routing import Route, Router
+from ..state.hlc import MAX_NODE
+from ..state.names import InvalidName, normalize_domain
+from .status import conflict_documents, domain_document, status_document
 
 log = logging.getLogger("meshmail.http")
 
@@ -56,6 +61,57 @@ def create_app(node) -> QuartTrio:
             raise BadRequest(f"seeds: {exc}") from None
         return {"joined": await node.join(addresses)}
 
+    # The domain map. Static rules beat <name> in werkzeug's routing, so /domains/conflicts
+    # is never read as a domain (nor could it be one: a mail domain has two labels).
+
+    @app.get("/domains")
+    async def domains():
+        slave = request.args.get("slave")
+        routes = sorted(node.replication.state.domains(slave))
+        return {"domains": [domain_document(name, route) for name, route in routes]}
+
+    @app.get("/domains/conflicts")
+    async def conflicts():
+        return {"conflicts": conflict_documents(node.replication.state)}
+
+    @app.get("/domains/<name>")
+    async def show_domain(name: str):
+        domain = _domain_name(name)
+        route = node.replication.state.domain(domain)
+        if route is None:
+            raise NotFound(f"{domain} is not assigned")
+        return domain_document(domain, route)
+
+    @app.put("/domains/<name>")
+    @_loopback_only
+    async def assign_domain(name: str):
+        domain = _domain_name(name)
+        slave = (await _json_object()).get("slave")
+        if not isinstance(slave, str) or not 0 < len(slave) <= MAX_NODE:
+            raise BadRequest(f'expected {{"slave": "NODE"}} with a node name of 1 to {MAX_NODE} characters')
+        return domain_document(domain, node.replication.assign_domain(domain, slave).value)
+
+    @app.delete("/domains/<name>")
+    @_loopback_only
+    async def unassign_domain(name: str):
+        domain = _domain_name(name)
+        return {"domain": domain, "removed": node.replication.unassign_domain(domain) is not None}
+
+    @app.get("/route")
+    async def route():
+        address = request.args.get("address")
+        protocol = request.args.get("protocol", "imap")
+        if not address:
+            raise BadRequest("expected ?address=user@domain[&protocol=imap]")
+        if protocol not in SERVICES:
+            raise BadRequest(f"unknown protocol {protocol!r} (known: {', '.join(SERVICES)})")
+        # A Router per request: its caches pay off in the proxies, not in an admin lookup.
+        found = Router(node.replication.state, node.memberlist.member).resolve(address, protocol)
+        if isinstance(found, Route):
+            endpoint = format_address(found.endpoint)
+            return {"route": {"slave": found.slave, "endpoint": endpoint, "state": found.state.name.lower()}}
+        return {"no_route": {"reason": found.reason, "detail": found.detail}}
+
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException):
         return {"error": exc.description}, exc.code
@@ -66,6 +122,14 @@ def create_app(node) -> QuartTrio:
         return {"error": "internal error (see the node's log)"}, 500
 
     return app
+
+
+def _domain_name(text: str) -> str:
+    """The normal form of a domain name from a URL; raises BadRequest with the reason."""
+    try:
+        return normalize_domain(text)
+    except InvalidName as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def _loopback_only(handler):

@@ -1,7 +1,8 @@
-"""The /status document: this node and every member as it sees them, plus counters.
+"""The /status document: this node and every member as it sees them, the replicated
+state's summary, plus counters; and the JSON form of domain map records.
 
-A pure function of the node's memberlist, shared by the HTTP handler and the tests; the
-`meshmail status` command renders the same document as a table.
+Pure functions of the node, shared by the HTTP handlers and the tests; the `meshmail
+status` and `meshmail domains` commands render the same documents as tables.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from typing import Any
 
 from ..config import format_address
 from ..gossip.member import MemberInfo
+from ..state.names import InvalidName, display_domain
+from ..state.records import DomainRoute
+from ..state.replica import ClusterState
 
 
 def iso_utc(unix: float) -> str:
@@ -47,4 +51,36 @@ def status_document(node) -> dict[str, Any]:
         "cluster": node.config.gossip.cluster,
         "members": [member_document(m) for m in sorted(memberlist.members(), key=lambda m: m.name)],
         "counters": dict(sorted(memberlist.counters.items())),
+        "state": state_document(node.replication),
     }
+
+
+def state_document(replication) -> dict[str, Any]:
+    """The summary of a node's replicated state (a meshmail.replication.Replication)."""
+    state = replication.state
+    return {
+        "domains": state.live,
+        "tombstones": state.tombstones,
+        "digest": state.digest_summary(),
+        "stale": state.stale,
+        "last_sync": {peer: iso_utc(ms / 1000) for peer, ms in sorted(state.last_sync.items())},
+        "conflicts": len(state.conflicts()),
+        "counters": dict(sorted(replication.counters.items())),
+    }
+
+
+def domain_document(domain: str, route: DomainRoute) -> dict[str, str]:
+    """One entry of the domain map; `display` is the Unicode form of the normalized `domain`."""
+    try:
+        display = display_domain(domain)
+    except InvalidName:
+        display = domain  # only a name from outside normalize_domain could fail here
+    return {"domain": domain, "display": display, "slave": route.slave, "source": route.source}
+
+
+def conflict_documents(state: ClusterState) -> list[dict[str, Any]]:
+    """The domains claimed by more than one slave: who routes them, who else claims them."""
+    return [
+        {"domain": domain, "routes_to": winner, "also_claimed_by": others}
+        for domain, winner, others in state.conflicts()
+    ]

@@ -1,0 +1,216 @@
+"""The domain map's admin API on a real node (node.serve, real HTTP): assign, show, list,
+unassign, route; invalid names and bodies answer 400 with the reason, never 500."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+
+import attrs
+import pytest
+import trio
+from conftest import minimal_config
+from test_status import ENDPOINTS, request
+
+from meshmail.config import loads
+from meshmail.node import Bound, serve, wall_ms
+from meshmail.replication import Replication
+from meshmail.state.replica import ClusterState
+from meshmail.web import create_app
+
+
+@pytest.fixture
+async def node(nursery) -> Bound:
+    config = loads(minimal_config("solo", extra=ENDPOINTS), "test.toml")
+    with trio.fail_after(10):
+        return await nursery.start(serve, config)
+
+
+def body(document: object) -> bytes:
+    return json.dumps(document).encode()
+
+
+def path(name: str) -> str:
+    return "/domains/" + urllib.parse.quote(name, safe="")
+
+
+async def test_assign_show_list_unassign(node):
+    assert await request(node, "GET", "/domains") == (200, {"domains": []})
+    assert await request(node, "GET", "/domains/example.com") == (404, {"error": "example.com is not assigned"})
+
+    record = {"domain": "example.com", "display": "example.com", "slave": "s1", "source": "admin"}
+    assert await request(node, "PUT", "/domains/Example.COM.", body({"slave": "s1"})) == (200, record)
+    assert await request(node, "GET", "/domains/example.com") == (200, record)
+    assert await request(node, "GET", "/domains/EXAMPLE.com") == (200, record)
+
+    unicode = {"domain": "xn--bcher-kva.example", "display": "bücher.example", "slave": "s2", "source": "admin"}
+    assert await request(node, "PUT", path("Bücher.example"), body({"slave": "s2"})) == (200, unicode)
+    assert await request(node, "PUT", "/domains/a.org", body({"slave": "s1"})) == (
+        200,
+        record | {"domain": "a.org", "display": "a.org"},
+    )
+
+    _, listed = await request(node, "GET", "/domains")
+    assert [d["domain"] for d in listed["domains"]] == ["a.org", "example.com", "xn--bcher-kva.example"]
+    _, listed = await request(node, "GET", "/domains?slave=s2")
+    assert listed == {"domains": [unicode]}
+    assert await request(node, "GET", "/domains?slave=nobody") == (200, {"domains": []})
+
+    assert await request(node, "DELETE", "/domains/example.com") == (200, {"domain": "example.com", "removed": True})
+    assert await request(node, "DELETE", "/domains/example.com") == (200, {"domain": "example.com", "removed": False})
+    assert (await request(node, "GET", "/domains/example.com"))[0] == 404
+
+    _, status = await request(node, "GET", "/status")
+    state = status["state"]
+    assert state["domains"] == 2 and state["tombstones"] == 1 and state["conflicts"] == 0
+    assert state["stale"] is False and state["last_sync"] == {}
+    assert isinstance(state["digest"], str) and isinstance(state["counters"], dict)
+
+
+async def test_route(node):
+    await request(node, "PUT", "/domains/example.com", body({"slave": "solo"}))
+    await request(node, "PUT", "/domains/ghost.org", body({"slave": "ghost"}))
+    found = {"route": {"slave": "solo", "endpoint": "127.0.0.1:1143", "state": "alive"}}
+    assert await request(node, "GET", "/route?address=User@Example.com&protocol=imap") == (200, found)
+    assert await request(node, "GET", "/route?address=user@example.com") == (200, found)  # imap by default
+    for address, protocol, reason in [
+        ("user@example.com", "smtp", "no_endpoint"),
+        ("user@ghost.org", "imap", "slave_unknown"),
+        ("user@nowhere.net", "imap", "unknown_domain"),
+        ("no-at-sign", "imap", "invalid_address"),
+    ]:
+        query = urllib.parse.urlencode({"address": address, "protocol": protocol})
+        status, answer = await request(node, "GET", f"/route?{query}")
+        assert status == 200 and answer["no_route"]["reason"] == reason, answer
+        assert answer["no_route"]["detail"]
+    status, answer = await request(node, "GET", "/route?address=user@example.com&protocol=gopher")
+    assert status == 400 and "unknown protocol 'gopher'" in answer["error"]
+    assert (await request(node, "GET", "/route"))[0] == 400
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("localhost", "single label"),
+        ("a..b", "empty label"),
+        ("127.0.0.1", "number"),
+        ("has space.com", "white space"),
+        ("x" * 300 + ".com", "longer than 63"),
+    ],
+)
+async def test_invalid_names_answer_400_with_the_reason(node, name, words):
+    for method, document in [("GET", None), ("PUT", body({"slave": "s1"})), ("DELETE", None)]:
+        status, answer = await request(node, method, path(name), document)
+        assert status == 400, (method, answer)
+        assert words in answer["error"]
+
+
+ODD_NAMES = [
+    "%00",
+    "\x00.com",
+    "a..b",
+    "-a.com",
+    "a-.com",
+    "xn--.com",
+    "xn--zz.com",
+    "x" * 64 + ".com",
+    ".".join(["a"] * 200),
+    "é" * 300,
+    "日本.jp",
+    "ｅｘａｍｐｌｅ.com",
+    "\u200b.com",
+    "\ud800.com",
+    "a\u0301.com",
+    "[127.0.0.1]",
+    "..",
+    ".",
+    "conflicts",
+    "a b",
+    "a\tb.com",
+    "%2e%2e",
+    "\U0001f4e7.example",
+]
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+async def test_odd_names_never_give_500(node, name):
+    try:
+        quoted = path(name)
+    except UnicodeEncodeError:
+        quoted = "/domains/" + urllib.parse.quote(name.encode("utf-8", "surrogatepass"), safe="")
+    for method, document in [("PUT", body({"slave": "s1"})), ("GET", None), ("DELETE", None)]:
+        status, answer = await request(node, method, quoted, document)
+        assert status in (200, 400, 404), (method, status, answer)
+        assert status == 200 or answer["error"]
+    query = urllib.parse.urlencode({"address": f"user@{name}"}, encoding="utf-8", errors="surrogatepass")
+    assert (await request(node, "GET", f"/route?{query}"))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("document", "words"),
+    [
+        (b"", "not valid JSON"),
+        (b"s1", "not valid JSON"),
+        (b'["s1"]', "must be a JSON object"),
+        (b"{}", '{"slave": "NODE"}'),
+        (b'{"slave": ""}', '{"slave": "NODE"}'),
+        (b'{"slave": 7}', '{"slave": "NODE"}'),
+        (body({"slave": "n" * 129}), "1 to 128 characters"),
+    ],
+)
+async def test_assign_refuses_bad_bodies(node, document, words):
+    status, answer = await request(node, "PUT", "/domains/example.com", document)
+    assert status == 400 and words in answer["error"]
+    assert (await request(node, "GET", "/domains/example.com"))[0] == 404
+
+
+@attrs.define
+class _Node:
+    """A Node for the app's test client: a real Replication, no gossip (no member is known)."""
+
+    replication: Replication
+
+    class memberlist:  # noqa: N801 - stands in for an attribute
+        @staticmethod
+        def member(name: str) -> None:
+            return None
+
+
+@pytest.fixture
+def app_node(tmp_path):
+    with ClusterState.open(tmp_path, "me", wall_ms, fsync=False) as state:
+        yield _Node(Replication(state, wall_ms))
+
+
+async def test_conflicts_name_the_slave_that_routes_and_the_others(app_node):
+    replication = app_node.replication
+    replication.assign_domain("c.org", "sa", source="slave")
+    replication.assign_domain("c.org", "sb", source="slave")
+    replication.assign_domain("quiet.org", "sa", source="slave")
+    client = create_app(app_node).test_client()
+    response = await client.get("/domains/conflicts")
+    assert response.status_code == 200
+    assert await response.get_json() == {
+        "conflicts": [{"domain": "c.org", "routes_to": "sb", "also_claimed_by": ["sa"]}]
+    }
+    # An admin's decision ends the conflict.
+    response = await client.put("/domains/c.org", json={"slave": "sa"}, scope_base={"client": ("127.0.0.1", 1)})
+    assert response.status_code == 200
+    assert await (await client.get("/domains/conflicts")).get_json() == {"conflicts": []}
+
+
+@pytest.mark.parametrize("headers", [{}, {"Remote-Addr": "127.0.0.1", "X-Forwarded-For": "127.0.0.1"}])
+async def test_changes_refuse_remote_clients(app_node, headers):
+    app_node.replication.assign_domain("kept.org", "s1")
+    client = create_app(app_node).test_client()
+    remote = {"client": ("192.0.2.7", 40000)}
+    response = await client.put("/domains/new.org", json={"slave": "s1"}, headers=headers, scope_base=remote)
+    assert response.status_code == 403 and "loopback" in (await response.get_json())["error"]
+    response = await client.delete("/domains/kept.org", headers=headers, scope_base=remote)
+    assert response.status_code == 403
+    assert [name for name, _ in app_node.replication.state.domains()] == ["kept.org"]
+    # Reads stay open, like /status.
+    response = await client.get("/domains/kept.org", scope_base=remote)
+    assert response.status_code == 200 and (await response.get_json())["slave"] == "s1"
+    response = await client.delete("/domains/kept.org", scope_base={"client": ("::1", 40000)})
+    assert await response.get_json() == {"domain": "kept.org", "removed": True}
