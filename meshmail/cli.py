@@ -1,4 +1,5 @@
-"""The `meshmail` command: run a node, show a running node's view, make it leave, make keys.
+"""The `meshmail` command: run a node, show a running node's view, make it leave, make keys,
+read and change the domain map, and ask where an address routes.
 
 Expected failures (a bad config, an address in use, a node that does not answer) print
 one line ``meshmail: ...`` on stderr and exit with status 2; tracebacks are for bugs.
@@ -14,16 +15,22 @@ import json
 import logging
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .config import DEFAULT_PATH, Config, ConfigError, format_address, load
+from .gossip.meta import SERVICES
 
 #: Exit status for failures the operator can fix (argparse uses 2 for usage errors too).
 EXIT_FAILURE = 2
 DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_DATA_DIR = "/var/lib/meshmail"
+#: The config a node's data dir holds, for --data-dir.
+CONFIG_NAME = "meshmail.toml"
 HTTP_TIMEOUT = 10.0
 
 
@@ -87,13 +94,59 @@ def build_parser() -> argparse.ArgumentParser:
         "print a new gossip key",
         "Print a new random 32-byte gossip key, base64-encoded, for [gossip] keys.",
     )
+
+    domains = command(
+        "domains",
+        None,
+        "read and change the domain map",
+        "Which slave hosts which mail domain, as the node's replicated map says.",
+    )
+    actions = domains.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, handler, summary: str, json_output: bool = True) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        sub.set_defaults(handler=handler)
+        _add_target(sub)
+        if json_output:
+            sub.add_argument("--json", action="store_true", help="print the answer as JSON")
+        return sub
+
+    listing = action("list", _domains_list, "list the routed domains and their slaves (GET /domains)")
+    listing.add_argument("--slave", metavar="NODE", help="only the domains of this slave")
+    action("show", _domains_show, "show the slave of one domain (GET /domains/DOMAIN)").add_argument("domain")
+    assign = action("assign", _domains_assign, "route a domain to a slave (PUT /domains/DOMAIN; loopback only)")
+    assign.add_argument("domain")
+    assign.add_argument("node", help="the slave's node name")
+    unassign = action("unassign", _domains_unassign, "remove a domain's route (DELETE /domains/DOMAIN; loopback only)")
+    unassign.add_argument("domain")
+    action("conflicts", _domains_conflicts, "list the domains claimed by more than one slave (GET /domains/conflicts)")
+
+    route = command(
+        "route",
+        _route,
+        "show where a mail address routes",
+        "Print the slave and endpoint that serve ADDRESS over a protocol (GET /route); exit 1 when there is none.",
+    )
+    _add_target(route)
+    route.add_argument("address", help="user@domain")
+    route.add_argument("--protocol", "-p", default="imap", choices=SERVICES, help="default: imap")
+    route.add_argument("--json", action="store_true", help="print the answer as JSON")
     return parser
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
+    """--url, --config or --data-dir: how a command finds the running node it talks to.
+
+    With none, the config in the default data dir if there is one, else DEFAULT_URL.
+    """
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--url", help=f"the node's HTTP address (default {DEFAULT_URL})")
+    target.add_argument("--url", help="the node's HTTP address, e.g. http://127.0.0.1:8080")
     target.add_argument("--config", "-c", metavar="FILE", help="take the node's HTTP address from its config")
+    target.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help=f"take it from the config DIR/{CONFIG_NAME} (default: {DEFAULT_DATA_DIR}, or {DEFAULT_URL} without one)",
+    )
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -142,6 +195,49 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _domains_list(args: argparse.Namespace) -> int:
+    query = "?" + urllib.parse.urlencode({"slave": args.slave}) if args.slave else ""
+    document = _request("GET", _node_url(args) + "/domains" + query)
+    _print(args, document, lambda: format_domains(document["domains"]))
+    return 0
+
+
+def _domains_show(args: argparse.Namespace) -> int:
+    document = _request("GET", _domain_url(args))
+    _print(args, document, lambda: format_domain(document))
+    return 0
+
+
+def _domains_assign(args: argparse.Namespace) -> int:
+    document = _request("PUT", _domain_url(args), {"slave": args.node})
+    _print(args, document, lambda: format_domain(document))
+    return 0
+
+
+def _domains_unassign(args: argparse.Namespace) -> int:
+    document = _request("DELETE", _domain_url(args))
+    name = document["domain"]
+    _print(args, document, lambda: f"{name} unassigned" if document["removed"] else f"{name} was not assigned")
+    return 0
+
+
+def _domains_conflicts(args: argparse.Namespace) -> int:
+    document = _request("GET", _node_url(args) + "/domains/conflicts")
+    _print(args, document, lambda: format_conflicts(document["conflicts"]))
+    return 0
+
+
+def _route(args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"address": args.address, "protocol": args.protocol})
+    document = _request("GET", f"{_node_url(args)}/route?{query}")
+    _print(args, document, lambda: format_route(args.address, args.protocol, document))
+    return 0 if "route" in document else 1
+
+
+def _print(args: argparse.Namespace, document: Any, render) -> None:
+    print(json.dumps(document, indent=2, ensure_ascii=False) if args.json else render())
+
+
 # --- talking to a running node ------------------------------------------------------------
 
 
@@ -150,7 +246,15 @@ def _node_url(args: argparse.Namespace) -> str:
         return args.url.rstrip("/")
     if args.config:
         return node_url(load(args.config))
-    return DEFAULT_URL
+    if args.data_dir:
+        return node_url(load(Path(args.data_dir) / CONFIG_NAME))
+    default = Path(DEFAULT_DATA_DIR) / CONFIG_NAME
+    return node_url(load(default)) if default.is_file() else DEFAULT_URL
+
+
+def _domain_url(args: argparse.Namespace) -> str:
+    # The node normalizes the name and says why one is invalid; here it is only quoted.
+    return f"{_node_url(args)}/domains/{urllib.parse.quote(args.domain, safe='')}"
 
 
 def node_url(config: Config) -> str:
@@ -231,7 +335,51 @@ def format_status(document: dict[str, Any]) -> str:
     counters = document["counters"]
     width = max((len(name) for name in counters), default=0)
     lines += [f"  {name:<{width}}  {value}" for name, value in counters.items()] or ["  (none)"]
+    state = document.get("state")
+    if state is not None:
+        stale = ", stale until a peer resyncs it" if state["stale"] else ""
+        lines += [
+            "",
+            f"state: {state['domains']} entries, {state['tombstones']} tombstones, {state['conflicts']} conflicts,"
+            f" digest {state['digest']}{stale}",
+        ]
+        lines += [f"  last sync with {peer}: {at}" for peer, at in state["last_sync"].items()]
     return "\n".join(lines)
+
+
+def format_domains(domains: list[dict[str, str]]) -> str:
+    """The domain records of GET /domains as a table; a Unicode name follows its ASCII form."""
+    if not domains:
+        return "(no domains)"
+    rows = [("DOMAIN", "SLAVE", "SOURCE")]
+    rows += [(_domain_name(d), d["slave"], d["source"]) for d in domains]
+    return "\n".join(_columns(rows))
+
+
+def format_domain(document: dict[str, str]) -> str:
+    """One domain record as a line: ``example.com -> s1 (admin)``."""
+    return f"{_domain_name(document)} -> {document['slave']} ({document['source']})"
+
+
+def format_conflicts(conflicts: list[dict[str, Any]]) -> str:
+    if not conflicts:
+        return "(no conflicts)"
+    rows = [("DOMAIN", "ROUTES TO", "ALSO CLAIMED BY")]
+    rows += [(c["domain"], c["routes_to"], ",".join(c["also_claimed_by"])) for c in conflicts]
+    return "\n".join(_columns(rows))
+
+
+def format_route(address: str, protocol: str, document: dict[str, Any]) -> str:
+    if "route" in document:
+        route = document["route"]
+        return f"{address} ({protocol}) -> {route['slave']} at {route['endpoint']} ({route['state']})"
+    no_route = document["no_route"]
+    return f"{address} ({protocol}): no route ({no_route['reason']}): {no_route['detail']}"
+
+
+def _domain_name(document: dict[str, str]) -> str:
+    name, display = document["domain"], document["display"]
+    return name if display == name else f"{name} ({display})"
 
 
 def _columns(rows: list[tuple[str, ...]]) -> list[str]:
