@@ -23,6 +23,8 @@ log = logging.getLogger("meshmail.state")
 END = b""
 #: Most entry chunks (1 MiB each) one side may send in one exchange.
 MAX_CHUNKS = 4096
+#: Deltas remembered by key to skip the duplicates gossip delivers.
+RECENT_DELTAS = 65_536
 
 
 class Replication(Delegate):
@@ -38,6 +40,7 @@ class Replication(Delegate):
         self.memberlist: Memberlist | None = None
         self.counters: collections.Counter[str] = collections.Counter()
         self._physical_ms = physical_ms
+        self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
 
     def attach(self, memberlist: Memberlist) -> None:
         """Broadcast deltas through `memberlist` (whose delegate this is)."""
@@ -61,7 +64,20 @@ class Replication(Delegate):
     # Gossip hooks.
 
     def notify_broadcast(self, key: str, payload: bytes) -> None:
-        self._count(self.state.apply(payload), "delta")
+        # Gossip delivers each delta several times; the exact bytes seen recently for a key
+        # need no decoding. A delta missed here still arrives by anti-entropy.
+        if self._recent.get(key) == payload:
+            self._recent.move_to_end(key)
+            self.counters["state.delta_duplicates"] += 1
+            return
+        self._recent[key] = payload
+        if len(self._recent) > RECENT_DELTAS:
+            self._recent.popitem(last=False)
+        result = self.state.apply(payload)
+        self._count(result, "delta")
+        if result.applied and self.memberlist is not None:
+            # News to us is news to pass on: deltas spread as an epidemic, like membership.
+            self.memberlist.queue_broadcast(key, payload)
 
     async def sync_client(self, peer: str, conversation: Conversation) -> None:
         state = self.state

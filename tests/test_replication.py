@@ -6,13 +6,17 @@ simulated time.
 
 from __future__ import annotations
 
+import math
 import random
 
+import pytest
 import trio
 
+from meshmail.gossip.config import GossipConfig, profile
 from meshmail.gossip.keyring import Keyring
 from meshmail.gossip.memberlist import Memberlist
 from meshmail.gossip.memory import Link, MemoryNetwork
+from meshmail.gossip.timing import push_pull_interval
 from meshmail.replication import Replication
 from meshmail.state.hlc import Timestamp
 from meshmail.state.lww import Entry, encode_entries
@@ -28,8 +32,8 @@ def wall_ms() -> int:
 
 
 class Cluster:
-    def __init__(self, network: MemoryNetwork, nursery: trio.Nursery, tmp_path) -> None:
-        self.network, self.nursery, self.tmp_path = network, nursery, tmp_path
+    def __init__(self, network: MemoryNetwork, nursery: trio.Nursery, tmp_path, config: GossipConfig | None = None):
+        self.network, self.nursery, self.tmp_path, self.config = network, nursery, tmp_path, config
         self.nodes: dict[str, tuple[Memberlist, Replication, trio.CancelScope]] = {}
 
     async def start(self, name: str, index: int) -> Replication:
@@ -40,6 +44,7 @@ class Cluster:
             transport=self.network.transport((f"10.0.0.{index}", 7946)),
             keyring=Keyring([KEY]),
             cluster="t",
+            config=self.config,
             rng=random.Random(index),
             wall_clock=lambda: wall_ms() / 1000,
             delegate=replication,
@@ -114,4 +119,71 @@ async def test_bad_deltas_are_counted_not_raised(autojump_clock, tmp_path):
         assert a.counters["state.rejected.invalid_name"] == 1
         assert a.counters["state.rejected.future_timestamp"] == 1
         assert a.state.live == 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_100_nodes_10000_assignments_from_random_nodes_converge(autojump_clock, tmp_path):
+    """100 nodes; 10,000 assignments made on random nodes over 10 s; every map identical.
+
+    Deltas are bandwidth-bound (each node relays each one retransmit_limit times, about a
+    dozen per packet), so anti-entropy finishes the job: every node pushes-pulls with a
+    random member every push_pull_interval(5 s, 100) = 15 s, and a full exchange spreads like
+    an epidemic, reaching everyone within ceil(log2 N) = 7 rounds. Bound: 7 x 15 s = 105 s
+    after the last write.
+    """
+    n, writes = 100, 10_000
+    config = profile("lan", push_pull_interval=5.0)
+    bound = math.ceil(math.log2(n)) * push_pull_interval(config.push_pull_interval, n)
+    network = MemoryNetwork(random.Random(3), Link(latency=0.002, jitter=0.003))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(network.run)
+        cluster = Cluster(network, nursery, tmp_path, config)
+        nodes = [await cluster.start(f"n{i}", i + 1) for i in range(n)]
+        for name in list(cluster.nodes)[1:]:
+            await cluster.nodes[name][0].join([cluster.address("n0")])
+        rng = random.Random(4)
+        for k in range(writes):
+            rng.choice(nodes).assign_domain(f"d{k}.example", f"s{k % 7}")
+            if k % 100 == 99:
+                await trio.sleep(0.1)
+        last_write = trio.current_time()
+        with trio.fail_after(bound):
+            while len({r.state.digest_summary() for r in nodes}) > 1 or any(r.state.live != writes for r in nodes):
+                await trio.sleep(1.0)
+        print(f"\n10,000 assignments on 100 nodes: identical {trio.current_time() - last_write:.1f} s "
+              f"after the last write (bound {bound:.0f} s)")
+        assert all(r.state.domain("d9999.example") == DomainRoute("s3", "admin") for r in nodes)
+        nursery.cancel_scope.cancel()
+
+
+async def test_conflicting_edits_on_both_sides_of_a_partition_the_later_clock_wins(autojump_clock, tmp_path):
+    """A 5/5 partition; each side assigns the same domain to a different slave, side B a
+    second later; after the heal every map is identical and routes to B's choice.
+
+    Bound after the heal: the members reconnect within 1.5 x RECONNECT_INTERVAL (45 s) and
+    the next push-pulls (30 s each) carry the entries: 45 + 2 x 30 = 105 s.
+    """
+    network = MemoryNetwork(random.Random(5), Link(latency=0.002))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(network.run)
+        cluster = Cluster(network, nursery, tmp_path)
+        nodes = [await cluster.start(f"n{i}", i + 1) for i in range(10)]
+        for name in list(cluster.nodes)[1:]:
+            await cluster.nodes[name][0].join([cluster.address("n0")])
+        await trio.sleep(2.0)
+        addresses = [cluster.address(f"n{i}") for i in range(10)]
+        network.partition(addresses[:5], addresses[5:])
+        await trio.sleep(5.0)
+        nodes[0].assign_domain("contested.example", "slave-a")
+        await trio.sleep(1.0)
+        nodes[9].assign_domain("contested.example", "slave-b")
+        await trio.sleep(60.0)
+        assert nodes[1].state.domain("contested.example").slave == "slave-a"
+        assert nodes[8].state.domain("contested.example").slave == "slave-b"
+        network.heal()
+        with trio.fail_after(105.0):
+            while len({r.state.digest_summary() for r in nodes}) > 1:
+                await trio.sleep(1.0)
+        assert {r.state.domain("contested.example") for r in nodes} == {DomainRoute("slave-b", "admin")}
         nursery.cancel_scope.cancel()
