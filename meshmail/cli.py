@@ -340,7 +340,7 @@ def format_status(document: dict[str, Any]) -> str:
         stale = ", stale until a peer resyncs it" if state["stale"] else ""
         lines += [
             "",
-            f"state: {state['domains']} entries, {state['tombstones']} tombstones, {state['conflicts']} conflicts,"
+            f"state: {state['domains']} entries, {state['tombstones']} tombstones, {len(state['conflicts'])} conflicts,"
             f" digest {state['digest']}{stale}",
         ]
         lines += [f"  last sync with {peer}: {at}" for peer, at in state["last_sync"].items()]

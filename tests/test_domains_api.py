@@ -17,6 +17,7 @@ from meshmail.node import Bound, serve, wall_ms
 from meshmail.replication import Replication
 from meshmail.state.replica import ClusterState
 from meshmail.web import create_app
+from meshmail.web.status import state_document
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ async def test_assign_show_list_unassign(node):
 
     _, status = await request(node, "GET", "/status")
     state = status["state"]
-    assert state["domains"] == 2 and state["tombstones"] == 1 and state["conflicts"] == 0
+    assert state["domains"] == 2 and state["tombstones"] == 1 and state["conflicts"] == []
     assert state["stale"] is False and state["last_sync"] == {}
     assert isinstance(state["digest"], str) and isinstance(state["counters"], dict)
 
@@ -193,6 +194,9 @@ async def test_conflicts_name_the_slave_that_routes_and_the_others(app_node):
     assert await response.get_json() == {
         "conflicts": [{"domain": "c.org", "routes_to": "sb", "also_claimed_by": ["sa"]}]
     }
+    # /status lists them too (its "state" block; this fake node has no memberlist for the rest).
+    listed = state_document(replication)["conflicts"]
+    assert listed == [{"domain": "c.org", "routes_to": "sb", "also_claimed_by": ["sa"]}]
     # An admin's decision ends the conflict.
     response = await client.put("/domains/c.org", json={"slave": "sa"}, scope_base={"client": ("127.0.0.1", 1)})
     assert response.status_code == 200

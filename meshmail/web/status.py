@@ -64,7 +64,7 @@ def state_document(replication) -> dict[str, Any]:
         "digest": state.digest_summary(),
         "stale": state.stale,
         "last_sync": {peer: iso_utc(ms / 1000) for peer, ms in sorted(state.last_sync.items())},
-        "conflicts": len(state.conflicts()),
+        "conflicts": conflict_documents(state),
         "counters": dict(sorted(replication.counters.items())),
     }
 
