@@ -140,6 +140,7 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
         if leave_on_signals:
             await nursery.start(_leave_on_signals, node, nursery.cancel_scope)
         nursery.start_soon(join_seeds, memberlist, config.gossip.seeds)
+        nursery.start_soon(replication.maintain)
         bound = Bound(gossip=memberlist.address, http=http)
         log.info(
             "node %s (%s) in cluster %s: gossip on %s, http on %s",

@@ -25,6 +25,8 @@ END = b""
 MAX_CHUNKS = 4096
 #: Deltas remembered by key to skip the duplicates gossip delivers.
 RECENT_DELTAS = 65_536
+#: How often tombstones past gc_grace are dropped and a long-isolated node turns stale.
+MAINTENANCE_INTERVAL = 3600.0
 
 
 class Replication(Delegate):
@@ -60,6 +62,16 @@ class Replication(Delegate):
         if entry is not None and self.memberlist is not None:
             self.memberlist.queue_broadcast(entry.key, encode_entries([entry]))
         return entry
+
+    async def maintain(self, interval: float = MAINTENANCE_INTERVAL) -> None:
+        """Every `interval` seconds until cancelled: drop tombstones older than gc_grace,
+        and turn stale if no peer synced with us for longer than that (see ClusterState)."""
+        while True:
+            await trio.sleep(interval)
+            now = self._physical_ms()
+            self.counters["state.tombstones_dropped"] += self.state.gc(now)
+            if self.state.mark_stale_if_away(now):
+                self.counters["state.stale"] = 1
 
     # Gossip hooks.
 

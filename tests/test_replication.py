@@ -187,3 +187,43 @@ async def test_conflicting_edits_on_both_sides_of_a_partition_the_later_clock_wi
                 await trio.sleep(1.0)
         assert {r.state.domain("contested.example") for r in nodes} == {DomainRoute("slave-b", "admin")}
         nursery.cancel_scope.cancel()
+
+
+class Scripted:
+    """A Conversation that plays back what a (bad) peer says and records our answers."""
+
+    def __init__(self, *incoming: bytes) -> None:
+        self.incoming = list(incoming)
+        self.sent: list[bytes] = []
+
+    async def send(self, payload: bytes) -> None:
+        self.sent.append(payload)
+
+    async def receive(self) -> bytes:
+        return self.incoming.pop(0)
+
+
+async def test_bad_sync_messages_are_counted_not_raised(tmp_path):
+    """Garbage where a digest offer, an answer or a request belongs: the exchange stops,
+    is counted under state.rejected.bad_sync, and nothing escapes to the gossip layer."""
+    with ClusterState.open(tmp_path, "a", lambda: START_MS, fsync=False) as state:
+        replication = Replication(state, lambda: START_MS)
+        await replication.sync_server("peer", Scripted(b"\xc1 not msgpack"))
+        await replication.sync_client("peer", Scripted(b"\x93\x01\x02\x03"))
+        await replication.sync_server("peer", Scripted(state.sync_offer(), b"\xff" * 64, b""))
+        assert replication.counters["state.rejected.bad_sync"] == 3
+        assert state.last_sync == {}
+
+
+async def test_maintenance_drops_old_tombstones(autojump_clock, tmp_path):
+    """The hourly maintenance drops tombstones once they are older than gc_grace."""
+    now = [START_MS]
+    with ClusterState.open(tmp_path, "a", lambda: now[0], fsync=False, gc_grace_ms=1000) as state:
+        replication = Replication(state, lambda: now[0])
+        replication.assign_domain("gone.example", "s1")
+        replication.unassign_domain("gone.example")
+        assert state.tombstones == 1
+        now[0] += 2000
+        with trio.move_on_after(3601):
+            await replication.maintain()
+        assert state.tombstones == 0 and replication.counters["state.tombstones_dropped"] == 1
