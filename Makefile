@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUFF_ARGS := --line-length 120 --target-version py311 --select E,F,W,I,B,UP
 PYTEST_ARGS ?=
 
-.PHONY: test lint bench-gossip clean
+.PHONY: test lint bench-gossip bench-state clean
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -16,6 +16,9 @@ lint: $(VENV)/.installed-lint
 
 bench-gossip: $(VENV)/.installed-test
 	$(BIN)/python tests/bench/bench_gossip.py
+
+bench-state: $(VENV)/.installed-test
+	$(BIN)/python tests/bench/bench_state.py
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

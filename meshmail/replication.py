@@ -105,6 +105,7 @@ class Replication(Delegate):
         await self._send_chunks(conversation, ours)
         await self._receive_chunks(peer, conversation)
         state.record_sync(peer, self._physical_ms())
+        state.maybe_compact()
         self.counters["state.syncs"] += 1
 
     async def sync_server(self, peer: str, conversation: Conversation) -> None:
@@ -125,6 +126,7 @@ class Replication(Delegate):
             return
         await self._send_chunks(conversation, theirs)
         state.record_sync(peer, self._physical_ms())
+        state.maybe_compact()
         self.counters["state.syncs"] += 1
 
     async def _send_chunks(self, conversation: Conversation, chunks: list[bytes]) -> None:
@@ -137,7 +139,7 @@ class Replication(Delegate):
             chunk = await conversation.receive()
             if chunk == END:
                 return
-            self._count(self.state.apply(chunk), "sync")
+            self._count(self.state.apply(chunk, compact=False), "sync")
             await trio.lowlevel.checkpoint()
         raise FrameError("oversize")
 

@@ -105,20 +105,25 @@ class HybridClock:
         Raises ClockSkewError, leaving the clock unchanged, when `remote` is more than
         max_skew_ms ahead of the physical clock; the caller drops the message and counts it.
         """
+        self.observe_parts(remote.wall_ms, remote.logical, remote.node)
+        return self.high_water
+
+    def observe_parts(self, wall_ms: int, logical: int, node: str) -> None:
+        """observe() for a timestamp given as its parts, building no Timestamp unless it is
+        refused (this runs once per entry of a full sync)."""
         physical = self._physical_ms()
-        if remote.wall_ms - physical > self.max_skew_ms:
-            raise ClockSkewError(remote, physical, self.max_skew_ms)
-        wall = max(self._wall, remote.wall_ms, physical)
-        if wall == self._wall == remote.wall_ms:
-            self._tick(max(self._logical, remote.logical) + 1)
+        if wall_ms - physical > self.max_skew_ms:
+            raise ClockSkewError(Timestamp(wall_ms, logical, node), physical, self.max_skew_ms)
+        wall = max(self._wall, wall_ms, physical)
+        if wall == self._wall == wall_ms:
+            self._tick(max(self._logical, logical) + 1)
         elif wall == self._wall:
             self._tick(self._logical + 1)
-        elif wall == remote.wall_ms:
+        elif wall == wall_ms:
             self._wall = wall
-            self._tick(remote.logical + 1)
+            self._tick(logical + 1)
         else:
             self._wall, self._logical = wall, 0
-        return self.high_water
 
     def _tick(self, logical: int) -> None:
         # Past MAX_LOGICAL events in one millisecond, move to the next millisecond: the clock

@@ -248,8 +248,11 @@ class ClusterState:
 
     # Remote input.
 
-    def apply(self, data: bytes) -> ApplyResult:
+    def apply(self, data: bytes, *, compact: bool = True) -> ApplyResult:
         """Merge a batch of entries from a peer (a delta or an anti-entropy chunk).
+
+        With compact=False the journal is not compacted here: a sync applying many chunks
+        compacts once at its end (maybe_compact) rather than rewriting a growing map each time.
 
         A malformed batch is rejected whole (rejected["bad_batch"], `error` says why). An entry
         whose domain or address key is not in normal form is rejected ("invalid_name"), one
@@ -272,7 +275,7 @@ class ClusterState:
                 rejected["invalid_name"] = rejected.get("invalid_name", 0) + 1
                 continue
             try:
-                self.clock.observe(entry.ts)
+                self.clock.observe_parts(entry.wall_ms, entry.logical, entry.node)
             except ClockSkewError:
                 rejected["future_timestamp"] = rejected.get("future_timestamp", 0) + 1
                 continue
@@ -286,7 +289,8 @@ class ClusterState:
                 stale += 1
         if applied or changed_claims:
             self._append(applied, changed_claims)
-            self.maybe_compact()
+            if compact:
+                self.maybe_compact()
         return ApplyResult(len(applied), stale, rejected, decoded.skipped)
 
     def _merge(self, entry: Entry) -> bool:

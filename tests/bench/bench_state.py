@@ -123,7 +123,7 @@ def receive_chunks(link: Link, state, limit: int) -> tuple[int, float]:
         if chunk == b"":
             return applied, apply_s
         t = time.perf_counter()
-        result = state.apply(chunk)
+        result = state.apply(chunk, compact=False)
         apply_s += time.perf_counter() - t
         if result.rejected:
             raise RuntimeError(f"chunk rejected: {result.rejected} {result.error}")
@@ -150,7 +150,10 @@ def sync_client(link: Link, state, peer: str) -> dict:
     link.send(request)
     send_chunks(link, ours)
     applied, apply_s = receive_chunks(link, state, MAX_MESSAGE_BYTES)
+    t = time.perf_counter()
     state.record_sync(peer, now_ms())
+    state.maybe_compact()
+    apply_s += time.perf_counter() - t
     return {"applied": applied, "apply_s": apply_s, "encode_s": encode_s, "sent_chunks": len(ours)}
 
 
@@ -167,6 +170,7 @@ def sync_server(link: Link, state, peer: str) -> dict:
     encode_s = time.perf_counter() - t
     send_chunks(link, theirs)
     state.record_sync(peer, now_ms())
+    state.maybe_compact()
     return {"applied": applied, "apply_s": apply_s, "encode_s": encode_s, "sent_chunks": len(theirs)}
 
 
