@@ -7,6 +7,7 @@ per node per second, with the memberlist LAN profile on both sides. Run by
 
 from __future__ import annotations
 
+import abc
 import argparse
 import base64
 import ctypes
@@ -359,7 +360,7 @@ class MeshmailHttp:
 # --- clusters --------------------------------------------------------------------------
 
 
-class Cluster:
+class Cluster(abc.ABC):
     """N started nodes of one system, their clients, and their gossip ports."""
 
     system = ""
@@ -381,11 +382,13 @@ class Cluster:
         for i in range(self.n):
             self.nodes.append(self._spawn(i))
 
+    @abc.abstractmethod
     def _spawn(self, i: int) -> subprocess.Popen:
-        raise NotImplementedError
+        """Start node i of this system."""
 
+    @abc.abstractmethod
     def _connect(self, i: int) -> SerfRpc | MeshmailHttp:
-        raise NotImplementedError
+        """A client of node i's API."""
 
     def log(self, i: int) -> Path:
         return self.workdir / f"{self.names[i]}.log"
