@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -19,10 +20,23 @@ def new_key_b64() -> str:
     return base64.b64encode(os.urandom(32)).decode("ascii")
 
 
+#: Data folders minimal_config made; removed when the test session ends.
+_DATA_DIRS: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_data_dirs():
+    yield
+    for path in _DATA_DIRS:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def minimal_config(name: str = "m1", *, key: str | None = None, extra: str = "", data_dir: str | None = None) -> str:
     """A valid config for one node on 127.0.0.1 with ports chosen by the kernel, its data
     in `data_dir` (a fresh temporary folder by default)."""
-    data_dir = data_dir or tempfile.mkdtemp(prefix="meshmail-test-")
+    if data_dir is None:
+        data_dir = tempfile.mkdtemp(prefix="meshmail-test-")
+        _DATA_DIRS.append(data_dir)
     return f"""
 [node]
 name = "{name}"
