@@ -97,6 +97,8 @@ class Replication(Delegate):
         answer = await conversation.receive()
         try:
             request = state.sync_request(answer)
+            # Encoded before the first send: sending yields to other tasks whose merges
+            # would change the map under a lazy iterator.
             ours = list(state.sync_entries(answer))
         except SyncError as exc:
             self._bad(peer, exc)
@@ -120,7 +122,7 @@ class Replication(Delegate):
         request = await conversation.receive()
         await self._receive_chunks(peer, conversation)
         try:
-            theirs = list(state.sync_entries(request))
+            theirs = list(state.sync_entries(request))  # before sending, as in sync_client
         except SyncError as exc:
             self._bad(peer, exc)
             return
