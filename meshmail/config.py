@@ -12,6 +12,7 @@ import base64
 import binascii
 import difflib
 import ipaddress
+import os
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -186,8 +187,9 @@ class NodeSection:
 @attrs.frozen
 class GossipSection:
     cluster: str
-    #: Decoded keys, primary first. Left out of repr so that key material is never logged.
-    keys: tuple[bytes, ...] = attrs.field(repr=False)
+    #: Decoded keys, primary first; empty when they live in DATA_DIR/keyring.json (which wins
+    #: when both exist: it follows rotations). Left out of repr: key material is never logged.
+    keys: tuple[bytes, ...] = attrs.field(default=(), repr=False)
     bind: Address = ("0.0.0.0", DEFAULT_GOSSIP_PORT)
     #: The address other members reach us at, when it differs from `bind`.
     advertise: Address | None = None
@@ -198,6 +200,21 @@ class GossipSection:
 @attrs.frozen
 class HttpSection:
     bind: Address = ("127.0.0.1", 8080)
+    #: The address other nodes and joining servers reach this node's HTTP API at, when it
+    #: differs from `bind` (the default is the bind address, or the gossip advertise host).
+    advertise: Address | None = None
+
+
+@attrs.frozen
+class TlsSection:
+    """The node's certificate files (absolute paths; relative ones in the file are under
+    node.data_dir). With this section the HTTP API speaks TLS only."""
+
+    ca: str
+    cert: str
+    key: str
+    #: The cluster CA's key: masters only, to sign the certificates of joining nodes.
+    ca_key: str | None = None
 
 
 @attrs.frozen
@@ -208,6 +225,7 @@ class Config:
     node: NodeSection
     gossip: GossipSection
     http: HttpSection = HttpSection()
+    tls: TlsSection | None = None
     endpoints: Mapping[str, str] = attrs.Factory(dict)
     tags: Mapping[str, str] = attrs.Factory(dict)
 
@@ -237,13 +255,19 @@ _GOSSIP: _Fields = {
     "bind": (_address(port_zero=True, ip=True), ("0.0.0.0", DEFAULT_GOSSIP_PORT)),
     "advertise": (_address(ip=True), None),
     "cluster": (_non_empty, _REQUIRED),
-    "keys": (_list_of(_key), _REQUIRED),
+    "keys": (_list_of(_key), ()),
     "seeds": (_list_of(_address()), ()),
     "profile": (_choice(*PROFILES), "lan"),
     **_GOSSIP_TUNABLES,
 }
-_HTTP: _Fields = {"bind": (_address(port_zero=True), ("127.0.0.1", 8080))}
-_SECTIONS = ("node", "gossip", "http", "endpoints", "tags")
+_HTTP: _Fields = {"bind": (_address(port_zero=True), ("127.0.0.1", 8080)), "advertise": (_address(), None)}
+_TLS: _Fields = {
+    "ca": (_non_empty, _REQUIRED),
+    "cert": (_non_empty, _REQUIRED),
+    "key": (_non_empty, _REQUIRED),
+    "ca_key": (_non_empty, None),
+}
+_SECTIONS = ("node", "gossip", "http", "tls", "endpoints", "tags")
 
 
 def load(path: str) -> Config:
@@ -324,7 +348,7 @@ class _Reader:
         if len(node["name"].encode()) > MAX_NAME:
             self.fail("node.name", f"longer than {MAX_NAME} bytes")
         gossip = self.section(document, "gossip", _GOSSIP)
-        if not gossip["keys"]:
+        if "keys" in self.table(document, "gossip") and not gossip["keys"]:
             self.fail("gossip.keys", "needs at least one key (generate one with: meshmail keygen)")
         if gossip["advertise"] is None and _ip(gossip["bind"][0], "").is_unspecified:
             self.fail("gossip.advertise", f"required when gossip.bind is {format_address(gossip['bind'])}")
@@ -335,6 +359,7 @@ class _Reader:
             node=NodeSection(**node),
             gossip=GossipSection(settings=self.gossip_settings(gossip), **gossip),
             http=HttpSection(**self.section(document, "http", _HTTP)),
+            tls=self.tls(document, node["data_dir"]),
             endpoints=endpoints,
             tags=tags,
         )
@@ -343,6 +368,12 @@ class _Reader:
         except ValueError as exc:
             self.fail("tags", str(exc))
         return config
+
+    def tls(self, document: dict, data_dir: str) -> TlsSection | None:
+        if "tls" not in document:
+            return None
+        files = self.section(document, "tls", _TLS)
+        return TlsSection(**{name: path and os.path.join(data_dir, path) for name, path in files.items()})
 
     def gossip_settings(self, gossip: dict[str, Any]) -> GossipConfig:
         """Pop the profile and its overrides from `gossip`; check each override alone so

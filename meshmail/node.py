@@ -8,8 +8,10 @@ this wiring in later steps; the protocol logic itself lives in their own package
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -29,6 +31,7 @@ from .gossip.memberlist import Memberlist
 from .gossip.messages import State
 from .gossip.transport import NetTransport
 from .replication import Replication
+from .security import accounts, admission, ca, files, keyring_sync
 from .state.journal import JournalError
 from .state.replica import ClusterState
 from .web import create_app
@@ -62,7 +65,63 @@ class Node:
     config: Config
     memberlist: Memberlist
     replication: Replication
+    #: The cluster CA (with its key on masters that hold it); None without a [tls] section.
+    authority: ca.Authority | None = None
+    #: Where other nodes reach this node's HTTP API (set once it listens).
+    api_address: Address | None = None
     _leave: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config.node.data_dir)
+
+    @property
+    def keyring(self) -> Keyring:
+        return self.memberlist.keyring
+
+    @property
+    def cluster_id(self) -> str | None:
+        """The first 16 hex digits of the CA's fingerprint: unique to a cluster made by init."""
+        return None if self.authority is None else self.authority.fingerprint.hex()[:16]
+
+    def meta(self) -> bytes:
+        """This node's gossiped metadata: the config's, its key ids and its API address."""
+        api = "" if self.api_address is None else format_address(self.api_address)
+        return attrs.evolve(self.config.node_meta, api=api, keys=keyring_sync.ids(self.keyring)).encode()
+
+    def follow_state(self) -> None:
+        """Apply the replicated records that steer this node now and whenever they change:
+        removed members are refused, the keyring follows rotations (saved to the data dir)."""
+        self.replication.watch(["removed"], self._refuse_removed)
+        self.replication.watch(["gossipkey"], self._sync_keyring)
+        self._refuse_removed()
+        self._sync_keyring()
+
+    def _refuse_removed(self) -> None:
+        for name in admission.removed(self.replication.state):
+            if name == self.config.node.name:
+                log.error("this node was removed from the cluster (meshmail remove); its gossip is refused")
+            elif name not in self.memberlist.refused:
+                log.info("refusing removed node %s", name)
+                self.memberlist.refuse(name)
+
+    def _sync_keyring(self) -> None:
+        if keyring_sync.reconcile(self.keyring, self.replication.state):
+            files.save_keyring(self.data_dir, self.keyring.keys)
+            log.info("gossip keyring is now %s (primary first)", ", ".join(keyring_sync.ids(self.keyring)))
+            if self.memberlist.running:
+                self.memberlist.update_meta(self.meta())
+
+    def ensure_api_token(self) -> None:
+        """Make sure DATA_DIR/api-token holds a valid API token for this node's CLI."""
+        state = self.replication.state
+        current = files.read_api_token(self.data_dir)
+        if current and accounts.api_token_account(state, current) is not None:
+            return
+        token = accounts.create_api_token(
+            self.replication, f"node:{self.config.node.name}", "the meshmail CLI on this node", wall_ms()
+        )
+        files.write_file(self.data_dir / files.API_TOKEN, (token.encode() + "\n").encode())
 
     def request_leave(self) -> None:
         """Ask `serve` to leave the cluster gracefully and stop; returns at once."""
@@ -87,11 +146,42 @@ def wall_ms() -> int:
 
 def open_state(config: Config) -> ClusterState:
     """The node's replicated state from `data_dir/state`; raises NodeError if it cannot be used."""
-    directory = Path(config.node.data_dir) / "state"
+    directory = Path(config.node.data_dir) / files.STATE
     try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         return ClusterState.open(directory, config.node.name, wall_ms)
     except (JournalError, OSError) as exc:
         raise NodeError(f"cannot open the cluster state in {directory}: {exc}") from None
+
+
+def load_keys(config: Config) -> list[bytes]:
+    """The gossip keys: DATA_DIR/keyring.json (kept current as keys rotate) or the config's."""
+    try:
+        keys = files.load_keyring(Path(config.node.data_dir))
+    except files.FilesError as exc:
+        raise NodeError(str(exc)) from None
+    keys = keys or list(config.gossip.keys)
+    if not keys:
+        raise NodeError(
+            f"no gossip keys: {config.path} has no [gossip] keys and {config.node.data_dir} no {files.KEYRING}"
+            " (meshmail init or join make one)"
+        )
+    return keys
+
+
+def load_authority(config: Config) -> ca.Authority | None:
+    """The cluster CA of the [tls] section (with its key if the section names one)."""
+    tls = config.tls
+    if tls is None:
+        return None
+    try:
+        cert = ca.load_cert(files.read_file(Path(tls.ca)))
+        key = ca.load_key(files.read_file(Path(tls.ca_key))) if tls.ca_key else None
+        for path in (tls.cert, tls.key):
+            files.read_file(Path(path))
+    except (files.FilesError, ca.CertificateError) as exc:
+        raise NodeError(f"[tls]: {exc}") from None
+    return ca.Authority(cert, key)
 
 
 def new_memberlist(config: Config, delegate: Replication | None = None) -> Memberlist:
@@ -101,7 +191,7 @@ def new_memberlist(config: Config, delegate: Replication | None = None) -> Membe
         delegate=delegate,
         name=config.node.name,
         transport=NetTransport(*gossip.bind),
-        keyring=Keyring(list(gossip.keys)),
+        keyring=Keyring(load_keys(config)),
         cluster=gossip.cluster,
         config=gossip.settings,
         meta=config.node_meta.encode(),
@@ -128,7 +218,13 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
     replication = Replication(state, wall_ms)
     memberlist = new_memberlist(config, replication)
     replication.attach(memberlist)
-    node = Node(config, memberlist, replication)
+    node = Node(config, memberlist, replication, authority=load_authority(config))
+    try:
+        node.follow_state()
+        node.ensure_api_token()
+    except files.FilesError as exc:
+        raise NodeError(str(exc)) from None
+    memberlist.update_meta(node.meta())
     events = memberlist.subscribe()
     async with trio.open_nursery() as nursery:
         with _bind_errors("gossip", config.gossip.bind):
@@ -136,7 +232,9 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
         nursery.start_soon(_log_events, events)
         http_stop, http_done = trio.Event(), trio.Event()
         with _bind_errors("http", config.http.bind):
-            http = await nursery.start(_serve_http, create_app(node), config.http.bind, http_stop, http_done)
+            http = await nursery.start(_serve_http, create_app(node), config, http_stop, http_done)
+        node.api_address = api_address(config, http, memberlist.address)
+        memberlist.update_meta(node.meta())
         if leave_on_signals:
             await nursery.start(_leave_on_signals, node, nursery.cancel_scope)
         nursery.start_soon(join_seeds, memberlist, config.gossip.seeds)
@@ -177,11 +275,29 @@ def _bind_errors(what: str, address: Address) -> Iterator[None]:
         raise NodeError(f"cannot listen for {what} on {format_address(address)}: {reason}") from None
 
 
+def api_address(config: Config, bound: Address, gossip: Address) -> Address:
+    """Where other nodes reach the HTTP API: [http] advertise, else the bound address, with
+    the gossip address's host when bound to all interfaces."""
+    if config.http.advertise is not None:
+        return config.http.advertise
+    host, port = bound
+    try:
+        if ipaddress.ip_address(host).is_unspecified:
+            host = gossip[0]
+    except ValueError:
+        pass
+    return host, port
+
+
 async def _serve_http(
-    app, bind: Address, stop: trio.Event, done: trio.Event, *, task_status: trio.TaskStatus[Address]
+    app, config: Config, stop: trio.Event, done: trio.Event, *, task_status: trio.TaskStatus[Address]
 ) -> None:
     settings = HypercornConfig()
-    settings.bind = [format_address(bind)]
+    settings.bind = [format_address(config.http.bind)]
+    if config.tls is not None:
+        # Client certificates are optional: joining servers have none yet; nodes present theirs.
+        settings.certfile, settings.keyfile, settings.ca_certs = config.tls.cert, config.tls.key, config.tls.ca
+        settings.verify_mode = ssl.CERT_OPTIONAL
     settings.accesslog = None
     settings.errorlog = logging.getLogger("meshmail.http")
     settings.graceful_timeout = HTTP_GRACE

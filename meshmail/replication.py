@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import trio
 
 from .gossip.memberlist import Conversation, Delegate, FrameError, Memberlist
 from .state.lww import Entry, encode_entries
+from .state.records import CONTROL_NAMESPACES
 from .state.replica import ApplyResult, ClusterState, SyncError
 
 log = logging.getLogger("meshmail.state")
@@ -43,6 +46,7 @@ class Replication(Delegate):
         self.counters: collections.Counter[str] = collections.Counter()
         self._physical_ms = physical_ms
         self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._watchers: list[tuple[frozenset[str], Callable[[], None]]] = []
 
     def attach(self, memberlist: Memberlist) -> None:
         """Broadcast deltas through `memberlist` (whose delegate this is)."""
@@ -57,6 +61,31 @@ class Replication(Delegate):
     def unassign_domain(self, name: str) -> Entry | None:
         """Remove the route of `name`; None when there was none."""
         return self._publish(self.state.unassign_domain(name))
+
+    def put(self, ns: str, name: str, value: Any) -> Entry:
+        """Write a record of a control namespace (ClusterState.put), durable, then gossip it."""
+        entry = self._publish(self.state.put(ns, name, value))
+        self._changed({ns})
+        return entry
+
+    def delete(self, ns: str, name: str) -> Entry | None:
+        """Delete a record of a control namespace; None when there was none."""
+        entry = self._publish(self.state.delete(ns, name))
+        self._changed({ns})
+        return entry
+
+    def watch(self, namespaces: Iterable[str], callback: Callable[[], None]) -> None:
+        """Call `callback()` after any write to `namespaces`, local or from a peer."""
+        self._watchers.append((frozenset(namespaces), callback))
+
+    def _changed(self, namespaces: Iterable[str]) -> None:
+        touched = frozenset(namespaces)
+        for wanted, callback in self._watchers:
+            if wanted & touched:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("a watcher of %s failed", ", ".join(sorted(wanted)))
 
     def _publish(self, entry: Entry | None) -> Entry | None:
         if entry is not None and self.memberlist is not None:
@@ -106,9 +135,7 @@ class Replication(Delegate):
         await conversation.send(request)
         await self._send_chunks(conversation, ours)
         await self._receive_chunks(peer, conversation)
-        state.record_sync(peer, self._physical_ms())
-        state.maybe_compact()
-        self.counters["state.syncs"] += 1
+        self._synced(peer)
 
     async def sync_server(self, peer: str, conversation: Conversation) -> None:
         state = self.state
@@ -127,9 +154,15 @@ class Replication(Delegate):
             self._bad(peer, exc)
             return
         await self._send_chunks(conversation, theirs)
-        state.record_sync(peer, self._physical_ms())
-        state.maybe_compact()
+        self._synced(peer)
+
+    def _synced(self, peer: str) -> None:
+        replaced = self.state.stale  # a stale map is replaced by the fresh replica now
+        self.state.record_sync(peer, self._physical_ms())
+        self.state.maybe_compact()
         self.counters["state.syncs"] += 1
+        if replaced:
+            self._changed(CONTROL_NAMESPACES)
 
     async def _send_chunks(self, conversation: Conversation, chunks: list[bytes]) -> None:
         for chunk in chunks:
@@ -146,6 +179,8 @@ class Replication(Delegate):
         raise FrameError("oversize")
 
     def _count(self, result: ApplyResult, how: str) -> None:
+        if result.namespaces:
+            self._changed(result.namespaces)
         self.counters[f"state.{how}_applied"] += result.applied
         for reason, count in result.rejected.items():
             self.counters[f"state.rejected.{reason}"] += count

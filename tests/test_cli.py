@@ -7,13 +7,15 @@ import re
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 import trio
 from conftest import MESHMAIL, minimal_config
 
 from meshmail.cli import format_status, node_url
-from meshmail.config import loads
+from meshmail.config import load, loads
+from meshmail.security import files
 
 SUBCOMMANDS = ["run", "status", "leave", "keygen"]
 
@@ -114,10 +116,13 @@ async def test_run_status_leave(write_config):
             url = await _wait_for_http(process)
             table = await trio.to_thread.run_sync(meshmail, "status", "--url", url)
             assert table.returncode == 0, table.stderr
-            assert re.search(r"^proc\s+alive\s+1\s+127\.0\.0\.1:\d+\s+master", table.stdout, re.M), table.stdout
+            assert re.search(r"^proc\s+alive\s+\d+\s+127\.0\.0\.1:\d+\s+master", table.stdout, re.M), table.stdout
             as_json = await trio.to_thread.run_sync(meshmail, "status", "--url", url, "--json")
             assert '"node": "proc"' in as_json.stdout
-            left = await trio.to_thread.run_sync(meshmail, "leave", "--url", url)
+            refused = await trio.to_thread.run_sync(meshmail, "leave", "--url", url)
+            assert_one_line_failure(refused, "answered 401", "authentication required")
+            token = files.read_api_token(Path(load(path).node.data_dir))
+            left = await trio.to_thread.run_sync(meshmail, "leave", "--url", url, "--token", token)
             assert left.returncode == 0, left.stderr
             assert await process.wait() == 0
     finally:

@@ -58,7 +58,6 @@ REJECTED = [
     ("tag not a string", dict(rest="[tags]\nrack = 3"), "tags.rack", "expected a string"),
     ("missing name", dict(node={"name": None}), "node.name", "missing (required)"),
     ("missing cluster", dict(gossip={"cluster": None}), "gossip.cluster", "missing (required)"),
-    ("missing keys", dict(gossip={"keys": None}), "gossip.keys", "missing (required)"),
     ("no keys", dict(gossip={"keys": "[]"}), "gossip.keys", "at least one key"),
     ("short key", dict(gossip={"keys": f'["{KEY}", "{b64_of(16)}"]'}), "gossip.keys[1]", "16 bytes"),
     ("long key", dict(gossip={"keys": f'["{b64_of(33)}"]'}), "gossip.keys[0]", "33 bytes"),

@@ -16,6 +16,7 @@ from test_cli import assert_one_line_failure, closed_port, meshmail
 
 from meshmail.cli import format_route
 from meshmail.config import load
+from meshmail.security import files
 
 #: Start of a node process (imports, bind, open the state) on a slow CI machine.
 STARTUP_TIMEOUT = 30.0
@@ -53,8 +54,11 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def url(cluster) -> str:
-    return f"http://127.0.0.1:{cluster.nodes['n1'].http_port}"
+def url(cluster, monkeypatch) -> str:
+    """n1's URL; --url takes the API token from $MESHMAIL_TOKEN, set here to n1's."""
+    node = cluster.nodes["n1"]
+    monkeypatch.setenv("MESHMAIL_TOKEN", files.read_api_token(Path(load(node.config).node.data_dir)))
+    return f"http://127.0.0.1:{node.http_port}"
 
 
 def ok(*args: str) -> str:

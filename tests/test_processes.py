@@ -13,8 +13,10 @@ import random
 import signal
 from collections.abc import Callable, Iterator, Mapping
 
+import hypothesis  # noqa: F401  (its entry point makes trio's scheduler seedable)
 import pytest
 import trio
+from trio._core import _run as trio_run
 from procs import HOST, Cluster, View, get_status
 
 from meshmail.config import load
@@ -169,6 +171,10 @@ async def test_a_member_that_missed_the_leave_news_still_reports_left(autojump_c
     but the members that know n2 left ignore a suspicion of a non-alive member, so nobody
     tells n1, and its suspicion ends in "dead", which is never corrected to "left".
     """
+    # Seeded like tests/gossip/sim.py (trio's scheduler too): unseeded, about 1 run in 5 had a
+    # third member miss every retransmit of the leave as well, which is not this test's case.
+    assert trio_run._ALLOW_DETERMINISTIC_SCHEDULING, "importing hypothesis should make trio's scheduler seedable"
+    trio_run._r.seed(7)
     network = MemoryNetwork(random.Random(7))
     keyring = Keyring([new_key()])
     settings = profile("local", push_pull_interval=600.0)

@@ -151,6 +151,8 @@ class Memberlist:
         self._probe_index = 0
         self._subscribers: list[trio.MemorySendChannel] = []
         self._leaving = False
+        #: Members taken out of the cluster (`meshmail remove`): their gossip is dropped.
+        self._refused: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._streams = trio.Semaphore(MAX_CONCURRENT_STREAMS)
         self._gossip_now = trio.Event()
@@ -195,11 +197,33 @@ class Memberlist:
         self._broadcasts.queue("app/" + key, m.to_wire(m.Broadcast(key, payload)))
 
     def update_meta(self, meta: bytes) -> None:
-        """Change this node's metadata and tell the cluster."""
+        """Change this node's metadata and tell the cluster (once running)."""
         if len(meta) > m.MAX_META:
             raise ValueError(f"node metadata is {len(meta)} bytes; the limit is {m.MAX_META}")
         self._meta = meta
-        self._announce_self(self._incarnation + 1)
+        if self.running:
+            self._announce_self(self._incarnation + 1)
+
+    @property
+    def running(self) -> bool:
+        """Whether run() has started (this node is in its own member list)."""
+        return self.name in self._members
+
+    def refuse(self, name: str) -> None:
+        """Take member `name` out of the cluster for good: from now on its packets and streams
+        are dropped, news of it alive is ignored, and it shows as left. Idempotent."""
+        if name == self.name or name in self._refused:
+            return
+        self._refused.add(name)
+        self._clear_suspicion(name)
+        member = self._members.get(name)
+        if member is not None and member.state != State.LEFT:
+            self._set_state(member, State.LEFT)
+            self._publish(EventKind.LEFT, member)
+
+    @property
+    def refused(self) -> frozenset[str]:
+        return frozenset(self._refused)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start the transport and the protocol tasks; report the bound address; run until cancelled."""
@@ -256,7 +280,7 @@ class Memberlist:
 
     def _alive(self, msg: m.Alive) -> None:
         """Handle news that a member is alive (memberlist's aliveNode)."""
-        if self._leaving and msg.node == self.name:
+        if self._leaving and msg.node == self.name or msg.node in self._refused:
             return
         now = trio.current_time()
         member = self._members.get(msg.node)
@@ -302,7 +326,7 @@ class Memberlist:
     def _suspect(self, msg: m.Suspect) -> None:
         """Handle an accusation (memberlist's suspectNode), with Lifeguard confirmations."""
         member = self._members.get(msg.node)
-        if member is None or msg.incarnation < member.incarnation:
+        if member is None or msg.incarnation < member.incarnation or msg.node in self._refused:
             return
         if member.state == State.LEFT and msg.incarnation == member.incarnation:
             # The accuser missed the leave: tell the cluster again rather than let the
@@ -590,6 +614,8 @@ class Memberlist:
         reason = self._replay.check(nonce, header.sent_ms / 1000, self._wall())
         if reason is not None:
             raise FrameError(reason)
+        if header.sender in self._refused:
+            raise FrameError("removed_member")
         if unknown:
             # Types from a newer version: ignored by design, counted so an operator sees them.
             self.counters["ignored.unknown_type"] += unknown
@@ -734,8 +760,12 @@ class Memberlist:
         return True
 
     def _local_push_pull(self, join: bool) -> m.PushPull:
+        # Refused members are left out: a refusal is this node's decision (from the replicated
+        # state), and listed as "left" it would read to the peer as a leave in their name.
         states = [
-            m.MemberState(x.name, x.host, x.port, x.incarnation, int(x.state), x.meta) for x in self._members.values()
+            m.MemberState(x.name, x.host, x.port, x.incarnation, int(x.state), x.meta)
+            for x in self._members.values()
+            if x.name not in self._refused
         ]
         return m.PushPull(join, states, self.delegate.local_state(join))
 

@@ -34,12 +34,22 @@ class NodeMeta:
         validator=[v.deep_mapping(v.instance_of(str), v.instance_of(str)), _check_endpoints],
     )
     tags: dict[str, str] = attrs.field(factory=dict, validator=v.deep_mapping(v.instance_of(str), v.instance_of(str)))
+    #: Ids of the gossip keys this node holds, primary first (for `meshmail keyring list`).
+    keys: tuple[str, ...] = attrs.field(
+        default=(), converter=tuple, validator=v.deep_iterable(v.instance_of(str), v.max_len(16))
+    )
+
+    #: Where this node's HTTP API answers (host:port; TLS when the cluster has a CA).
+    api: str = attrs.field(default="", validator=[v.instance_of(str), v.max_len(300)])
 
     def encode(self) -> bytes:
         """The wire form; raises ValueError when it is larger than 1 KiB."""
-        data = msgpack.packb(
-            {"role": self.role, "endpoints": self.endpoints, "tags": self.tags}, use_bin_type=True
-        )
+        fields = {"role": self.role, "endpoints": self.endpoints, "tags": self.tags}
+        if self.keys:
+            fields["keys"] = list(self.keys)
+        if self.api:
+            fields["api"] = self.api
+        data = msgpack.packb(fields, use_bin_type=True)
         if len(data) > MAX_META:
             raise ValueError(f"node metadata is {len(data)} bytes; the limit is {MAX_META}")
         return data
@@ -53,6 +63,8 @@ class NodeMeta:
                 role=obj.get("role", "master"),
                 endpoints=dict(obj.get("endpoints", {})),
                 tags=dict(obj.get("tags", {})),
+                keys=obj.get("keys", ()),
+                api=obj.get("api", ""),
             )
         except Exception:
             return cls()

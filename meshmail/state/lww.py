@@ -135,11 +135,26 @@ class LWWMap:
     would bring deleted keys back.
     """
 
-    __slots__ = ("buckets", "groups", "_maps", "_digests", "_group_digests", "_live", "_tombstones", "_gc_horizon_ms")
+    __slots__ = (
+        "buckets",
+        "groups",
+        "_maps",
+        "_digests",
+        "_group_digests",
+        "_live",
+        "_tombstones",
+        "_gc_horizon_ms",
+        "_index",
+    )
 
-    def __init__(self, buckets: int = DEFAULT_BUCKETS, groups: int = DEFAULT_GROUPS) -> None:
+    def __init__(
+        self, buckets: int = DEFAULT_BUCKETS, groups: int = DEFAULT_GROUPS, indexed: Iterable[str] = ()
+    ) -> None:
+        """`indexed`: namespaces (the part of a key before its first "/") whose keys items()
+        finds without a scan; for the few small namespaces beside a large one."""
         if buckets < 1 or groups < 1 or buckets % groups:
             raise ValueError("buckets must be a positive multiple of groups")
+        self._index: dict[str, set[str]] = {ns: set() for ns in indexed}
         self.buckets = buckets
         self.groups = groups
         self._maps: list[dict[str, Entry]] = [{} for _ in range(buckets)]
@@ -196,6 +211,10 @@ class LWWMap:
             if (entry.wall_ms, entry.logical, entry.node) <= (held.wall_ms, held.logical, held.node):
                 return False
             self._account(bucket, held, -1)
+        elif self._index:
+            keys = self._index.get(entry.key.partition("/")[0])
+            if keys is not None:
+                keys.add(entry.key)
         entries[entry.key] = entry
         self._account(bucket, entry, 1)
         return True
@@ -211,11 +230,24 @@ class LWWMap:
             self._live += sign
 
     def items(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
-        """(key, value) of every live key starting with `prefix`."""
+        """(key, value) of every live key starting with `prefix`; without a scan when the
+        prefix is ``<namespace>/`` of an indexed namespace (then sorted by key)."""
+        ns, slash, rest = prefix.partition("/")
+        keys = self._index.get(ns) if slash and not rest else None
+        if keys is not None:
+            for key in sorted(keys):
+                value = self.get(key)
+                if value is not None:
+                    yield key, value
+            return
         for entries in self._maps:
             for key, entry in entries.items():
                 if entry.value is not None and key.startswith(prefix):
                     yield key, entry.value
+
+    def count(self, ns: str) -> int:
+        """The number of live keys of an indexed namespace."""
+        return sum(1 for key in self._index[ns] if self.get(key) is not None)
 
     def gc(self, horizon_ms: int) -> int:
         """Drop tombstones with wall_ms < horizon_ms and refuse older ones from now on.
@@ -228,6 +260,9 @@ class LWWMap:
             old = [e for e in entries.values() if e.value is None and e.wall_ms < horizon_ms]
             for entry in old:
                 del entries[entry.key]
+                keys = self._index.get(entry.key.partition("/")[0])
+                if keys is not None:
+                    keys.discard(entry.key)
                 self._account(bucket, entry, -1)
             dropped += len(old)
         return dropped

@@ -63,6 +63,99 @@ class AddressOverride:
     slave: str = node_field()
 
 
+# The cluster's own bookkeeping (Step 3): accounts, tokens, removed nodes, gossip keys. These
+# namespaces are small and indexed (LWWMap.items without a scan); their secrets are stored
+# only as hashes, except gossip keys, which every member needs in clear.
+
+ROLES = ("master", "slave")
+#: Longest free text (a token's note) and longest encoded secret hash kept in a record.
+MAX_NOTE = 200
+MAX_HASH = 256
+
+
+def _text(limit: int, *, empty: bool = True):
+    return attrs.field(validator=[v.instance_of(str), v.max_len(limit), *(() if empty else (v.min_len(1),))])
+
+
+def _int(low: int = 0, high: int = (1 << 63) - 1):
+    def check(instance, attribute, value) -> None:
+        if type(value) is not int or not low <= value <= high:
+            raise ValueError(f"{attribute.name} must be an int in [{low}, {high}]")
+
+    return attrs.field(validator=check)
+
+
+@namespace("admin")
+@attrs.frozen
+class AdminAccount:
+    """An account that may use the admin API and UI; `password` is an scrypt hash (security.passwords)."""
+
+    password: str = _text(MAX_HASH, empty=False)
+
+
+@namespace("apitoken")
+@attrs.frozen
+class ApiToken:
+    """A bearer token of the admin API, keyed by its public id; only the SHA-256 of its secret is kept."""
+
+    secret_hash: str = _text(MAX_HASH, empty=False)
+    account: str = _text(MAX_NOTE, empty=False)
+    created_ms: int = _int()
+    note: str = _text(MAX_NOTE)
+
+
+@namespace("jointoken")
+@attrs.frozen
+class JoinToken:
+    """A join token, keyed by its id. `uses` is how many joins it admits; the joins made are the
+    Redemption records under ``redeemed/<token id>/``."""
+
+    secret_hash: str = _text(MAX_HASH, empty=False)
+    role: str = attrs.field(validator=v.in_(ROLES))
+    expires_ms: int = _int()
+    uses: int = _int(1, 1_000_000)
+    creator: str = _text(MAX_NOTE)
+    created_ms: int = _int()
+    note: str = _text(MAX_NOTE)
+    revoked: bool = attrs.field(default=False, validator=v.instance_of(bool))
+
+
+@namespace("redeemed")
+@attrs.frozen
+class Redemption:
+    """One join made with a token, keyed ``<token id>/<request nonce>``: a grow-only set, so
+    concurrent joins on two masters are both counted once the records meet (a counter in one
+    LWW record would lose one of them)."""
+
+    node: str = node_field()
+    role: str = attrs.field(validator=v.in_(ROLES))
+    master: str = node_field()
+    at_ms: int = _int()
+
+
+@namespace("removed")
+@attrs.frozen
+class RemovedNode:
+    """A node taken out of the cluster by `meshmail remove`: its gossip is refused everywhere."""
+
+    by: str = _text(MAX_NOTE)
+    at_ms: int = _int()
+
+
+@namespace("gossipkey")
+@attrs.frozen
+class GossipKey:
+    """A gossip key, keyed by its id (security.keyring_id). The newest "primary" record names
+    the key that encrypts; "removed" records keep no key material."""
+
+    state: str = attrs.field(validator=v.in_(("installed", "primary", "removed")))
+    key: str = attrs.field(validator=[v.instance_of(str), v.max_len(64)])
+
+
+#: The namespaces above: small, indexed, and watched by the node (security.cluster).
+CONTROL_NAMESPACES = ("admin", "apitoken", "jointoken", "redeemed", "removed", "gossipkey")
+
+
 def make_key(ns: str, name: str) -> str:
     """The key ``<ns>/<name>``; raises BadEntry when it would not pass split_key."""
     key = f"{ns}/{name}"

@@ -19,7 +19,16 @@ from meshmail.state.hlc import ClockSkewError, HybridClock, Timestamp
 from meshmail.state.journal import Journal
 from meshmail.state.lww import Entry, LWWMap, chunks, decode_entries, encode_entries
 from meshmail.state.names import InvalidName, normalize_address, normalize_domain
-from meshmail.state.records import AddressOverride, BadEntry, DomainRoute, make_key, split_key
+from meshmail.state.records import (
+    CONTROL_NAMESPACES,
+    AddressOverride,
+    BadEntry,
+    DomainRoute,
+    check_value,
+    make_key,
+    namespace_of,
+    split_key,
+)
 
 DAY_MS = 24 * 3600 * 1000
 DEFAULT_GC_GRACE_MS = 7 * DAY_MS
@@ -55,6 +64,8 @@ class ApplyResult:
     rejected: dict[str, int] = attrs.field(factory=dict)
     skipped: int = 0
     error: str | None = None
+    #: The namespaces of the applied entries (what a watcher of some namespace checks).
+    namespaces: frozenset[str] = frozenset()
 
 
 # Journal records: msgpack maps {"t": type, ...}; unknown types and fields are ignored.
@@ -119,7 +130,7 @@ class ClusterState:
         self.gc_grace_ms = gc_grace_ms
         self.compact_min_bytes = compact_min_bytes
         #: What routing reads.
-        self.map = LWWMap()
+        self.map = LWWMap(indexed=CONTROL_NAMESPACES)
         #: What anti-entropy offers and fills: the same map, except while `stale`.
         self._replica = self.map
         #: Away longer than gc_grace: the old map still routes, but is never offered to a
@@ -229,6 +240,40 @@ class ClusterState:
         """Delete the override of `address`; None if it has none."""
         return self._write(make_key("address", str(normalize_address(address))), None)
 
+    def put(self, ns: str, name: str, value: Any) -> Entry:
+        """Set ``<ns>/<name>`` to a record of that namespace (durable, like assign_domain).
+
+        For the cluster's own records (records.CONTROL_NAMESPACES); domains and addresses go
+        through their methods, which normalize the name. Raises BadEntry for a bad key or value.
+        """
+        if ns not in CONTROL_NAMESPACES:
+            raise BadEntry(f"put() is for the control namespaces, not {ns!r}")
+        key = make_key(ns, name)
+        check_value(ns, value)
+        return self._write(key, value)
+
+    def delete(self, ns: str, name: str) -> Entry | None:
+        """Delete ``<ns>/<name>`` of a control namespace (a tombstone); None if it was absent."""
+        if ns not in CONTROL_NAMESPACES:
+            raise BadEntry(f"delete() is for the control namespaces, not {ns!r}")
+        return self._write(make_key(ns, name), None)
+
+    def get(self, ns: str, name: str) -> Any:
+        """The record at ``<ns>/<name>``, or None. O(1)."""
+        return self.map.get(f"{ns}/{name}")
+
+    def entry(self, ns: str, name: str) -> Entry | None:
+        """The entry (with its timestamp) at ``<ns>/<name>``, tombstones included, or None."""
+        return self.map.entry(f"{ns}/{name}")
+
+    def records(self, ns: str, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        """(name, record) of the live keys of control namespace `ns` whose name starts with
+        `prefix`, sorted by name; no scan of the domain map."""
+        start = len(ns) + 1
+        for key, value in self.map.items(ns + "/"):
+            if key.startswith(prefix, start):
+                yield key[start:], value
+
     def _write(self, key: str, value: Any) -> Entry | None:
         held = self.map.entry(key)
         if held is None or held.value is None:
@@ -291,7 +336,8 @@ class ClusterState:
             self._append(applied, changed_claims)
             if compact:
                 self.maybe_compact()
-        return ApplyResult(len(applied), stale, rejected, decoded.skipped)
+        namespaces = frozenset(namespace_of(entry.key) for entry in applied)
+        return ApplyResult(len(applied), stale, rejected, decoded.skipped, namespaces=namespaces)
 
     def _merge(self, entry: Entry) -> bool:
         """Merge into the routing map and, while stale, into the fresh replica too."""
@@ -326,8 +372,13 @@ class ClusterState:
 
     @property
     def live(self) -> int:
-        """The number of live keys (domains and overrides)."""
+        """The number of live keys of every namespace."""
         return len(self.map)
+
+    @property
+    def routes(self) -> int:
+        """The number of live domain routes and address overrides."""
+        return len(self.map) - sum(self.map.count(ns) for ns in CONTROL_NAMESPACES)
 
     @property
     def tombstones(self) -> int:
@@ -429,7 +480,7 @@ class ClusterState:
         if self.stale or not last or now_ms - last <= self.gc_grace_ms:
             return self.stale
         self.stale = True
-        self._replica = LWWMap()
+        self._replica = LWWMap(indexed=CONTROL_NAMESPACES)
         return True
 
     def record_sync(self, peer: str, now_ms: int) -> None:

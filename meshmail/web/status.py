@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import format_address
 from ..gossip.member import MemberInfo
+from ..security.keyring_sync import ids as keyring_ids
 from ..state.names import InvalidName, display_domain
 from ..state.records import DomainRoute
 from ..state.replica import ClusterState
@@ -33,6 +34,8 @@ def member_document(member: MemberInfo) -> dict[str, Any]:
         "role": meta.role,
         "endpoints": dict(sorted(meta.endpoints.items())),
         "tags": dict(sorted(meta.tags.items())),
+        "api": meta.api,
+        "keys": list(meta.keys),
         "changed": iso_utc(member.changed_wall),
         "changed_unix": member.changed_wall,
     }
@@ -49,6 +52,8 @@ def status_document(node) -> dict[str, Any]:
         "address": format_address(memberlist.address),
         "health_score": memberlist.health_score,
         "cluster": node.config.gossip.cluster,
+        "cluster_id": node.cluster_id,
+        "keys": list(keyring_ids(node.keyring)),
         "members": [member_document(m) for m in sorted(memberlist.members(), key=lambda m: m.name)],
         "counters": dict(sorted(memberlist.counters.items())),
         "state": state_document(node.replication),
@@ -59,7 +64,7 @@ def state_document(replication) -> dict[str, Any]:
     """The summary of a node's replicated state (a meshmail.replication.Replication)."""
     state = replication.state
     return {
-        "domains": state.live,
+        "domains": state.routes,
         "tombstones": state.tombstones,
         "digest": state.digest_summary(),
         "stale": state.stale,

@@ -1,0 +1,76 @@
+"""Admin accounts and API tokens in the replicated state, and the checks of a login.
+
+Passwords are scrypt hashes (passwords.py); API tokens are kept as the SHA-256 of their
+secret under their public id (tokens.py). Every check answers the same way, in about the
+same time, for an account that does not exist as for a wrong password.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..state.records import AdminAccount, ApiToken
+from ..state.replica import ClusterState
+from .passwords import dummy_hash, hash_password, verify_password
+from .tokens import ApiTokenText, TokenError, hash_secret, new_api_token, parse_api_token, secret_matches
+
+ACCOUNT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+class AccountError(ValueError):
+    """An account operation that cannot be done; str() is one line."""
+
+
+def check_account_name(name: object) -> str:
+    if not isinstance(name, str) or not ACCOUNT.fullmatch(name):
+        raise AccountError("an account name is 1 to 64 letters, digits and . _ @ - (starting with a letter or digit)")
+    return name
+
+
+def set_password(replication, account: str, password: str) -> None:
+    """Create the account or change its password. Slow (scrypt): run it in a worker thread."""
+    check_account_name(account)
+    replication.put("admin", account, AdminAccount(hash_password(password)))
+
+
+def remove_account(replication, account: str) -> bool:
+    return replication.delete("admin", check_account_name(account)) is not None
+
+
+def accounts(state: ClusterState) -> list[str]:
+    return [name for name, _ in state.records("admin")]
+
+
+def login_ok(state: ClusterState, account: object, password: object) -> bool:
+    """Whether the password is the account's. Slow on purpose (scrypt) whether or not the
+    account exists: run it in a worker thread."""
+    record = state.get("admin", account) if isinstance(account, str) and ACCOUNT.fullmatch(account) else None
+    stored = record.password if isinstance(record, AdminAccount) else dummy_hash()
+    matches = verify_password(stored, password if isinstance(password, str) else "")
+    return matches and record is not None
+
+
+def create_api_token(replication, account: str, note: str, now_ms: int) -> ApiTokenText:
+    token = new_api_token()
+    replication.put("apitoken", token.token_id, ApiToken(hash_secret(token.secret), account, now_ms, note[:200]))
+    return token
+
+
+def api_token_account(state: ClusterState, text: str) -> str | None:
+    """The account an API token acts for, or None for a token that is not valid."""
+    try:
+        token = parse_api_token(text)
+    except TokenError:
+        return None
+    record = state.get("apitoken", token.token_id)
+    if not isinstance(record, ApiToken) or not secret_matches(record.secret_hash, token.secret):
+        return None
+    return record.account
+
+
+def revoke_api_tokens(replication, account: str) -> int:
+    """Delete every API token of `account`; how many."""
+    ids = [tid for tid, record in replication.state.records("apitoken") if record.account == account]
+    for tid in ids:
+        replication.delete("apitoken", tid)
+    return len(ids)

@@ -1,0 +1,226 @@
+"""Who may use the admin API: sessions (login form, cookie + CSRF token) and bearer API tokens,
+with failed logins rate-limited per client address and per account name.
+
+Deny by default: every route needs credentials unless its handler is marked @public.
+A bearer token (``Authorization: Bearer mmapi1_...``) is checked against the replicated
+state; a session is held in this node's memory (a login is per master). Requests that
+change something with a session cookie must carry the session's CSRF token in the
+``X-CSRF-Token`` header or a ``csrf_token`` form field; bearer requests need none, since a
+browser never adds that header by itself. A failed login answers the same, in about the
+same time, whether or not the account exists.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import html
+import ipaddress
+import secrets
+import time
+from collections.abc import Callable
+
+import attrs
+import trio
+from quart import Response, request
+
+from ..security.accounts import api_token_account
+from ..security.passwords import MAX_PASSWORD, dummy_hash, verify_password
+from ..state.records import AdminAccount
+
+SESSION_COOKIE = "meshmail_session"
+CSRF_HEADER = "X-CSRF-Token"
+#: A session ends after this long without a request, and in any case after SESSION_MAX.
+SESSION_IDLE = 2 * 3600.0
+SESSION_MAX = 12 * 3600.0
+MAX_SESSIONS = 10_000
+#: Failed logins allowed per window, per client address and per account name.
+LOGIN_FAILURES_PER_ADDRESS = 10
+LOGIN_FAILURES_PER_ACCOUNT = 5
+LOGIN_WINDOW = 300.0
+#: Password checks (scrypt, 32 MiB each) run at most this many at once.
+PASSWORD_CHECKS = 2
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def public(handler):
+    """Mark a route handler as open to anyone (the check happens in before_request)."""
+    handler.meshmail_public = True
+    return handler
+
+
+@attrs.frozen
+class Principal:
+    account: str
+    #: "token" or "session".
+    via: str
+
+
+@attrs.define
+class Session:
+    account: str
+    csrf: str
+    created: float
+    seen: float
+
+
+@attrs.define
+class RateLimiter:
+    """Failures per key within a sliding window; a key with `limit` of them is blocked until
+    the oldest leaves the window. At most `max_keys` keys are tracked (oldest forgotten)."""
+
+    limit: int
+    window: float
+    max_keys: int = 100_000
+    _failures: collections.OrderedDict[str, collections.deque] = attrs.field(factory=collections.OrderedDict)
+
+    def retry_after(self, key: str, now: float) -> float:
+        """Seconds until `key` may try again; 0 when it may now."""
+        times = self._failures.get(key)
+        if not times:
+            return 0.0
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+            return 0.0
+        return max(0.0, times[0] + self.window - now) if len(times) >= self.limit else 0.0
+
+    def fail(self, key: str, now: float) -> None:
+        times = self._failures.get(key)
+        if times is None:
+            times = self._failures[key] = collections.deque(maxlen=self.limit)
+            if len(self._failures) > self.max_keys:
+                self._failures.popitem(last=False)
+        else:
+            self._failures.move_to_end(key)
+        times.append(now)
+
+
+@attrs.define
+class Auth:
+    """The authentication state of one node's HTTP API."""
+
+    state_of: Callable[[], object]
+    counters: collections.Counter
+    clock: Callable[[], float] = time.monotonic
+    sessions: dict[str, Session] = attrs.Factory(dict)
+    by_address: RateLimiter = attrs.Factory(lambda: RateLimiter(LOGIN_FAILURES_PER_ADDRESS, LOGIN_WINDOW))
+    by_account: RateLimiter = attrs.Factory(lambda: RateLimiter(LOGIN_FAILURES_PER_ACCOUNT, LOGIN_WINDOW))
+    checks: trio.Semaphore = attrs.Factory(lambda: trio.Semaphore(PASSWORD_CHECKS))
+
+    # --- requests ---------------------------------------------------------------------
+
+    def principal(self) -> Principal | None:
+        """Who sent the current request, or None. Raises Forbidden-worthy CsrfError for a
+        session request that changes something without the session's CSRF token."""
+        header = request.headers.get("Authorization", "")
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer":
+                return None
+            account = api_token_account(self.state_of(), token.strip())
+            if account is None:
+                self.counters["auth.bad_token"] += 1
+            return None if account is None else Principal(account, "token")
+        session = self.session()
+        if session is None:
+            return None
+        if request.method not in SAFE_METHODS and not self.csrf_ok(session):
+            raise CsrfError()
+        return Principal(session.account, "session")
+
+    def session(self) -> Session | None:
+        sid = request.cookies.get(SESSION_COOKIE, "")
+        session = self.sessions.get(sid) if 0 < len(sid) <= 64 else None
+        if session is None:
+            return None
+        now = self.clock()
+        if now - session.seen > SESSION_IDLE or now - session.created > SESSION_MAX:
+            del self.sessions[sid]
+            return None
+        session.seen = now
+        return session
+
+    def csrf_ok(self, session: Session) -> bool:
+        sent = request.headers.get(CSRF_HEADER, "")
+        return bool(sent) and hmac.compare_digest(sent.encode(), session.csrf.encode())
+
+    # --- logins ----------------------------------------------------------------------
+
+    async def login(self, account: object, password: object) -> tuple[str | None, float]:
+        """(session id, 0) for a good login; (None, retry_after) otherwise, retry_after > 0
+        when the client address or the account name is rate-limited."""
+        now = self.clock()
+        address = client_address()
+        name = account if isinstance(account, str) and len(account) <= 64 else ""
+        wait = max(self.by_address.retry_after(address, now), self.by_account.retry_after("account:" + name, now))
+        if wait > 0:
+            self.counters["auth.login_limited"] += 1
+            return None, wait
+        record = self.state_of().get("admin", name) if name else None
+        stored = record.password if isinstance(record, AdminAccount) else dummy_hash()
+        given = password if isinstance(password, str) and len(password) <= MAX_PASSWORD else ""
+        async with self.checks:
+            matches = await trio.to_thread.run_sync(verify_password, stored, given)
+        if not (matches and isinstance(record, AdminAccount)):
+            self.counters["auth.login_failed"] += 1
+            self.by_address.fail(address, now)
+            self.by_account.fail("account:" + name, now)
+            return None, 0.0
+        self.counters["auth.login"] += 1
+        return self.new_session(name), 0.0
+
+    def new_session(self, account: str) -> str:
+        now = self.clock()
+        if len(self.sessions) >= MAX_SESSIONS:
+            oldest = min(self.sessions, key=lambda sid: self.sessions[sid].seen)
+            del self.sessions[oldest]
+        sid = secrets.token_urlsafe(32)
+        self.sessions[sid] = Session(account, secrets.token_urlsafe(32), now, now)
+        return sid
+
+    def logout(self) -> None:
+        self.sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
+
+
+class CsrfError(Exception):
+    """A session request that changes something without the CSRF token."""
+
+
+def client_address() -> str:
+    """The client's IP from the ASGI scope (never from headers, which the client writes)."""
+    client = (request.scope.get("client") or ("",))[0]
+    try:
+        return str(ipaddress.ip_address(client))
+    except ValueError:
+        return "unknown"
+
+
+def session_cookie(response: Response, sid: str, *, secure: bool) -> None:
+    response.set_cookie(
+        SESSION_COOKIE, sid, max_age=int(SESSION_MAX), httponly=True, secure=secure, samesite="Strict", path="/"
+    )
+
+
+LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>meshmail: sign in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body>
+<main>
+<h1>meshmail</h1>
+<p>Sign in to the admin API of node {node}.</p>
+{error}
+<form method="post" action="/login">
+<label>Account <input name="account" autocomplete="username" required maxlength="64"></label>
+<label>Password <input name="password" type="password" autocomplete="current-password" required></label>
+<button type="submit">Sign in</button>
+</form>
+</main>
+</body></html>
+"""
+
+
+def login_page(node: str, error: str = "") -> str:
+    shown = f'<p role="alert">{html.escape(error)}</p>' if error else ""
+    return LOGIN_PAGE.format(node=html.escape(node), error=shown)
