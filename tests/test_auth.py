@@ -259,6 +259,15 @@ async def test_deleting_an_account_ends_its_sessions(node):
     assert await request(node, "GET", "/domains") == (200, {"domains": []})
 
 
+async def test_a_new_password_ends_older_sessions(node):
+    await add_admin(node, "carol")
+    old = await log_in(node, "carol")
+    await add_admin(node, "carol", "another password")
+    assert_unauthorized(await fetch(node, "GET", "/domains", headers=old.headers()), "session from the old password")
+    new = await log_in(node, "carol", "another password")
+    assert (await fetch(node, "GET", "/domains", headers=new.headers())).status == 200
+
+
 # --- sessions -----------------------------------------------------------------------------
 
 

@@ -73,7 +73,8 @@ class Fleet:
 
     def init(self, name: str, cluster: str = "prod") -> None:
         password_file = str(self.root / "admin-password")
-        ok("init", "--name", cluster, "--node-name", name, *self.placement(name), "--admin-password-file", password_file)
+        where = self.placement(name)
+        ok("init", "--name", cluster, "--node-name", name, *where, "--admin-password-file", password_file)
 
     def token(self, via: str, role: str, *extra: str) -> str:
         return ok("token", "create", "--role", role, "--quiet", "--data-dir", str(self.data_dir(via)), *extra).strip()

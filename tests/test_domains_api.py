@@ -8,7 +8,6 @@ import urllib.parse
 
 import attrs
 import pytest
-import trio
 from conftest import minimal_config
 from test_status import ENDPOINTS, Served, request, start
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator, Mapping
 import hypothesis  # noqa: F401  (its entry point makes trio's scheduler seedable)
 import pytest
 import trio
-from trio._core import _run as trio_run
 from procs import HOST, Cluster, View, get_status
+from trio._core import _run as trio_run
 
 from meshmail.config import load
 from meshmail.gossip.config import GossipConfig, profile

@@ -15,11 +15,9 @@ import pytest
 import trio
 from conftest import minimal_config
 
-from meshmail.config import format_address, loads
-from meshmail.config import Address, Config
+from meshmail.config import Address, Config, format_address, loads
 from meshmail.node import join_seeds, serve
 from meshmail.security import files
-from meshmail.web import create_app
 from meshmail.web.app import MAX_BODY
 
 ENDPOINTS = '[endpoints]\nimap = "127.0.0.1:1143"\n[tags]\nrack = "r1"\n'

@@ -5,8 +5,9 @@ Deny by default: every route needs credentials unless its handler is marked @pub
 A bearer token (``Authorization: Bearer mmapi1_...``) is checked against the replicated
 state; a session is held in this node's memory (a login is per master). Requests that
 change something with a session cookie must carry the session's CSRF token in the
-``X-CSRF-Token`` header or a ``csrf_token`` form field; bearer requests need none, since a
-browser never adds that header by itself. A failed login answers the same, in about the
+``X-CSRF-Token`` header; bearer requests need none, since a browser never adds that header
+by itself. A session ends when its account is deleted or its password changes, on every
+master (the check reads the replicated state). A failed login answers the same, in about the
 same time, whether or not the account exists.
 """
 
@@ -62,6 +63,8 @@ class Session:
     csrf: str
     created: float
     seen: float
+    #: The account's password hash at login: a new password ends older sessions.
+    password: str = attrs.field(repr=False, default="")
 
 
 @attrs.define
@@ -139,6 +142,10 @@ class Auth:
         if now - session.seen > SESSION_IDLE or now - session.created > SESSION_MAX:
             del self.sessions[sid]
             return None
+        record = self.state_of().get("admin", session.account)
+        if not isinstance(record, AdminAccount) or record.password != session.password:
+            del self.sessions[sid]  # the account was deleted or its password changed
+            return None
         session.seen = now
         return session
 
@@ -169,15 +176,15 @@ class Auth:
             self.by_account.fail("account:" + name, now)
             return None, 0.0
         self.counters["auth.login"] += 1
-        return self.new_session(name), 0.0
+        return self.new_session(name, record.password), 0.0
 
-    def new_session(self, account: str) -> str:
+    def new_session(self, account: str, password_hash: str) -> str:
         now = self.clock()
         if len(self.sessions) >= MAX_SESSIONS:
             oldest = min(self.sessions, key=lambda sid: self.sessions[sid].seen)
             del self.sessions[oldest]
         sid = secrets.token_urlsafe(32)
-        self.sessions[sid] = Session(account, secrets.token_urlsafe(32), now, now)
+        self.sessions[sid] = Session(account, secrets.token_urlsafe(32), now, now, password_hash)
         return sid
 
     def logout(self) -> None:
