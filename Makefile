@@ -6,10 +6,14 @@ BIN := $(VENV)/bin
 RUFF_ARGS := --line-length 120 --target-version py311 --select E,F,W,I,B,UP
 PYTEST_ARGS ?=
 
-.PHONY: test lint bench-gossip bench-state clean
+.PHONY: test lint demo bench-gossip bench-state clean
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# A local cluster of two masters and two slaves (init, tokens, join); Ctrl-C stops it.
+demo: $(VENV)/.installed-test
+	MESHMAIL=$(BIN)/meshmail sh deploy/demo.sh
 
 lint: $(VENV)/.installed-lint
 	$(BIN)/python -m ruff check $(RUFF_ARGS) meshmail tests
