@@ -58,6 +58,10 @@ REJECTED = [
     ("tag not a string", dict(rest="[tags]\nrack = 3"), "tags.rack", "expected a string"),
     ("missing name", dict(node={"name": None}), "node.name", "missing (required)"),
     ("missing cluster", dict(gossip={"cluster": None}), "gossip.cluster", "missing (required)"),
+    ("tls without cert", dict(rest='[tls]\nca = "ca.pem"\nkey = "k.pem"'), "tls.cert", "missing (required)"),
+    ("tls unknown key", dict(rest='[tls]\nca = "a"\ncert = "b"\nkey = "c"\ncrl = "d"'), "tls.crl", "unknown key"),
+    ("tls empty path", dict(rest='[tls]\nca = ""\ncert = "b"\nkey = "c"'), "tls.ca", "must not be empty"),
+    ("http advertise port 0", dict(rest='[http]\nadvertise = "10.0.0.1:0"'), "http.advertise", "port must be"),
     ("no keys", dict(gossip={"keys": "[]"}), "gossip.keys", "at least one key"),
     ("short key", dict(gossip={"keys": f'["{KEY}", "{b64_of(16)}"]'}), "gossip.keys[1]", "16 bytes"),
     ("long key", dict(gossip={"keys": f'["{b64_of(33)}"]'}), "gossip.keys[0]", "33 bytes"),
@@ -206,3 +210,21 @@ def test_parse_address(text, port_zero, address):
 def test_parse_address_rejects(text):
     with pytest.raises(ValueError):
         parse_address(text)
+
+
+def test_tls_paths_are_under_the_data_dir_unless_absolute():
+    text = document(
+        node={"data_dir": '"/var/lib/mm"'},
+        gossip={"keys": None},
+        rest='[tls]\nca = "ca.pem"\ncert = "/etc/mm/node.pem"\nkey = "node-key.pem"\n'
+        '[http]\nbind = "0.0.0.0:8443"\nadvertise = "10.0.0.1:8443"',
+    )
+    config = loads(text)
+    assert config.gossip.keys == ()  # they live in the data dir's keyring.json
+    assert (config.tls.ca, config.tls.cert, config.tls.key, config.tls.ca_key) == (
+        "/var/lib/mm/ca.pem",
+        "/etc/mm/node.pem",
+        "/var/lib/mm/node-key.pem",
+        None,
+    )
+    assert config.http.advertise == ("10.0.0.1", 8443)

@@ -143,7 +143,11 @@ def create_app(node) -> QuartTrio:
         try:
             if node.authority is None or node.authority.key is None or node.config.node.role != "master":
                 raise admission.JoinRefused("not_master", "this node cannot admit joins (not a master with the CA key)")
-            request_ = admission.read_request(await _json_object())
+            try:
+                document = await _json_object()
+            except BadRequest as exc:
+                raise admission.JoinRefused("bad_request", exc.description, 400) from None
+            request_ = admission.read_request(document)
             cert = admission.admit(
                 node.replication,
                 request_,

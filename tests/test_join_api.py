@@ -1,0 +1,158 @@
+"""The join endpoints of a real TLS master (made by init_cluster, run by node.serve in this
+process, asked over real HTTPS): the CA it serves, refusals of junk, and nodes that may not
+admit joins."""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from procs import HOST, free_ports
+
+from meshmail.config import Config, format_address, load, loads
+from meshmail.node import serve, wall_ms
+from meshmail.security import ca, files
+from meshmail.security.bootstrap import init_cluster, placement
+
+PASSWORD = "a long enough password"
+
+
+def make_master(root: Path, name: str = "m1") -> Config:
+    gossip, http = free_ports(2)
+    where = placement(
+        name=name, role="master", data_dir=str(root / name), bind=HOST, advertise=None, gossip_port=gossip,
+        http_port=http,
+    )  # fmt: skip
+    init_cluster(where, "prod", "admin", PASSWORD, force=False, wall_ms=wall_ms)
+    return load(str(where.data_dir / files.CONFIG))
+
+
+def https(
+    config: Config, method: str, path: str, body: bytes | None = None, token: str | None = None, source: str = HOST
+) -> tuple[int, bytes]:
+    """(status, body bytes) of one request from loopback address `source`, verified against
+    the node's CA."""
+    context = ssl.create_default_context(cafile=config.tls.ca)
+    context.check_hostname = False
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    host, port = config.http.bind
+    conn = http.client.HTTPSConnection(host, port, context=context, timeout=10, source_address=(source, 0))
+    try:
+        conn.request(method, path, body, headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def master(nursery, tmp_path) -> Config:
+    config = make_master(tmp_path)
+    with trio.fail_after(15):
+        await nursery.start(serve, config)
+    return config
+
+
+async def call(*args, **kwargs):
+    return await trio.to_thread.run_sync(lambda: https(*args, **kwargs))
+
+
+async def test_the_api_speaks_only_tls_and_serves_the_pinned_ca(master):
+    status, pem = await call(master, "GET", "/cluster/ca")
+    assert status == 200
+    authority = ca.load_cert(pem)
+    assert authority == ca.load_cert(Path(master.tls.ca).read_bytes())
+    _, document = await call(master, "GET", "/status")
+    assert json.loads(document)["cluster_id"] == ca.fingerprint(authority).hex()[:16]
+
+    def plain() -> None:
+        urllib.request.urlopen(f"http://{format_address(master.http.bind)}/status", timeout=5)
+
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        await trio.to_thread.run_sync(plain)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=6),
+    max_leaves=20,
+)
+FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "token_id": st.text(max_size=20) | st.just("0123456789abcdef"),
+        "secret": st.text(max_size=50) | st.just("A" * 43 + "="),
+        "role": st.sampled_from(["slave", "master", "root", ""]),
+        "name": st.text(max_size=70),
+        "nonce": st.text(max_size=40) | st.just("f" * 32),
+        "hosts": JSON,
+        "csr": st.text(max_size=200) | st.just("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n"),
+    },
+)
+
+
+def test_junk_join_requests_are_refused_never_500(tmp_path):
+    """Random JSON and near-miss join requests: 400/403/409/429 only, nothing written. Each
+    comes from its own loopback address, so that the per-address limit on refused joins
+    does not stop them before they are parsed; then one address hits that limit."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            config = make_master(tmp_path)
+            await nursery.start(serve, config)
+            _, before = await call(config, "GET", "/status")
+            seen: set[int] = set()
+            sent: list[int] = []
+            sources = (f"127.0.{i // 200}.{i % 200 + 2}" for i in itertools.count())
+
+            @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+            @given(document=JSON | FIELDS)
+            def one(document) -> None:
+                data = json.dumps(document).encode()
+                status, body = https(config, "POST", "/cluster/join", data, source=next(sources))
+                assert status in (400, 403, 409), (status, body[:200])
+                assert "error" in json.loads(body)
+                seen.add(status)
+                sent.append(status)
+
+            await trio.to_thread.run_sync(one)
+            for raw in (b"", b"{", b"\xff\xfe", b"[]" * 40_000):
+                status, _ = await call(config, "POST", "/cluster/join", raw, source=next(sources))
+                assert status == 400
+            for _ in range(25):  # from one address: the limit (20 refusals per 5 minutes) holds
+                status, _ = await call(config, "POST", "/cluster/join", b"{}")
+                seen.add(status)
+            _, after = await call(config, "GET", "/status")
+            assert json.loads(after)["state"]["digest"] == json.loads(before)["state"]["digest"]
+            counters = json.loads(after)["state"]["counters"]
+            refusals = sum(count for name, count in counters.items() if name.startswith("join.refused."))
+            # Every fuzzed request and the 4 raw ones were parsed and refused; 20 more from one address.
+            assert refusals == len(sent) + 4 + 20 and counters.get("join.limited", 0) == 5
+            assert 429 in seen  # the per-address limit on refused joins held
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def test_a_slave_admits_no_joins_and_mints_no_tokens(nursery, tmp_path):
+    master = make_master(tmp_path)
+    text = Path(master.path).read_text().replace('role = "master"', 'role = "slave"')
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("ca_key"))
+    config = loads(text, master.path)
+    await nursery.start(serve, config)
+    token = files.read_api_token(Path(config.node.data_dir))
+    status, body = await call(config, "POST", "/tokens", json.dumps({"role": "slave"}).encode(), token=token)
+    assert status == 403 and "not a master" in json.loads(body)["error"]
+    status, body = await call(config, "POST", "/cluster/join", b"{}")
+    assert (status, json.loads(body)["reason"]) == (403, "not_master")
