@@ -486,7 +486,7 @@ def _keyring_remove(args: argparse.Namespace) -> int:
 
 def _keyring_rotate(args: argparse.Namespace) -> int:
     """install a new key, wait until every live member holds it; make it primary, wait until
-    every live member uses it; then remove every other key."""
+    every live member uses it; then remove every other key and wait until none holds one."""
     import time
 
     from .gossip.keyring import new_key
@@ -500,23 +500,26 @@ def _keyring_rotate(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.timeout
         while True:
             document = request(target, "GET", "/keyring")
-            entry = next((key for key in document["keys"] if key["id"] == kid), None)
-            if entry is not None and done(entry, document["members"]):
+            keys = {key["id"]: key for key in document["keys"]}
+            if kid in keys and done(keys, document["members"]):
                 return
             if time.monotonic() > deadline:
-                missing = ", ".join(entry["missing_on"]) if entry else "every member"
-                raise CommandError(f"key {kid}: not {what} after {args.timeout:g} s (missing on: {missing});"
-                                   " run meshmail keyring rotate again or finish by hand with keyring use/remove")
+                raise CommandError(
+                    f"key {kid}: not {what} after {args.timeout:g} s (keyring list shows who lags);"
+                    " run meshmail keyring rotate again or finish by hand with keyring use/remove"
+                )
             time.sleep(0.5)
 
-    wait("installed everywhere", lambda entry, members: entry["installed_on"] == members)
+    wait("installed everywhere", lambda keys, members: keys[kid]["installed_on"] == members)
     request(target, "POST", "/keyring", {"action": "use", "id": kid})
     print(f"meshmail: key {kid} is primary; waiting for every member to use it")
-    wait("primary everywhere", lambda entry, members: entry["primary_on"] == members)
-    for other in old:
-        if other != kid:
-            request(target, "POST", "/keyring", {"action": "remove", "id": other})
-            print(f"meshmail: key {other} removed")
+    wait("primary everywhere", lambda keys, members: keys[kid]["primary_on"] == members)
+    others = [other for other in old if other != kid]
+    for other in others:
+        request(target, "POST", "/keyring", {"action": "remove", "id": other})
+        print(f"meshmail: key {other} removed")
+    wait("the only key left", lambda keys, _: not any(keys.get(old_id, {}).get("installed_on") for old_id in others))
+    print(f"meshmail: key {kid} is the only key of every live member")
     return 0
 
 
