@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUFF_ARGS := --line-length 120 --target-version py311 --select E,F,W,I,B,UP
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo bench-gossip bench-state clean
+.PHONY: test lint demo bench-gossip bench-state bench-security clean
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -23,6 +23,9 @@ bench-gossip: $(VENV)/.installed-test
 
 bench-state: $(VENV)/.installed-test
 	$(BIN)/python tests/bench/bench_state.py
+
+bench-security: $(VENV)/.installed-test
+	$(BIN)/python tests/bench/bench_security.py
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
