@@ -1,0 +1,1 @@
+"""The slave agent: domain sources, backend health, publishing."""
