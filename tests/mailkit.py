@@ -21,7 +21,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -188,6 +188,21 @@ def _accepts(host: str, port: int) -> bool:
         return False
 
 
+def live_processes_in_group(group: int) -> list[str]:
+    """Commands of the processes in process group `group` that are not zombies (children of a
+    killed master are reaped by init, which can take seconds)."""
+    live = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat_file.read_text()
+        except OSError:
+            continue
+        command, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        if int(fields[2]) == group and fields[0] != "Z":
+            live.append(command)
+    return live
+
+
 class _Daemon:
     """A child process group started from `argv` with output appended to `out`."""
 
@@ -214,13 +229,19 @@ class _Daemon:
         except ProcessLookupError:
             pass
         self.process.wait(timeout=10)
+        deadline = time.monotonic() + START_TIMEOUT
+        while left := live_processes_in_group(self.process.pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mailkit: still alive after SIGKILL: {left}")
+            time.sleep(POLL_INTERVAL)
 
-    def _wait(self, what: str, ready, ports: list[int], host: str) -> None:
+    def _wait(self, what: str, ready: Callable[[], bool], ports: list[int], host: str) -> None:
         """Poll `ready()` until true; raise RuntimeError with the log tail if the process
         exits or START_TIMEOUT passes (the process is killed then)."""
         deadline = time.monotonic() + START_TIMEOUT
         while not ready():
             if not self.running:
+                self._kill()  # the master is gone; leave none of its children behind
                 self.process = None
                 raise RuntimeError(f"mailkit: {what} exited while starting\n{self.log_tail()}")
             if time.monotonic() > deadline:
@@ -370,7 +391,9 @@ class Dovecot(_Daemon):
                 "submission_relay_trusted = no",
                 "submission_relay_ssl = no",
             ]
-        return "\n".join(lines) + f"""
+        return (
+            "\n".join(lines)
+            + f"""
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.passwd}
@@ -382,16 +405,16 @@ userdb {{
 }}
 service imap-login {{
   inet_listener imap {{
-    port = {self.ports['imap']}{haproxy}
+    port = {self.ports["imap"]}{haproxy}
   }}
   inet_listener imaps {{
-    port = {self.ports['imaps']}
+    port = {self.ports["imaps"]}
     ssl = yes
   }}
 }}
 service pop3-login {{
   inet_listener pop3 {{
-    port = {self.ports['pop3']}{haproxy}
+    port = {self.ports["pop3"]}{haproxy}
   }}
   inet_listener pop3s {{
     port = 0
@@ -399,7 +422,7 @@ service pop3-login {{
 }}
 service submission-login {{
   inet_listener submission {{
-    port = {self.ports['submission']}
+    port = {self.ports["submission"]}
   }}
 }}
 # No anvil-auth-penalty socket: auth then skips the growing delay (2, 4, 8, 15 s) after
@@ -411,10 +434,11 @@ service anvil {{
 }}
 service lmtp {{
   inet_listener lmtp {{
-    port = {self.ports['lmtp']}
+    port = {self.ports["lmtp"]}
   }}
 }}
 """
+        )
 
     # -- process
 
@@ -481,7 +505,8 @@ service lmtp {{
         return self.mail / domain / local / "Maildir"
 
     def mailbox(self, address: str) -> list[bytes]:
-        """The messages in `address`'s INBOX (new and cur), oldest first; [] before the first delivery."""
+        """The messages in `address`'s INBOX (new and cur), oldest first, as stored: with the
+        headers Dovecot added and LF line ends. [] before the first delivery."""
         folder = self.maildir(address)
         files = [f for sub in ("new", "cur") if (folder / sub).is_dir() for f in (folder / sub).iterdir()]
         return [f.read_bytes() for f in sorted(files, key=_maildir_order)]
@@ -606,9 +631,7 @@ class Postfix(_Daemon):
         if check.returncode != 0:
             raise RuntimeError(f"mailkit: postfix check failed:\n{check.stdout}{check.stderr}\n{self.log_tail()}")
         self._spawn([POSTFIX_MASTER, "-d", "-c", str(self.config_dir)], self.output)
-        self._wait(
-            f"Postfix {self.endpoint}", lambda: _greeting(self.host, self.port, b"220"), [self.port], self.host
-        )
+        self._wait(f"Postfix {self.endpoint}", lambda: _greeting(self.host, self.port, b"220"), [self.port], self.host)
 
     def stop(self) -> None:
         """SIGKILL master and its children (`-d` keeps them in our process group), reap, and

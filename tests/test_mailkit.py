@@ -52,7 +52,7 @@ def kit(tmp_path_factory):
     with (
         mailkit.dovecot(root / "a", {"alice@a.test": "alice-pw"}) as a,
         mailkit.dovecot(root / "b", {"bob@b.test": "bob-pw"}) as b,
-        mailkit.postfix(root / "mx", a, ["a.test"], routes={"b.test": b}) as mx,
+        mailkit.postfix(root / "mx", a, ["a.test"], routes={"b.test": b}, xclient=True) as mx,
     ):
         a.relay_to(mx.endpoint)
         yield a, b, mx
@@ -130,10 +130,13 @@ def test_postfix_delivers_to_the_dovecot_of_the_domain(kit):
     assert not any(subject.encode() in m for m in a.mailbox("alice@a.test"))
 
 
-def test_postfix_refuses_other_domains(kit):
+def test_postfix_refuses_other_domains_and_offers_xclient(kit):
     _, _, mx = kit
-    with smtplib.SMTP(*host_port(mx.endpoint)) as smtp, pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
-        smtp.sendmail("sender@example.test", ["someone@elsewhere.test"], message("no relay"))
+    with smtplib.SMTP(*host_port(mx.endpoint)) as smtp:
+        smtp.ehlo()
+        assert "xclient" in smtp.esmtp_features
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            smtp.sendmail("sender@example.test", ["someone@elsewhere.test"], message("no relay"))
     assert refused.value.recipients["someone@elsewhere.test"][0] in (454, 550, 554)
 
 
@@ -196,9 +199,7 @@ def imap_lines(sock: socket.socket, *commands: bytes) -> bytes:
 
 def test_stop_restart_proxy_v2_and_id_forwarding(tmp_path_factory):
     root = tmp_path_factory.mktemp("mailkit-c")
-    with mailkit.dovecot(
-        root / "c", {"carol@c.test": "carol-pw"}, trusted_networks=["127.0.0.0/8"], haproxy=True
-    ) as c:
+    with mailkit.dovecot(root / "c", {"carol@c.test": "carol-pw"}, trusted_networks=["127.0.0.0/8"], haproxy=True) as c:
         host, port = host_port(c.endpoints()["imap"])
         header = mailkit.proxy_v2_header(("192.0.2.7", 40000), (host, port))
         with ProxiedIMAP4(host, port, header) as imap:
@@ -213,8 +214,10 @@ def test_stop_restart_proxy_v2_and_id_forwarding(tmp_path_factory):
         assert b"t1 OK" in replies
         wait_for(lambda: "rip=192.0.2.8" in c.log_tail(), "IMAP ID client address in the log", c)
 
+        group = c.process.pid
         c.stop()
         assert not c.running
+        assert mailkit.live_processes_in_group(group) == []
         for endpoint in c.endpoints().values():
             with pytest.raises(OSError):
                 socket.create_connection(host_port(endpoint), timeout=2).close()
