@@ -204,17 +204,28 @@ def live_processes_in_group(group: int) -> list[str]:
 
 
 class _Daemon:
-    """A child process group started from `argv` with output appended to `out`."""
+    """A server run as a child process group under `root`, its output appended to `output`
+    and its log in `log`, listening on `host` at `_listening_ports()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path, host: str, output: str, log: str) -> None:
+        self.root = Path(root)
+        self.host = host
         self.process: subprocess.Popen | None = None
+        self._temporaries: list[Path] = []
+        self.root.mkdir(parents=True, exist_ok=True)
+        _let_daemons_in(self.root)
+        self.output = self.root / output
+        self.log = self.root / log
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def _spawn(self, argv: list[str], out: Path) -> None:
-        with open(out, "ab") as stream:
+    def _listening_ports(self) -> list[int]:
+        raise NotImplementedError
+
+    def _spawn(self, argv: list[str]) -> None:
+        with open(self.output, "ab") as stream:
             stream.write(f"----- {' '.join(argv)} ({time.strftime('%H:%M:%S')})\n".encode())
             stream.flush()
             self.process = subprocess.Popen(
@@ -235,7 +246,7 @@ class _Daemon:
                 raise RuntimeError(f"mailkit: still alive after SIGKILL: {left}")
             time.sleep(POLL_INTERVAL)
 
-    def _wait(self, what: str, ready: Callable[[], bool], ports: list[int], host: str) -> None:
+    def _wait(self, what: str, ready: Callable[[], bool], ports: list[int]) -> None:
         """Poll `ready()` until true; raise RuntimeError with the log tail if the process
         exits or START_TIMEOUT passes (the process is killed then)."""
         deadline = time.monotonic() + START_TIMEOUT
@@ -247,22 +258,33 @@ class _Daemon:
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(
-                    f"mailkit: {what} not ready on {host} ports {ports} after {START_TIMEOUT} s\n{self.log_tail()}"
+                    f"mailkit: {what} not ready on {self.host} ports {ports} after {START_TIMEOUT} s\n{self.log_tail()}"
                 )
             time.sleep(POLL_INTERVAL)
 
-    def _wait_closed(self, host: str, ports: list[int]) -> None:
+    def _wait_closed(self, ports: list[int]) -> None:
         deadline = time.monotonic() + START_TIMEOUT
-        while any(_accepts(host, p) for p in ports):
+        while any(_accepts(self.host, p) for p in ports):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"mailkit: ports {ports} still accept after stop\n{self.log_tail()}")
             time.sleep(POLL_INTERVAL)
 
-    def log_tail(self) -> str:
-        raise NotImplementedError
-
     def stop(self) -> None:
-        raise NotImplementedError
+        """SIGKILL the whole process group, wait until none of it is alive, then until no
+        port accepts."""
+        self._kill()
+        self.process = None
+        self._wait_closed(self._listening_ports())
+
+    def close(self) -> None:
+        """`stop`, then remove the short socket folder made outside the root, if any."""
+        self.stop()
+        for folder in self._temporaries:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def log_tail(self) -> str:
+        """The last lines of the log and of the process's stdout/stderr (where start-up errors land)."""
+        return _tail(self.output, self.log)
 
 
 class Dovecot(_Daemon):
@@ -288,23 +310,16 @@ class Dovecot(_Daemon):
         haproxy: bool = False,
         haproxy_networks: list[str] | None = None,
     ) -> None:
-        super().__init__()
-        self.root = Path(root)
-        self.host = host
+        super().__init__(root, host, output="dovecot.out", log="dovecot.log")
         self.name = name or re.sub(r"[^A-Za-z0-9-]", "-", self.root.name)
         self.relay = relay
         self.trusted_networks = list(trusted_networks or [])
         self.haproxy = haproxy
         self.haproxy_networks = list(haproxy_networks or ["127.0.0.0/8"])
         self.ports = dict(zip(["imap", "imaps", "pop3", "lmtp", "submission"], free_ports(5), strict=True))
-        self._temporaries: list[Path] = []
-        self._users: dict[str, str] = {}
+        self._users = dict(users)
         self._users_stamp = 0.0
-        self.root.mkdir(parents=True, exist_ok=True)
-        _let_daemons_in(self.root)
         self.config = self.root / "dovecot.conf"
-        self.log = self.root / "dovecot.log"
-        self.output = self.root / "dovecot.out"
         self.passwd = self.root / "users"
         self.mail = self.root / "mail"
         self.mail.mkdir(exist_ok=True)
@@ -312,8 +327,6 @@ class Dovecot(_Daemon):
         (self.root / "state").mkdir(exist_ok=True)
         self.cafile, self._key = write_certificate(self.root / "tls", host)
         self.base_dir = _socket_dir(self.root / "run", self._temporaries)
-        for address, password in users.items():
-            self._users[address] = password
         self._write_users()
 
     # -- configuration
@@ -449,7 +462,7 @@ service lmtp {{
             raise RuntimeError(f"mailkit: Dovecot {self.name} already running")
         self.config.write_text(self._config_text())
         (self.base_dir / "master.pid").unlink(missing_ok=True)
-        self._spawn(["dovecot", "-F", "-c", str(self.config)], self.output)
+        self._spawn(["dovecot", "-F", "-c", str(self.config)])
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -461,7 +474,7 @@ service lmtp {{
                 self.host, self.ports["imap"], b"* OK", preamble
             )
 
-        self._wait(f"Dovecot {self.name}", ready, ports, self.host)
+        self._wait(f"Dovecot {self.name}", ready, ports)
 
     def relay_to(self, relay: str | None) -> None:
         """Set the submission relay ("host:port" or None to disable submission); a running
@@ -477,26 +490,12 @@ service lmtp {{
                 f"Dovecot {self.name} submission",
                 lambda: _greeting(self.host, self.ports["submission"], b"220"),
                 [self.ports["submission"]],
-                self.host,
             )
         else:
-            self._wait_closed(self.host, [self.ports["submission"]])
+            self._wait_closed([self.ports["submission"]])
 
-    def stop(self) -> None:
-        """SIGKILL the whole process group, reap it, and wait until no port accepts."""
-        self._kill()
-        self.process = None
-        self._wait_closed(self.host, list(self.ports.values()))
-
-    def close(self) -> None:
-        """`stop`, then remove the short socket folder made outside the root, if any."""
-        self.stop()
-        for folder in self._temporaries:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def log_tail(self) -> str:
-        """The last lines of Dovecot's log and of its stdout/stderr (config errors land there)."""
-        return _tail(self.output, self.log)
+    def _listening_ports(self) -> list[int]:
+        return list(self.ports.values())
 
     # -- mail
 
@@ -521,7 +520,8 @@ def _maildir_order(path: Path) -> tuple[int, int, str]:
 class Postfix(_Daemon):
     """One Postfix under `root`: smtpd on host:<port from the kernel> accepting mail for
     `domains` (delivered over LMTP to `dovecot`) and for `routes` (domain -> another Dovecot);
-    every other recipient is refused (no relaying, nothing leaves the machine).
+    every other recipient is refused (no relaying, nothing leaves the machine). An unknown
+    user of a hosted domain is accepted, then refused by Dovecot's LMTP and bounced.
 
     `xclient` lets 127.0.0.0/8 use XCLIENT. Runs `master -d` on its own config_directory,
     queue_directory and data_directory; logs to root/postfix.log through postlogd.
@@ -537,23 +537,16 @@ class Postfix(_Daemon):
         host: str = HOST,
         xclient: bool = False,
     ) -> None:
-        super().__init__()
-        self.root = Path(root)
-        self.host = host
+        super().__init__(root, host, output="master.out", log="postfix.log")
         self.routes = {domain: dovecot for domain in domains} | dict(routes or {})
         self.xclient = xclient
         (self.port,) = free_ports(1)
-        self._temporaries: list[Path] = []
-        self.root.mkdir(parents=True, exist_ok=True)
-        _let_daemons_in(self.root)
         self.config_dir = self.root / "conf"
         self.config_dir.mkdir(exist_ok=True)
         self.data_dir = self.root / "data"
         self.data_dir.mkdir(exist_ok=True)
         shutil.chown(self.data_dir, "postfix")
         self.queue_dir = _socket_dir(self.root / "queue", self._temporaries)
-        self.log = self.root / "postfix.log"
-        self.output = self.root / "master.out"
 
     @property
     def endpoint(self) -> str:
@@ -630,25 +623,11 @@ class Postfix(_Daemon):
         )
         if check.returncode != 0:
             raise RuntimeError(f"mailkit: postfix check failed:\n{check.stdout}{check.stderr}\n{self.log_tail()}")
-        self._spawn([POSTFIX_MASTER, "-d", "-c", str(self.config_dir)], self.output)
-        self._wait(f"Postfix {self.endpoint}", lambda: _greeting(self.host, self.port, b"220"), [self.port], self.host)
+        self._spawn([POSTFIX_MASTER, "-d", "-c", str(self.config_dir)])
+        self._wait(f"Postfix {self.endpoint}", lambda: _greeting(self.host, self.port, b"220"), [self.port])
 
-    def stop(self) -> None:
-        """SIGKILL master and its children (`-d` keeps them in our process group), reap, and
-        wait until smtpd's port is closed."""
-        self._kill()
-        self.process = None
-        self._wait_closed(self.host, [self.port])
-
-    def close(self) -> None:
-        """`stop`, then remove the short queue folder made outside the root, if any."""
-        self.stop()
-        for folder in self._temporaries:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def log_tail(self) -> str:
-        """The last lines of the maillog and of master's stdout/stderr."""
-        return _tail(self.output, self.log)
+    def _listening_ports(self) -> list[int]:
+        return [self.port]
 
 
 @contextmanager

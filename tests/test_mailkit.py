@@ -27,7 +27,7 @@ def host_port(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def wait_for(condition: Callable[[], bool], what: str, *logs: mailkit._Daemon) -> None:
+def wait_for(condition: Callable[[], bool], what: str, *logs: mailkit.Dovecot | mailkit.Postfix) -> None:
     deadline = time.monotonic() + DELIVERY_DEADLINE
     while not condition():
         if time.monotonic() > deadline:
