@@ -213,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     rotate = key_action("rotate", _keyring_rotate, "install a new key, make it primary, remove the old ones")
     rotate.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each step (default: 60)")
 
+    slave = command("slave", None, "what a slave publishes", "The domain sources and services of a slave node.")
+    slave_actions = slave.add_subparsers(dest="action", required=True, metavar="ACTION")
+    slave_domains = slave_actions.add_parser(
+        "domains",
+        help="the domains this slave publishes and from which source (GET /slave)",
+        description="The domains this slave publishes, from which source, and each source's state.",
+    )
+    slave_domains.set_defaults(handler=_slave_domains)
+    slave_domains.add_argument("--json", action="store_true", help="print the answer as JSON")
+    _add_target(slave_domains)
+
     admin = command("admin", None, "manage admin accounts and API tokens", "Admin accounts of the cluster.")
     admin_actions = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
     passwd = admin_actions.add_parser("passwd", help="create an account or set its password (PUT /admins/ACCOUNT)")
@@ -523,6 +534,12 @@ def _keyring_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slave_domains(args: argparse.Namespace) -> int:
+    document = _call(args, "GET", "/slave")
+    _print(args, document, lambda: format_slave(document))
+    return 0
+
+
 def _admin_passwd(args: argparse.Namespace) -> int:
     password = _read_password(args.password_file, f"New password for {args.account}: ")
     _call(args, "PUT", f"/admins/{urllib.parse.quote(args.account, safe='')}", {"password": password})
@@ -682,7 +699,10 @@ def format_status(document: dict[str, Any]) -> str:
     )
     rows = [("NAME", "STATE", "INC", "ADDRESS", "ROLE", "ENDPOINTS", "CHANGED")]
     for member in document["members"]:
-        endpoints = ",".join(f"{service}={address}" for service, address in member["endpoints"].items())
+        endpoints = ",".join(
+            f"{service}={endpoint['address']}{'' if endpoint['up'] else '(down)'}"
+            for service, endpoint in member["endpoints"].items()
+        )
         rows.append(
             (
                 member["name"],
@@ -749,6 +769,24 @@ def format_tokens(tokens: list[dict[str, Any]]) -> str:
         for t in tokens
     ]
     return "\n".join(_columns(rows))
+
+
+def format_slave(document: dict[str, Any]) -> str:
+    """`meshmail slave domains`: the domains and their sources, then each source's state."""
+    rows = [("DOMAIN", "SOURCES", "STATUS")]
+    rows += [(d["domain"], ",".join(d["sources"]), d["status"]) for d in document["domains"]]
+    lines = _columns(rows) if document["domains"] else ["(no domains)"]
+    lines += ["", "sources:"]
+    for source in document["sources"]:
+        where = " ".join(source["command"]) or ", ".join(source["paths"].values()) or "config"
+        state = source["status"] + (f": {source['detail']}" if source["detail"] else "")
+        lines.append(f"  {source['name']} ({source['type']}, {where}): {source['domains']} domains, {state}")
+        lines += [f"    skipped {problem}" for problem in source["problems"]]
+    if document["health"]:
+        lines += ["", "services:"]
+        for service, health in document["health"].items():
+            lines.append(f"  {service}: {'up' if health['up'] else 'DOWN'} ({health['detail']})")
+    return "\n".join(lines)
 
 
 def format_keyring(document: dict[str, Any]) -> str:

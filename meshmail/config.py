@@ -23,7 +23,7 @@ import attrs
 from .gossip.config import PROFILES, GossipConfig, profile
 from .gossip.keyring import KEY_SIZE
 from .gossip.messages import MAX_NAME
-from .gossip.meta import ROLES, SERVICES, NodeMeta
+from .gossip.meta import CLIENT_ADDRESS, ROLES, SERVICES, TRANSPORTS, Endpoint, NodeMeta
 
 Address = tuple[str, int]
 
@@ -122,6 +122,13 @@ def _boolean(value: object) -> bool:
     return value
 
 
+def _positive(value: object, *, zero: bool = False) -> float:
+    number = _number(value)
+    if not (number >= 0 if zero else number > 0) or number > 86400:
+        raise _Bad(f"must be {'0 or more' if zero else 'more than 0'} seconds (and at most a day)")
+    return number
+
+
 def _choice(*options: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if _string(value) not in options:
@@ -218,6 +225,51 @@ class TlsSection:
 
 
 @attrs.frozen
+class EndpointConfig:
+    """A service this node offers ([endpoints]): `imap = "host:port"` or a table."""
+
+    address: str
+    transport: str = "plain"
+    client_address: str = "none"
+    #: Whether a slave probes it (connect, read the greeting) and publishes it down when it fails.
+    probe: bool = True
+
+
+#: Domain source types ([[slave.sources]] type = ...) and their defaults.
+SOURCE_TYPES = ("static", "cpanel", "directadmin", "plesk", "postfix", "dovecot")
+
+
+@attrs.frozen
+class SourceConfig:
+    """One domain source of a slave. Which fields apply depends on `type`."""
+
+    type: str
+    #: How `meshmail slave domains` names it; unique; the type by default.
+    name: str
+    domains: tuple[str, ...] = ()
+    #: Files to read (cpanel: userdomains, localdomains, remotedomains; others: one path).
+    paths: Mapping[str, str] = attrs.Factory(dict)
+    #: A command whose output lists the domains (plesk; postfix without a path).
+    command: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class SlaveSection:
+    """How a slave watches its domain sources and probes its services."""
+
+    sources: tuple[SourceConfig, ...] = ()
+    #: How often source files are checked for changes, and how long a changed file must stay
+    #: unchanged before it is read as final (a file being rewritten is never published half).
+    poll_interval: float = 1.0
+    settle: float = 2.0
+    #: How often command sources (plesk, postconf) are run.
+    command_interval: float = 30.0
+    #: Health probes of the [endpoints]: interval and the time allowed for the greeting.
+    probe_interval: float = 5.0
+    probe_timeout: float = 2.0
+
+
+@attrs.frozen
 class Config:
     """One node's configuration as loaded from `path`."""
 
@@ -226,12 +278,17 @@ class Config:
     gossip: GossipSection
     http: HttpSection = HttpSection()
     tls: TlsSection | None = None
-    endpoints: Mapping[str, str] = attrs.Factory(dict)
+    endpoints: Mapping[str, EndpointConfig] = attrs.Factory(dict)
     tags: Mapping[str, str] = attrs.Factory(dict)
+    slave: SlaveSection = SlaveSection()
 
     @property
     def node_meta(self) -> NodeMeta:
-        return NodeMeta(role=self.node.role, endpoints=dict(self.endpoints), tags=dict(self.tags))
+        """The metadata this config describes (every endpoint up until a probe says otherwise)."""
+        endpoints = {
+            service: Endpoint(e.address, e.transport, e.client_address) for service, e in self.endpoints.items()
+        }
+        return NodeMeta(role=self.node.role, endpoints=endpoints, tags=dict(self.tags))
 
 
 # --- loading ----------------------------------------------------------------------------
@@ -267,7 +324,34 @@ _TLS: _Fields = {
     "key": (_non_empty, _REQUIRED),
     "ca_key": (_non_empty, None),
 }
-_SECTIONS = ("node", "gossip", "http", "tls", "endpoints", "tags")
+_ENDPOINT: _Fields = {
+    "address": (lambda value: format_address(_address()(value)), _REQUIRED),
+    "transport": (_choice(*TRANSPORTS), "plain"),
+    "client_address": (_choice(*CLIENT_ADDRESS), "none"),
+    "probe": (_boolean, True),
+}
+_SLAVE: _Fields = {
+    "sources": (lambda value: value, ()),  # checked by _Reader.sources
+    "poll_interval": (lambda value: _positive(value), 1.0),
+    "settle": (lambda value: _positive(value, zero=True), 2.0),
+    "command_interval": (lambda value: _positive(value), 30.0),
+    "probe_interval": (lambda value: _positive(value), 5.0),
+    "probe_timeout": (lambda value: _positive(value), 2.0),
+}
+#: The fields of each source type: (field, parse, default).
+_SOURCE_FIELDS: dict[str, _Fields] = {
+    "static": {"domains": (_list_of(_non_empty), _REQUIRED)},
+    "cpanel": {
+        "userdomains": (_non_empty, "/etc/userdomains"),
+        "localdomains": (_non_empty, "/etc/localdomains"),
+        "remotedomains": (_non_empty, "/etc/remotedomains"),
+    },
+    "directadmin": {"path": (_non_empty, "/etc/virtual/domains")},
+    "plesk": {"command": (_list_of(_non_empty), ("plesk", "bin", "domain", "--list"))},
+    "postfix": {"path": (_non_empty, None), "command": (_list_of(_non_empty), None)},
+    "dovecot": {"path": (_non_empty, "/etc/dovecot/users")},
+}
+_SECTIONS = ("node", "gossip", "http", "tls", "endpoints", "tags", "slave")
 
 
 def load(path: str) -> Config:
@@ -307,7 +391,10 @@ class _Reader:
         return value
 
     def section(self, document: dict, name: str, fields: _Fields) -> dict[str, Any]:
-        table = self.table(document, name)
+        return self.fields(self.table(document, name), name, fields)
+
+    def fields(self, table: dict, name: str, fields: _Fields) -> dict[str, Any]:
+        """The values of `fields` in `table` (named `name` in errors), checked and defaulted."""
         for key in table:
             if key not in fields:
                 self.unknown(f"{name}.{key}", fields)
@@ -352,7 +439,7 @@ class _Reader:
             self.fail("gossip.keys", "needs at least one key (generate one with: meshmail keygen)")
         if gossip["advertise"] is None and _ip(gossip["bind"][0], "").is_unspecified:
             self.fail("gossip.advertise", f"required when gossip.bind is {format_address(gossip['bind'])}")
-        endpoints = self.mapping(document, "endpoints", SERVICES, lambda value: format_address(_address()(value)))
+        endpoints = self.endpoints(document)
         tags = self.mapping(document, "tags", None, _string)
         config = Config(
             path=self.path,
@@ -362,12 +449,59 @@ class _Reader:
             tls=self.tls(document, node["data_dir"]),
             endpoints=endpoints,
             tags=tags,
+            slave=self.slave(document),
         )
         try:
             config.node_meta.encode()
         except ValueError as exc:
             self.fail("tags", str(exc))
         return config
+
+    def endpoints(self, document: dict) -> dict[str, EndpointConfig]:
+        endpoints = {}
+        for service, value in self.table(document, "endpoints").items():
+            where = f"endpoints.{service}"
+            if service not in SERVICES:
+                self.fail(where, f"unknown service (known: {', '.join(SERVICES)})")
+            if isinstance(value, dict):
+                endpoints[service] = EndpointConfig(**self.fields(value, where, _ENDPOINT))
+                continue
+            try:
+                endpoints[service] = EndpointConfig(_ENDPOINT["address"][0](value))
+            except _Bad as exc:
+                self.fail(where, str(exc))
+        return endpoints
+
+    def slave(self, document: dict) -> SlaveSection:
+        values = self.section(document, "slave", _SLAVE)
+        sources = values.pop("sources")
+        if not isinstance(sources, list | tuple) or not all(isinstance(s, dict) for s in sources):
+            self.fail("slave.sources", "expected [[slave.sources]] tables")
+        parsed: list[SourceConfig] = []
+        for index, table in enumerate(sources):
+            where = f"slave.sources[{index}]"
+            table = dict(table)
+            kind, name = table.pop("type", None), table.pop("name", None)
+            if kind not in SOURCE_TYPES:
+                problem = "missing" if kind is None else repr(kind)
+                self.fail(f"{where}.type", f"{problem}: one of {', '.join(SOURCE_TYPES)}")
+            if name is None:
+                name = kind
+            if not isinstance(name, str) or not name or any(s.name == name for s in parsed):
+                self.fail(f"{where}.name", f"{name!r} must be a unique non-empty string (give each source a name)")
+            fields = self.fields(table, where, _SOURCE_FIELDS[kind])
+            command = tuple(fields.pop("command", None) or ())
+            domains = tuple(fields.pop("domains", ()))
+            if kind == "postfix" and bool(fields.get("path")) == bool(command):
+                if not command and not fields.get("path"):
+                    command = ("postconf", "-xh", "virtual_mailbox_domains")
+                else:
+                    self.fail(where, "a postfix source reads a path or runs a command, not both")
+            paths = {key: path for key, path in fields.items() if path is not None}
+            parsed.append(SourceConfig(kind, name, domains, paths, command))
+        if values["probe_timeout"] >= values["probe_interval"]:
+            self.fail("slave.probe_timeout", "must be shorter than slave.probe_interval")
+        return SlaveSection(sources=tuple(parsed), **values)
 
     def tls(self, document: dict, data_dir: str) -> TlsSection | None:
         if "tls" not in document:

@@ -32,6 +32,7 @@ from .gossip.messages import State
 from .gossip.transport import NetTransport
 from .replication import Replication
 from .security import accounts, admission, ca, files, keyring_sync
+from .slave.agent import SlaveAgent, SourceError
 from .state.journal import JournalError
 from .state.replica import ClusterState
 from .web import create_app
@@ -69,6 +70,8 @@ class Node:
     authority: ca.Authority | None = None
     #: Where other nodes reach this node's HTTP API (set once it listens).
     api_address: Address | None = None
+    #: The slave agent (domain sources, health probes) of a slave; None on a master.
+    agent: SlaveAgent | None = None
     _leave: trio.Event = attrs.field(factory=trio.Event)
 
     @property
@@ -87,7 +90,15 @@ class Node:
     def meta(self) -> bytes:
         """This node's gossiped metadata: the config's, its key ids and its API address."""
         api = "" if self.api_address is None else format_address(self.api_address)
-        return attrs.evolve(self.config.node_meta, api=api, keys=keyring_sync.ids(self.keyring)).encode()
+        meta = self.config.node_meta
+        if self.agent is not None:
+            endpoints = {s: attrs.evolve(e, up=self.agent.up(s)) for s, e in meta.endpoints.items()}
+            meta = attrs.evolve(meta, endpoints=endpoints)
+        return attrs.evolve(meta, api=api, keys=keyring_sync.ids(self.keyring)).encode()
+
+    def health_changed(self) -> None:
+        """Tell the cluster at once that a probed service went up or down."""
+        self.memberlist.update_meta(self.meta())
 
     def follow_state(self) -> None:
         """Apply the replicated records that steer this node now and whenever they change:
@@ -224,6 +235,13 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
         node.ensure_api_token()
     except files.FilesError as exc:
         raise NodeError(str(exc)) from None
+    if config.node.role == "slave":
+        endpoints = {s: (e.address, e.transport, e.probe) for s, e in config.endpoints.items()}
+        node.agent = SlaveAgent(config.node.name, config.slave, endpoints, replication, node.health_changed)
+        try:
+            await node.agent.load()
+        except SourceError as exc:
+            raise NodeError(str(exc)) from None
     memberlist.update_meta(node.meta())
     events = memberlist.subscribe()
     async with trio.open_nursery() as nursery:
@@ -239,6 +257,10 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
             await nursery.start(_leave_on_signals, node, nursery.cancel_scope)
         nursery.start_soon(join_seeds, memberlist, config.gossip.seeds)
         nursery.start_soon(replication.maintain)
+        if node.agent is not None:
+            node.agent.publish()
+            for loop in node.agent.loops:
+                nursery.start_soon(loop)
         bound = Bound(gossip=memberlist.address, http=http)
         log.info(
             "node %s (%s) in cluster %s: gossip on %s, http on %s",

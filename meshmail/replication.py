@@ -17,7 +17,7 @@ import trio
 
 from .gossip.memberlist import Conversation, Delegate, FrameError, Memberlist
 from .state.lww import Entry, encode_entries
-from .state.records import CONTROL_NAMESPACES
+from .state.records import CONTROL_NAMESPACES, DomainRoute
 from .state.replica import ApplyResult, ClusterState, SyncError
 
 log = logging.getLogger("meshmail.state")
@@ -28,6 +28,8 @@ END = b""
 MAX_CHUNKS = 4096
 #: Deltas remembered by key to skip the duplicates gossip delivers.
 RECENT_DELTAS = 65_536
+#: Most deltas one batch of writes gossips (see write_domains).
+MAX_DELTAS = 256
 #: How often tombstones past gc_grace are dropped and a long-isolated node turns stale.
 MAINTENANCE_INTERVAL = 3600.0
 
@@ -61,6 +63,18 @@ class Replication(Delegate):
     def unassign_domain(self, name: str) -> Entry | None:
         """Remove the route of `name`; None when there was none."""
         return self._publish(self.state.unassign_domain(name))
+
+    def write_domains(self, routes: list[tuple[str, DomainRoute | None]]) -> list[Entry]:
+        """Set or delete many domain routes in one journal append (ClusterState.write_domains).
+        Up to MAX_DELTAS of them go out as deltas; a larger batch (a slave's first publish)
+        spreads by anti-entropy, which carries bulk far better than gossip."""
+        entries = self.state.write_domains(routes)
+        if len(entries) <= MAX_DELTAS:
+            for entry in entries:
+                self._publish(entry)
+        else:
+            self.counters["state.bulk_writes"] += 1
+        return entries
 
     def put(self, ns: str, name: str, value: Any) -> Entry:
         """Write a record of a control namespace (ClusterState.put), durable, then gossip it."""

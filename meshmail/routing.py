@@ -15,7 +15,7 @@ import attrs
 
 from meshmail.gossip.member import MemberInfo
 from meshmail.gossip.messages import State
-from meshmail.gossip.meta import SERVICES
+from meshmail.gossip.meta import SERVICES, Endpoint
 from meshmail.state.names import MAX_INPUT, InvalidName, normalize_address
 from meshmail.state.records import AddressOverride, DomainRoute
 
@@ -25,7 +25,8 @@ UNKNOWN_DOMAIN = "unknown_domain"
 SLAVE_UNKNOWN = "slave_unknown"  # the state names a slave that is not in the member list
 SLAVE_DOWN = "slave_down"  # the slave is dead or has left
 NO_ENDPOINT = "no_endpoint"  # the slave publishes no usable endpoint for the protocol
-REASONS = (INVALID_ADDRESS, UNKNOWN_DOMAIN, SLAVE_UNKNOWN, SLAVE_DOWN, NO_ENDPOINT)
+SERVICE_DOWN = "service_down"  # the slave's own health probe finds that service not answering
+REASONS = (INVALID_ADDRESS, UNKNOWN_DOMAIN, SLAVE_UNKNOWN, SLAVE_DOWN, NO_ENDPOINT, SERVICE_DOWN)
 
 #: Normalized addresses kept, by the text as given. An entry holds at most MAX_INPUT
 #: characters of input plus its result, so the cache stays within a few tens of MB even
@@ -51,11 +52,14 @@ class StateView(Protocol):
 
 @attrs.frozen
 class Route:
-    """Where to send a connection: the slave's node name, its (host, port), and its state."""
+    """Where to send a connection: the slave's node name, its (host, port), its state, and
+    how to talk to that endpoint (meta.TRANSPORTS, meta.CLIENT_ADDRESS)."""
 
     slave: str
     endpoint: tuple[str, int]
     state: State
+    transport: str = "plain"
+    client_address: str = "none"
 
 
 @attrs.frozen
@@ -77,8 +81,8 @@ class Router:
     def __init__(self, state: StateView, members: Callable[[str], MemberInfo | None] | Mapping[str, MemberInfo]):
         self._state = state
         self._member: Callable[[str], MemberInfo | None] = members.get if isinstance(members, Mapping) else members
-        # name -> (incarnation, meta, {service: (host, port) or why it is unusable})
-        self._endpoints: dict[str, tuple[int, bytes, dict[str, tuple[str, int] | str]]] = {}
+        # name -> (incarnation, meta, {service: (Endpoint, (host, port)) or why it is unusable})
+        self._endpoints: dict[str, tuple[int, bytes, dict[str, tuple[Endpoint, tuple[str, int]] | str]]] = {}
 
     def resolve(self, address: str, protocol: str) -> Route | NoRoute:
         """Return the Route for `address` over `protocol` (one of meta.SERVICES), or a NoRoute.
@@ -111,15 +115,21 @@ class Router:
         cached = self._endpoints.get(slave)
         if cached is None or cached[0] != member.incarnation or cached[1] != member.meta:
             cached = self._parse(member)
-        endpoint = cached[2].get(protocol)
-        if type(endpoint) is tuple:
-            return Route(slave, endpoint, state)
-        why = endpoint or "publishes none"
-        return NoRoute(NO_ENDPOINT, f"slave {slave} has no {protocol} endpoint: {why}")
+        found = cached[2].get(protocol)
+        if type(found) is not tuple:
+            why = found or "publishes none"
+            return NoRoute(NO_ENDPOINT, f"slave {slave} has no {protocol} endpoint: {why}")
+        endpoint, address = found
+        if not endpoint.up:
+            return NoRoute(SERVICE_DOWN, f"the {protocol} service of slave {slave} does not answer its health probe")
+        return Route(slave, address, state, endpoint.transport, endpoint.client_address)
 
-    def _parse(self, member: MemberInfo) -> tuple[int, bytes, dict[str, tuple[str, int] | str]]:
+    def _parse(self, member: MemberInfo) -> tuple[int, bytes, dict[str, tuple[Endpoint, tuple[str, int]] | str]]:
         """Parse and cache a member's endpoints; the metadata is decoded leniently."""
-        endpoints = {service: parse_endpoint(text) for service, text in member.node_meta.endpoints.items()}
+        endpoints: dict[str, tuple[Endpoint, tuple[str, int]] | str] = {}
+        for service, endpoint in member.node_meta.endpoints.items():
+            address = parse_endpoint(endpoint.address)
+            endpoints[service] = (endpoint, address) if type(address) is tuple else address
         if len(self._endpoints) >= ENDPOINT_CACHE:
             self._endpoints.clear()
         cached = self._endpoints[member.name] = (member.incarnation, member.meta, endpoints)

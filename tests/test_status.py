@@ -86,7 +86,9 @@ async def test_status_document(node):
     assert me["state"] == "alive"
     assert me["address"] == format_address(node.gossip)
     assert me["role"] == "master"
-    assert me["endpoints"] == {"imap": "127.0.0.1:1143"}
+    assert me["endpoints"] == {
+        "imap": {"address": "127.0.0.1:1143", "transport": "plain", "client_address": "none", "up": True}
+    }
     assert me["tags"] == {"rack": "r1"}
     assert abs(me["changed_unix"] - time.time()) < 60
     changed = datetime.datetime.fromisoformat(me["changed"].replace("Z", "+00:00"))

@@ -17,34 +17,68 @@ ROLES = ("master", "slave")
 SERVICES = ("imap", "pop3", "smtp", "submission", "lmtp", "http")
 
 
-def _check_endpoints(instance, attribute, value) -> None:
-    for service, endpoint in value.items():
+#: How a master reaches a backend service: plain TCP, STARTTLS, or TLS from the first byte.
+TRANSPORTS = ("plain", "starttls", "tls")
+#: How the backend learns the client's address: not at all, IMAP ID (RFC 2971, Dovecot's
+#: x-originating-ip), Postfix XCLIENT, or a PROXY protocol v2 header.
+CLIENT_ADDRESS = ("none", "id", "xclient", "proxy")
+
+
+def _check_address(instance, attribute, value) -> None:
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or len(value) > 300:
+        raise ValueError(f"endpoint {value!r} is not host:port")
+
+
+@attrs.frozen
+class Endpoint:
+    """One service a node offers: where, over which transport, how it takes the client's
+    address, and whether the node's last health probe found it answering."""
+
+    address: str = attrs.field(validator=_check_address)
+    transport: str = attrs.field(default="plain", validator=v.in_(TRANSPORTS))
+    client_address: str = attrs.field(default="none", validator=v.in_(CLIENT_ADDRESS))
+    up: bool = attrs.field(default=True, validator=v.instance_of(bool))
+
+    def wire(self) -> list:
+        return [self.address, self.transport, self.client_address, self.up]
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Endpoint:
+        """From wire() or a bare "host:port" (older nodes); raises ValueError or TypeError."""
+        if isinstance(obj, str):
+            return cls(obj)
+        if isinstance(obj, list | tuple) and 1 <= len(obj):
+            return cls(*obj[:4])
+        raise ValueError(f"not an endpoint: {obj!r}"[:100])
+
+
+def _endpoints(value: object) -> dict[str, Endpoint]:
+    """Endpoints from {service: Endpoint or "host:port"}; checks the service names."""
+    endpoints = {}
+    for service, endpoint in dict(value).items():
         if service not in SERVICES:
             raise ValueError(f"unknown service {service!r} (known: {', '.join(SERVICES)})")
-        host, sep, port = endpoint.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"endpoint {endpoint!r} of {service} is not host:port")
+        endpoints[service] = endpoint if isinstance(endpoint, Endpoint) else Endpoint.from_wire(endpoint)
+    return endpoints
 
 
 @attrs.frozen
 class NodeMeta:
     role: str = attrs.field(default="master", validator=v.in_(ROLES))
-    endpoints: dict[str, str] = attrs.field(
-        factory=dict,
-        validator=[v.deep_mapping(v.instance_of(str), v.instance_of(str)), _check_endpoints],
-    )
+    endpoints: dict[str, Endpoint] = attrs.field(factory=dict, converter=_endpoints)
     tags: dict[str, str] = attrs.field(factory=dict, validator=v.deep_mapping(v.instance_of(str), v.instance_of(str)))
     #: Ids of the gossip keys this node holds, primary first (for `meshmail keyring list`).
     keys: tuple[str, ...] = attrs.field(
         default=(), converter=tuple, validator=v.deep_iterable(v.instance_of(str), v.max_len(16))
     )
-
     #: Where this node's HTTP API answers (host:port; TLS when the cluster has a CA).
     api: str = attrs.field(default="", validator=[v.instance_of(str), v.max_len(300)])
 
     def encode(self) -> bytes:
         """The wire form; raises ValueError when it is larger than 1 KiB."""
-        fields = {"role": self.role, "endpoints": self.endpoints, "tags": self.tags}
+        endpoints = {service: endpoint.wire() for service, endpoint in self.endpoints.items()}
+        fields = {"role": self.role, "endpoints": endpoints, "tags": self.tags}
         if self.keys:
             fields["keys"] = list(self.keys)
         if self.api:

@@ -274,22 +274,48 @@ class ClusterState:
             if key.startswith(prefix, start):
                 yield key[start:], value
 
+    def write_domains(self, routes: Iterable[tuple[str, DomainRoute | None]]) -> list[Entry]:
+        """Set (or with None delete) many domain routes in one journal append: what a slave
+        publishing thousands of domains needs. Names must be in normal form (normalize_domain);
+        returns the entries written (unchanged routes write nothing)."""
+        return self._write_many([(make_key("domain", name), route) for name, route in routes])
+
     def _write(self, key: str, value: Any) -> Entry | None:
+        written = self._write_many([(key, value)])
+        if written:
+            return written[0]
         held = self.map.entry(key)
-        if held is None or held.value is None:
-            if value is None:
-                return None
-        elif held.value == value:
-            return held  # republishing the same route changes nothing (a slave agent restarting)
-        entry = Entry(key, value, self.clock.now())
-        claims = self._claims_after(entry, held)
+        # Nothing to write: a tombstone of an absent key, or the very value held (a slave
+        # agent republishing its routes causes no churn).
+        return None if held is None or held.value is None else held
+
+    def _write_many(self, items: list[tuple[str, Any]]) -> list[Entry]:
+        entries: list[Entry] = []
+        claims: list[tuple[str, frozenset[str]]] = []
+        pending: dict[str, Entry] = {}
+        for key, value in items:
+            held = pending.get(key) or self.map.entry(key)
+            if held is None or held.value is None:
+                if value is None:
+                    continue
+            elif held.value == value:
+                continue
+            entry = Entry(key, value, self.clock.now())
+            claim = self._claims_after(entry, held)
+            if claim:
+                claims.append(claim)
+            pending[key] = entry
+            entries.append(entry)
+        if not entries:
+            return []
         # Journal first: if the disk fails, the map does not hold what was never persisted.
-        self._append([entry], [claims] if claims else [])
-        self._merge(entry)
+        self._append(entries, claims)
+        for entry in entries:
+            self._merge(entry)
         if claims:
-            self._set_conflicts([claims])
+            self._set_conflicts(claims)
         self.maybe_compact()
-        return entry
+        return entries
 
     # Remote input.
 

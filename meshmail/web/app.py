@@ -251,6 +251,12 @@ def create_app(node) -> QuartTrio:
             return {"route": {"slave": found.slave, "endpoint": endpoint, "state": found.state.name.lower()}}
         return {"no_route": {"reason": found.reason, "detail": found.detail}}
 
+    @app.get("/slave")
+    async def slave():
+        if node.agent is None:
+            raise NotFound("this node is not a slave")
+        return node.agent.document()
+
     # --- join tokens and members ------------------------------------------------------------
 
     @app.post("/tokens")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+import attrs
+
 from ..config import format_address
 from ..gossip.member import MemberInfo
 from ..security.keyring_sync import ids as keyring_ids
@@ -32,7 +34,7 @@ def member_document(member: MemberInfo) -> dict[str, Any]:
         "incarnation": member.incarnation,
         "address": format_address((member.host, member.port)),
         "role": meta.role,
-        "endpoints": dict(sorted(meta.endpoints.items())),
+        "endpoints": {service: attrs.asdict(endpoint) for service, endpoint in sorted(meta.endpoints.items())},
         "tags": dict(sorted(meta.tags.items())),
         "api": meta.api,
         "keys": list(meta.keys),
@@ -57,6 +59,18 @@ def status_document(node) -> dict[str, Any]:
         "members": [member_document(m) for m in sorted(memberlist.members(), key=lambda m: m.name)],
         "counters": dict(sorted(memberlist.counters.items())),
         "state": state_document(node.replication),
+        **({"slave": slave_summary(node.agent)} if getattr(node, "agent", None) is not None else {}),
+    }
+
+
+def slave_summary(agent) -> dict[str, Any]:
+    """A slave's sources and service health, short (meshmail slave domains has it all)."""
+    return {
+        "sources": [
+            {"name": s.name, "type": s.config.type, "status": s.status, "domains": len(s.domains), "detail": s.detail}
+            for s in agent.sources
+        ],
+        "health": {service: attrs.asdict(health) for service, health in sorted(agent.health.items())},
     }
 
 

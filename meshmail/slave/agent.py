@@ -1,0 +1,411 @@
+"""The slave agent: keeps the cluster told which domains live here and whether this server's
+mail services answer.
+
+Sources. Each configured source (config.SourceConfig) yields a set of domains: files are
+polled for changes (inode, size, mtime) and read only once they have stayed unchanged for
+`settle` seconds, so a file being rewritten is never read half-written; commands (Plesk,
+postconf) run every `command_interval`. A source that cannot be read at start is an error
+(SourceError). One that breaks later (unreadable, failing, or empty where it had domains)
+keeps its last good list and says why in `meshmail slave domains` and the log: a slave
+never unpublishes its domains because a file was being rewritten.
+
+Publishing. The union of the sources is published as routes to this slave with source
+"slave". A domain routed elsewhere by an admin is left alone; one claimed by another slave
+is claimed once (Step 2 then lists the conflict on both sides) and not fought over. A
+domain that left every source is unpublished if it still routes here.
+
+Health. Every endpoint with `probe = true` is probed each `probe_interval` (health.probe);
+a change of up/down goes out in the node's metadata at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from ..config import SlaveSection, SourceConfig, parse_address
+from ..replication import Replication
+from ..state.names import InvalidName, normalize_domain
+from ..state.records import DomainRoute
+from . import sources
+from .health import Health, probe
+
+log = logging.getLogger("meshmail.slave")
+
+#: Largest source file or command output read (a cPanel server with 100,000 domains has a
+#: userdomains of a few MB).
+MAX_INPUT = 64 * 1024 * 1024
+#: How long a command source may run.
+COMMAND_TIMEOUT = 60.0
+#: How often the published routes are checked against the sources even without a change
+#: (an admin deleted one, a sync brought an older map...).
+REPUBLISH_INTERVAL = 60.0
+#: Problems kept per source for `meshmail slave domains`.
+SHOWN_PROBLEMS = 20
+
+
+class SourceError(Exception):
+    """A source that cannot be used at start; str() is one line naming it."""
+
+
+Signature = tuple[int, int, int] | None
+
+
+@attrs.define(eq=False)
+class Source:
+    """One source and what the agent knows of it."""
+
+    config: SourceConfig
+    #: The last good list: what this source publishes.
+    domains: frozenset[str] = frozenset()
+    problems: tuple[str, ...] = ()
+    #: "ok", or "stale" when the last good list is kept because the source broke.
+    status: str = "ok"
+    detail: str = ""
+    read_at: float | None = None
+    #: Files: the signatures last read, the ones seen last, and since when (trio time).
+    applied: dict[str, Signature] = attrs.Factory(dict)
+    seen: dict[str, Signature] = attrs.Factory(dict)
+    changed_at: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def files(self) -> dict[str, str]:
+        return dict(self.config.paths)
+
+    @property
+    def runs_command(self) -> bool:
+        return bool(self.config.command)
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.config.type,
+            "paths": self.files,
+            "command": list(self.config.command),
+            "status": self.status,
+            "detail": self.detail,
+            "domains": len(self.domains),
+            "problems": list(self.problems[:SHOWN_PROBLEMS]),
+            "read_at": self.read_at,
+        }
+
+
+class SlaveAgent:
+    """Runs beside a slave node; see the module docstring.
+
+    Args:
+        name: this node's name (the slave routes point to).
+        settings: the [slave] section.
+        endpoints: service -> (address, transport, probe?) of the [endpoints] section.
+        replication: the node's Replication (routes are written through it).
+        on_health: called with no argument after any endpoint changed between up and down.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: SlaveSection,
+        endpoints: dict[str, tuple[str, str, bool]],
+        replication: Replication,
+        on_health: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.replication = replication
+        self.sources = [Source(config) for config in settings.sources]
+        self.health: dict[str, Health] = {}
+        self._endpoints = endpoints
+        self._on_health = on_health
+        self._publish_now = trio.Event()
+        self.counters = replication.counters
+
+    # --- reading sources --------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read every source once; raises SourceError for one that cannot be read."""
+        for source in self.sources:
+            for path in source.files.values():
+                source.seen[path] = source.applied[path] = _signature(path)
+            try:
+                domains, problems = await self._read(source)
+            except SourceError as exc:
+                raise SourceError(f"slave source {source.name}: {exc}") from None
+            source.domains, source.problems = domains, problems
+            source.read_at = time.time()
+            self._log_problems(source)
+            log.info("source %s: %d domain(s)", source.name, len(domains))
+
+    async def _read(self, source: Source) -> tuple[frozenset[str], tuple[str, ...]]:
+        """Read and parse a source now; raises SourceError when it cannot be read."""
+        config = source.config
+        kind = config.type
+        if kind == "static":
+            return _static(config.domains)
+        if source.runs_command:
+            output = await _run(config.command)
+            if kind == "plesk":
+                return _result(sources.parse_domain_list(output))
+            return await trio.to_thread.run_sync(_postconf, output)
+        return await trio.to_thread.run_sync(_read_files, kind, source.files)
+
+    async def watch_files(self) -> None:
+        """Poll the file sources; read one once its files have settled after a change."""
+        watched = [source for source in self.sources if source.files and not source.runs_command]
+        while True:
+            await trio.sleep(self.settings.poll_interval)
+            now = trio.current_time()
+            for source in watched:
+                signatures = {path: _signature(path) for path in source.files.values()}
+                if signatures != source.seen:
+                    source.seen, source.changed_at = signatures, now
+                    continue
+                if signatures == source.applied or now - source.changed_at < self.settings.settle:
+                    continue
+                source.applied = signatures
+                await self._refresh(source)
+
+    async def run_commands(self) -> None:
+        """Run the command sources every command_interval."""
+        commands = [source for source in self.sources if source.runs_command]
+        if not commands:
+            return
+        while True:
+            await trio.sleep(self.settings.command_interval)
+            for source in commands:
+                await self._refresh(source)
+
+    async def _refresh(self, source: Source) -> None:
+        """Read a source again and keep the result, or keep the last good list."""
+        try:
+            domains, problems = await self._read(source)
+        except SourceError as exc:
+            self._stale(source, str(exc))
+            return
+        if not domains and source.domains:
+            self._stale(source, f"it lists no domain now (it had {len(source.domains)}); keeping them")
+            return
+        changed = domains != source.domains
+        if source.status != "ok":
+            log.info("source %s reads again", source.name)
+        source.domains, source.problems, source.status, source.detail = domains, problems, "ok", ""
+        source.read_at = time.time()
+        self.counters["slave.source_reads"] += 1
+        self._log_problems(source)
+        if changed:
+            log.info("source %s changed: %d domain(s)", source.name, len(domains))
+            self._publish_now.set()
+
+    def _stale(self, source: Source, why: str) -> None:
+        if source.detail != why:
+            log.warning("source %s: %s; its last good list (%d domains) stays published", source.name, why,
+                        len(source.domains))  # fmt: skip
+        source.status, source.detail = "stale", why
+        self.counters["slave.source_failures"] += 1
+
+    def _log_problems(self, source: Source) -> None:
+        for problem in source.problems[:5]:
+            log.warning("source %s: skipped %s", source.name, problem)
+        if len(source.problems) > 5:
+            log.warning("source %s: %d more lines skipped (meshmail slave domains)", source.name,
+                        len(source.problems) - 5)  # fmt: skip
+
+    # --- publishing ---------------------------------------------------------------------
+
+    def wanted(self) -> dict[str, list[str]]:
+        """domain -> the names of the sources that list it."""
+        wanted: dict[str, list[str]] = {}
+        for source in self.sources:
+            for domain in source.domains:
+                wanted.setdefault(domain, []).append(source.name)
+        return wanted
+
+    def publish(self) -> int:
+        """Bring the routes in line with the sources; the number of routes written."""
+        state = self.replication.state
+        mine = DomainRoute(self.name, "slave")
+        claimed = {domain: {winner, *others} for domain, winner, others in state.conflicts()}
+        writes: list[tuple[str, DomainRoute | None]] = []
+        wanted = self.wanted()
+        for domain in wanted:
+            route = state.domain(domain)
+            if route == mine or (route is not None and route.source == "admin"):
+                continue
+            if route is not None and self.name in claimed.get(domain, ()):
+                continue  # claimed once already: the conflict is listed, not fought over
+            writes.append((domain, mine))
+        for domain, route in state.domains(self.name):
+            if route == mine and domain not in wanted:
+                writes.append((domain, None))
+        if writes:
+            self.replication.write_domains(writes)
+            added = sum(1 for _, route in writes if route is not None)
+            log.info("published %d domain(s), unpublished %d", added, len(writes) - added)
+            self.counters["slave.routes_written"] += len(writes)
+        return len(writes)
+
+    async def keep_published(self) -> None:
+        while True:
+            with trio.move_on_after(REPUBLISH_INTERVAL):
+                await self._publish_now.wait()
+            self._publish_now = trio.Event()
+            self.publish()
+
+    # --- health ---------------------------------------------------------------------------
+
+    async def probe_services(self) -> None:
+        probed = {service: spec for service, spec in self._endpoints.items() if spec[2]}
+        if not probed:
+            return
+        timeout = self.settings.probe_timeout
+
+        async def one(results: dict[str, Health], service: str, address: str, transport: str) -> None:
+            results[service] = await probe(service, parse_address(address), transport, timeout)
+
+        while True:
+            results: dict[str, Health] = {}
+            async with trio.open_nursery() as nursery:
+                for service, (address, transport, _) in probed.items():
+                    nursery.start_soon(one, results, service, address, transport)
+            changed = [s for s, h in results.items() if s not in self.health or self.health[s].up != h.up]
+            self.health.update(results)
+            for service in changed:
+                health = results[service]
+                log.log(logging.INFO if health.up else logging.WARNING, "%s is %s: %s", service,
+                        "up" if health.up else "down", health.detail)  # fmt: skip
+            if changed:
+                self._on_health()
+            await trio.sleep(self.settings.probe_interval)
+
+    def up(self, service: str) -> bool:
+        health = self.health.get(service)
+        return health is None or health.up
+
+    @property
+    def loops(self) -> tuple[Callable, ...]:
+        """The tasks to run, after load() and a first publish(), until cancelled."""
+        return (self.watch_files, self.run_commands, self.keep_published, self.probe_services)
+
+    def document(self) -> dict[str, Any]:
+        """What `meshmail slave domains` shows."""
+        state = self.replication.state
+        domains = []
+        for domain, names in sorted(self.wanted().items()):
+            route = state.domain(domain)
+            if route == DomainRoute(self.name, "slave"):
+                status = "published"
+            elif route is None:
+                status = "pending"
+            elif route.source == "admin":
+                status = f"routed to {route.slave} by an admin"
+            else:
+                status = f"conflict: routed to {route.slave}"
+            domains.append({"domain": domain, "sources": names, "status": status})
+        return {
+            "slave": self.name,
+            "sources": [source.document() for source in self.sources],
+            "domains": domains,
+            "health": {service: attrs.asdict(health) for service, health in sorted(self.health.items())},
+        }
+
+
+# --- reading, in worker threads or pure ------------------------------------------------------
+
+
+def _signature(path: str) -> Signature:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _text(path: str, *, required: bool = True) -> str | None:
+    """A source file as text (complete: a final line without newline counts, since the
+    file has settled); None for a missing optional file. Raises SourceError."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_INPUT + 1)
+    except FileNotFoundError:
+        if required:
+            raise SourceError(f"{path} does not exist") from None
+        return None
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_INPUT:
+        raise SourceError(f"{path} is larger than {MAX_INPUT} bytes")
+    text = data.decode("utf-8", "replace")
+    return text if not text or text.endswith("\n") else text + "\n"
+
+
+def _result(*parsed: sources.Parsed) -> tuple[frozenset[str], tuple[str, ...]]:
+    domains: frozenset[str] = frozenset().union(*(p.domains for p in parsed))
+    return domains, tuple(problem for p in parsed for problem in p.problems)
+
+
+def _read_files(kind: str, paths: dict[str, str]) -> tuple[frozenset[str], tuple[str, ...]]:
+    if kind == "cpanel":
+        users = sources.parse_cpanel_userdomains(_text(paths["userdomains"]))
+        local = sources.parse_domain_list(_text(paths["localdomains"]))
+        remote_text = _text(paths["remotedomains"], required=False)
+        domains, problems = _result(users, local)
+        if remote_text is not None:
+            # Remote-MX domains get their mail elsewhere: this server does not host it.
+            remote = sources.parse_domain_list(remote_text)
+            domains -= remote.domains
+            problems += remote.problems
+        return domains, problems
+    (path,) = paths.values()
+    parse = {
+        "directadmin": sources.parse_domain_list,
+        "dovecot": sources.parse_dovecot_passwd,
+        "postfix": sources.parse_postfix_map,
+    }[kind]
+    return _result(parse(_text(path)))
+
+
+def _postconf(output: str) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The domains of `postconf -xh virtual_mailbox_domains`, reading the files it names."""
+    top = sources.parse_postconf(output if output.endswith("\n") else output + "\n")
+    parsed: list[sources.Parsed] = [top]
+    parsed += [sources.parse_postfix_map(_text(path)) for path in top.map_files]
+    parsed += [sources.parse_postconf(_text(path)) for path in top.list_files]
+    return _result(*parsed)
+
+
+def _static(names: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
+    domains, problems = set(), []
+    for index, name in enumerate(names):
+        try:
+            domains.add(normalize_domain(name))
+        except InvalidName as exc:
+            problems.append(f"domains[{index}]: {exc}")
+    return frozenset(domains), tuple(problems)
+
+
+async def _run(argv: tuple[str, ...]) -> str:
+    """The standard output of a command; raises SourceError when it fails."""
+    shown = " ".join(argv)
+    try:
+        with trio.fail_after(COMMAND_TIMEOUT):
+            result = await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True, check=False)
+    except trio.TooSlowError:
+        raise SourceError(f"`{shown}` ran longer than {COMMAND_TIMEOUT:g} s") from None
+    except OSError as exc:
+        raise SourceError(f"cannot run `{shown}`: {exc.strerror or exc}") from None
+    if result.returncode != 0:
+        why = result.stderr.decode("utf-8", "replace").strip().splitlines()[:1]
+        raise SourceError(f"`{shown}` exited with status {result.returncode}: {why[0] if why else 'no message'}")
+    if len(result.stdout) > MAX_INPUT:
+        raise SourceError(f"`{shown}` printed more than {MAX_INPUT} bytes")
+    return result.stdout.decode("utf-8", "replace")
+

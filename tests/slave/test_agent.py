@@ -1,0 +1,304 @@
+"""The slave agent over real files, commands and sockets, with a real ClusterState. Time is
+trio's MockClock where the agent only waits; it jumps ahead only after the program has been
+idle for a moment of real time, because files are read in worker threads (an autojump at
+zero would run the clock far ahead while a thread reads)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from meshmail.config import SlaveSection, SourceConfig, loads
+from meshmail.node import wall_ms
+from meshmail.replication import Replication
+from meshmail.slave.agent import SlaveAgent, SourceError
+from meshmail.state.hlc import Timestamp
+from meshmail.state.lww import Entry, encode_entries
+from meshmail.state.records import DomainRoute
+from meshmail.state.replica import ClusterState
+
+SETTINGS = SlaveSection(poll_interval=1.0, settle=2.0, command_interval=30.0, probe_interval=5.0, probe_timeout=2.0)
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """pytest-trio runs a test with the clock of any fixture that returns one."""
+    return trio.testing.MockClock(autojump_threshold=0.02)
+
+
+@pytest.fixture
+def replication(tmp_path):
+    with ClusterState.open(tmp_path / "state", "s1", wall_ms, fsync=False) as state:
+        yield Replication(state, wall_ms)
+
+
+def agent_for(replication, *sources: SourceConfig, endpoints=None, on_health=lambda: None) -> SlaveAgent:
+    settings = SlaveSection(sources=sources, **{k: getattr(SETTINGS, k) for k in (
+        "poll_interval", "settle", "command_interval", "probe_interval", "probe_timeout")})  # fmt: skip
+    return SlaveAgent("s1", settings, endpoints or {}, replication, on_health)
+
+
+def published(replication) -> set[str]:
+    return {domain for domain, route in replication.state.domains("s1") if route == DomainRoute("s1", "slave")}
+
+
+def file_source(path: Path, kind: str = "directadmin", name: str | None = None) -> SourceConfig:
+    return SourceConfig(kind, name or kind, paths={"path": str(path)})
+
+
+def replace(path: Path, text: str) -> None:
+    """Rewrite a file atomically, as careful tools do (temporary file, rename)."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+async def run_agent(nursery, agent: SlaveAgent) -> None:
+    await agent.load()
+    agent.publish()
+    for loop in agent.loops:
+        nursery.start_soon(loop)
+
+
+async def test_sources_are_published_and_follow_file_edits(replication, tmp_path, clock):
+    domains = tmp_path / "domains"
+    domains.write_text("# DirectAdmin\nexample.com\nOld.Example\nbücher.example\n")
+    static = SourceConfig("static", "static", domains=("static.example", "example.com"))
+    agent = agent_for(replication, file_source(domains), static)
+    async with trio.open_nursery() as nursery:
+        await run_agent(nursery, agent)
+        assert published(replication) == {"example.com", "old.example", "xn--bcher-kva.example", "static.example"}
+        by_domain = {d["domain"]: d for d in agent.document()["domains"]}
+        assert by_domain["example.com"]["sources"] == ["directadmin", "static"]
+        assert by_domain["example.com"]["status"] == "published"
+
+        replace(domains, "example.com\nnew.example\nbücher.example\n")
+        start = trio.current_time()
+        with trio.fail_after(60):
+            while "new.example" not in published(replication):
+                await trio.sleep(0.25)
+        # Seen at the next poll (1 s), read once unchanged for settle (2 s) at a poll (1 s);
+        # one more poll of slack for a slow worker thread.
+        assert trio.current_time() - start <= SETTINGS.poll_interval * 3 + SETTINGS.settle + 0.25
+        assert "old.example" not in published(replication)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_file_rewritten_slowly_in_place_never_loses_a_domain(replication, tmp_path, clock):
+    """A writer truncates the file and writes it back in pieces 1.5 s apart (under `settle`):
+    at no moment is a domain unpublished, and the finished file is then published."""
+    path = tmp_path / "domains"
+    names = [f"d{i}.example" for i in range(40)]
+    path.write_text("".join(f"{name}\n" for name in names))
+    agent = agent_for(replication, file_source(path))
+    async with trio.open_nursery() as nursery:
+        await run_agent(nursery, agent)
+        assert published(replication) == set(names)
+        lowest = len(names)
+
+        async def watch() -> None:
+            nonlocal lowest
+            while True:
+                lowest = min(lowest, len(published(replication) & set(names)))
+                await trio.sleep(0.1)
+
+        nursery.start_soon(watch)
+        final = "".join(f"{name}\n" for name in [*names, "late.example"])
+        with open(path, "r+") as file:
+            file.truncate(0)
+            file.flush()
+            for start in range(0, len(final), 37):  # pieces that cut names in the middle
+                await trio.sleep(1.5)
+                file.write(final[start : start + 37])
+                file.flush()
+        with trio.fail_after(60):
+            while "late.example" not in published(replication):
+                await trio.sleep(0.25)
+        assert lowest == len(names), "a domain was unpublished while the file was being written"
+        assert not any(name.startswith("d") and name not in names for name in published(replication))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_source_that_breaks_later_keeps_its_last_good_list(replication, tmp_path, clock):
+    path = tmp_path / "domains"
+    path.write_text("a.example\nb.example\n")
+    agent = agent_for(replication, file_source(path))
+    async with trio.open_nursery() as nursery:
+        await run_agent(nursery, agent)
+        [source] = agent.sources
+        wait = SETTINGS.poll_interval * 3 + SETTINGS.settle
+        breakages = {
+            "emptied": lambda: path.write_text("# nothing here\n"),
+            "deleted": lambda: path.unlink(),
+            "a folder now": lambda: (path.unlink(), path.mkdir()),
+        }
+        for what, breakage in breakages.items():
+            breakage()
+            await trio.sleep(wait)
+            assert source.status == "stale", what
+            assert published(replication) == {"a.example", "b.example"}, what
+            if path.is_dir():
+                path.rmdir()
+            path.write_text("a.example\nb.example\n")
+            await trio.sleep(wait)
+            assert source.status == "ok", what
+        assert replication.counters["slave.source_failures"] >= 3
+        path.write_text("b.example\n")
+        await trio.sleep(SETTINGS.poll_interval * 3 + SETTINGS.settle)
+        assert source.status == "ok" and published(replication) == {"b.example"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_source_missing_at_start_is_an_error(replication, tmp_path):
+    agent = agent_for(replication, file_source(tmp_path / "absent", name="da"))
+    with pytest.raises(SourceError, match=r"^slave source da: .*absent does not exist$"):
+        await agent.load()
+
+
+async def test_command_sources(replication, tmp_path, clock):
+    listing = tmp_path / "plesk-output"
+    listing.write_text("shop.example\nBLOG.example\n")
+    plesk = SourceConfig("plesk", "plesk", command=("cat", str(listing)))
+    agent = agent_for(replication, plesk)
+    async with trio.open_nursery() as nursery:
+        await run_agent(nursery, agent)
+        assert published(replication) == {"shop.example", "blog.example"}
+        listing.unlink()  # the command now fails: the last good list stays
+        await trio.sleep(SETTINGS.command_interval + 1)
+        [source] = agent.sources
+        assert source.status == "stale" and "exited with status 1" in source.detail
+        assert published(replication) == {"shop.example", "blog.example"}
+        listing.write_text("shop.example\n")
+        await trio.sleep(SETTINGS.command_interval + 1)
+        assert published(replication) == {"shop.example"}
+        nursery.cancel_scope.cancel()
+    failing = agent_for(replication, SourceConfig("plesk", "plesk", command=("false",)))
+    with pytest.raises(SourceError, match="`false` exited with status 1"):
+        await failing.load()
+
+
+async def test_postconf_output_and_the_files_it_names(replication, tmp_path):
+    table = tmp_path / "vmail_domains"
+    table.write_text("# postmap source\nmail.example   OK\nother.example  OK\n")
+    script = f"print('direct.example, hash:{table}')"
+    postfix = SourceConfig("postfix", "postfix", command=(sys.executable, "-c", script))
+    agent = agent_for(replication, postfix)
+    await agent.load()
+    agent.publish()
+    assert published(replication) == {"direct.example", "mail.example", "other.example"}
+
+
+async def test_cpanel_files(replication, tmp_path):
+    (tmp_path / "userdomains").write_text("shop.example: shop\nremote.example: bob\n*: nobody\n")
+    (tmp_path / "localdomains").write_text("host.example\nshop.example\n")
+    (tmp_path / "remotedomains").write_text("remote.example\n")
+    paths = {name: str(tmp_path / name) for name in ("userdomains", "localdomains", "remotedomains")}
+    agent = agent_for(replication, SourceConfig("cpanel", "cpanel", paths=paths))
+    await agent.load()
+    agent.publish()
+    # remote.example gets its mail elsewhere (remote MX): not hosted here.
+    assert published(replication) == {"shop.example", "host.example"}
+
+
+async def test_publishing_respects_admins_and_claims_a_conflict_once(replication, tmp_path):
+    state = replication.state
+    replication.assign_domain("admin.example", "s9", source="admin")
+    state.assign_domain("theirs.example", "s2", source="slave")
+    agent = agent_for(replication, SourceConfig("static", "static", domains=("admin.example", "theirs.example")))
+    await agent.load()
+    assert agent.publish() == 1  # theirs.example, claimed once
+    assert state.domain("admin.example") == DomainRoute("s9", "admin")
+    assert state.domain("theirs.example") == DomainRoute("s1", "slave")
+    assert state.conflicts() == [("theirs.example", "s1", ["s2"])]
+    # s2 claims it back (its agent would, once): s1 sees the conflict and does not fight.
+    entry = state.map.entry("domain/theirs.example")
+    later = Entry("domain/theirs.example", DomainRoute("s2", "slave"), Timestamp(entry.wall_ms + 1, 0, "s2"))
+    assert state.apply(encode_entries([later])).applied == 1
+    assert agent.publish() == 0
+    statuses = {d["domain"]: d["status"] for d in agent.document()["domains"]}
+    assert statuses == {"admin.example": "routed to s9 by an admin", "theirs.example": "conflict: routed to s2"}
+
+
+async def serve_greeting(greeting: bytes, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(greeting)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)
+
+
+async def test_health_probes_mark_services_down_and_up(replication):
+    """Real sockets, real time: probe_interval 0.2 s. A service that stops answering is
+    marked down at the next probe; one that greets wrongly is down; back, it is up."""
+    changes = []
+    async with trio.open_nursery() as nursery:
+        imap_scope = trio.CancelScope()
+
+        async def imap_server(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with imap_scope:
+                await serve_greeting(b"* OK IMAP ready\r\n", task_status=task_status)
+
+        imap_port = await nursery.start(imap_server)
+        pop3_port = await nursery.start(serve_greeting, b"-ERR not today\r\n")
+        endpoints = {
+            "imap": (f"127.0.0.1:{imap_port}", "plain", True),
+            "pop3": (f"127.0.0.1:{pop3_port}", "plain", True),
+            "lmtp": ("127.0.0.1:1", "plain", False),  # probe = false: never probed, always up
+        }
+        settings = SlaveSection(probe_interval=0.2, probe_timeout=0.1)
+        agent = SlaveAgent("s1", settings, endpoints, replication, lambda: changes.append(dict(agent.health)))
+        nursery.start_soon(agent.probe_services)
+        with trio.fail_after(10):
+            while not changes:
+                await trio.sleep(0.05)
+        assert agent.up("imap") and not agent.up("pop3") and agent.up("lmtp")
+        assert "not +OK" in agent.health["pop3"].detail
+        imap_scope.cancel()
+        with trio.fail_after(10):
+            while agent.up("imap"):
+                await trio.sleep(0.05)
+        assert "cannot connect" in agent.health["imap"].detail
+        nursery.cancel_scope.cancel()
+
+
+def test_slave_config(tmp_path):
+    text = f"""
+[node]
+name = "s1"
+role = "slave"
+data_dir = "{tmp_path}"
+[gossip]
+bind = "127.0.0.1:0"
+cluster = "c"
+keys = ["{"A" * 43}="]
+[endpoints]
+imap = {{ address = "127.0.0.1:143", transport = "starttls", client_address = "id" }}
+lmtp = "127.0.0.1:24"
+[slave]
+settle = 0
+[[slave.sources]]
+type = "cpanel"
+[[slave.sources]]
+type = "postfix"
+[[slave.sources]]
+type = "static"
+name = "extra"
+domains = ["a.example"]
+"""
+    config = loads(text)
+    cpanel, postfix, static = config.slave.sources
+    assert cpanel.paths == {
+        "userdomains": "/etc/userdomains", "localdomains": "/etc/localdomains", "remotedomains": "/etc/remotedomains"
+    }  # fmt: skip
+    assert postfix.command == ("postconf", "-xh", "virtual_mailbox_domains")
+    assert (static.name, static.domains) == ("extra", ("a.example",))
+    imap = config.node_meta.endpoints["imap"]
+    assert (imap.address, imap.transport, imap.client_address, imap.up) == ("127.0.0.1:143", "starttls", "id", True)
+    assert config.endpoints["lmtp"].probe is True
