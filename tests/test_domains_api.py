@@ -69,7 +69,9 @@ async def test_assign_show_list_unassign(node):
 async def test_route(node):
     await request(node, "PUT", "/domains/example.com", body({"slave": "solo"}))
     await request(node, "PUT", "/domains/ghost.org", body({"slave": "ghost"}))
-    found = {"route": {"slave": "solo", "endpoint": "127.0.0.1:1143", "state": "alive"}}
+    found = {
+        "route": dict(slave="solo", endpoint="127.0.0.1:1143", state="alive", transport="plain", client_address="none")
+    }
     assert await request(node, "GET", "/route?address=User@Example.com&protocol=imap") == (200, found)
     assert await request(node, "GET", "/route?address=user@example.com") == (200, found)  # imap by default
     for address, protocol, reason in [

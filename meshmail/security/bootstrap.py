@@ -167,7 +167,29 @@ advertise = "{fmt(where.advertise, where.http_port)}"
 ca = "{files.CA_CERT}"
 cert = "{files.NODE_CERT}"
 key = "{files.NODE_KEY}"
-{ca_key if where.role == "master" else ""}"""
+{ca_key if where.role == "master" else SLAVE_TEMPLATE}"""
+
+
+SLAVE_TEMPLATE = """
+# The mail services of this server that masters route to (uncomment and adjust). Each is
+# probed every slave.probe_interval (connect, read the greeting) and published down when it
+# does not answer. transport: plain, starttls or tls; client_address: how it learns the
+# client's IP: none, id (IMAP ID, Dovecot), xclient (Postfix) or proxy (PROXY protocol v2).
+# [endpoints]
+# imap = { address = "127.0.0.1:143", transport = "starttls", client_address = "id" }
+# pop3 = { address = "127.0.0.1:110", transport = "starttls" }
+# lmtp = "127.0.0.1:24"
+# submission = { address = "127.0.0.1:587", transport = "starttls", client_address = "xclient" }
+
+# Where the domains hosted here are listed; pick one or more (changes are picked up live).
+# [[slave.sources]]
+# type = "cpanel"          # /etc/userdomains + /etc/localdomains (minus /etc/remotedomains)
+# type = "directadmin"     # path = "/etc/virtual/domains"
+# type = "plesk"           # command = ["plesk", "bin", "domain", "--list"]
+# type = "postfix"         # path = "/etc/postfix/vmail_domains", or postconf -xh virtual_mailbox_domains
+# type = "dovecot"         # path = "/etc/dovecot/users" (passwd-file: the domains of the users)
+# type = "static"          # domains = ["example.com"]
+"""
 
 
 def _write_identity(where: Placement, authority: ca.Authority, cert, key, keys: list[bytes]) -> None:

@@ -3,7 +3,8 @@ mail services answer.
 
 Sources. Each configured source (config.SourceConfig) yields a set of domains: files are
 polled for changes (inode, size, mtime) and read only once they have stayed unchanged for
-`settle` seconds, so a file being rewritten is never read half-written; commands (Plesk,
+`settle` seconds, so a file being rewritten is never read half-written, and a changed file
+whose last line has no newline is taken for one left half-written; commands (Plesk,
 postconf) run every `command_interval`. A source that cannot be read at start is an error
 (SourceError). One that breaks later (unreadable, failing, or empty where it had domains)
 keeps its last good list and says why in `meshmail slave domains` and the log: a slave
@@ -137,7 +138,7 @@ class SlaveAgent:
             for path in source.files.values():
                 source.seen[path] = source.applied[path] = _signature(path)
             try:
-                domains, problems = await self._read(source)
+                domains, problems = await self._read(source, strict=False)
             except SourceError as exc:
                 raise SourceError(f"slave source {source.name}: {exc}") from None
             source.domains, source.problems = domains, problems
@@ -145,8 +146,9 @@ class SlaveAgent:
             self._log_problems(source)
             log.info("source %s: %d domain(s)", source.name, len(domains))
 
-    async def _read(self, source: Source) -> tuple[frozenset[str], tuple[str, ...]]:
-        """Read and parse a source now; raises SourceError when it cannot be read."""
+    async def _read(self, source: Source, *, strict: bool = True) -> tuple[frozenset[str], tuple[str, ...]]:
+        """Read and parse a source now; raises SourceError when it cannot be read, or with
+        `strict` when a file's last line has no newline (at start such a line is read)."""
         config = source.config
         kind = config.type
         if kind == "static":
@@ -155,8 +157,8 @@ class SlaveAgent:
             output = await _run(config.command)
             if kind == "plesk":
                 return _result(sources.parse_domain_list(output))
-            return await trio.to_thread.run_sync(_postconf, output)
-        return await trio.to_thread.run_sync(_read_files, kind, source.files)
+            return await trio.to_thread.run_sync(_postconf, output, strict)
+        return await trio.to_thread.run_sync(_read_files, kind, source.files, strict)
 
     async def watch_files(self) -> None:
         """Poll the file sources; read one once its files have settled after a change."""
@@ -329,9 +331,9 @@ def _signature(path: str) -> Signature:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _text(path: str, *, required: bool = True) -> str | None:
-    """A source file as text (complete: a final line without newline counts, since the
-    file has settled); None for a missing optional file. Raises SourceError."""
+def _text(path: str, strict: bool, *, required: bool = True) -> str | None:
+    """A source file as text; None for a missing optional file. Raises SourceError, and with
+    `strict` for a last line without newline (without, that line is read like the others)."""
     try:
         with open(path, "rb") as file:
             data = file.read(MAX_INPUT + 1)
@@ -344,7 +346,11 @@ def _text(path: str, *, required: bool = True) -> str | None:
     if len(data) > MAX_INPUT:
         raise SourceError(f"{path} is larger than {MAX_INPUT} bytes")
     text = data.decode("utf-8", "replace")
-    return text if not text or text.endswith("\n") else text + "\n"
+    if not text or text.endswith("\n"):
+        return text
+    if strict:
+        raise SourceError(f"the last line of {path} has no newline: half-written? (add one if it is complete)")
+    return text + "\n"
 
 
 def _result(*parsed: sources.Parsed) -> tuple[frozenset[str], tuple[str, ...]]:
@@ -352,11 +358,11 @@ def _result(*parsed: sources.Parsed) -> tuple[frozenset[str], tuple[str, ...]]:
     return domains, tuple(problem for p in parsed for problem in p.problems)
 
 
-def _read_files(kind: str, paths: dict[str, str]) -> tuple[frozenset[str], tuple[str, ...]]:
+def _read_files(kind: str, paths: dict[str, str], strict: bool) -> tuple[frozenset[str], tuple[str, ...]]:
     if kind == "cpanel":
-        users = sources.parse_cpanel_userdomains(_text(paths["userdomains"]))
-        local = sources.parse_domain_list(_text(paths["localdomains"]))
-        remote_text = _text(paths["remotedomains"], required=False)
+        users = sources.parse_cpanel_userdomains(_text(paths["userdomains"], strict))
+        local = sources.parse_domain_list(_text(paths["localdomains"], strict))
+        remote_text = _text(paths["remotedomains"], strict, required=False)
         domains, problems = _result(users, local)
         if remote_text is not None:
             # Remote-MX domains get their mail elsewhere: this server does not host it.
@@ -370,15 +376,15 @@ def _read_files(kind: str, paths: dict[str, str]) -> tuple[frozenset[str], tuple
         "dovecot": sources.parse_dovecot_passwd,
         "postfix": sources.parse_postfix_map,
     }[kind]
-    return _result(parse(_text(path)))
+    return _result(parse(_text(path, strict)))
 
 
-def _postconf(output: str) -> tuple[frozenset[str], tuple[str, ...]]:
+def _postconf(output: str, strict: bool) -> tuple[frozenset[str], tuple[str, ...]]:
     """The domains of `postconf -xh virtual_mailbox_domains`, reading the files it names."""
     top = sources.parse_postconf(output if output.endswith("\n") else output + "\n")
     parsed: list[sources.Parsed] = [top]
-    parsed += [sources.parse_postfix_map(_text(path)) for path in top.map_files]
-    parsed += [sources.parse_postconf(_text(path)) for path in top.list_files]
+    parsed += [sources.parse_postfix_map(_text(path, strict)) for path in top.map_files]
+    parsed += [sources.parse_postconf(_text(path, strict)) for path in top.list_files]
     return _result(*parsed)
 
 

@@ -248,7 +248,8 @@ def create_app(node) -> QuartTrio:
         found = Router(node.replication.state, node.memberlist.member).resolve(address, protocol)
         if isinstance(found, Route):
             endpoint = format_address(found.endpoint)
-            return {"route": {"slave": found.slave, "endpoint": endpoint, "state": found.state.name.lower()}}
+            route = {"slave": found.slave, "endpoint": endpoint, "state": found.state.name.lower()}
+            return {"route": {**route, "transport": found.transport, "client_address": found.client_address}}
         return {"no_route": {"reason": found.reason, "detail": found.detail}}
 
     @app.get("/slave")
