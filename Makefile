@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUFF_ARGS := --line-length 120 --target-version py311 --select E,F,W,I,B,UP
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo bench-gossip bench-state bench-security clean
+.PHONY: test lint demo bench-gossip bench-state bench-security bench-slave clean
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -26,6 +26,9 @@ bench-state: $(VENV)/.installed-test
 
 bench-security: $(VENV)/.installed-test
 	$(BIN)/python tests/bench/bench_security.py
+
+bench-slave: $(VENV)/.installed-test
+	$(BIN)/python tests/bench/bench_slave.py
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -65,6 +65,7 @@ ADMIN = {
     ("PUT", "/domains/<name>"): ("/domains/x.org", b'{"slave": "s1"}'),
     ("DELETE", "/domains/<name>"): ("/domains/x.org", None),
     ("GET", "/route"): ("/route?address=a@x.org", None),
+    ("GET", "/slave"): ("/slave", None),
     ("POST", "/tokens"): ("/tokens", b'{"role": "master"}'),
     ("GET", "/tokens"): ("/tokens", None),
     ("DELETE", "/tokens/<token_id>"): ("/tokens/0123456789abcdef", None),
