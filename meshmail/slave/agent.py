@@ -215,6 +215,7 @@ class SlaveAgent:
         self.counters["slave.source_failures"] += 1
 
     def _log_problems(self, source: Source) -> None:
+        self.counters["slave.skipped_lines"] += len(source.problems)
         for problem in source.problems[:5]:
             log.warning("source %s: skipped %s", source.name, problem)
         if len(source.problems) > 5:

@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from meshmail.config import SlaveSection, SourceConfig, loads
 from meshmail.node import wall_ms
 from meshmail.replication import Replication
 from meshmail.slave.agent import SlaveAgent, SourceError
+from meshmail.slave.health import GREETINGS, judge
 from meshmail.state.hlc import Timestamp
 from meshmail.state.lww import Entry, encode_entries
 from meshmail.state.records import DomainRoute
@@ -305,3 +308,27 @@ domains = ["a.example"]
     imap = config.node_meta.endpoints["imap"]
     assert (imap.address, imap.transport, imap.client_address, imap.up) == ("127.0.0.1:143", "starttls", "id", True)
     assert config.endpoints["lmtp"].probe is True
+
+
+@given(service=st.sampled_from([*GREETINGS, "http"]), greeting=st.binary(max_size=300))
+def test_judging_any_greeting_never_raises(service, greeting):
+    health = judge(service, greeting)
+    assert isinstance(health.up, bool) and "\n" not in health.detail and len(health.detail) < 200
+
+
+@pytest.mark.parametrize(
+    ("service", "greeting", "up"),
+    [
+        ("imap", b"* OK [CAPABILITY IMAP4rev1] Dovecot ready.\r\n", True),
+        ("imap", b"* PREAUTH ready\r\n", True),
+        ("imap", b"* BYE too many connections\r\n", False),
+        ("pop3", b"+OK Dovecot ready.\r\n", True),
+        ("pop3", b"-ERR [SYS/TEMP] busy\r\n", False),
+        ("lmtp", b"220 host Dovecot LMTP ready\r\n", True),
+        ("smtp", b"421 4.3.2 shutting down\r\n", False),
+        ("submission", b"", False),
+        ("http", b"", True),
+    ],
+)
+def test_judge(service, greeting, up):
+    assert judge(service, greeting).up is up
