@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -336,7 +337,11 @@ def _text(path: str, strict: bool, *, required: bool = True) -> str | None:
     """A source file as text; None for a missing optional file. Raises SourceError, and with
     `strict` for a last line without newline (without, that line is read like the others)."""
     try:
-        with open(path, "rb") as file:
+        # O_NONBLOCK: opening a FIFO put in the file's place must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise SourceError(f"{path} is not a regular file")
             data = file.read(MAX_INPUT + 1)
     except FileNotFoundError:
         if required:

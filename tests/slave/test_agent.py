@@ -140,6 +140,7 @@ async def test_a_source_that_breaks_later_keeps_its_last_good_list(replication, 
             "left half-written": lambda: path.write_text("a.example\nb.exa"),
             "deleted": lambda: path.unlink(),
             "a folder now": lambda: (path.unlink(), path.mkdir()),
+            "a FIFO now": lambda: (path.unlink(), os.mkfifo(path)),  # a read must not block on it
         }
         for what, breakage in breakages.items():
             breakage()
@@ -148,10 +149,12 @@ async def test_a_source_that_breaks_later_keeps_its_last_good_list(replication, 
             assert published(replication) == {"a.example", "b.example"}, what
             if path.is_dir():
                 path.rmdir()
+            elif not path.is_file():
+                path.unlink()
             path.write_text("a.example\nb.example\n")
             await trio.sleep(wait)
             assert source.status == "ok", what
-        assert replication.counters["slave.source_failures"] >= 3
+        assert replication.counters["slave.source_failures"] >= 5
         path.write_text("b.example\n")
         await trio.sleep(SETTINGS.poll_interval * 3 + SETTINGS.settle)
         assert source.status == "ok" and published(replication) == {"b.example"}
