@@ -150,7 +150,7 @@ async def test_a_source_that_breaks_later_keeps_its_last_good_list(replication, 
             if path.is_dir():
                 path.rmdir()
             elif not path.is_file():
-                path.unlink()
+                path.unlink(missing_ok=True)
             path.write_text("a.example\nb.example\n")
             await trio.sleep(wait)
             assert source.status == "ok", what
