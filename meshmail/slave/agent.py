@@ -48,6 +48,8 @@ COMMAND_TIMEOUT = 60.0
 #: How often the published routes are checked against the sources even without a change
 #: (an admin deleted one, a sync brought an older map...).
 REPUBLISH_INTERVAL = 60.0
+#: How often publish() scans the whole map for the routes to this slave.
+RESCAN_INTERVAL = 600.0
 #: Problems kept per source for `meshmail slave domains`.
 SHOWN_PROBLEMS = 20
 
@@ -129,6 +131,8 @@ class SlaveAgent:
         self._endpoints = endpoints
         self._on_health = on_health
         self._publish_now = trio.Event()
+        #: Domains routed to this slave by its own claim, as far as it knows (see publish).
+        self._routed_here: set[str] | None = None
         self.counters = replication.counters
 
     # --- reading sources --------------------------------------------------------------
@@ -233,10 +237,16 @@ class SlaveAgent:
                 wanted.setdefault(domain, []).append(source.name)
         return wanted
 
-    def publish(self) -> int:
-        """Bring the routes in line with the sources; the number of routes written."""
+    def publish(self, *, rescan: bool = False) -> int:
+        """Bring the routes in line with the sources; the number of routes written.
+
+        The domains routed here are found by a scan of the whole map on the first call and
+        with `rescan` (keep_published does one every RESCAN_INTERVAL); in between, from what
+        this agent wrote: a scan of a million-domain map would stall the event loop."""
         state = self.replication.state
         mine = DomainRoute(self.name, "slave")
+        if rescan or self._routed_here is None:
+            self._routed_here = {domain for domain, route in state.domains(self.name) if route == mine}
         claimed = {domain: {winner, *others} for domain, winner, others in state.conflicts()}
         writes: list[tuple[str, DomainRoute | None]] = []
         wanted = self.wanted()
@@ -247,22 +257,28 @@ class SlaveAgent:
             if route is not None and self.name in claimed.get(domain, ()):
                 continue  # claimed once already: the conflict is listed, not fought over
             writes.append((domain, mine))
-        for domain, route in state.domains(self.name):
-            if route == mine and domain not in wanted:
+        for domain in self._routed_here:
+            if domain not in wanted and state.domain(domain) == mine:
                 writes.append((domain, None))
         if writes:
             self.replication.write_domains(writes)
+            for domain, route in writes:
+                (self._routed_here.add if route is not None else self._routed_here.discard)(domain)
             added = sum(1 for _, route in writes if route is not None)
             log.info("published %d domain(s), unpublished %d", added, len(writes) - added)
             self.counters["slave.routes_written"] += len(writes)
         return len(writes)
 
     async def keep_published(self) -> None:
+        last_scan = trio.current_time()
         while True:
             with trio.move_on_after(REPUBLISH_INTERVAL):
                 await self._publish_now.wait()
             self._publish_now = trio.Event()
-            self.publish()
+            rescan = trio.current_time() - last_scan >= RESCAN_INTERVAL
+            if rescan:
+                last_scan = trio.current_time()
+            self.publish(rescan=rescan)
 
     # --- health ---------------------------------------------------------------------------
 
