@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import ipaddress
 import json
 import logging
@@ -428,8 +429,10 @@ def parse_duration(text: str) -> float:
         value = float(number)
     except ValueError:
         raise CommandError(f"--ttl {text!r} is not a duration like 30m, 24h or 7d") from None
-    if not value > 0 or value * units[unit] > 10 * 365 * 86400:
-        raise CommandError(f"--ttl {text!r} must be more than 0 and less than ten years")
+    from .security.admission import MAX_TTL_S
+
+    if not 1 <= value * units[unit] <= MAX_TTL_S:
+        raise CommandError(f"--ttl {text!r} must be 1s to {MAX_TTL_S // 86400}d")
     return value * units[unit]
 
 
@@ -644,8 +647,8 @@ def request(target: Target, method: str, path: str, body: dict | None = None) ->
             raise CommandError(f"cannot read the CA {target.ca}: {exc.strerror or exc}") from None
         if target.ca:
             context.check_hostname = False  # any node certificate of this cluster's CA will do
-    message = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
+        message = urllib.request.Request(url, data=data, method=method, headers=headers)
         with urllib.request.urlopen(message, timeout=HTTP_TIMEOUT, context=context) as response:
             raw = response.read()
     except urllib.error.HTTPError as exc:
@@ -657,8 +660,11 @@ def request(target: Target, method: str, path: str, body: dict | None = None) ->
         reason = getattr(exc, "reason", exc)
         problem = getattr(reason, "verify_message", None) or getattr(reason, "strerror", None) or reason
         raise CommandError(f"cannot reach the node at {target.url}: {problem}") from None
-    except ValueError as exc:
+    except (ValueError, http.client.InvalidURL) as exc:
         raise CommandError(f"bad URL {url!r}: {exc}") from None
+    except http.client.HTTPException as exc:
+        kind = type(exc).__name__
+        raise CommandError(f"{target.url} does not answer HTTP as a meshmail node does ({kind})") from None
     try:
         return json.loads(raw)
     except ValueError:

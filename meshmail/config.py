@@ -122,11 +122,16 @@ def _boolean(value: object) -> bool:
     return value
 
 
-def _positive(value: object, *, zero: bool = False) -> float:
-    number = _number(value)
-    if not (number >= 0 if zero else number > 0) or number > 86400:
-        raise _Bad(f"must be {'0 or more' if zero else 'more than 0'} seconds (and at most a day)")
-    return number
+def _seconds(low: float) -> Callable[[object], float]:
+    """A duration of `low` seconds (a floor that keeps a loop from spinning) to a day."""
+
+    def parse(value: object) -> float:
+        number = _number(value)
+        if not low <= number <= 86400:
+            raise _Bad(f"must be {low:g} to 86400 seconds")
+        return number
+
+    return parse
 
 
 def _choice(*options: str) -> Callable[[object], str]:
@@ -331,12 +336,12 @@ _ENDPOINT: _Fields = {
     "probe": (_boolean, True),
 }
 _SLAVE: _Fields = {
-    "sources": (lambda value: value, ()),  # checked by _Reader.sources
-    "poll_interval": (lambda value: _positive(value), 1.0),
-    "settle": (lambda value: _positive(value, zero=True), 2.0),
-    "command_interval": (lambda value: _positive(value), 30.0),
-    "probe_interval": (lambda value: _positive(value), 5.0),
-    "probe_timeout": (lambda value: _positive(value), 2.0),
+    "sources": (lambda value: value, ()),  # checked by _Reader.slave
+    "poll_interval": (_seconds(0.05), 1.0),
+    "settle": (_seconds(0), 2.0),
+    "command_interval": (_seconds(1), 30.0),
+    "probe_interval": (_seconds(0.1), 5.0),
+    "probe_timeout": (_seconds(0.05), 2.0),
 }
 #: The fields of each source type: (field, parse, default).
 _SOURCE_FIELDS: dict[str, _Fields] = {

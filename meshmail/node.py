@@ -43,6 +43,8 @@ log = logging.getLogger("meshmail.node")
 LEAVE_TIMEOUT = 5.0
 #: How long in-flight HTTP requests may take to finish once the node is leaving.
 HTTP_GRACE = 2.0
+#: Pause before the HTTP server starts again after it failed.
+HTTP_RESTART_DELAY = 0.5
 #: Seeds are retried with a delay doubling from the first to the second value (seconds).
 JOIN_RETRY = (0.5, 5.0)
 
@@ -250,7 +252,9 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
         nursery.start_soon(_log_events, events)
         http_stop, http_done = trio.Event(), trio.Event()
         with _bind_errors("http", config.http.bind):
-            http = await nursery.start(_serve_http, create_app(node), config, http_stop, http_done)
+            http = await nursery.start(
+                _serve_http, create_app(node), config, http_stop, http_done, replication.counters
+            )
         node.api_address = api_address(config, http, memberlist.address)
         memberlist.update_meta(node.meta())
         if leave_on_signals:
@@ -312,22 +316,40 @@ def api_address(config: Config, bound: Address, gossip: Address) -> Address:
 
 
 async def _serve_http(
-    app, config: Config, stop: trio.Event, done: trio.Event, *, task_status: trio.TaskStatus[Address]
+    app, config: Config, stop: trio.Event, done: trio.Event, counters, *, task_status: trio.TaskStatus[Address]
 ) -> None:
+    """Serve the HTTP API until `stop`. If the server fails (a bug in a connection's
+    handling escaping it), that is logged and counted and the server starts again on the
+    same address: the HTTP side of a node never takes its gossip down with it."""
     settings = HypercornConfig()
     settings.bind = [format_address(config.http.bind)]
     if config.tls is not None:
         # Client certificates are optional: joining servers have none yet; nodes present theirs.
         settings.certfile, settings.keyfile, settings.ca_certs = config.tls.cert, config.tls.key, config.tls.ca
         settings.verify_mode = ssl.CERT_OPTIONAL
+    # HTTP/1.1 only: an admin API needs nothing more, and hypercorn 0.18's HTTP/2 lets a
+    # request body sent after an early answer raise out of the server (KeyError in h2.py).
+    settings.alpn_protocols = ["http/1.1"]
     settings.accesslog = None
     settings.errorlog = logging.getLogger("meshmail.http")
     settings.graceful_timeout = HTTP_GRACE
+    started = False
     try:
-        async with trio.open_nursery() as nursery:
-            urls = await nursery.start(partial(hypercorn_serve, app, settings, shutdown_trigger=stop.wait))
-            url = urlsplit(urls[0])
-            task_status.started((url.hostname, url.port))
+        while not stop.is_set():
+            try:
+                async with trio.open_nursery() as nursery:
+                    urls = await nursery.start(partial(hypercorn_serve, app, settings, shutdown_trigger=stop.wait))
+                    if not started:
+                        url = urlsplit(urls[0])
+                        settings.bind = [format_address((url.hostname, url.port))]  # the same port on a restart
+                        task_status.started((url.hostname, url.port))
+                        started = True
+            except Exception:
+                if not started:
+                    raise
+                counters["http.server_restarts"] += 1
+                log.exception("the HTTP server failed; starting it again")
+                await trio.sleep(HTTP_RESTART_DELAY)
     finally:
         done.set()
 

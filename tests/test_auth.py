@@ -507,3 +507,18 @@ async def test_fuzz_authorization_header(node):
         assert answer.status == 401, (header, answer.status, answer.body[:300])
 
     await trio.to_thread.run_sync(get_domains)
+
+
+async def test_parallel_guesses_cannot_outrun_the_limit(node):
+    """20 wrong passwords at once: only the first 5 are checked, the rest are refused 429
+    (each attempt counts before its slow check, not after)."""
+    await add_admin(node, "dana")
+    answers: list[int] = []
+
+    async def guess(i: int) -> None:
+        answers.append((await login_json(node, "dana", f"wrong guess {i}")).status)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(guess, i)
+    assert sorted(answers) == [401] * LOGIN_FAILURES_PER_ACCOUNT + [429] * (20 - LOGIN_FAILURES_PER_ACCOUNT)

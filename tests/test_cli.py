@@ -94,6 +94,42 @@ def test_unreachable_node(command):
     assert_one_line_failure(meshmail(command, "--url", url), "cannot reach the node at", "refused")
 
 
+@pytest.mark.parametrize(
+    ("url", "words"), [("http://[::1", "Invalid IPv6 URL"), ("http://127.0.0.1:1/x y", "bad URL")]
+)
+def test_bad_urls_are_one_line(url, words):
+    assert_one_line_failure(meshmail("status", "--url", url), words)
+
+
+def test_a_server_that_is_not_http_is_one_line():
+    """A --url at a port that greets like SMTP (not HTTP): one line, not a traceback."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def greet() -> None:
+            connection, _ = server.accept()
+            with connection:
+                connection.sendall(b"220 mail.example ESMTP\r\n")
+                connection.recv(4096)
+
+        import threading
+
+        thread = threading.Thread(target=greet, daemon=True)
+        thread.start()
+        assert_one_line_failure(meshmail("status", "--url", f"http://127.0.0.1:{port}"), "does not answer HTTP")
+        thread.join(5)
+
+
+@pytest.mark.parametrize("ttl", ["0.5s", "0", "-1h", "366d", "soon"])
+def test_token_ttl_bounds(ttl):
+    from meshmail.cli import CommandError, parse_duration
+
+    with pytest.raises(CommandError, match="--ttl"):
+        parse_duration(ttl)
+
+
 def test_status_with_a_bad_config(write_config):
     path = write_config("[node]\n")
     assert_one_line_failure(meshmail("status", "--config", str(path)), f"{path}: node.name: missing")

@@ -15,6 +15,7 @@ from meshmail.config import loads
 from meshmail.node import wall_ms
 from meshmail.replication import Replication
 from meshmail.security import accounts
+from meshmail.state.records import AdminAccount
 from meshmail.state.replica import ClusterState
 from meshmail.web import create_app
 from meshmail.web.status import state_document
@@ -183,6 +184,7 @@ class _Node:
 def app_node(tmp_path):
     with ClusterState.open(tmp_path, "me", wall_ms, fsync=False) as state:
         replication = Replication(state, wall_ms)
+        replication.put("admin", "admin", AdminAccount("$scrypt$not-checked-here"))
         token = accounts.create_api_token(replication, "admin", "tests", wall_ms())
         yield _Node(replication, {"Authorization": f"Bearer {token.encode()}"})
 

@@ -110,6 +110,9 @@ async def test_status_document(node):
         ("/join", b'{"seeds": ["127.0.0.1"]}', "is not host:port"),
         ("/join", b'{"seeds": [7946]}', "expected a string"),
         ("/join", b'{"seeds": ["' + b"1" * MAX_BODY + b'"]}', f"larger than {MAX_BODY} bytes"),
+        ("/join", b"[" * 5000 + b"]" * 5000, "not valid JSON"),  # deeper than the parser's recursion
+        ("/join", b'{"seeds": ["\\ud800:1"]}', "not valid JSON"),  # a lone surrogate is not text
+        ("/login", b'{"account": "\\udfff", "password": "x"}', "not valid JSON"),
     ],
 )
 async def test_admin_endpoints_refuse_bad_bodies(node, path, body, words):
@@ -173,3 +176,54 @@ async def test_a_lone_seed_does_not_join():
     memberlist = _Seeds([])
     await join_seeds(memberlist, [memberlist.address])
     assert memberlist.calls == []
+
+
+def _h2_early_answer_then_body(address: tuple[str, int]) -> None:
+    """HTTP/2 with prior knowledge: a POST whose answer (400, too large) comes before the
+    rest of its body, which then arrives for a stream the server already closed."""
+    import h2.config
+    import h2.connection
+
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(connection.data_to_send())
+        headers = [(":method", "POST"), (":path", "/login"), (":scheme", "http"), (":authority", "x"),
+                   ("content-type", "application/json")]  # fmt: skip
+        connection.increment_flow_control_window(1 << 30)
+        connection.send_headers(1, headers)
+        sock.sendall(connection.data_to_send())
+        body = b"[" * (4 * MAX_BODY)
+        sent = 0
+        try:
+            while sent < len(body):
+                window = min(connection.local_flow_control_window(1), connection.max_outbound_frame_size)
+                if window <= 0:
+                    connection.receive_data(sock.recv(65536))  # window updates, or the early answer
+                    sock.sendall(connection.data_to_send())
+                    continue
+                connection.send_data(1, body[sent : sent + window])
+                sent += window
+                sock.sendall(connection.data_to_send())
+            connection.end_stream(1)
+            sock.sendall(connection.data_to_send())
+            sock.recv(65536)
+        except Exception:  # the server may reset the stream or close: that is its answer
+            pass
+
+
+async def test_no_request_can_stop_the_node(node):
+    """Whatever one connection does, the node keeps serving HTTP (restarting its server if
+    it must) and keeps gossiping."""
+    before = (await request(node, "GET", "/status"))[1]["incarnation"]
+    for _ in range(3):
+        await trio.to_thread.run_sync(_h2_early_answer_then_body, node.http)
+        with trio.fail_after(10):
+            while True:
+                try:
+                    status, document = await request(node, "GET", "/status")
+                    break
+                except OSError:
+                    await trio.sleep(0.1)
+        assert status == 200 and document["members"][0]["state"] == "alive"
+    assert document["incarnation"] == before

@@ -14,6 +14,8 @@ from attrs import validators as v
 from .messages import MAX_META
 
 ROLES = ("master", "slave")
+#: Most gossip keys a node holds at once (their ids travel in the metadata).
+MAX_KEYS = 8
 SERVICES = ("imap", "pop3", "smtp", "submission", "lmtp", "http")
 
 
@@ -70,7 +72,9 @@ class NodeMeta:
     tags: dict[str, str] = attrs.field(factory=dict, validator=v.deep_mapping(v.instance_of(str), v.instance_of(str)))
     #: Ids of the gossip keys this node holds, primary first (for `meshmail keyring list`).
     keys: tuple[str, ...] = attrs.field(
-        default=(), converter=tuple, validator=v.deep_iterable(v.instance_of(str), v.max_len(16))
+        default=(),
+        converter=tuple,
+        validator=v.deep_iterable(v.and_(v.instance_of(str), v.max_len(16)), v.max_len(MAX_KEYS)),
     )
     #: Where this node's HTTP API answers (host:port; TLS when the cluster has a CA).
     api: str = attrs.field(default="", validator=[v.instance_of(str), v.max_len(300)])

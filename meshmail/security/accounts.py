@@ -65,6 +65,10 @@ def api_token_account(state: ClusterState, text: str) -> str | None:
     record = state.get("apitoken", token.token_id)
     if not isinstance(record, ApiToken) or not secret_matches(record.secret_hash, token.secret):
         return None
+    # A token outlives its account only if the two changes crossed between masters: the
+    # account's absence settles it wherever the token is used.
+    if not record.account.startswith("node:") and not isinstance(state.get("admin", record.account), AdminAccount):
+        return None
     return record.account
 
 

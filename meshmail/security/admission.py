@@ -97,8 +97,8 @@ def create_token(
 ) -> JoinTokenText:
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    if not 0 < ttl_s <= MAX_TTL_S:
-        raise ValueError(f"ttl must be more than 0 and at most {MAX_TTL_S // 86400} days")
+    if not 1 <= ttl_s <= MAX_TTL_S:
+        raise ValueError(f"ttl must be 1 second to {MAX_TTL_S // 86400} days")
     if not 1 <= uses <= MAX_USES:
         raise ValueError(f"uses must be 1 to {MAX_USES}")
     if not masters:

@@ -108,7 +108,13 @@ def _route_source(host: str) -> str:
 
 
 def check_free(data_dir: Path, force: bool) -> list[str]:
-    """The node files in `data_dir`; raises BootstrapError if there are some and not `force`."""
+    """The node files in `data_dir`; raises BootstrapError if there are some and not
+    `force`, or if `data_dir` is not a folder this process could write."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise BootstrapError(f"--data-dir {data_dir} is not a folder")
+    parent = next((p for p in (data_dir, *data_dir.parents) if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise BootstrapError(f"--data-dir {data_dir}: cannot write in {parent}")
     existing = [name for name in (*files.NODE_FILES, files.STATE) if (data_dir / name).exists()]
     if existing and not force:
         raise BootstrapError(
@@ -119,15 +125,15 @@ def check_free(data_dir: Path, force: bool) -> list[str]:
 
 def _claim(data_dir: Path, force: bool) -> None:
     """Make sure `data_dir` holds no node (or wipe it with force)."""
-    for name in check_free(data_dir, force):
-        path = data_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for name in (files.CA_KEY, files.API_TOKEN):
-        (data_dir / name).unlink(missing_ok=True)
     try:
+        for name in check_free(data_dir, force):
+            path = data_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for name in (files.CA_KEY, files.API_TOKEN):
+            (data_dir / name).unlink(missing_ok=True)
     except OSError as exc:
-        raise BootstrapError(f"cannot create {data_dir}: {exc.strerror or exc}") from None
+        raise BootstrapError(f"cannot prepare {data_dir}: {exc.strerror or exc}") from None
 
 
 def render_config(where: Placement, cluster: str, seeds: list[str], *, profile: str, how: str) -> str:

@@ -22,6 +22,7 @@ import attrs
 from ..gossip.keyring import KEY_SIZE, Keyring, KeyringError
 from ..gossip.member import MemberInfo
 from ..gossip.messages import State
+from ..gossip.meta import MAX_KEYS
 from ..state.records import GossipKey
 from ..state.replica import ClusterState
 
@@ -105,13 +106,18 @@ def ids(keyring: Keyring) -> tuple[str, ...]:
 # --- operations (through Replication; checks first, so a refused one writes nothing) ---------
 
 
-def install(replication, key: bytes) -> str:
+def install(replication, key: bytes, local: Keyring | None = None) -> str:
+    """Install `key` everywhere (not used yet); refused past MAX_KEYS keys, counting this
+    node's own (`local`) too: key ids travel in the 1 KiB metadata."""
     kid = key_id(key)
     record = replication.state.get(NS, kid)
     if record is not None and record.state != "removed":
         return kid
     if record is not None:
         raise KeyringError(f"key {kid} was removed from this cluster; make a new one (meshmail keygen)")
+    held = set(desired(replication.state).keys) | set(local.keys if local is not None else ())
+    if len(held) >= MAX_KEYS:
+        raise KeyringError(f"{MAX_KEYS} keys are installed already; remove one first (keyring remove)")
     replication.put(NS, kid, GossipKey("installed", encode_key(key)))
     return kid
 

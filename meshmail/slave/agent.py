@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,7 @@ import trio
 
 from ..config import SlaveSection, SourceConfig, parse_address
 from ..replication import Replication
+from ..state.journal import JournalError
 from ..state.names import InvalidName, normalize_domain
 from ..state.records import DomainRoute
 from . import sources
@@ -278,7 +280,13 @@ class SlaveAgent:
             rescan = trio.current_time() - last_scan >= RESCAN_INTERVAL
             if rescan:
                 last_scan = trio.current_time()
-            self.publish(rescan=rescan)
+            try:
+                self.publish(rescan=rescan)
+            except (OSError, JournalError) as exc:
+                # The journal cannot be written (a full disk...): nothing was applied; the
+                # next round tries again. The node stays up and keeps routing.
+                self.counters["slave.publish_failures"] += 1
+                log.error("cannot publish the domains: %s; trying again in %g s", exc, REPUBLISH_INTERVAL)
 
     # --- health ---------------------------------------------------------------------------
 
@@ -421,19 +429,44 @@ def _static(names: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
 
 
 async def _run(argv: tuple[str, ...]) -> str:
-    """The standard output of a command; raises SourceError when it fails."""
+    """The standard output of a command (at most MAX_INPUT bytes are ever held); raises
+    SourceError when it cannot run, fails, runs too long or prints too much."""
     shown = " ".join(argv)
+    output, errors = bytearray(), bytearray()
+
+    async def drain(stream: trio.abc.ReceiveStream, into: bytearray, limit: int) -> None:
+        async for chunk in stream:
+            if len(into) + len(chunk) > limit:
+                if into is output:
+                    raise SourceError(f"`{shown}` printed more than {MAX_INPUT} bytes")
+                continue  # stderr: keep the start only
+            into += chunk
+
     try:
-        with trio.fail_after(COMMAND_TIMEOUT):
-            result = await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True, check=False)
-    except trio.TooSlowError:
-        raise SourceError(f"`{shown}` ran longer than {COMMAND_TIMEOUT:g} s") from None
+        process = await trio.lowlevel.open_process(
+            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
     except OSError as exc:
         raise SourceError(f"cannot run `{shown}`: {exc.strerror or exc}") from None
-    if result.returncode != 0:
-        why = result.stderr.decode("utf-8", "replace").strip().splitlines()[:1]
-        raise SourceError(f"`{shown}` exited with status {result.returncode}: {why[0] if why else 'no message'}")
-    if len(result.stdout) > MAX_INPUT:
-        raise SourceError(f"`{shown}` printed more than {MAX_INPUT} bytes")
-    return result.stdout.decode("utf-8", "replace")
-
+    try:
+        with trio.fail_after(COMMAND_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain, process.stdout, output, MAX_INPUT)
+                nursery.start_soon(drain, process.stderr, errors, 4096)
+            await process.wait()
+    except trio.TooSlowError:
+        raise SourceError(f"`{shown}` ran longer than {COMMAND_TIMEOUT:g} s") from None
+    except BaseExceptionGroup as group:
+        too_much = group.subgroup(SourceError)
+        if too_much is None:
+            raise
+        raise too_much.exceptions[0] from None
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+    if process.returncode != 0:
+        why = errors.decode("utf-8", "replace").strip().splitlines()[:1]
+        raise SourceError(f"`{shown}` exited with status {process.returncode}: {why[0] if why else 'no message'}")
+    return output.decode("utf-8", "replace")

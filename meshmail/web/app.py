@@ -327,7 +327,7 @@ def create_app(node) -> QuartTrio:
                 key = body.get("key")
                 if not isinstance(key, str) or len(key) > 100:
                     raise BadRequest('expected {"action": "install", "key": BASE64}')
-                kid = keyring_sync.install(node.replication, keyring_sync.decode_key(key))
+                kid = keyring_sync.install(node.replication, keyring_sync.decode_key(key), node.keyring)
             elif action in ("use", "remove"):
                 kid = body.get("id")
                 if not isinstance(kid, str) or len(kid) != 16:
@@ -438,8 +438,10 @@ async def _json_object(*, empty_ok: bool = False) -> dict[str, Any]:
         return {}
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
-        raise BadRequest("request body is not valid JSON") from None
+        # Strings with lone surrogates ("\ud800") are valid JSON but not Unicode text.
+        json.dumps(document, ensure_ascii=False).encode()
+    except (UnicodeError, ValueError, RecursionError):
+        raise BadRequest("request body is not valid JSON (nor UTF-8 text)") from None
     if not isinstance(document, dict):
         raise BadRequest("request body must be a JSON object")
     return document

@@ -89,6 +89,15 @@ class RateLimiter:
             return 0.0
         return max(0.0, times[0] + self.window - now) if len(times) >= self.limit else 0.0
 
+    def forgive(self, key: str, when: float) -> None:
+        """Take back one failure recorded at `when` (a check that turned out good)."""
+        times = self._failures.get(key)
+        if times is not None:
+            try:
+                times.remove(when)
+            except ValueError:
+                pass
+
     def fail(self, key: str, now: float) -> None:
         times = self._failures.get(key)
         if times is None:
@@ -168,13 +177,17 @@ class Auth:
         record = self.state_of().get("admin", name) if name else None
         stored = record.password if isinstance(record, AdminAccount) else dummy_hash()
         given = password if isinstance(password, str) and len(password) <= MAX_PASSWORD else ""
+        # Counted as a failure before the (slow) check, so that parallel attempts cannot all
+        # pass the limit while the first ones are still being checked; forgiven if good.
+        self.by_address.fail(address, now)
+        self.by_account.fail("account:" + name, now)
         async with self.checks:
             matches = await trio.to_thread.run_sync(verify_password, stored, given)
         if not (matches and isinstance(record, AdminAccount)):
             self.counters["auth.login_failed"] += 1
-            self.by_address.fail(address, now)
-            self.by_account.fail("account:" + name, now)
             return None, 0.0
+        self.by_address.forgive(address, now)
+        self.by_account.forgive("account:" + name, now)
         self.counters["auth.login"] += 1
         return self.new_session(name, record.password), 0.0
 

@@ -96,12 +96,16 @@ def test_bad_password_writes_nothing(replication, password):
 
 
 def test_api_token_create_and_lookup(replication):
+    replication.put("admin", "admin", AdminAccount("$scrypt$not-checked-here"))
     token = create_api_token(replication, "admin", "laptop", START_MS)
     record = replication.state.get("apitoken", token.token_id)
     assert record.account == "admin" and record.note == "laptop" and record.created_ms == START_MS
     assert token.secret.hex() not in record.secret_hash
     assert api_token_account(replication.state, token.encode()) == "admin"
     assert api_token_account(replication.state, f" {token.encode()}\n") == "admin"
+    # Without its account (deleted on another master at the same time), a token is void.
+    replication.delete("admin", "admin")
+    assert api_token_account(replication.state, token.encode()) is None
 
 
 def test_api_token_lookup_refusals(replication):
@@ -119,6 +123,8 @@ def test_api_token_note_is_capped(replication):
 
 
 def test_revoke_api_tokens(replication):
+    for account in ("alice", "bob"):
+        replication.put("admin", account, AdminAccount("$scrypt$not-checked-here"))
     mine = [create_api_token(replication, "alice", str(i), START_MS) for i in range(3)]
     theirs = create_api_token(replication, "bob", "", START_MS)
     assert revoke_api_tokens(replication, "alice") == 3

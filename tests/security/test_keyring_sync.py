@@ -216,3 +216,24 @@ def test_key_material_not_in_report(replication, local):
     ks.install(replication, K1)
     text = repr(ks.report(replication.state, local, [member("m1", keys=(ID1,))]))
     assert ks.encode_key(K1) not in text and K1.hex() not in text
+
+
+def test_at_most_max_keys_are_installed(replication, local):
+    """Key ids travel in the 1 KiB metadata: a ninth key is refused and nothing is written."""
+    from meshmail.gossip.keyring import new_key
+    from meshmail.gossip.meta import MAX_KEYS, NodeMeta
+
+    for _ in range(MAX_KEYS - 1):  # the local keyring holds one more
+        ks.install(replication, new_key(), local)
+    before = snapshot(replication.state)
+    with pytest.raises(KeyringError, match=f"{MAX_KEYS} keys are installed already"):
+        ks.install(replication, new_key(), local)
+    assert snapshot(replication.state) == before
+    ks.reconcile(local, replication.state)
+    # The meta of a node holding the most keys is valid and small enough.
+    assert len(ks.ids(local)) == MAX_KEYS
+    assert len(NodeMeta(keys=ks.ids(local)).encode()) < 1024
+    with pytest.raises(ValueError):
+        NodeMeta(keys=["0" * 16] * (MAX_KEYS + 1))
+    with pytest.raises(ValueError):
+        NodeMeta(keys=["0" * 17])
