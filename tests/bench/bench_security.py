@@ -27,6 +27,7 @@ from conftest import MESHMAIL  # noqa: E402
 from test_bootstrap import Fleet, states  # noqa: E402
 
 from meshmail.security import files  # noqa: E402
+from meshmail.security.tokens import parse_join_token  # noqa: E402
 
 
 def timed(action) -> float:
@@ -121,6 +122,22 @@ def run(fleet: Fleet, slaves: int, password: str) -> list[tuple[str, str]]:
         total = time.perf_counter() - start
         rows.append((f"token create + join + run -> {name} alive in all {len(everyone)} views", f"{total:.2f} s"))
     rows.append(("meshmail join alone (process, TLS, CSR, files), median", f"{statistics.median(joins):.2f} s"))
+
+    # The single-use token race window: from a join admitted by m1 until m2 knows the
+    # token is used (from then on m2 refuses it).
+    token = fleet.token("m1", "slave")
+    token_id = parse_join_token(token).token_id
+    m2_token = files.read_api_token(fleet.data_dir("m2"))
+
+    def used_on_m2() -> bool:
+        return any(t["id"] == token_id and t["used"] == 1 for t in fleet.get("m2", "/tokens", m2_token)["tokens"])
+
+    assert fleet.join("raced", token, "slave").returncode == 0
+    start = time.perf_counter()  # the redemption was written on m1 before the join returned
+    while not used_on_m2():
+        time.sleep(0.005)
+    window = time.perf_counter() - start
+    rows.append(("join admitted by m1 -> m2 knows the token is used (race window)", f"{window * 1000:.0f} ms"))
 
     live = ["m1", *admitted]
     data = ["--data-dir", str(fleet.data_dir("m1"))]
