@@ -8,6 +8,7 @@ Needs root (Dovecot and Postfix drop to their own users) and the Debian packages
 
 from __future__ import annotations
 
+import abc
 import datetime
 import ipaddress
 import math
@@ -203,7 +204,7 @@ def live_processes_in_group(group: int) -> list[str]:
     return live
 
 
-class _Daemon:
+class _Daemon(abc.ABC):
     """A server run as a child process group under `root`, its output appended to `output`
     and its log in `log`, listening on `host` at `_listening_ports()`."""
 
@@ -221,8 +222,9 @@ class _Daemon:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @abc.abstractmethod
     def _listening_ports(self) -> list[int]:
-        raise NotImplementedError
+        """The ports the daemon listens on once started."""
 
     def _spawn(self, argv: list[str]) -> None:
         with open(self.output, "ab") as stream:
