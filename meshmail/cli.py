@@ -393,14 +393,13 @@ def _placement(args: argparse.Namespace, name: str | None, role: str, toward: st
 
 
 def _init(args: argparse.Namespace) -> int:
+    from .node import wall_ms
     from .security import ca
     from .security.bootstrap import check_free, init_cluster
 
     where = _placement(args, args.node_name, "master")
     check_free(where.data_dir, args.force)
     password = _read_password(args.admin_password_file, f"Password for admin account {args.admin}: ")
-    from .node import wall_ms
-
     authority = init_cluster(where, args.name, args.admin, password, force=args.force, wall_ms=wall_ms)
     pin = ca.show_fingerprint(authority.fingerprint)
     print(f"meshmail: cluster {args.name} created in {where.data_dir} (CA {pin})")

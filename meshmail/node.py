@@ -238,8 +238,7 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
     except files.FilesError as exc:
         raise NodeError(str(exc)) from None
     if config.node.role == "slave":
-        endpoints = {s: (e.address, e.transport, e.probe) for s, e in config.endpoints.items()}
-        node.agent = SlaveAgent(config.node.name, config.slave, endpoints, replication, node.health_changed)
+        node.agent = SlaveAgent(config.node.name, config.slave, config.endpoints, replication, node.health_changed)
         try:
             await node.agent.load()
         except SourceError as exc:

@@ -26,13 +26,13 @@ import os
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 import trio
 
-from ..config import SlaveSection, SourceConfig, parse_address
+from ..config import EndpointConfig, SlaveSection, SourceConfig, parse_address
 from ..replication import Replication
 from ..state.journal import JournalError
 from ..state.names import InvalidName, normalize_domain
@@ -112,7 +112,7 @@ class SlaveAgent:
     Args:
         name: this node's name (the slave routes point to).
         settings: the [slave] section.
-        endpoints: service -> (address, transport, probe?) of the [endpoints] section.
+        endpoints: the [endpoints] section (those with probe = true are probed).
         replication: the node's Replication (routes are written through it).
         on_health: called with no argument after any endpoint changed between up and down.
     """
@@ -121,7 +121,7 @@ class SlaveAgent:
         self,
         name: str,
         settings: SlaveSection,
-        endpoints: dict[str, tuple[str, str, bool]],
+        endpoints: Mapping[str, EndpointConfig],
         replication: Replication,
         on_health: Callable[[], None] = lambda: None,
     ) -> None:
@@ -291,7 +291,7 @@ class SlaveAgent:
     # --- health ---------------------------------------------------------------------------
 
     async def probe_services(self) -> None:
-        probed = {service: spec for service, spec in self._endpoints.items() if spec[2]}
+        probed = {service: endpoint for service, endpoint in self._endpoints.items() if endpoint.probe}
         if not probed:
             return
         timeout = self.settings.probe_timeout
@@ -302,8 +302,8 @@ class SlaveAgent:
         while True:
             results: dict[str, Health] = {}
             async with trio.open_nursery() as nursery:
-                for service, (address, transport, _) in probed.items():
-                    nursery.start_soon(one, results, service, address, transport)
+                for service, endpoint in probed.items():
+                    nursery.start_soon(one, results, service, endpoint.address, endpoint.transport)
             changed = [s for s, h in results.items() if s not in self.health or self.health[s].up != h.up]
             self.health.update(results)
             for service in changed:

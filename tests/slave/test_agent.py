@@ -15,7 +15,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshmail.config import SlaveSection, SourceConfig, loads
+from meshmail.config import EndpointConfig, SlaveSection, SourceConfig, loads
 from meshmail.node import wall_ms
 from meshmail.replication import Replication
 from meshmail.slave.agent import SlaveAgent, SourceError
@@ -255,9 +255,9 @@ async def test_health_probes_mark_services_down_and_up(replication, clock):
         imap_port = await nursery.start(imap_server)
         pop3_port = await nursery.start(serve_greeting, b"-ERR not today\r\n")
         endpoints = {
-            "imap": (f"127.0.0.1:{imap_port}", "plain", True),
-            "pop3": (f"127.0.0.1:{pop3_port}", "plain", True),
-            "lmtp": ("127.0.0.1:1", "plain", False),  # probe = false: never probed, always up
+            "imap": EndpointConfig(f"127.0.0.1:{imap_port}"),
+            "pop3": EndpointConfig(f"127.0.0.1:{pop3_port}"),
+            "lmtp": EndpointConfig("127.0.0.1:1", probe=False),  # never probed, always up
         }
         settings = SlaveSection(probe_interval=5.0, probe_timeout=2.0)
         agent = SlaveAgent("s1", settings, endpoints, replication, lambda: changes.append(dict(agent.health)))
