@@ -1,0 +1,105 @@
+"""Routes of sign-in and accounts: the login form, sessions, admin accounts, API tokens."""
+
+from __future__ import annotations
+
+import json
+
+import trio
+from quart import Blueprint, Response, redirect, request
+from werkzeug.exceptions import BadRequest
+
+from ..security import accounts
+from ..security.passwords import PasswordError, check_password, hash_password
+from ..state.records import AdminAccount
+from . import auth
+from .bodies import json_object, now_ms
+
+
+def blueprint(node, guard: auth.Auth) -> Blueprint:
+    """The routes of this module for `node` (a meshmail.node.Node)."""
+    routes = Blueprint("accounts", __name__)
+
+    @routes.get("/login")
+    @auth.public
+    async def login_form():
+        return Response(auth.login_page(node.config.node.name), content_type="text/html; charset=utf-8")
+
+    @routes.post("/login")
+    @auth.public
+    async def login():
+        form = request.mimetype == "application/x-www-form-urlencoded"
+        if form:
+            fields = await request.form
+            account, password = fields.get("account"), fields.get("password")
+        else:
+            body = await json_object()
+            account, password = body.get("account"), body.get("password")
+        sid, wait = await guard.login(account, password)
+        if sid is None:
+            if wait:
+                message = f"too many failed sign-ins; try again in {int(wait) + 1} s"
+                status, headers = 429, {"Retry-After": str(int(wait) + 1)}
+            else:
+                message, status, headers = "wrong account or password", 401, {}
+            if form:
+                page = auth.login_page(node.config.node.name, message)
+                return Response(page, status, headers, content_type="text/html; charset=utf-8")
+            return {"error": message}, status, headers
+        session = guard.sessions[sid]
+        response = (
+            redirect("/status", 303)
+            if form
+            else Response(
+                json.dumps({"account": session.account, "csrf_token": session.csrf}), content_type="application/json"
+            )
+        )
+        auth.session_cookie(response, sid, secure=node.config.tls is not None)
+        return response
+
+    @routes.get("/session")
+    async def session():
+        principal = request.principal
+        current = guard.session() if principal.via == "session" else None
+        return {"account": principal.account, "via": principal.via, "csrf_token": current.csrf if current else None}
+
+    @routes.post("/logout")
+    async def logout():
+        guard.logout()
+        response = Response(json.dumps({"logged_out": True}), content_type="application/json")
+        response.delete_cookie(auth.SESSION_COOKIE, path="/")
+        return response
+
+    @routes.get("/admins")
+    async def list_admins():
+        return {"admins": accounts.accounts(node.replication.state)}
+
+    @routes.put("/admins/<account>")
+    async def set_admin(account: str):
+        password = (await json_object()).get("password")
+        try:
+            accounts.check_account_name(account)
+            check_password(password)
+        except (accounts.AccountError, PasswordError) as exc:
+            raise BadRequest(str(exc)) from None
+        hashed = await trio.to_thread.run_sync(hash_password, password)
+        node.replication.put("admin", account, AdminAccount(hashed))
+        return {"account": account}
+
+    @routes.delete("/admins/<account>")
+    async def remove_admin(account: str):
+        try:
+            removed = accounts.remove_account(node.replication, account)
+        except accounts.AccountError as exc:
+            raise BadRequest(str(exc)) from None
+        accounts.revoke_api_tokens(node.replication, account)
+        return {"account": account, "removed": removed}
+
+    @routes.post("/api-tokens")
+    async def create_api_token():
+        note = (await json_object(empty_ok=True)).get("note", "")
+        if not isinstance(note, str):
+            raise BadRequest('expected {"note": TEXT}')
+        token = accounts.create_api_token(node.replication, request.principal.account, note, now_ms())
+        return {"token": token.encode(), "id": token.token_id, "account": request.principal.account}, 201
+
+    return routes

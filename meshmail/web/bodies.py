@@ -1,0 +1,49 @@
+"""What the routes share: reading a request's JSON body and names in URLs, the clock.
+
+Every failure is a werkzeug BadRequest whose description is the one line the client gets.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from quart import request
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+
+from ..state.names import InvalidName, normalize_domain
+
+#: Largest request body accepted; admin calls are small JSON documents.
+MAX_BODY = 64 * 1024
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def domain_name(text: str) -> str:
+    """The normal form of a domain name from a URL; raises BadRequest with the reason."""
+    try:
+        return normalize_domain(text)
+    except InvalidName as exc:
+        raise BadRequest(str(exc)) from None
+
+
+async def json_object(*, empty_ok: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object; raises BadRequest (400) for anything else."""
+    try:
+        body = await request.get_data(as_text=False)
+    except RequestEntityTooLarge:
+        raise BadRequest(f"request body larger than {MAX_BODY} bytes") from None
+    if not body.strip() and empty_ok:
+        return {}
+    try:
+        document = json.loads(body)
+        # Strings with lone surrogates ("\ud800") are valid JSON but not Unicode text.
+        json.dumps(document, ensure_ascii=False).encode()
+    except (UnicodeError, ValueError, RecursionError):
+        raise BadRequest("request body is not valid JSON (nor UTF-8 text)") from None
+    if not isinstance(document, dict):
+        raise BadRequest("request body must be a JSON object")
+    return document

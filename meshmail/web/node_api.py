@@ -1,0 +1,52 @@
+"""Routes about this node itself: health and status (open to anyone), leave and join."""
+
+from __future__ import annotations
+
+import logging
+
+from quart import Blueprint, request
+from werkzeug.exceptions import BadRequest
+
+from ..config import parse_address
+from . import auth
+from .bodies import json_object
+from .status import status_document
+
+log = logging.getLogger("meshmail.http")
+
+
+def blueprint(node, guard: auth.Auth) -> Blueprint:
+    """The routes of this module for `node` (a meshmail.node.Node)."""
+    routes = Blueprint("node", __name__)
+
+    @routes.get("/health")
+    @auth.public
+    async def health():
+        local = node.memberlist.local()
+        return {"node": local.name, "role": local.node_meta.role, "ok": not node.leaving}
+
+    @routes.get("/status")
+    @auth.public
+    async def status():
+        return status_document(node)
+
+    @routes.post("/leave")
+    async def leave():
+        await json_object(empty_ok=True)
+        log.info("leave requested over HTTP by %s", request.principal.account)
+        node.request_leave()
+        return {"leaving": True}, 202
+
+    @routes.post("/join")
+    async def join():
+        body = await json_object()
+        seeds = body.get("seeds")
+        if not isinstance(seeds, list) or not seeds or len(seeds) > 64:
+            raise BadRequest('expected {"seeds": ["host:port", ...]} with 1 to 64 seeds')
+        try:
+            addresses = [parse_address(seed) for seed in seeds]
+        except ValueError as exc:
+            raise BadRequest(f"seeds: {exc}") from None
+        return {"joined": await node.join(addresses)}
+
+    return routes
