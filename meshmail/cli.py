@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         " working. After removing a compromised node, rotate the gossip key: meshmail keyring rotate.",
     )
     remove.add_argument("node")
+    remove.add_argument("--force", action="store_true", help="remove a name no node here knows (it can never join)")
     _add_target(remove)
 
     keyring = command("keyring", None, "list and rotate the gossip keys", "The gossip keys of the whole cluster.")
@@ -466,7 +467,8 @@ def _token_revoke(args: argparse.Namespace) -> int:
 
 
 def _remove(args: argparse.Namespace) -> int:
-    document = _call(args, "POST", f"/nodes/{urllib.parse.quote(args.node, safe='')}/remove", {})
+    body = {"force": True} if args.force else {}
+    document = _call(args, "POST", f"/nodes/{urllib.parse.quote(args.node, safe='')}/remove", body)
     already = " (it already was)" if document.get("already") else ""
     print(f"meshmail: node {args.node} removed from the cluster{already}; rotate the gossip key if it was compromised:"
           " meshmail keyring rotate")

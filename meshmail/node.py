@@ -85,6 +85,11 @@ class Node:
         return self.memberlist.keyring
 
     @property
+    def removed(self) -> bool:
+        """Whether this node was removed from the cluster (a member told it, or it read so)."""
+        return self.memberlist.removed or self.replication.state.get("removed", self.config.node.name) is not None
+
+    @property
     def cluster_id(self) -> str | None:
         """The first 16 hex digits of the CA's fingerprint: unique to a cluster made by init."""
         return None if self.authority is None else self.authority.fingerprint.hex()[:16]
@@ -239,6 +244,7 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
         raise NodeError(str(exc)) from None
     if config.node.role == "slave":
         node.agent = SlaveAgent(config.node.name, config.slave, config.endpoints, replication, node.health_changed)
+        replication.watch(["domain", "removed"], node.agent.poke)
         try:
             await node.agent.load()
         except SourceError as exc:

@@ -329,6 +329,7 @@ def test_remove_then_rotate_the_keyring_on_a_live_cluster(fleet):
     gone_token = files.read_api_token(fleet.data_dir("gone"))
     assert fleet.get("m1", "/domains", gone_token) == {"domains": []}
     ok("domains", "assign", "gone.example", "gone", *m1)
+    refused(cli("remove", "nosuch", *m1), "no node named nosuch")  # a typo burns no name
     assert "removed from the cluster" in ok("remove", "gone", *m1)
     fleet.wait(
         "gone is left everywhere and its gossip refused",
@@ -338,6 +339,8 @@ def test_remove_then_rotate_the_keyring_on_a_live_cluster(fleet):
             for status in statuses.values()
         ),
     )
+    # Nobody talks to it any more, but the first node that drops its gossip tells it so.
+    fleet.wait("gone knows it was removed", ["gone"], lambda statuses: statuses["gone"]["removed"] is True)
     with pytest.raises(urllib.error.HTTPError) as refusal:
         fleet.get("m2", "/domains", gone_token)
     assert refusal.value.code == 401

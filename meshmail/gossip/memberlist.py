@@ -10,6 +10,7 @@ network a Transport, so the same code runs on UDP/TCP and on the simulated netwo
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import random
 import struct
@@ -39,6 +40,8 @@ MAX_CONCURRENT_STREAMS = 64
 #: How often a failed (not left) member is offered a push-pull, as Serf's reconnect does.
 RECONNECT_INTERVAL = 30.0
 
+#: A removed member whose gossip keeps coming is told so at most this often (seconds).
+REFUSAL_NOTICE_INTERVAL = 10.0
 
 class Delegate:
     """Hooks for the layer above (Step 2 replicates cluster state through these)."""
@@ -83,11 +86,13 @@ class Conversation:
 
 
 class FrameError(Exception):
-    """A stream frame that is too large, cut short, or does not open; `reason` is a counter."""
+    """A stream frame that is too large, cut short, or does not open; `reason` is a counter.
+    `sender` names the member a refused frame came from."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, sender: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.sender = sender
 
 
 @attrs.define(eq=False)
@@ -153,6 +158,11 @@ class Memberlist:
         self._leaving = False
         #: Members taken out of the cluster (`meshmail remove`): their gossip is dropped.
         self._refused: set[str] = set()
+        #: When each refused member was last told so (trio time), to tell it at most every
+        #: REFUSAL_NOTICE_INTERVAL seconds.
+        self._told_refused: dict[str, float] = {}
+        #: Set once a member told us that we were removed from the cluster.
+        self.removed = False
         self._nursery: trio.Nursery | None = None
         self._streams = trio.Semaphore(MAX_CONCURRENT_STREAMS)
         self._gossip_now = trio.Event()
@@ -569,9 +579,28 @@ class Memberlist:
             _, messages = self._open(data)
         except FrameError as exc:
             self.counters["dropped." + exc.reason] += 1
+            if exc.reason == "removed_member":
+                await self._tell_refused(exc.sender, source)
             return
         for msg in messages:
             await self._dispatch(msg, source)
+
+    def _refused_by_cluster(self, msg: m.Refused) -> None:
+        if msg.node == self.name and not self.removed:
+            self.removed = True
+            self.counters["removed_from_cluster"] = 1
+            log.error("a member says this node was removed from the cluster (meshmail remove): it is refused")
+
+    async def _tell_refused(self, name: str, address: Address) -> None:
+        """Tell a removed member that it is (it would otherwise never learn: nobody talks to it)."""
+        now = trio.current_time()
+        if now - self._told_refused.get(name, -REFUSAL_NOTICE_INTERVAL) < REFUSAL_NOTICE_INTERVAL:
+            return
+        if len(self._told_refused) > 1024:
+            self._told_refused.clear()
+        self._told_refused[name] = now
+        self.counters["refusal_notices"] += 1
+        await self._send(address, [m.Refused(name)], piggyback=False)
 
     async def _dispatch(self, msg: Any, source: Address) -> None:
         if isinstance(msg, m.Ping):
@@ -598,6 +627,8 @@ class Memberlist:
             self._dead(msg)
         elif isinstance(msg, m.Broadcast):
             self.delegate.notify_broadcast(msg.key, msg.payload)
+        elif isinstance(msg, m.Refused):
+            self._refused_by_cluster(msg)
         else:
             self.counters["dropped.unexpected_type"] += 1
 
@@ -615,7 +646,7 @@ class Memberlist:
         if reason is not None:
             raise FrameError(reason)
         if header.sender in self._refused:
-            raise FrameError("removed_member")
+            raise FrameError("removed_member", header.sender)
         if unknown:
             # Types from a newer version: ignored by design, counted so an operator sees them.
             self.counters["ignored.unknown_type"] += unknown
@@ -708,6 +739,9 @@ class Memberlist:
                             self._gossip_now.set()
             except FrameError as exc:
                 self.counters["dropped." + exc.reason] += 1
+                if exc.reason == "removed_member":
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        await self._write_frame(stream, [m.Refused(exc.sender)])
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 self.counters["streams_broken"] += 1
         if timer.cancelled_caught:
@@ -751,6 +785,9 @@ class Memberlist:
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
                 self.counters["push_pull_failures"] += 1
                 return False
+            for msg in messages:
+                if isinstance(msg, m.Refused):
+                    self._refused_by_cluster(msg)
             answer = next((msg for msg in messages if isinstance(msg, m.PushPull)), None)
             if answer is None:
                 return False

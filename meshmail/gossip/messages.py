@@ -166,11 +166,22 @@ class StateSync:
     payload: bytes = attrs.field(validator=[v.instance_of(bytes), v.max_len(MAX_EXTENSION)])
 
 
-Message = Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | PushPull | Broadcast | StateSync
+@attrs.frozen
+class Refused:
+    """Sent to a member whose gossip is refused (it was removed from the cluster), so that
+    it knows: `node` is the receiver's own name."""
+
+    TYPE: ClassVar[int] = 12
+    node: str = _name
+
+
+Message = Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | PushPull | Broadcast | StateSync | Refused
 
 _BY_TYPE: dict[int, type] = {
     cls.TYPE: cls
-    for cls in (Ping, IndirectPing, Ack, Nack, Suspect, Alive, Dead, MemberState, PushPull, Broadcast, StateSync)
+    for cls in (
+        Ping, IndirectPing, Ack, Nack, Suspect, Alive, Dead, MemberState, PushPull, Broadcast, StateSync, Refused
+    )
 }
 _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in attrs.fields(cls)) for cls in _BY_TYPE.values()}
 

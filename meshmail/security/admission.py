@@ -2,10 +2,11 @@
 certificate and hands out the cluster's keys, and taking a node out again.
 
 A token record lives in the replicated state, so any master redeems it. Each join writes a
-Redemption record keyed by the token id and the request's nonce: the set of them counts the
-uses and also refuses a join request sent twice. A single-use token redeemed on two masters
-before either hears of the other's redemption (about one gossip round, well under a second
-on a LAN) admits both: the race is bounded by how fast the first Redemption spreads.
+Redemption record keyed by the token id, the request's nonce and the admitting master: the
+set of them counts the uses and also refuses a join request sent twice (the same request
+sent to two masters at the same moment is admitted by both, and counted twice). A
+single-use token redeemed on two masters before either hears of the other's redemption
+(milliseconds on a LAN) admits both: the race is bounded by how fast a Redemption spreads.
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def admit(
         raise JoinRefused("expired", "the token has expired", 403)
     if request.role != record.role:
         raise JoinRefused("wrong_role", f"the token is for joining as {record.role}, not as {request.role}", 403)
-    if state.get("redeemed", f"{request.token_id}/{request.nonce}") is not None:
+    if any(True for _ in state.records("redeemed", f"{request.token_id}/{request.nonce}/")):
         raise JoinRefused("replayed", "this join request was already used (replayed)", 409)
     if redemptions(state, request.token_id) >= record.uses:
         raise JoinRefused("used_up", "the token has no uses left", 403)
@@ -223,18 +224,28 @@ def admit(
     if taken:
         raise JoinRefused("name_taken", f"a node named {request.name} is already in the cluster", 409)
     cert = ca.sign_node(authority, request.csr.public_key(), request.name, request.role, list(request.hosts))
-    replication.put(
-        "redeemed", f"{request.token_id}/{request.nonce}", Redemption(request.name, request.role, master, now_ms)
-    )
+    redemption = Redemption(request.name, request.role, master, now_ms)
+    replication.put("redeemed", f"{request.token_id}/{request.nonce}/{master}", redemption)
     return cert
 
 
+def known_node(state: ClusterState, name: str, members: Iterable[MemberInfo]) -> bool:
+    """Whether `name` is a member this node knows or a node some master admitted."""
+    return any(m.name == name for m in members) or any(r.node == name for _, r in state.records("redeemed"))
+
+
 def remove_node(replication, name: str, *, by: str, now_ms: int) -> bool:
-    """Take node `name` out of the cluster for good; False when it already was."""
-    if replication.state.get("removed", name) is not None:
+    """Take node `name` out of the cluster for good; False when it already was. The domains
+    it published as a slave are unpublished, so another slave listing them takes them over
+    (routes an admin set to it stay: an admin's decision)."""
+    state: ClusterState = replication.state
+    if state.get("removed", name) is not None:
         return False
     replication.put("removed", name, RemovedNode(by[:200], now_ms))
     revoke_api_tokens(replication, f"node:{name}")
+    published = [(domain, None) for domain, route in state.domains(name) if route.source == "slave"]
+    if published:
+        replication.write_domains(published)
     return True
 
 

@@ -50,6 +50,8 @@ COMMAND_TIMEOUT = 60.0
 #: How often the published routes are checked against the sources even without a change
 #: (an admin deleted one, a sync brought an older map...).
 REPUBLISH_INTERVAL = 60.0
+#: How long after a change the routes are checked, so that a burst makes one pass.
+PUBLISH_DELAY = 1.0
 #: How often publish() scans the whole map for the routes to this slave.
 RESCAN_INTERVAL = 600.0
 #: Problems kept per source for `meshmail slave domains`.
@@ -256,7 +258,8 @@ class SlaveAgent:
             route = state.domain(domain)
             if route == mine or (route is not None and route.source == "admin"):
                 continue
-            if route is not None and self.name in claimed.get(domain, ()):
+            gone = route is not None and state.get("removed", route.slave) is not None
+            if route is not None and self.name in claimed.get(domain, ()) and not gone:
                 continue  # claimed once already: the conflict is listed, not fought over
             writes.append((domain, mine))
         for domain in self._routed_here:
@@ -271,11 +274,17 @@ class SlaveAgent:
             self.counters["slave.routes_written"] += len(writes)
         return len(writes)
 
+    def poke(self) -> None:
+        """Publish soon: the routes or the removed nodes changed (a domain unassigned, a
+        slave that held a domain removed...)."""
+        self._publish_now.set()
+
     async def keep_published(self) -> None:
         last_scan = trio.current_time()
         while True:
             with trio.move_on_after(REPUBLISH_INTERVAL):
                 await self._publish_now.wait()
+                await trio.sleep(PUBLISH_DELAY)  # let a burst of changes settle into one pass
             self._publish_now = trio.Event()
             rescan = trio.current_time() - last_scan >= RESCAN_INTERVAL
             if rescan:

@@ -341,9 +341,16 @@ class ClusterState:
         applied: list[Entry] = []
         changed_claims: list[tuple[str, frozenset[str]]] = []
         stale = 0
+        # Writes of a node after it was removed are refused: a removed master that did not
+        # hear of its removal must not go on admitting nodes or minting tokens through
+        # whoever relays its records. (Against a node that forges its clock, rotate the key.)
+        removed_at = {name: record.at_ms for name, record in self.records("removed")}
         for entry in decoded.entries:
             if not _normal_key(entry.key):
                 rejected["invalid_name"] = rejected.get("invalid_name", 0) + 1
+                continue
+            if removed_at and entry.node in removed_at and entry.wall_ms > removed_at[entry.node]:
+                rejected["removed_writer"] = rejected.get("removed_writer", 0) + 1
                 continue
             try:
                 self.clock.observe_parts(entry.wall_ms, entry.logical, entry.node)

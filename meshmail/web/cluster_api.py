@@ -49,6 +49,8 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
         try:
             if node.authority is None or node.authority.key is None or node.config.node.role != "master":
                 raise admission.JoinRefused("not_master", "this node cannot admit joins (not a master with the CA key)")
+            if node.removed:
+                raise admission.JoinRefused("removed_master", "this master was removed from the cluster")
             try:
                 document = await json_object()
             except BadRequest as exc:
@@ -76,6 +78,8 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
         body = await json_object()
         if node.authority is None or node.authority.key is None:
             raise Forbidden("this node cannot mint join tokens (not a master with the cluster CA key)")
+        if node.removed:
+            raise Forbidden("this node was removed from the cluster")
         role, uses, note = body.get("role"), body.get("uses", 1), body.get("note", "")
         ttl = body.get("ttl", 24 * 3600)
         if not isinstance(uses, int) or isinstance(uses, bool) or not isinstance(note, str):
@@ -120,6 +124,9 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
             raise BadRequest(str(exc)) from None
         if name == node.config.node.name:
             raise BadRequest("a node cannot remove itself; ask another node (or use meshmail leave)")
+        force = (await json_object(empty_ok=True)).get("force") is True
+        if not force and not admission.known_node(node.replication.state, name, node.memberlist.members()):
+            raise NotFound(f"no node named {name} is known here (a name removed is gone for good; --force)")
         removed = admission.remove_node(node.replication, name, by=request.principal.account, now_ms=now_ms())
         return {"node": name, "removed": True, "already": not removed}
 

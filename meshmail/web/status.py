@@ -55,6 +55,7 @@ def status_document(node) -> dict[str, Any]:
         "health_score": memberlist.health_score,
         "cluster": node.config.gossip.cluster,
         "cluster_id": node.cluster_id,
+        "removed": node.removed,
         "keys": list(keyring_ids(node.keyring)),
         "members": [member_document(m) for m in sorted(memberlist.members(), key=lambda m: m.name)],
         "counters": dict(sorted(memberlist.counters.items())),

@@ -338,3 +338,31 @@ async def test_refusal_is_not_announced_as_a_leave(autojump_clock):
         )
         assert not left, f"nodes that never refused {X} saw it leave: {left}"
         assert not cluster.lagging({X: State.ALIVE}, bystanders)
+
+
+async def test_a_refused_member_is_told_it_was_removed(autojump_clock):
+    """X keeps gossiping after every other node refused it: the first node that drops one of
+    X's packets answers with a Refused notice, so X knows within a probe or gossip round
+    (bound: one probe interval, 1 s, plus a gossip interval). A restarted X that tries to
+    join learns it from the seed's answer on the stream."""
+    others = [f"n{i}" for i in range(N) if f"n{i}" != X]
+    async with simulation(seed=25) as cluster:
+        await start_converged(cluster, N, limit=10.0)
+        assert not cluster.nodes[X].memberlist.removed
+        for label in others:
+            cluster.nodes[label].memberlist.refuse(X)
+        refused = trio.current_time()
+        while not cluster.nodes[X].memberlist.removed:
+            assert trio.current_time() - refused <= LAN.probe_interval + LAN.gossip_interval, "X was never told"
+            await trio.sleep(0.01)
+        assert cluster.nodes[X].memberlist.counters["removed_from_cluster"] == 1
+        # Notices are rate-limited: over 30 s more of X's gossip, each node tells X at most
+        # once per REFUSAL_NOTICE_INTERVAL (10 s), so at most 4 times in all.
+        await trio.sleep(30)
+        notices = {label: cluster.nodes[label].memberlist.counters["refusal_notices"] for label in others}
+        assert sum(notices.values()) > 0 and max(notices.values()) <= 4, notices
+        cluster.stop(X)
+        restarted = await cluster.start(X, address_of(3))
+        assert not restarted.memberlist.removed
+        assert await restarted.memberlist.join([address_of(0)]) == 0
+        assert restarted.memberlist.removed

@@ -147,7 +147,7 @@ def test_admit_valid_request(replication, authority, csr_pem):
     assert cert.public_key() == x509.load_pem_x509_csr(csr_pem.encode()).public_key()
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "n1.example.org" in sans.get_values_for_type(x509.DNSName)
-    redemption = replication.state.get("redeemed", f"{token.token_id}/{body['nonce']}")
+    redemption = replication.state.get("redeemed", f"{token.token_id}/{body['nonce']}/m1")
     assert (redemption.node, redemption.role, redemption.master) == ("n1", "slave", "m1")
     assert redemption.at_ms == START_MS + 1000
     assert admission.redemptions(replication.state, token.token_id) == 1

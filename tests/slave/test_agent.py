@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from meshmail.config import EndpointConfig, SlaveSection, SourceConfig, loads
 from meshmail.node import wall_ms
 from meshmail.replication import Replication
-from meshmail.slave.agent import SlaveAgent, SourceError
+from meshmail.slave.agent import PUBLISH_DELAY, SlaveAgent, SourceError
 from meshmail.slave.health import GREETINGS, judge
 from meshmail.state.hlc import Timestamp
 from meshmail.state.lww import Entry, encode_entries
@@ -85,9 +85,10 @@ async def test_sources_are_published_and_follow_file_edits(replication, tmp_path
         with trio.fail_after(60):
             while "new.example" not in published(replication):
                 await trio.sleep(0.25)
-        # Seen at the next poll (1 s), read once unchanged for settle (2 s) at a poll (1 s);
-        # one more poll of slack for a slow worker thread.
-        assert trio.current_time() - start <= SETTINGS.poll_interval * 3 + SETTINGS.settle + 0.25
+        # Seen at the next poll (1 s), read once unchanged for settle (2 s) at a poll (1 s),
+        # published after PUBLISH_DELAY; one more poll of slack for a slow worker thread.
+        bound = SETTINGS.poll_interval * 3 + SETTINGS.settle + PUBLISH_DELAY + 0.25
+        assert trio.current_time() - start <= bound
         assert "old.example" not in published(replication)
         nursery.cancel_scope.cancel()
 
@@ -335,3 +336,23 @@ def test_judging_any_greeting_never_raises(service, greeting):
 )
 def test_judge(service, greeting, up):
     assert judge(service, greeting).up is up
+
+
+async def test_a_domain_held_by_a_removed_slave_is_taken_over(replication):
+    """s2 won the domain, then was removed: remove_node unpublishes its routes, and s1,
+    which lists the domain too (and lost the claim before), publishes it."""
+    from meshmail.security.admission import remove_node
+
+    state = replication.state
+    agent = agent_for(replication, SourceConfig("static", "static", domains=("shared.example",)))
+    await agent.load()
+    agent.publish()
+    later = Entry("domain/shared.example", DomainRoute("s2", "slave"), Timestamp(wall_ms() + 1000, 0, "s2"))
+    state.apply(encode_entries([later]))
+    assert agent.publish() == 0  # claimed once already: not fought over
+    state.assign_domain("admin.example", "s2", source="admin")
+    assert remove_node(replication, "s2", by="admin", now_ms=wall_ms() + 2000)
+    assert state.domain("shared.example") is None  # s2's own publication is gone
+    assert state.domain("admin.example") == DomainRoute("s2", "admin")  # an admin's decision stays
+    assert agent.publish() == 1
+    assert state.domain("shared.example") == DomainRoute("s1", "slave")

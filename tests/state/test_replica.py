@@ -207,6 +207,19 @@ def test_invalid_names_and_future_timestamps_are_rejected_per_entry(node):
     assert entries(node.reopen()).keys() == {"domain/ok.org", "domain/ok2.org"}
 
 
+def test_writes_of_a_removed_node_after_its_removal_are_refused(node):
+    """A removed node's records written before its removal still merge (anti-entropy must
+    converge); newer ones are refused, wherever they are relayed from."""
+    from meshmail.state.records import RemovedNode
+
+    node.state.put("removed", "m2", RemovedNode("admin", START_MS))
+    data = batch_of(good("domain/before.org", ms=START_MS - 1), good("domain/after.org", ms=START_MS + 1))
+    result = node.state.apply(data)
+    assert (result.applied, result.rejected) == (1, {"removed_writer": 1})
+    assert node.state.domain("before.org") is not None and node.state.domain("after.org") is None
+    assert node.state.apply(batch_of(good("domain/other.org", ms=START_MS + 1, node="m3"))).applied == 1
+
+
 def test_conflicts_name_the_losing_slave_in_any_order(tmp_path):
     first = Entry("domain/c.org", DomainRoute("sa", "slave"), Timestamp(START_MS, 0, "sa"))
     second = Entry("domain/c.org", DomainRoute("sb", "slave"), Timestamp(START_MS + 5, 0, "sb"))
