@@ -199,7 +199,10 @@ def _h2_early_answer_then_body(address: tuple[str, int]) -> None:
             while sent < len(body):
                 window = min(connection.local_flow_control_window(1), connection.max_outbound_frame_size)
                 if window <= 0:
-                    connection.receive_data(sock.recv(65536))  # window updates, or the early answer
+                    data = sock.recv(65536)  # window updates, or the early answer
+                    if not data:
+                        return  # the server closed the connection: that is its answer
+                    connection.receive_data(data)
                     sock.sendall(connection.data_to_send())
                     continue
                 connection.send_data(1, body[sent : sent + window])
