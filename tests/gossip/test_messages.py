@@ -36,6 +36,7 @@ EVERY_MESSAGE = [
     m.PushPull(False, []),
     m.Broadcast("app/key", b"\x00\xff" * 100),
     m.StateSync(b"\x00" * 1000),
+    m.Refused("node-b"),
 ]
 
 
@@ -95,7 +96,7 @@ def test_optional_fields_take_their_defaults() -> None:
     assert m.from_wire([9, {"join": False, "members": []}]).extension == b""
 
 
-@pytest.mark.parametrize("type_id", [0, 12, 99, 255, -1, (1 << 64) - 1])
+@pytest.mark.parametrize("type_id", [0, 13, 99, 255, -1, (1 << 64) - 1])
 def test_unknown_types_are_skipped(type_id: int) -> None:
     """An unknown type decodes to None and is left out of unpack's list, its neighbours kept."""
     assert m.from_wire([type_id, {"anything": 1}]) is None
