@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from procs import free_ports
+from procs import free_ports, kill_group
 
 HOST = "127.0.0.1"
 #: Debian packages that provide each binary `require` knows about.
@@ -237,11 +237,7 @@ class _Daemon(abc.ABC):
     def _kill(self) -> None:
         if self.process is None:
             return
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(timeout=10)
+        kill_group(self.process)
         deadline = time.monotonic() + START_TIMEOUT
         while left := live_processes_in_group(self.process.pid):
             if time.monotonic() > deadline:

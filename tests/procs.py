@@ -83,6 +83,15 @@ def get_status(http_port: int) -> dict[str, Any]:
         return json.loads(response.read())
 
 
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the process group a process leads (started with start_new_session) and reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
 class Node:
     """One node: its config file, ports, log file and current process (None when never started)."""
 
@@ -113,13 +122,8 @@ class Node:
 
     def kill(self) -> None:
         """SIGKILL the node's whole process group and reap it."""
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(timeout=10)
+        if self.process is not None:
+            kill_group(self.process)
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import ssl
 import subprocess
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import MESHMAIL
-from procs import HOST, LOG_TAIL, POLL_INTERVAL, free_ports
+from procs import HOST, LOG_TAIL, POLL_INTERVAL, free_ports, kill_group
 
 from meshmail.security import files
 from meshmail.security.tokens import JoinTokenText, new_secret, parse_join_token
@@ -96,11 +95,7 @@ class Fleet:
     def kill(self, name: str) -> None:
         process = self.processes.pop(name, None)
         if process is not None:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait(timeout=10)
+            kill_group(process)
 
     def close(self) -> None:
         for name in list(self.processes):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -27,7 +26,7 @@ from ..state.records import ROLES, JoinToken, Redemption, RemovedNode
 from ..state.replica import ClusterState
 from . import ca
 from .accounts import revoke_api_tokens
-from .tokens import HOSTNAME, JoinTokenText, hash_secret, new_id, new_secret, secret_matches
+from .tokens import JoinTokenText, hash_secret, is_host, new_id, new_secret, secret_matches
 
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 NONCE = re.compile(r"[0-9a-f]{32}")
@@ -172,23 +171,13 @@ def read_request(document: Any) -> JoinRequest:
     if not isinstance(nonce, str) or not NONCE.fullmatch(nonce):
         raise bad("nonce must be 32 hex digits")
     hosts = document.get("hosts", [])
-    if not isinstance(hosts, list) or len(hosts) > 8 or not all(_host(h) for h in hosts):
+    if not isinstance(hosts, list) or len(hosts) > 8 or not all(is_host(h) for h in hosts):
         raise bad("hosts must be a list of at most 8 IP addresses or DNS names")
     try:
         csr = ca.read_csr(document.get("csr", ""))
     except ca.CertificateError as exc:
         raise bad(str(exc)) from None
     return JoinRequest(token_id, secret_bytes, role, name, csr, nonce, tuple(hosts))
-
-
-def _host(text: object) -> bool:
-    if not isinstance(text, str):
-        return False
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return HOSTNAME.fullmatch(text) is not None
 
 
 def admit(

@@ -73,6 +73,17 @@ def _unb64url(text: str) -> bytes:
         raise TokenError("the token is not valid base64url (was it cut or mistyped?)") from None
 
 
+def is_host(text: object) -> bool:
+    """Whether `text` is an IP address literal or a DNS host name (letters, digits, hyphens)."""
+    if not isinstance(text, str):
+        return False
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return HOSTNAME.fullmatch(text) is not None
+    return True
+
+
 def check_master_address(text: object) -> str:
     """A master address of a token: ``host:port`` with an IP literal (IPv6 in brackets) or a DNS name."""
     if not isinstance(text, str) or len(text) > 300:
@@ -83,7 +94,7 @@ def check_master_address(text: object) -> str:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise TokenError(f"master address {text[:80]!r} is not host:port") from None
-    elif not HOSTNAME.fullmatch(host):
+    elif ":" in host or not is_host(host):  # an IPv6 address needs its brackets
         raise TokenError(f"master address {text[:80]!r} is not host:port")
     if not sep or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise TokenError(f"master address {text[:80]!r} has no valid port")
