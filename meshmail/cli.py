@@ -9,7 +9,6 @@ The HTTP client is urllib, so the command needs nothing beyond the node's own pa
 from __future__ import annotations
 
 import argparse
-import base64
 import http.client
 import ipaddress
 import json
@@ -27,19 +26,22 @@ from typing import Any
 import attrs
 
 from . import __version__
-from .config import DEFAULT_PATH, Config, ConfigError, format_address, load
-from .gossip.meta import SERVICES
+from .config import DEFAULT_PATH, Config, load
+from .core.address import Address, format_address
+from .core.clock import human_ms, wall_ms
+from .core.errors import MeshmailError
+from .core.nodes import DEFAULT_DATA_DIR, DEFAULT_HTTP_PORT
+from .nodemeta import SERVICES
 
 #: Exit status for failures the operator can fix (argparse uses 2 for usage errors too).
 EXIT_FAILURE = 2
-DEFAULT_URL = "http://127.0.0.1:8080"
-DEFAULT_DATA_DIR = "/var/lib/meshmail"
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_HTTP_PORT}"
 #: The config a node's data dir holds, for --data-dir.
 CONFIG_NAME = "meshmail.toml"
 HTTP_TIMEOUT = 10.0
 
 
-class CommandError(Exception):
+class CommandError(MeshmailError):
     """A failure to report as one line; str() is the line without the ``meshmail:`` prefix."""
 
 
@@ -166,8 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = command("token", None, "create, list and revoke join tokens", "Join tokens attach new servers.")
     token_actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
-    create = token_actions.add_parser("create", help="create a join token (POST /tokens)",
-                                      description="Create a join token and print it with the command to run.")
+    create = token_actions.add_parser(
+        "create",
+        help="create a join token (POST /tokens)",
+        description="Create a join token and print it with the command to run.",
+    )
     create.set_defaults(handler=_token_create)
     create.add_argument("--role", required=True, choices=("slave", "master"))
     create.add_argument("--ttl", default="24h", help="how long it is valid: 30m, 24h, 7d (default: 24h)")
@@ -244,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_placement(parser: argparse.ArgumentParser) -> None:
-    from .security.bootstrap import DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT
+    from .core.nodes import DEFAULT_GOSSIP_PORT
 
     parser.add_argument("--data-dir", required=True, metavar="DIR", help="where the node keeps its files")
     parser.add_argument("--bind", default="0.0.0.0", metavar="ADDR", help="IP address to listen on (default: all)")
@@ -312,9 +317,9 @@ def _leave(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from .gossip.keyring import new_key
+    from .gossip.keyring import encode_key, new_key
 
-    print(base64.b64encode(new_key()).decode("ascii"))
+    print(encode_key(new_key()))
     return 0
 
 
@@ -394,7 +399,6 @@ def _placement(args: argparse.Namespace, name: str | None, role: str, toward: st
 
 
 def _init(args: argparse.Namespace) -> int:
-    from .node import wall_ms
     from .security import ca
     from .security.bootstrap import check_free, init_cluster
 
@@ -413,7 +417,7 @@ def _join(args: argparse.Namespace) -> int:
     from .security.tokens import parse_join_token
 
     token = parse_join_token(args.token)
-    toward = token.masters[0].rpartition(":")[0].strip("[]")
+    toward = Address.parse(token.masters[0]).host
     where = _placement(args, args.name, args.role, toward=toward)
     grant = join_cluster(args.token, where, force=args.force)
     print(f"meshmail: {where.name} joined cluster {grant['cluster']} as {where.role}; files in {where.data_dir}")
@@ -442,15 +446,15 @@ def _token_create(args: argparse.Namespace) -> int:
     if args.quiet:
         print(document["token"])
         return 0
-    expires = _iso(document["expires_ms"])
+    expires = human_ms(document["expires_ms"])
     print(f"join token {document['id']} for a {args.role}, {args.uses} use(s), valid until {expires}:")
     print()
     print(f"  {document['token']}")
     print()
     print("on the new server, run:")
     print()
-    print(f"  meshmail join {document['token']} --role {args.role} --data-dir /var/lib/meshmail")
-    print("  meshmail run --data-dir /var/lib/meshmail")
+    print(f"  meshmail join {document['token']} --role {args.role} --data-dir {DEFAULT_DATA_DIR}")
+    print(f"  meshmail run --data-dir {DEFAULT_DATA_DIR}")
     return 0
 
 
@@ -470,8 +474,10 @@ def _remove(args: argparse.Namespace) -> int:
     body = {"force": True} if args.force else {}
     document = _call(args, "POST", f"/nodes/{urllib.parse.quote(args.node, safe='')}/remove", body)
     already = " (it already was)" if document.get("already") else ""
-    print(f"meshmail: node {args.node} removed from the cluster{already}; rotate the gossip key if it was compromised:"
-          " meshmail keyring rotate")
+    print(
+        f"meshmail: node {args.node} removed from the cluster{already}; rotate the gossip key if it was compromised:"
+        " meshmail keyring rotate"
+    )
     return 0
 
 
@@ -504,11 +510,11 @@ def _keyring_rotate(args: argparse.Namespace) -> int:
     every live member uses it; then remove every other key and wait until none holds one."""
     import time
 
-    from .gossip.keyring import new_key
+    from .gossip.keyring import encode_key, new_key
 
     target = _target(args)
     old = [key["id"] for key in request(target, "GET", "/keyring")["keys"]]
-    kid = request(target, "POST", "/keyring", {"action": "install", "key": base64.b64encode(new_key()).decode()})["id"]
+    kid = request(target, "POST", "/keyring", {"action": "install", "key": encode_key(new_key())})["id"]
     print(f"meshmail: key {kid} installed; waiting for every member to hold it")
 
     def wait(what: str, done) -> None:
@@ -561,12 +567,6 @@ def _admin_api_token(args: argparse.Namespace) -> int:
     document = _call(args, "POST", "/api-tokens", {"note": args.note})
     print(document["token"])
     return 0
-
-
-def _iso(ms: int) -> str:
-    import datetime
-
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _print(args: argparse.Namespace, document: Any, render) -> None:
@@ -681,18 +681,9 @@ def _error_text(exc: urllib.error.HTTPError) -> str:
 
 def _expected_problem(exc: BaseException) -> str | None:
     """The one-line text of an expected failure (possibly inside exception groups), else None."""
-    from .node import NodeError
-
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    from .security.bootstrap import BootstrapError
-    from .security.files import FilesError
-    from .security.passwords import PasswordError
-    from .security.tokens import TokenError
-
-    if isinstance(exc, (ConfigError, CommandError, NodeError, BootstrapError, FilesError, TokenError, PasswordError)):
-        return str(exc)
-    return None
+    return str(exc) if isinstance(exc, MeshmailError) else None
 
 
 # --- rendering ----------------------------------------------------------------------------
@@ -772,7 +763,15 @@ def format_tokens(tokens: list[dict[str, Any]]) -> str:
         return "(no join tokens)"
     rows = [("ID", "ROLE", "STATUS", "USED", "EXPIRES", "CREATOR", "NOTE")]
     rows += [
-        (t["id"], t["role"], t["status"], f"{t['used']}/{t['uses']}", _iso(t["expires_ms"]), t["creator"], t["note"])
+        (
+            t["id"],
+            t["role"],
+            t["status"],
+            f"{t['used']}/{t['uses']}",
+            human_ms(t["expires_ms"]),
+            t["creator"],
+            t["note"],
+        )
         for t in tokens
     ]
     return "\n".join(_columns(rows))

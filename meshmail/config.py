@@ -8,10 +8,7 @@ This module reads files and checks values; it starts nothing.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import difflib
-import ipaddress
 import os
 import tomllib
 import typing
@@ -20,18 +17,17 @@ from typing import Any
 
 import attrs
 
+from .core.address import Address, AddressError
+from .core.errors import MeshmailError
+from .core.nodes import DEFAULT_DATA_DIR, DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT, ROLES, check_node_name
 from .gossip.config import PROFILES, GossipConfig, profile
-from .gossip.keyring import KEY_SIZE
-from .gossip.messages import MAX_NAME
-from .gossip.meta import CLIENT_ADDRESS, ROLES, SERVICES, TRANSPORTS, Endpoint, NodeMeta
-
-Address = tuple[str, int]
+from .gossip.keyring import KeyringError, decode_key
+from .nodemeta import CLIENT_ADDRESS, SERVICES, TRANSPORTS, Endpoint, NodeMeta
 
 DEFAULT_PATH = "/etc/meshmail/meshmail.toml"
-DEFAULT_GOSSIP_PORT = 7946
 
 
-class ConfigError(Exception):
+class ConfigError(MeshmailError):
     """A configuration that cannot be used. str() is one line: ``FILE: KEY: problem``."""
 
 
@@ -41,45 +37,6 @@ class _Bad(ValueError):
     def __init__(self, message: str, where: str = "") -> None:
         super().__init__(message)
         self.where = where
-
-
-# --- addresses --------------------------------------------------------------------------
-
-
-def parse_address(text: str, *, port_zero: bool = False) -> Address:
-    """Parse ``host:port`` (IPv6 as ``[::1]:7946``) into (host, port).
-
-    Port 0 ("any free port") is accepted only with `port_zero`, which is for binding.
-    Raises ValueError with a message meant for people.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f'expected a string "host:port", got {_kind(text)}')
-    host, sep, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        _ip(host, text)
-    elif ":" in host:
-        raise ValueError(f"{text!r}: write an IPv6 address in brackets, like [::1]:{DEFAULT_GOSSIP_PORT}")
-    if not sep or not host or not port_text.isascii() or not port_text.isdigit():
-        raise ValueError(f"{text!r} is not host:port")
-    port = int(port_text)
-    lowest = 0 if port_zero else 1
-    if not lowest <= port <= 65535:
-        raise ValueError(f"{text!r}: port must be {lowest}..65535")
-    return host, port
-
-
-def format_address(address: Address) -> str:
-    """The ``host:port`` form of an address, bracketing IPv6 hosts."""
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _ip(host: str, text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
 
 
 # --- field parsers: value from TOML -> checked value, or _Bad ---------------------------
@@ -105,6 +62,13 @@ def _non_empty(value: object) -> str:
     if not _string(value):
         raise _Bad("must not be empty")
     return value
+
+
+def _node_name(value: object) -> str:
+    try:
+        return check_node_name(_string(value))
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
 
 
 def _integer(value: object) -> int:
@@ -146,12 +110,9 @@ def _choice(*options: str) -> Callable[[object], str]:
 def _address(*, port_zero: bool = False, ip: bool = False) -> Callable[[object], Address]:
     def parse(value: object) -> Address:
         try:
-            address = parse_address(value, port_zero=port_zero)
-            if ip:
-                _ip(address[0], value)
-        except ValueError as exc:
+            return Address.parse(value, port_zero=port_zero, ip=ip)
+        except AddressError as exc:
             raise _Bad(str(exc)) from None
-        return address
 
     return parse
 
@@ -173,13 +134,9 @@ def _list_of(item: Callable[[object], Any]) -> Callable[[object], tuple]:
 def _key(value: object) -> bytes:
     _expect(value, str, "a base64 string")
     try:
-        key = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise _Bad("not valid base64 (generate a key with: meshmail keygen)") from None
-    if len(key) != KEY_SIZE:
-        # Never echo the key itself: config errors end up in logs.
-        raise _Bad(f"decodes to {len(key)} bytes; a gossip key is {KEY_SIZE} bytes (meshmail keygen)")
-    return key
+        return decode_key(value)
+    except KeyringError as exc:
+        raise _Bad(str(exc)) from None
 
 
 def _gossip_override(kind: type) -> Callable[[object], Any]:
@@ -193,7 +150,7 @@ def _gossip_override(kind: type) -> Callable[[object], Any]:
 class NodeSection:
     name: str
     role: str = "master"
-    data_dir: str = "/var/lib/meshmail"
+    data_dir: str = DEFAULT_DATA_DIR
 
 
 @attrs.frozen
@@ -202,7 +159,7 @@ class GossipSection:
     #: Decoded keys, primary first; empty when they live in DATA_DIR/keyring.json (which wins
     #: when both exist: it follows rotations). Left out of repr: key material is never logged.
     keys: tuple[bytes, ...] = attrs.field(default=(), repr=False)
-    bind: Address = ("0.0.0.0", DEFAULT_GOSSIP_PORT)
+    bind: Address = Address("0.0.0.0", DEFAULT_GOSSIP_PORT)
     #: The address other members reach us at, when it differs from `bind`.
     advertise: Address | None = None
     seeds: tuple[Address, ...] = ()
@@ -211,7 +168,7 @@ class GossipSection:
 
 @attrs.frozen
 class HttpSection:
-    bind: Address = ("127.0.0.1", 8080)
+    bind: Address = Address("127.0.0.1", DEFAULT_HTTP_PORT)
     #: The address other nodes and joining servers reach this node's HTTP API at, when it
     #: differs from `bind` (the default is the bind address, or the gossip advertise host).
     advertise: Address | None = None
@@ -304,9 +261,9 @@ _ABSENT = object()
 _Fields = dict[str, tuple[Callable[[object], Any], Any]]
 
 _NODE: _Fields = {
-    "name": (_non_empty, _REQUIRED),
+    "name": (_node_name, _REQUIRED),
     "role": (_choice(*ROLES), "master"),
-    "data_dir": (_non_empty, "/var/lib/meshmail"),
+    "data_dir": (_non_empty, DEFAULT_DATA_DIR),
 }
 _GOSSIP_TUNABLES: _Fields = {
     name: (_gossip_override(kind), _ABSENT)
@@ -314,7 +271,7 @@ _GOSSIP_TUNABLES: _Fields = {
     if name != "profile"
 }
 _GOSSIP: _Fields = {
-    "bind": (_address(port_zero=True, ip=True), ("0.0.0.0", DEFAULT_GOSSIP_PORT)),
+    "bind": (_address(port_zero=True, ip=True), Address("0.0.0.0", DEFAULT_GOSSIP_PORT)),
     "advertise": (_address(ip=True), None),
     "cluster": (_non_empty, _REQUIRED),
     "keys": (_list_of(_key), ()),
@@ -322,7 +279,10 @@ _GOSSIP: _Fields = {
     "profile": (_choice(*PROFILES), "lan"),
     **_GOSSIP_TUNABLES,
 }
-_HTTP: _Fields = {"bind": (_address(port_zero=True), ("127.0.0.1", 8080)), "advertise": (_address(), None)}
+_HTTP: _Fields = {
+    "bind": (_address(port_zero=True), Address("127.0.0.1", DEFAULT_HTTP_PORT)),
+    "advertise": (_address(), None),
+}
 _TLS: _Fields = {
     "ca": (_non_empty, _REQUIRED),
     "cert": (_non_empty, _REQUIRED),
@@ -330,7 +290,7 @@ _TLS: _Fields = {
     "ca_key": (_non_empty, None),
 }
 _ENDPOINT: _Fields = {
-    "address": (lambda value: format_address(_address()(value)), _REQUIRED),
+    "address": (lambda value: str(_address()(value)), _REQUIRED),
     "transport": (_choice(*TRANSPORTS), "plain"),
     "client_address": (_choice(*CLIENT_ADDRESS), "none"),
     "probe": (_boolean, True),
@@ -437,13 +397,11 @@ class _Reader:
             if key not in _SECTIONS:
                 self.unknown(key, _SECTIONS)
         node = self.section(document, "node", _NODE)
-        if len(node["name"].encode()) > MAX_NAME:
-            self.fail("node.name", f"longer than {MAX_NAME} bytes")
         gossip = self.section(document, "gossip", _GOSSIP)
         if "keys" in self.table(document, "gossip") and not gossip["keys"]:
             self.fail("gossip.keys", "needs at least one key (generate one with: meshmail keygen)")
-        if gossip["advertise"] is None and _ip(gossip["bind"][0], "").is_unspecified:
-            self.fail("gossip.advertise", f"required when gossip.bind is {format_address(gossip['bind'])}")
+        if gossip["advertise"] is None and gossip["bind"].unspecified:
+            self.fail("gossip.advertise", f"required when gossip.bind is {gossip['bind']}")
         endpoints = self.endpoints(document)
         tags = self.mapping(document, "tags", None, _string)
         config = Config(

@@ -24,7 +24,10 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from .config import Address, Config, format_address
+from .config import Config
+from .core.address import Address, format_address
+from .core.clock import wall_ms
+from .core.errors import MeshmailError
 from .gossip.keyring import Keyring
 from .gossip.member import MemberEvent
 from .gossip.memberlist import Memberlist
@@ -49,7 +52,7 @@ HTTP_RESTART_DELAY = 0.5
 JOIN_RETRY = (0.5, 5.0)
 
 
-class NodeError(Exception):
+class NodeError(MeshmailError):
     """A node that cannot start (an address in use...); str() is one line for people."""
 
 
@@ -155,11 +158,6 @@ class Node:
     async def join(self, seeds: Iterable[Address]) -> int:
         """Push-pull with each seed; the number that answered."""
         return await self.memberlist.join(list(seeds))
-
-
-def wall_ms() -> int:
-    """Unix time in milliseconds: the physical clock of the replicated state."""
-    return time.time_ns() // 1_000_000
 
 
 def open_state(config: Config) -> ClusterState:

@@ -13,9 +13,10 @@ from typing import Protocol
 
 import attrs
 
+from meshmail.core.address import Address, AddressError
 from meshmail.gossip.member import MemberInfo
 from meshmail.gossip.messages import State
-from meshmail.gossip.meta import SERVICES, Endpoint
+from meshmail.nodemeta import SERVICES, Endpoint, NodeMeta
 from meshmail.state.names import MAX_INPUT, InvalidName, normalize_address
 from meshmail.state.records import AddressOverride, DomainRoute
 
@@ -127,30 +128,15 @@ class Router:
     def _parse(self, member: MemberInfo) -> tuple[int, bytes, dict[str, tuple[Endpoint, tuple[str, int]] | str]]:
         """Parse and cache a member's endpoints; the metadata is decoded leniently."""
         endpoints: dict[str, tuple[Endpoint, tuple[str, int]] | str] = {}
-        for service, endpoint in member.node_meta.endpoints.items():
-            address = parse_endpoint(endpoint.address)
-            endpoints[service] = (endpoint, address) if type(address) is tuple else address
+        for service, endpoint in NodeMeta.decode(member.meta).endpoints.items():
+            try:
+                endpoints[service] = (endpoint, Address.parse(endpoint.address))
+            except AddressError as exc:
+                endpoints[service] = str(exc)
         if len(self._endpoints) >= ENDPOINT_CACHE:
             self._endpoints.clear()
         cached = self._endpoints[member.name] = (member.incarnation, member.meta, endpoints)
         return cached
-
-
-def parse_endpoint(text: str) -> tuple[str, int] | str:
-    """Parse "host:port" or "[ipv6]:port" into (host, port); return the reason as a str if unusable.
-
-    An IPv6 address must be in brackets: "::1:143" could be port 143 of ::1 or an address.
-    """
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if ":" not in host:
-            return f"{text!r} has brackets around a host that is not an IPv6 address"
-    elif ":" in host:
-        return f"{text!r} has an IPv6 address without brackets"
-    if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
-        return f"{text!r} is not host:port"
-    return (host, int(port))
 
 
 def _normalize_uncached(address: str) -> tuple[str, str] | str:

@@ -12,7 +12,7 @@ from conftest import minimal_config
 from test_status import ENDPOINTS, Served, request, start
 
 from meshmail.config import loads
-from meshmail.node import wall_ms
+from meshmail.core.clock import wall_ms
 from meshmail.replication import Replication
 from meshmail.security import accounts
 from meshmail.state.records import AdminAccount

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from procs import HOST, free_ports
 
-from meshmail.config import Config, format_address, load, loads
+from meshmail.config import Config, load, loads
+from meshmail.core.address import format_address
 from meshmail.node import serve, wall_ms
 from meshmail.security import ca, files
 from meshmail.security.bootstrap import init_cluster, placement

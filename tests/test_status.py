@@ -15,7 +15,8 @@ import pytest
 import trio
 from conftest import minimal_config
 
-from meshmail.config import Address, Config, format_address, loads
+from meshmail.config import Config, loads
+from meshmail.core.address import Address, format_address
 from meshmail.node import join_seeds, serve
 from meshmail.security import files
 from meshmail.web.app import MAX_BODY

@@ -8,6 +8,7 @@ remove the old one). Key material never appears in reprs, errors or logs.
 
 from __future__ import annotations
 
+import base64
 import collections
 import os
 
@@ -37,6 +38,24 @@ class KeyringError(ValueError):
 def new_key() -> bytes:
     """A fresh random 32-byte key."""
     return os.urandom(KEY_SIZE)
+
+
+def encode_key(key: bytes) -> str:
+    """The base64 text of a key, as configs, keyring.json and the API carry it."""
+    return base64.b64encode(key).decode("ascii")
+
+
+def decode_key(text: object) -> bytes:
+    """A key from its base64 text; raises KeyringError (never showing the text: keys get logged)."""
+    if not isinstance(text, str):
+        raise KeyringError("a gossip key is a base64 string (make one with: meshmail keygen)")
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except ValueError:
+        raise KeyringError("not valid base64 (make one with: meshmail keygen)") from None
+    if len(key) != KEY_SIZE:
+        raise KeyringError(f"decodes to {len(key)} bytes; a gossip key is {KEY_SIZE} bytes (meshmail keygen)")
+    return key
 
 
 def _check_key(key: bytes) -> bytes:

@@ -7,7 +7,6 @@ import enum
 import attrs
 
 from .messages import State
-from .meta import NodeMeta
 
 
 @attrs.define(eq=False)
@@ -27,10 +26,6 @@ class Member:
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
-
-    @property
-    def node_meta(self) -> NodeMeta:
-        return NodeMeta.decode(self.meta)
 
     def snapshot(self) -> MemberInfo:
         return MemberInfo(
@@ -55,10 +50,6 @@ class MemberInfo:
     incarnation: int
     state: State
     changed_wall: float
-
-    @property
-    def node_meta(self) -> NodeMeta:
-        return NodeMeta.decode(self.meta)
 
 
 class EventKind(enum.Enum):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from ..core.errors import MeshmailError
 from ..state.records import AdminAccount, ApiToken
 from ..state.replica import ClusterState
 from .passwords import dummy_hash, hash_password, verify_password
@@ -17,7 +18,7 @@ from .tokens import ApiTokenText, TokenError, hash_secret, new_api_token, parse_
 ACCOUNT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
-class AccountError(ValueError):
+class AccountError(MeshmailError, ValueError):
     """An account operation that cannot be done; str() is one line."""
 
 

@@ -20,15 +20,16 @@ from typing import Any
 import attrs
 from cryptography import x509
 
+from ..core.address import is_host
+from ..core.nodes import ROLES, check_node_name, check_role
 from ..gossip.member import MemberInfo
 from ..gossip.messages import State
-from ..state.records import ROLES, JoinToken, Redemption, RemovedNode
+from ..state.records import JoinToken, Redemption, RemovedNode
 from ..state.replica import ClusterState
 from . import ca
 from .accounts import revoke_api_tokens
-from .tokens import JoinTokenText, hash_secret, is_host, new_id, new_secret, secret_matches
+from .tokens import JoinTokenText, hash_secret, new_id, new_secret, secret_matches
 
-NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 NONCE = re.compile(r"[0-9a-f]{32}")
 TOKEN_ID = re.compile(r"[0-9a-f]{16}")
 #: Bounds of `token create`.
@@ -43,12 +44,6 @@ class JoinRefused(Exception):
         super().__init__(message)
         self.reason = reason
         self.status = status
-
-
-def check_node_name(name: object) -> str:
-    if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
-        raise ValueError("a node name is 1 to 63 letters, digits and . _ - (starting with a letter or digit)")
-    return name
 
 
 # --- tokens ---------------------------------------------------------------------------------
@@ -95,8 +90,7 @@ def create_token(
     ca_fingerprint: bytes,
     masters: list[str],
 ) -> JoinTokenText:
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    check_role(role)
     if not 1 <= ttl_s <= MAX_TTL_S:
         raise ValueError(f"ttl must be 1 second to {MAX_TTL_S // 86400} days")
     if not 1 <= uses <= MAX_USES:

@@ -11,7 +11,6 @@ certificate is a master's. Blocking I/O (http.client): this runs in the CLI, not
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime
 import http.client
 import ipaddress
@@ -25,20 +24,21 @@ from typing import Any
 
 import attrs
 
+from ..core.address import Address
+from ..core.errors import MeshmailError
+from ..core.nodes import DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT, check_node_name
+from ..gossip.keyring import KEY_SIZE, decode_key, new_key
 from ..state.records import AdminAccount, GossipKey
 from ..state.replica import ClusterState
 from . import ca, files, keyring_sync, tokens
-from .admission import check_node_name
 from .passwords import hash_password
 
-DEFAULT_GOSSIP_PORT = 7946
-DEFAULT_HTTP_PORT = 8443
 HTTP_TIMEOUT = 15.0
 #: Largest answer accepted from a master during a join.
 MAX_ANSWER = 256 * 1024
 
 
-class BootstrapError(Exception):
+class BootstrapError(MeshmailError):
     """init or join cannot go on; str() is one line for the operator."""
 
 
@@ -80,7 +80,7 @@ def placement(
     try:
         check_node_name(name)
     except ValueError as exc:
-        raise BootstrapError(f"node name {name[:80]!r}: {exc} (pass --name)") from None
+        raise BootstrapError(f"node name {exc} (pass --name)") from None
     try:
         bind_ip = ipaddress.ip_address(bind)
     except ValueError:
@@ -220,7 +220,7 @@ def init_cluster(where: Placement, cluster: str, admin: str, password: str, *, f
     authority = ca.new_authority(cluster)
     key = ca.new_key()
     cert = ca.sign_node(authority, key.public_key(), where.name, "master", where.hosts)
-    gossip_key = os.urandom(files.KEY_SIZE)
+    gossip_key = new_key()
     _write_identity(where, authority, cert, key, [gossip_key])
     state_dir = where.data_dir / files.STATE
     state_dir.mkdir(mode=0o700, exist_ok=True)
@@ -276,8 +276,8 @@ class _Unreachable(Exception):
 
 
 def _connection(master: str, context: ssl.SSLContext) -> http.client.HTTPSConnection:
-    host, _, port = master.rpartition(":")
-    return http.client.HTTPSConnection(host.strip("[]"), int(port), context=context, timeout=HTTP_TIMEOUT)
+    host, port = Address.parse(master)
+    return http.client.HTTPSConnection(host, port, context=context, timeout=HTTP_TIMEOUT)
 
 
 def _exchange(conn: http.client.HTTPSConnection, method: str, path: str, body: bytes | None = None):
@@ -354,9 +354,9 @@ def _check_grant(grant: dict, token: tokens.JoinTokenText, key) -> tuple[ca.Auth
     try:
         authority = ca.Authority(ca.load_cert(str(grant["ca"]).encode()))
         cert = ca.load_cert(str(grant["cert"]).encode())
-        keys = [base64.b64decode(k, validate=True) for k in grant["keys"]]
+        keys = [decode_key(k) for k in grant["keys"]]
         cluster, seeds, profile = grant["cluster"], grant["seeds"], grant["profile"]
-    except (KeyError, TypeError, ValueError, binascii.Error, ca.CertificateError) as exc:
+    except (KeyError, TypeError, ValueError, ca.CertificateError) as exc:
         raise bad(str(exc)[:200]) from None
     if authority.fingerprint != token.ca_fingerprint:
         raise bad("its CA is not the token's")
@@ -366,7 +366,7 @@ def _check_grant(grant: dict, token: tokens.JoinTokenText, key) -> tuple[ca.Auth
         raise bad(str(exc)) from None
     if cert.public_key().public_numbers() != key.public_key().public_numbers():
         raise bad("the certificate is not for this node's key")
-    if not keys or any(len(k) != files.KEY_SIZE for k in keys):
+    if not keys or any(len(k) != KEY_SIZE for k in keys):
         raise bad("the gossip keys")
     if not isinstance(cluster, str) or not isinstance(seeds, list) or not all(isinstance(s, str) for s in seeds):
         raise bad("cluster name or seeds")

@@ -19,14 +19,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ..core.errors import MeshmailError
+from ..core.nodes import ROLES
+
 CA_DAYS = 3650
 NODE_DAYS = 1825
 #: Largest CSR accepted in a join request (PEM text).
 MAX_CSR = 16 * 1024
-ROLES = ("master", "slave")
 
 
-class CertificateError(ValueError):
+class CertificateError(MeshmailError, ValueError):
     """A CSR or certificate that cannot be used; str() says why in one line."""
 
 

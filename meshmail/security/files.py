@@ -11,11 +11,12 @@ DATA_DIR/state/          the replicated state's journal (0700)
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import os
 from pathlib import Path
+
+from ..core.errors import MeshmailError
+from ..core.files import atomic_write
+from ..gossip.keyring import KEY_SIZE, decode_key, encode_key
 
 CONFIG = "meshmail.toml"
 KEYRING = "keyring.json"
@@ -27,34 +28,17 @@ NODE_KEY = "node-key.pem"
 STATE = "state"
 #: Files `meshmail init` and `join` create; their presence means a node lives in the folder.
 NODE_FILES = (CONFIG, KEYRING, CA_CERT, NODE_CERT, NODE_KEY)
-KEY_SIZE = 32
 
 
-class FilesError(Exception):
+class FilesError(MeshmailError):
     """A data dir file that cannot be read or written; str() is one line."""
 
 
 def write_file(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to `path` atomically (temporary file, fsync, rename, fsync the folder),
-    created with `mode` so a secret is never readable by others, not even for a moment."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
+    """Write `data` to `path` atomically, created with `mode` (a secret is never readable by
+    others, not even for a moment); raises FilesError."""
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        atomic_write(path, [data], mode=mode)
     except OSError as exc:
         raise FilesError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -71,7 +55,7 @@ def read_file(path: Path, limit: int = 1 << 20) -> bytes:
 
 
 def save_keyring(data_dir: Path, keys: list[bytes] | tuple[bytes, ...]) -> None:
-    document = {"keys": [base64.b64encode(key).decode("ascii") for key in keys]}
+    document = {"keys": [encode_key(key) for key in keys]}
     write_file(Path(data_dir) / KEYRING, (json.dumps(document, indent=2) + "\n").encode())
 
 
@@ -82,8 +66,8 @@ def load_keyring(data_dir: Path) -> list[bytes] | None:
         return None
     try:
         document = json.loads(read_file(path))
-        keys = [base64.b64decode(text, validate=True) for text in document["keys"]]
-    except (ValueError, KeyError, TypeError, binascii.Error):
+        keys = [decode_key(text) for text in document["keys"]]
+    except (ValueError, KeyError, TypeError):
         raise FilesError(f'{path}: not a keyring (expected {{"keys": [base64, ...]}})') from None
     if not keys or any(len(key) != KEY_SIZE for key in keys):
         raise FilesError(f"{path}: needs at least one key, each {KEY_SIZE} bytes")

@@ -12,17 +12,16 @@ and sent nothing), then rotate.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 from collections.abc import Iterable
 
 import attrs
 
-from ..gossip.keyring import KEY_SIZE, Keyring, KeyringError
+from ..gossip.keyring import Keyring, KeyringError, decode_key, encode_key
 from ..gossip.member import MemberInfo
 from ..gossip.messages import State
-from ..gossip.meta import MAX_KEYS
+from ..nodemeta import MAX_KEYS, NodeMeta
 from ..state.records import GossipKey
 from ..state.replica import ClusterState
 
@@ -35,19 +34,6 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(key).digest()[:8].hex()
 
 
-def encode_key(key: bytes) -> str:
-    return base64.b64encode(key).decode("ascii")
-
-
-def decode_key(text: str) -> bytes:
-    """A base64 gossip key from an operator; raises KeyringError."""
-    try:
-        key = base64.b64decode(text.strip(), validate=True)
-    except (ValueError, TypeError):
-        raise KeyringError("the key is not valid base64 (make one with: meshmail keygen)") from None
-    if len(key) != KEY_SIZE:
-        raise KeyringError(f"the key decodes to {len(key)} bytes; a gossip key is {KEY_SIZE} bytes")
-    return key
 
 
 @attrs.frozen
@@ -159,13 +145,13 @@ def _local_key(local: Keyring, kid: str) -> bytes:
 
 def report(state: ClusterState, local: Keyring, members: Iterable[MemberInfo]) -> dict:
     """The keys the cluster knows and how many live members hold each, like `serf keys -list`."""
-    alive = [m for m in members if m.state in (State.ALIVE, State.SUSPECT)]
+    held = {m.name: NodeMeta.decode(m.meta).keys for m in members if m.state in (State.ALIVE, State.SUSPECT)}
     records = dict(state.records(NS))
-    seen = {kid for m in alive for kid in m.node_meta.keys} | set(records) | set(ids(local))
+    seen = {kid for keys in held.values() for kid in keys} | set(records) | set(ids(local))
     keys = []
     for kid in sorted(seen):
-        holders = [m.name for m in alive if kid in m.node_meta.keys]
-        primaries = [m.name for m in alive if m.node_meta.keys[:1] == (kid,)]
+        holders = [name for name, keys in held.items() if kid in keys]
+        primaries = [name for name, keys in held.items() if keys[:1] == (kid,)]
         record = records.get(kid)
         if record is not None and record.state == "removed" and not holders:
             continue  # gone everywhere: nothing left to report
@@ -175,7 +161,7 @@ def report(state: ClusterState, local: Keyring, members: Iterable[MemberInfo]) -
                 "state": record.state if record is not None else ("local" if kid in ids(local) else "unknown"),
                 "installed_on": len(holders),
                 "primary_on": len(primaries),
-                "missing_on": sorted(m.name for m in alive if kid not in m.node_meta.keys),
+                "missing_on": sorted(name for name, keys in held.items() if kid not in keys),
             }
         )
-    return {"members": len(alive), "keys": keys}
+    return {"members": len(held), "keys": keys}

@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import os
 
+from ..core.errors import MeshmailError
+
 #: scrypt cost for new hashes: N = 2**LOG_N, r, p (RFC 7914; 32 MiB of memory).
 LOG_N, R, P = 15, 8, 1
 SALT_SIZE = 16
@@ -25,7 +27,7 @@ MAX_LOG_N, MAX_R, MAX_P = 20, 32, 4
 MAX_MEMORY = 64 * 1024 * 1024
 
 
-class PasswordError(ValueError):
+class PasswordError(MeshmailError, ValueError):
     """A password that cannot be set (empty, too long); str() says why."""
 
 

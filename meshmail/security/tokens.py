@@ -14,12 +14,14 @@ import base64
 import binascii
 import hashlib
 import hmac
-import ipaddress
 import os
 import re
 
 import attrs
 import msgpack
+
+from ..core.address import Address, AddressError
+from ..core.errors import MeshmailError
 
 JOIN_PREFIX = "mmjoin1."
 API_PREFIX = "mmapi1_"
@@ -31,13 +33,11 @@ MAX_MASTERS = 8
 #: Longest join token accepted, in characters.
 MAX_TOKEN = 4096
 
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 _API = re.compile(re.escape(API_PREFIX) + r"([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 
 
-class TokenError(ValueError):
+class TokenError(MeshmailError, ValueError):
     """A token string that cannot be used; str() is one line without the secret."""
 
 
@@ -73,31 +73,13 @@ def _unb64url(text: str) -> bytes:
         raise TokenError("the token is not valid base64url (was it cut or mistyped?)") from None
 
 
-def is_host(text: object) -> bool:
-    """Whether `text` is an IP address literal or a DNS host name (letters, digits, hyphens)."""
-    if not isinstance(text, str):
-        return False
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return HOSTNAME.fullmatch(text) is not None
-    return True
-
-
 def check_master_address(text: object) -> str:
     """A master address of a token: ``host:port`` with an IP literal (IPv6 in brackets) or a DNS name."""
-    if not isinstance(text, str) or len(text) > 300:
-        raise TokenError("a master address in the token is not host:port")
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise TokenError(f"master address {text[:80]!r} is not host:port") from None
-    elif ":" in host or not is_host(host):  # an IPv6 address needs its brackets
-        raise TokenError(f"master address {text[:80]!r} is not host:port")
-    if not sep or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise TokenError(f"master address {text[:80]!r} has no valid port")
+    try:
+        Address.parse(text)
+    except AddressError:
+        shown = repr(text[:80]) if isinstance(text, str) else "a master address"
+        raise TokenError(f"{shown} in the token is not host:port") from None
     return text
 
 

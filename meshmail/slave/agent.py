@@ -32,7 +32,9 @@ from typing import Any
 import attrs
 import trio
 
-from ..config import EndpointConfig, SlaveSection, SourceConfig, parse_address
+from ..config import EndpointConfig, SlaveSection, SourceConfig
+from ..core.address import Address
+from ..core.errors import MeshmailError
 from ..replication import Replication
 from ..state.journal import JournalError
 from ..state.names import InvalidName, normalize_domain
@@ -58,7 +60,7 @@ RESCAN_INTERVAL = 600.0
 SHOWN_PROBLEMS = 20
 
 
-class SourceError(Exception):
+class SourceError(MeshmailError):
     """A source that cannot be used at start; str() is one line naming it."""
 
 
@@ -306,7 +308,7 @@ class SlaveAgent:
         timeout = self.settings.probe_timeout
 
         async def one(results: dict[str, Health], service: str, address: str, transport: str) -> None:
-            results[service] = await probe(service, parse_address(address), transport, timeout)
+            results[service] = await probe(service, Address.parse(address), transport, timeout)
 
         while True:
             results: dict[str, Health] = {}

@@ -13,6 +13,9 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from ..core.errors import MeshmailError
+from ..core.files import atomic_write, sync_directory, write_all
+
 #: First bytes of every journal file. The high-bit byte and the newline catch 7-bit and
 #: newline-translating copies, as in PNG.
 MAGIC = b"\x89MMJRNL\n"
@@ -39,11 +42,9 @@ HEADER_SIZE = _HEADER.size + _CRC.size
 _LENGTH = struct.Struct("<I")
 _FRAME = struct.Struct("<II")
 FRAME_OVERHEAD = _FRAME.size
-#: Snapshot bytes gathered in memory before one write during compaction.
-_WRITE_BUFFER = 1 << 20
 
 
-class JournalError(Exception):
+class JournalError(MeshmailError):
     """The journal cannot be used as it is; the message says why and what a person can do."""
 
 
@@ -151,13 +152,13 @@ class Journal:
         if not os.path.isdir(path):
             os.makedirs(path, mode=0o700, exist_ok=True)
             if fsync:
-                _sync_directory(os.path.dirname(os.path.abspath(path)))
+                sync_directory(os.path.dirname(os.path.abspath(path)))
         lock_fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(lock_fd)
-            raise JournalError(f"meshmail: journal in {path} is in use by another process") from None
+            raise JournalError(f"journal in {path} is in use by another process") from None
         journal = cls(path, lock_fd, fsync=fsync)
         try:
             journal._remove_temp_files()
@@ -232,7 +233,7 @@ class Journal:
         if not data:
             return
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             if self._fsync:
                 os.fsync(fd)
         except BaseException:
@@ -262,13 +263,13 @@ class Journal:
 
     def _check_open(self) -> None:
         if self._lock_fd is None:
-            raise JournalError(f"meshmail: journal in {self._dir} is closed")
+            raise JournalError(f"journal in {self._dir} is closed")
 
     def _writable_log(self) -> int:
         self._check_open()
         if self._log_fd is None:
             raise JournalError(
-                f"meshmail: journal in {self._dir} refuses writes after a failed one (open it again to recover)"
+                f"journal in {self._dir} refuses writes after a failed one (open it again to recover)"
             )
         return self._log_fd
 
@@ -304,7 +305,7 @@ class Journal:
             snapshot, end, damage = _parse_records(snapshot_data)
             if damage is not None:
                 raise JournalError(
-                    f"meshmail: journal snapshot {snapshot_path} is damaged at byte {end}; snapshots are "
+                    f"journal snapshot {snapshot_path} is damaged at byte {end}; snapshots are "
                     "written whole, so this is disk corruption, not a crash (restore it from a backup, "
                     "or move the directory aside and let the node resync)"
                 )
@@ -318,7 +319,7 @@ class Journal:
             log_generation = _parse_header(log_data, log_path, _KIND_LOG)
             if log_generation > generation:
                 raise JournalError(
-                    f"meshmail: journal log {log_path} follows snapshot generation {log_generation} but "
+                    f"journal log {log_path} follows snapshot generation {log_generation} but "
                     f"the snapshot is generation {generation}; a crash cannot do this (files from "
                     "different copies?): move the directory aside and let the node resync"
                 )
@@ -378,37 +379,11 @@ class Journal:
         self._log_end = HEADER_SIZE
 
     def _write_atomic(self, name: str, chunks: Iterable[bytes]) -> int:
-        """Write `chunks` to `name` by way of a temporary file: fsync, rename, fsync the directory.
-
-        Returns the size written. On any error the temporary file is removed and `name` untouched.
-        """
+        """Write `chunks` to `name` by way of a temporary file (NAME.tmp): fsync, rename, fsync
+        the directory. Returns the size written. On any error `name` is untouched."""
         final = self._path(name)
-        temp = final + TEMP_SUFFIX
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            size = 0
-            pending: list[bytes] = []
-            pending_size = 0
-            for chunk in chunks:
-                pending.append(chunk)
-                pending_size += len(chunk)
-                if pending_size >= _WRITE_BUFFER:
-                    _write_all(fd, b"".join(pending))
-                    size += pending_size
-                    pending, pending_size = [], 0
-            _write_all(fd, b"".join(pending))
-            size += pending_size
-            if self._fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(temp)
-            raise
-        os.close(fd)
-        os.replace(temp, final)
-        if self._fsync:
-            _sync_directory(self._dir)
-        return size
+        return atomic_write(final, chunks, temporary=final + TEMP_SUFFIX, fsync=self._fsync)
+
 
 
 def _frame(record: bytes) -> bytes:
@@ -432,17 +407,17 @@ def _snapshot_chunks(generation: int, records: Iterable[bytes]) -> Iterator[byte
 def _parse_header(data: bytes, path: str, kind: int) -> int:
     """The generation in the header of `data` read from `path`; JournalError if it is not one of ours."""
     if len(data) < HEADER_SIZE or data[: len(MAGIC)] != MAGIC:
-        raise JournalError(f"meshmail: {path} is not a meshmail journal file (move it aside)")
+        raise JournalError(f"{path} is not a meshmail journal file (move it aside)")
     magic, version, found_kind, generation = _HEADER.unpack_from(data)
     if version != FORMAT_VERSION:
         raise JournalError(
-            f"meshmail: {path} is journal format {version}, this meshmail reads format {FORMAT_VERSION} "
+            f"{path} is journal format {version}, this meshmail reads format {FORMAT_VERSION} "
             "(run the meshmail version that wrote it)"
         )
     (crc,) = _CRC.unpack_from(data, _HEADER.size)
     if crc != zlib.crc32(data[: _HEADER.size]) or found_kind != kind:
         raise JournalError(
-            f"meshmail: {path} has a damaged header; headers are written whole, so this is disk "
+            f"{path} has a damaged header; headers are written whole, so this is disk "
             "corruption, not a crash (restore it from a backup, or move the directory aside and let the node resync)"
         )
     return generation
@@ -481,19 +456,3 @@ def _read_if_exists(path: str) -> bytes | None:
             return file.read()
     except FileNotFoundError:
         return None
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _sync_directory(path: str) -> None:
-    """fsync a directory, so that files created or renamed in it survive a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

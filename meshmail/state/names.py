@@ -24,7 +24,7 @@ class InvalidName(ValueError):
 
 
 @attrs.frozen
-class Address:
+class MailAddress:
     """A mail address in normal form; build it with normalize_address.
 
     `local` keeps its case (RFC 5321 §2.4: only the receiving host interprets it) and is
@@ -137,7 +137,7 @@ def display_domain(ascii_name: str) -> str:
         raise InvalidName(f"{ascii_name!r} is not a valid IDNA name ({e})") from None
 
 
-def normalize_address(text: str) -> Address:
+def normalize_address(text: str) -> MailAddress:
     """Return the normal form of the mail address `text` ("local@domain").
 
     Splits at the last "@". The domain is normalized as by normalize_domain. The local part
@@ -154,7 +154,7 @@ def normalize_address(text: str) -> Address:
     local, at, domain = text.rpartition("@")
     if not at:
         raise InvalidName(f"{text!r} has no '@'")
-    address = Address(_normalize_local(local), normalize_domain(domain))
+    address = MailAddress(_normalize_local(local), normalize_domain(domain))
     if len(str(address).encode()) > MAX_ADDRESS:
         raise InvalidName(f"{text!r} is longer than {MAX_ADDRESS} octets")
     return address

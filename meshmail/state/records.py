@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 from attrs import validators as v
 
+from meshmail.core.nodes import ROLES
 from meshmail.state.hlc import node_field
 
 #: Longest key, in UTF-8 bytes, including the namespace prefix.
@@ -67,7 +68,6 @@ class AddressOverride:
 # namespaces are small and indexed (LWWMap.items without a scan); their secrets are stored
 # only as hashes, except gossip keys, which every member needs in clear.
 
-ROLES = ("master", "slave")
 #: Longest free text (a token's note) and longest encoded secret hash kept in a record.
 MAX_NOTE = 200
 MAX_HASH = 256

@@ -8,11 +8,12 @@ import trio
 from quart import Blueprint, Response, redirect, request
 from werkzeug.exceptions import BadRequest
 
+from ..core.clock import wall_ms
 from ..security import accounts
 from ..security.passwords import PasswordError, check_password, hash_password
 from ..state.records import AdminAccount
 from . import auth
-from .bodies import json_object, now_ms
+from .bodies import json_object
 
 
 def blueprint(node, guard: auth.Auth) -> Blueprint:
@@ -99,7 +100,7 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
         note = (await json_object(empty_ok=True)).get("note", "")
         if not isinstance(note, str):
             raise BadRequest('expected {"note": TEXT}')
-        token = accounts.create_api_token(node.replication, request.principal.account, note, now_ms())
+        token = accounts.create_api_token(node.replication, request.principal.account, note, wall_ms())
         return {"token": token.encode(), "id": token.token_id, "account": request.principal.account}, 201
 
     return routes

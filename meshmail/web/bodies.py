@@ -6,7 +6,6 @@ Every failure is a werkzeug BadRequest whose description is the one line the cli
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from quart import request
@@ -16,10 +15,6 @@ from ..state.names import InvalidName, normalize_domain
 
 #: Largest request body accepted; admin calls are small JSON documents.
 MAX_BODY = 64 * 1024
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def domain_name(text: str) -> str:

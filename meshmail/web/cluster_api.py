@@ -3,7 +3,6 @@ join token themselves), join tokens, removing nodes, the replicated keyring."""
 
 from __future__ import annotations
 
-import base64
 import logging
 from typing import Any
 
@@ -11,12 +10,15 @@ import trio
 from quart import Blueprint, Response, request
 from werkzeug.exceptions import BadRequest, Forbidden, NotFound, TooManyRequests
 
-from ..config import format_address
-from ..gossip.keyring import KeyringError
+from ..core.address import format_address
+from ..core.clock import wall_ms
+from ..core.nodes import check_node_name
+from ..gossip.keyring import KeyringError, encode_key
 from ..gossip.messages import State
+from ..nodemeta import NodeMeta
 from ..security import admission, ca, keyring_sync
 from . import auth
-from .bodies import json_object, now_ms
+from .bodies import json_object
 
 log = logging.getLogger("meshmail.http")
 
@@ -62,7 +64,7 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
                 authority=node.authority,
                 master=node.config.node.name,
                 members=node.memberlist.members,
-                now_ms=now_ms(),
+                now_ms=wall_ms(),
             )
         except admission.JoinRefused as exc:
             counters[f"join.refused.{exc.reason}"] += 1
@@ -94,18 +96,18 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
                 uses=uses,
                 note=note,
                 creator=request.principal.account,
-                now_ms=now_ms(),
+                now_ms=wall_ms(),
                 ca_fingerprint=node.authority.fingerprint,
                 masters=_master_addresses(node),
             )
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         info = admission.TokenInfo(token.token_id, node.replication.state.get("jointoken", token.token_id), 0)
-        return {"token": token.encode(), **info.document(now_ms())}, 201
+        return {"token": token.encode(), **info.document(wall_ms())}, 201
 
     @routes.get("/tokens")
     async def list_tokens():
-        moment = now_ms()
+        moment = wall_ms()
         return {"tokens": [info.document(moment) for info in admission.tokens(node.replication.state)]}
 
     @routes.delete("/tokens/<token_id>")
@@ -119,7 +121,7 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
     @routes.post("/nodes/<name>/remove")
     async def remove_node(name: str):
         try:
-            admission.check_node_name(name)
+            check_node_name(name)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         if name == node.config.node.name:
@@ -127,7 +129,7 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
         force = (await json_object(empty_ok=True)).get("force") is True
         if not force and not admission.known_node(node.replication.state, name, node.memberlist.members()):
             raise NotFound(f"no node named {name} is known here (a name removed is gone for good; --force)")
-        removed = admission.remove_node(node.replication, name, by=request.principal.account, now_ms=now_ms())
+        removed = admission.remove_node(node.replication, name, by=request.principal.account, now_ms=wall_ms())
         return {"node": name, "removed": True, "already": not removed}
 
     @routes.get("/keyring")
@@ -163,9 +165,9 @@ def _master_addresses(node) -> list[str]:
     """The API addresses of live masters for a join token: this node first."""
     own = format_address(node.api_address) if node.api_address else None
     others = [
-        m.node_meta.api
+        NodeMeta.decode(m.meta).api
         for m in node.memberlist.members()
-        if m.name != node.config.node.name and m.state == State.ALIVE and m.node_meta.role == "master"
+        if m.name != node.config.node.name and m.state == State.ALIVE and NodeMeta.decode(m.meta).role == "master"
     ]
     return [address for address in [own, *sorted(filter(None, others))] if address][:8]
 
@@ -181,7 +183,7 @@ def _join_grant(node, request_: admission.JoinRequest, cert) -> dict[str, Any]:
         "role": request_.role,
         "ca": ca.cert_pem(node.authority.cert).decode(),
         "cert": ca.cert_pem(cert).decode(),
-        "keys": [base64.b64encode(key).decode("ascii") for key in node.keyring.keys],
+        "keys": [encode_key(key) for key in node.keyring.keys],
         "seeds": seeds[:16],
         "masters": _master_addresses(node),
         "profile": node.config.gossip.settings.profile,

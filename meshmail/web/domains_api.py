@@ -6,8 +6,8 @@ from __future__ import annotations
 from quart import Blueprint, request
 from werkzeug.exceptions import BadRequest, NotFound
 
-from ..config import format_address
-from ..gossip.meta import SERVICES
+from ..core.address import format_address
+from ..nodemeta import SERVICES
 from ..routing import Route, Router
 from ..state.hlc import MAX_NODE
 from . import auth

@@ -7,7 +7,8 @@ import logging
 from quart import Blueprint, request
 from werkzeug.exceptions import BadRequest
 
-from ..config import parse_address
+from ..core.address import Address
+from ..nodemeta import NodeMeta
 from . import auth
 from .bodies import json_object
 from .status import status_document
@@ -23,7 +24,7 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
     @auth.public
     async def health():
         local = node.memberlist.local()
-        return {"node": local.name, "role": local.node_meta.role, "ok": not node.leaving}
+        return {"node": local.name, "role": NodeMeta.decode(local.meta).role, "ok": not node.leaving}
 
     @routes.get("/status")
     @auth.public
@@ -44,7 +45,7 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
         if not isinstance(seeds, list) or not seeds or len(seeds) > 64:
             raise BadRequest('expected {"seeds": ["host:port", ...]} with 1 to 64 seeds')
         try:
-            addresses = [parse_address(seed) for seed in seeds]
+            addresses = [Address.parse(seed) for seed in seeds]
         except ValueError as exc:
             raise BadRequest(f"seeds: {exc}") from None
         return {"joined": await node.join(addresses)}

@@ -7,27 +7,22 @@ status` and `meshmail domains` commands render the same documents as tables.
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 import attrs
 
-from ..config import format_address
+from ..core.address import format_address
+from ..core.clock import iso_ms
 from ..gossip.member import MemberInfo
+from ..nodemeta import NodeMeta
 from ..security.keyring_sync import ids as keyring_ids
 from ..state.names import InvalidName, display_domain
 from ..state.records import DomainRoute
 from ..state.replica import ClusterState
 
 
-def iso_utc(unix: float) -> str:
-    """Unix seconds as ISO-8601 UTC with milliseconds, e.g. 2026-01-01T10:00:00.000Z."""
-    moment = datetime.datetime.fromtimestamp(unix, datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def member_document(member: MemberInfo) -> dict[str, Any]:
-    meta = member.node_meta
+    meta = NodeMeta.decode(member.meta)
     return {
         "name": member.name,
         "state": member.state.name.lower(),
@@ -38,7 +33,7 @@ def member_document(member: MemberInfo) -> dict[str, Any]:
         "tags": dict(sorted(meta.tags.items())),
         "api": meta.api,
         "keys": list(meta.keys),
-        "changed": iso_utc(member.changed_wall),
+        "changed": iso_ms(round(member.changed_wall * 1000)),
         "changed_unix": member.changed_wall,
     }
 
@@ -49,7 +44,7 @@ def status_document(node) -> dict[str, Any]:
     local = memberlist.local()
     return {
         "node": local.name,
-        "role": local.node_meta.role,
+        "role": NodeMeta.decode(local.meta).role,
         "incarnation": memberlist.incarnation,
         "address": format_address(memberlist.address),
         "health_score": memberlist.health_score,
@@ -83,7 +78,7 @@ def state_document(replication) -> dict[str, Any]:
         "tombstones": state.tombstones,
         "digest": state.digest_summary(),
         "stale": state.stale,
-        "last_sync": {peer: iso_utc(ms / 1000) for peer, ms in sorted(state.last_sync.items())},
+        "last_sync": {peer: iso_ms(ms) for peer, ms in sorted(state.last_sync.items())},
         "conflicts": conflict_documents(state),
         "counters": dict(sorted(replication.counters.items())),
     }

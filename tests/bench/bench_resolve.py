@@ -14,7 +14,7 @@ import timeit
 
 from meshmail.gossip.member import MemberInfo
 from meshmail.gossip.messages import State
-from meshmail.gossip.meta import NodeMeta
+from meshmail.nodemeta import NodeMeta
 from meshmail.routing import NoRoute, Route, Router, _normalize
 from meshmail.state.records import AddressOverride, DomainRoute
 

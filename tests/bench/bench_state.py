@@ -206,7 +206,7 @@ def fill(state, n: int, node: str) -> None:
 def make_router(state):
     from meshmail.gossip.member import MemberInfo
     from meshmail.gossip.messages import State
-    from meshmail.gossip.meta import NodeMeta
+    from meshmail.nodemeta import NodeMeta
     from meshmail.routing import Router
 
     members = {}

@@ -12,7 +12,7 @@ import pytest
 
 from meshmail.gossip import messages as m
 from meshmail.gossip.messages import MalformedMessage, State
-from meshmail.gossip.meta import NodeMeta
+from meshmail.nodemeta import NodeMeta
 
 #: The longest textual IP address: hosts on the wire are IP literals.
 LONGEST_IP = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"

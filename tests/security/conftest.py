@@ -6,7 +6,7 @@ import pytest
 
 from meshmail.gossip.member import MemberInfo
 from meshmail.gossip.messages import State
-from meshmail.gossip.meta import NodeMeta
+from meshmail.nodemeta import NodeMeta
 from meshmail.replication import Replication
 from meshmail.state.replica import ClusterState
 

@@ -221,7 +221,7 @@ def test_key_material_not_in_report(replication, local):
 def test_at_most_max_keys_are_installed(replication, local):
     """Key ids travel in the 1 KiB metadata: a ninth key is refused and nothing is written."""
     from meshmail.gossip.keyring import new_key
-    from meshmail.gossip.meta import MAX_KEYS, NodeMeta
+    from meshmail.nodemeta import MAX_KEYS, NodeMeta
 
     for _ in range(MAX_KEYS - 1):  # the local keyring holds one more
         ks.install(replication, new_key(), local)

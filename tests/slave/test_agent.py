@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshmail.config import EndpointConfig, SlaveSection, SourceConfig, loads
-from meshmail.node import wall_ms
+from meshmail.core.clock import wall_ms
 from meshmail.replication import Replication
 from meshmail.slave.agent import PUBLISH_DELAY, SlaveAgent, SourceError
 from meshmail.slave.health import GREETINGS, judge

@@ -14,7 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meshmail.state import names
-from meshmail.state.names import Address, InvalidName, display_domain, normalize_address, normalize_domain
+from meshmail.state.names import InvalidName, MailAddress, display_domain, normalize_address, normalize_domain
 
 LABEL63 = "a" * 63
 NAME253 = ".".join([LABEL63, LABEL63, LABEL63, "a" * 61])  # 63*3 + 61 + 3 dots
@@ -135,30 +135,30 @@ def test_invalid_name_is_a_value_error() -> None:
 
 
 VALID_ADDRESSES = [
-    ("user@example.com", Address("user", "example.com")),
-    ("User@EXAMPLE.com", Address("User", "example.com")),  # the local part keeps its case
-    ("user@example.com.", Address("user", "example.com")),
-    ("first.last+tag@example.com", Address("first.last+tag", "example.com")),
-    ("!#$%&'*+-/=?^_`{|}~@example.com", Address("!#$%&'*+-/=?^_`{|}~", "example.com")),
-    ("a@b.c", Address("a", "b.c")),
-    (f"{'x' * 64}@example.com", Address("x" * 64, "example.com")),
-    ("jörg@Bücher.example", Address("jörg", "xn--bcher-kva.example")),  # RFC 6531
-    ("用户@例子.广告", Address("用户", "xn--fsqu00a.xn--4rr70v")),
+    ("user@example.com", MailAddress("user", "example.com")),
+    ("User@EXAMPLE.com", MailAddress("User", "example.com")),  # the local part keeps its case
+    ("user@example.com.", MailAddress("user", "example.com")),
+    ("first.last+tag@example.com", MailAddress("first.last+tag", "example.com")),
+    ("!#$%&'*+-/=?^_`{|}~@example.com", MailAddress("!#$%&'*+-/=?^_`{|}~", "example.com")),
+    ("a@b.c", MailAddress("a", "b.c")),
+    (f"{'x' * 64}@example.com", MailAddress("x" * 64, "example.com")),
+    ("jörg@Bücher.example", MailAddress("jörg", "xn--bcher-kva.example")),  # RFC 6531
+    ("用户@例子.广告", MailAddress("用户", "xn--fsqu00a.xn--4rr70v")),
     # quoted strings: quotes and backslashes that are not needed are dropped
-    ('"john doe"@example.com', Address('"john doe"', "example.com")),
-    ('"john"@example.com', Address("john", "example.com")),
-    ('"j\\o\\hn"@example.com', Address("john", "example.com")),
-    ('"a..b"@example.com', Address('"a..b"', "example.com")),
-    ('"a@b"@example.com', Address('"a@b"', "example.com")),
-    ('"a\\"b"@example.com', Address('"a\\"b"', "example.com")),
-    ('"a\\\\b"@example.com', Address('"a\\\\b"', "example.com")),
-    ('"\\ "@example.com', Address('" "', "example.com")),
-    ('"jörg müller"@example.com', Address('"jörg müller"', "example.com")),
+    ('"john doe"@example.com', MailAddress('"john doe"', "example.com")),
+    ('"john"@example.com', MailAddress("john", "example.com")),
+    ('"j\\o\\hn"@example.com', MailAddress("john", "example.com")),
+    ('"a..b"@example.com', MailAddress('"a..b"', "example.com")),
+    ('"a@b"@example.com', MailAddress('"a@b"', "example.com")),
+    ('"a\\"b"@example.com', MailAddress('"a\\"b"', "example.com")),
+    ('"a\\\\b"@example.com', MailAddress('"a\\\\b"', "example.com")),
+    ('"\\ "@example.com', MailAddress('" "', "example.com")),
+    ('"jörg müller"@example.com', MailAddress('"jörg müller"', "example.com")),
 ]
 
 
 @pytest.mark.parametrize(("text", "address"), VALID_ADDRESSES)
-def test_valid_addresses(text: str, address: Address) -> None:
+def test_valid_addresses(text: str, address: MailAddress) -> None:
     assert normalize_address(text) == address
     assert normalize_address(str(address)) == address
 

@@ -1,6 +1,7 @@
-"""The metadata every member gossips about itself: role, service endpoints, tags.
+"""The metadata every member gossips about itself: role, service endpoints, tags, key ids
+and where its HTTP API answers.
 
-Encoded with msgpack into at most 1 KiB (the gossip layer carries it as opaque bytes).
+Encoded with msgpack into at most 1 KiB; the gossip layer carries it as opaque bytes.
 Decoding is lenient: unknown keys are ignored, and metadata that cannot be read becomes
 an empty NodeMeta rather than an error, so one odd member never breaks a view.
 """
@@ -11,9 +12,10 @@ import attrs
 import msgpack
 from attrs import validators as v
 
-from .messages import MAX_META
+from .core.address import Address, AddressError
+from .core.nodes import ROLES
+from .gossip.messages import MAX_META
 
-ROLES = ("master", "slave")
 #: Most gossip keys a node holds at once (their ids travel in the metadata).
 MAX_KEYS = 8
 SERVICES = ("imap", "pop3", "smtp", "submission", "lmtp", "http")
@@ -27,9 +29,10 @@ CLIENT_ADDRESS = ("none", "id", "xclient", "proxy")
 
 
 def _check_address(instance, attribute, value) -> None:
-    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or len(value) > 300:
-        raise ValueError(f"endpoint {value!r} is not host:port")
+    try:
+        Address.parse(value)
+    except AddressError as exc:
+        raise ValueError(f"endpoint: {exc}") from None
 
 
 @attrs.frozen
