@@ -11,7 +11,7 @@ from .messages import State
 
 @attrs.define(eq=False)
 class Member:
-    """A member's record in this node's view; owned and mutated by Memberlist only."""
+    """A member's record in this node's view; owned and mutated by the state machine (Membership) only."""
 
     name: str
     host: str

@@ -147,7 +147,7 @@ class PushPull:
 
 @attrs.frozen
 class Broadcast:
-    """An application broadcast riding the gossip queue (Step 2 puts state deltas here).
+    """An application broadcast riding the gossip queue (replication puts state deltas here).
 
     `key` names what the payload is about, so a newer broadcast with the same key replaces
     an older one still queued.

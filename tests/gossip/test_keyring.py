@@ -102,10 +102,10 @@ def _node(cluster: str, keyring: Keyring) -> Memberlist:
 def test_memberlist_binds_its_cluster_name() -> None:
     """A node with the right key but another cluster name drops our packets as auth_failed."""
     prod, staging = _node("prod", Keyring([OLD])), _node("staging", Keyring([OLD]))
-    packet = prod._seal([])
-    assert prod._open(packet)[1] == []
+    packet = prod._sealer.seal([])
+    assert prod._sealer.open(packet)[1] == []
     with pytest.raises(FrameError) as info:
-        staging._open(packet)
+        staging._sealer.open(packet)
     assert info.value.reason == "auth_failed"
 
 

@@ -16,9 +16,9 @@ import trio
 from meshmail.gossip import messages
 from meshmail.gossip.config import GossipConfig
 from meshmail.gossip.member import EventKind
-from meshmail.gossip.memberlist import RECONNECT_INTERVAL
 from meshmail.gossip.memory import Link
 from meshmail.gossip.messages import State
+from meshmail.gossip.net import RECONNECT_INTERVAL
 from meshmail.gossip.timing import suspicion_min
 
 from .sim import Cluster, address_of, simulation, wait_until
