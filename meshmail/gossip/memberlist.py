@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from ..core.address import Address
 from . import messages as m
 from .config import GossipConfig
 from .delegate import Conversation, Delegate
@@ -27,7 +28,7 @@ from .net import Network
 from .probe import Prober
 from .state import Hooks, Membership
 from .suspicion import Suspicion
-from .transport import Address, Transport
+from .transport import Transport
 
 # Delegate, Conversation and FrameError are what the layer above needs, importable from here.
 __all__ = ["Conversation", "Delegate", "FrameError", "Memberlist"]

@@ -18,7 +18,8 @@ import attrs
 import trio
 import trio.testing
 
-from .transport import Address, Packet, Transport
+from ..core.address import Address
+from .transport import Packet, Transport
 
 
 @attrs.frozen

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from ..core.address import Address
 from . import messages as m
 from .config import GossipConfig
 from .delegate import Conversation, Delegate
@@ -23,7 +24,7 @@ from .keyring import OVERHEAD
 from .messages import State
 from .state import Membership
 from .timing import push_pull_interval
-from .transport import Address, Transport
+from .transport import Transport
 
 #: Streams served at once; more are closed at once and counted.
 MAX_CONCURRENT_STREAMS = 64

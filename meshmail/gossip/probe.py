@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import trio
 
+from ..core.address import Address
 from . import messages as m
 from .config import GossipConfig
 from .frames import FrameError
@@ -22,7 +23,6 @@ from .messages import State
 from .net import Network
 from .state import Membership
 from .suspicion import Suspicion
-from .transport import Address
 
 
 @attrs.define(eq=False)

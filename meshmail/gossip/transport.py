@@ -13,7 +13,7 @@ import socket
 import attrs
 import trio
 
-Address = tuple[str, int]
+from ..core.address import Address
 
 #: Largest datagram read; anything larger than the configured packet size is dropped later.
 MAX_DATAGRAM = 65536

@@ -17,13 +17,13 @@ import hypothesis  # noqa: F401  (its entry point makes trio's scheduler seedabl
 import trio
 from trio._core import _run as trio_run
 
+from meshmail.core.address import Address
 from meshmail.gossip.config import GossipConfig
 from meshmail.gossip.keyring import Keyring
 from meshmail.gossip.member import EventKind, MemberInfo
 from meshmail.gossip.memberlist import Memberlist
 from meshmail.gossip.memory import Link, MemoryNetwork
 from meshmail.gossip.messages import State
-from meshmail.gossip.transport import Address
 
 KEY = bytes(range(32))
 CLUSTER = "sim"

@@ -25,12 +25,13 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshmail.core.address import Address
 from meshmail.gossip import messages as m
 from meshmail.gossip.config import profile
 from meshmail.gossip.keyring import ENVELOPE_VERSION, OVERHEAD, Keyring
 from meshmail.gossip.memberlist import Memberlist
 from meshmail.gossip.memory import MemoryNetwork
-from meshmail.gossip.transport import Address, NetTransport
+from meshmail.gossip.transport import NetTransport
 
 from .test_messages import BAD_WIRE
 
