@@ -20,6 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--data-dir", metavar="DIR", help=f"a data dir made by init or join (its {CONFIG_NAME})")
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="default: info")
     run.add_argument("--check", action="store_true", help="only check the config, then exit (0 if it is valid)")
+    run.add_argument(
+        "--ready-file",
+        metavar="FILE",
+        help='once listening, write {"gossip": "host:port", "http": "host:port", ...} to FILE as JSON'
+        " (the ports bound, also when the config asks for port 0); removed when the node stops",
+    )
 
     status = command(
         "status",
@@ -283,6 +290,7 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     import trio
 
+    from .core.files import atomic_write
     from .node import serve
 
     path = args.config or str(Path(args.data_dir) / CONFIG_NAME)
@@ -293,11 +301,22 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+
+    async def run_node() -> None:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(partial(serve, config, leave_on_signals=True))
+            if args.ready_file:
+                document = {name: format_address(address) for name, address in bound.items()}
+                atomic_write(args.ready_file, [json.dumps(document).encode() + b"\n"], mode=0o644)
+
     try:
-        trio.run(lambda: serve(config, leave_on_signals=True))
+        trio.run(run_node)
     except KeyboardInterrupt:
         # Only before the signal handler is installed; after it, SIGINT means leave.
         return 130
+    finally:
+        if args.ready_file:
+            Path(args.ready_file).unlink(missing_ok=True)
     return 0
 
 

@@ -1,28 +1,23 @@
-"""One meshmail node: a loaded Config wired to the gossip layer and the HTTP server.
+"""One meshmail node: a loaded Config wired to gossip, the replicated state and the services
+of its role.
 
 `serve` runs what a `meshmail run` process runs, under one nursery, until the node leaves
-(SIGTERM, SIGINT or POST /leave) or is cancelled. Role services (proxy, MX, store) join
-this wiring in later steps; the protocol logic itself lives in their own packages.
+(SIGTERM, SIGINT or POST /leave) or is cancelled. The services themselves live in their
+own packages (web, slave, and the proxies and MX to come); ROLE_SERVICES lists them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import signal
-import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from functools import partial
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import attrs
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from .config import Config
 from .core.address import Address, format_address
@@ -34,20 +29,21 @@ from .gossip.memberlist import Memberlist
 from .gossip.messages import State
 from .gossip.transport import NetTransport
 from .replication import Replication
+from .routing import Router
 from .security import accounts, admission, ca, files, keyring_sync
-from .slave.agent import SlaveAgent, SourceError
+from .services import Bound, Context, Service, supervise
+from .slave import service as slave_service
 from .state.journal import JournalError
 from .state.replica import ClusterState
-from .web import create_app
+from .web import server as web_server
+from .web.server import HTTP_GRACE
 
 log = logging.getLogger("meshmail.node")
 
 #: How long a graceful leave waits for the "left" broadcast to go out.
 LEAVE_TIMEOUT = 5.0
-#: How long in-flight HTTP requests may take to finish once the node is leaving.
-HTTP_GRACE = 2.0
-#: Pause before the HTTP server starts again after it failed.
-HTTP_RESTART_DELAY = 0.5
+#: How long services may take to finish once the node has left, before they are cancelled.
+STOP_GRACE = HTTP_GRACE + 1.0
 #: Seeds are retried with a delay doubling from the first to the second value (seconds).
 JOIN_RETRY = (0.5, 5.0)
 
@@ -56,108 +52,56 @@ class NodeError(MeshmailError):
     """A node that cannot start (an address in use...); str() is one line for people."""
 
 
-@attrs.frozen
-class Bound:
-    """Where a started node listens."""
+#: The services each role runs, in start order, after gossip. A new service is a package
+#: with a `serve(ctx, *, task_status)` and one entry here.
+ROLE_SERVICES: dict[str, tuple[Service, ...]] = {
+    "master": (Service("http", web_server.serve),),
+    "slave": (Service("slave", slave_service.serve), Service("http", web_server.serve)),
+}
 
-    gossip: Address
-    http: Address
+
+def node_meta(ctx: Context) -> bytes:
+    """This node's gossiped metadata: the config's, its endpoints' health, its key ids and its
+    API address."""
+    meta = ctx.config.node_meta
+    endpoints = {s: attrs.evolve(e, up=ctx.endpoint_health.get(s, True)) for s, e in meta.endpoints.items()}
+    api = "" if ctx.api_address is None else format_address(ctx.api_address)
+    return attrs.evolve(meta, endpoints=endpoints, api=api, keys=keyring_sync.ids(ctx.keyring)).encode()
 
 
-@attrs.define(eq=False)
-class Node:
-    """What the HTTP app sees of a running node."""
+def follow_state(ctx: Context) -> None:
+    """Apply the replicated records that steer this node now and whenever they change:
+    removed members are refused, the keyring follows rotations (saved to the data dir)."""
 
-    config: Config
-    memberlist: Memberlist
-    replication: Replication
-    #: The cluster CA (with its key on masters that hold it); None without a [tls] section.
-    authority: ca.Authority | None = None
-    #: Where other nodes reach this node's HTTP API (set once it listens).
-    api_address: Address | None = None
-    #: The slave agent (domain sources, health probes) of a slave; None on a master.
-    agent: SlaveAgent | None = None
-    _leave: trio.Event = attrs.field(factory=trio.Event)
-
-    @property
-    def data_dir(self) -> Path:
-        return Path(self.config.node.data_dir)
-
-    @property
-    def keyring(self) -> Keyring:
-        return self.memberlist.keyring
-
-    @property
-    def removed(self) -> bool:
-        """Whether this node was removed from the cluster (a member told it, or it read so)."""
-        return self.memberlist.removed or self.replication.state.get("removed", self.config.node.name) is not None
-
-    @property
-    def cluster_id(self) -> str | None:
-        """The first 16 hex digits of the CA's fingerprint: unique to a cluster made by init."""
-        return None if self.authority is None else self.authority.fingerprint.hex()[:16]
-
-    def meta(self) -> bytes:
-        """This node's gossiped metadata: the config's, its key ids and its API address."""
-        api = "" if self.api_address is None else format_address(self.api_address)
-        meta = self.config.node_meta
-        if self.agent is not None:
-            endpoints = {s: attrs.evolve(e, up=self.agent.up(s)) for s, e in meta.endpoints.items()}
-            meta = attrs.evolve(meta, endpoints=endpoints)
-        return attrs.evolve(meta, api=api, keys=keyring_sync.ids(self.keyring)).encode()
-
-    def health_changed(self) -> None:
-        """Tell the cluster at once that a probed service went up or down."""
-        self.memberlist.update_meta(self.meta())
-
-    def follow_state(self) -> None:
-        """Apply the replicated records that steer this node now and whenever they change:
-        removed members are refused, the keyring follows rotations (saved to the data dir)."""
-        self.replication.watch(["removed"], self._refuse_removed)
-        self.replication.watch(["gossipkey"], self._sync_keyring)
-        self._refuse_removed()
-        self._sync_keyring()
-
-    def _refuse_removed(self) -> None:
-        for name in admission.removed(self.replication.state):
-            if name == self.config.node.name:
+    def refuse_removed() -> None:
+        for name in admission.removed(ctx.state):
+            if name == ctx.name:
                 log.error("this node was removed from the cluster (meshmail remove); its gossip is refused")
-            elif name not in self.memberlist.refused:
+            elif name not in ctx.members.refused:
                 log.info("refusing removed node %s", name)
-                self.memberlist.refuse(name)
+                ctx.members.refuse(name)
 
-    def _sync_keyring(self) -> None:
-        if keyring_sync.reconcile(self.keyring, self.replication.state):
-            files.save_keyring(self.data_dir, self.keyring.keys)
-            log.info("gossip keyring is now %s (primary first)", ", ".join(keyring_sync.ids(self.keyring)))
-            if self.memberlist.running:
-                self.memberlist.update_meta(self.meta())
+    def sync_keyring() -> None:
+        if keyring_sync.reconcile(ctx.keyring, ctx.state):
+            files.save_keyring(Path(ctx.config.node.data_dir), ctx.keyring.keys)
+            log.info("gossip keyring is now %s (primary first)", ", ".join(keyring_sync.ids(ctx.keyring)))
+            if ctx.members.running:
+                ctx.meta_changed()
 
-    def ensure_api_token(self) -> None:
-        """Make sure DATA_DIR/api-token holds a valid API token for this node's CLI."""
-        state = self.replication.state
-        current = files.read_api_token(self.data_dir)
-        if current and accounts.api_token_account(state, current) is not None:
-            return
-        token = accounts.create_api_token(
-            self.replication, f"node:{self.config.node.name}", "the meshmail CLI on this node", wall_ms()
-        )
-        files.write_file(self.data_dir / files.API_TOKEN, (token.encode() + "\n").encode())
+    ctx.replication.watch(["removed"], refuse_removed)
+    ctx.replication.watch(["gossipkey"], sync_keyring)
+    refuse_removed()
+    sync_keyring()
 
-    def request_leave(self) -> None:
-        """Ask `serve` to leave the cluster gracefully and stop; returns at once."""
-        self._leave.set()
 
-    @property
-    def leaving(self) -> bool:
-        return self._leave.is_set()
-
-    async def wait_until_leaving(self) -> None:
-        await self._leave.wait()
-
-    async def join(self, seeds: Iterable[Address]) -> int:
-        """Push-pull with each seed; the number that answered."""
-        return await self.memberlist.join(list(seeds))
+def ensure_api_token(ctx: Context) -> None:
+    """Make sure DATA_DIR/api-token holds a valid API token for this node's CLI."""
+    data_dir = Path(ctx.config.node.data_dir)
+    current = files.read_api_token(data_dir)
+    if current and accounts.api_token_account(ctx.state, current) is not None:
+        return
+    token = accounts.create_api_token(ctx.replication, f"node:{ctx.name}", "the meshmail CLI on this node", wall_ms())
+    files.write_file(data_dir / files.API_TOKEN, (token.encode() + "\n").encode())
 
 
 def open_state(config: Config) -> ClusterState:
@@ -219,86 +163,85 @@ def new_memberlist(config: Config, delegate: Replication | None = None) -> Membe
 async def serve(
     config: Config, *, leave_on_signals: bool = False, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run a node: gossip, then HTTP, then join the seeds in the background.
+    """Run a node: gossip, then the services of its role, then join the seeds in the background.
 
-    Reports a `Bound` through task_status once both listen. Returns after a graceful
-    leave, asked for by POST /leave or, with `leave_on_signals`, by SIGTERM or SIGINT (a
-    second signal stops at once). Raises NodeError when an address cannot be bound.
+    Reports where it listens through task_status ({"gossip": ..., "http": ..., and each
+    service's listeners}). Returns after a graceful leave, asked for by POST /leave or, with
+    `leave_on_signals`, by SIGTERM or SIGINT (a second signal stops at once). Raises
+    NodeError when an address cannot be bound or a service cannot start.
     """
     state = await trio.to_thread.run_sync(open_state, config)
     with contextlib.closing(state):
         await _serve(config, state, leave_on_signals, task_status)
 
 
-async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, task_status) -> None:
+def new_context(config: Config, state: ClusterState) -> Context:
+    """The node's Context: replication over `state`, its memberlist and router (not started)."""
     replication = Replication(state, wall_ms)
     memberlist = new_memberlist(config, replication)
     replication.attach(memberlist)
-    node = Node(config, memberlist, replication, authority=load_authority(config))
+    router = Router(state, memberlist.member)
+    ctx = Context(config, replication, memberlist, router, load_authority(config), counters=replication.counters)
+    ctx.meta_changed = lambda: memberlist.update_meta(node_meta(ctx))
+    return ctx
+
+
+async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, task_status) -> None:
+    ctx = new_context(config, state)
     try:
-        node.follow_state()
-        node.ensure_api_token()
+        follow_state(ctx)
+        ensure_api_token(ctx)
     except files.FilesError as exc:
         raise NodeError(str(exc)) from None
-    if config.node.role == "slave":
-        node.agent = SlaveAgent(config.node.name, config.slave, config.endpoints, replication, node.health_changed)
-        replication.watch(["domain", "removed"], node.agent.poke)
-        try:
-            await node.agent.load()
-        except SourceError as exc:
-            raise NodeError(str(exc)) from None
-    memberlist.update_meta(node.meta())
-    events = memberlist.subscribe()
-    async with trio.open_nursery() as nursery:
-        with _bind_errors("gossip", config.gossip.bind):
-            await nursery.start(memberlist.run)
-        nursery.start_soon(_log_events, events)
-        http_stop, http_done = trio.Event(), trio.Event()
-        with _bind_errors("http", config.http.bind):
-            http = await nursery.start(
-                _serve_http, create_app(node), config, http_stop, http_done, replication.counters
-            )
-        node.api_address = api_address(config, http, memberlist.address)
-        memberlist.update_meta(node.meta())
-        if leave_on_signals:
-            await nursery.start(_leave_on_signals, node, nursery.cancel_scope)
-        nursery.start_soon(join_seeds, memberlist, config.gossip.seeds)
-        nursery.start_soon(replication.maintain)
-        if node.agent is not None:
-            node.agent.publish()
-            for loop in node.agent.loops:
-                nursery.start_soon(loop)
-        bound = Bound(gossip=memberlist.address, http=http)
-        log.info(
-            "node %s (%s) in cluster %s: gossip on %s, http on %s",
-            config.node.name,
-            config.node.role,
-            config.gossip.cluster,
-            format_address(bound.gossip),
-            format_address(bound.http),
-        )
-        task_status.started(bound)
-
-        await node.wait_until_leaving()
-        log.info("leaving the cluster")
-        await memberlist.leave(timeout=LEAVE_TIMEOUT)
-        http_stop.set()
-        with trio.move_on_after(HTTP_GRACE + 1):
-            await http_done.wait()
-        nursery.cancel_scope.cancel()
+    ctx.meta_changed()
+    events = ctx.members.subscribe()
+    with contextlib.closing(ctx):
+        async with trio.open_nursery() as nursery:
+            with _start_errors("gossip", config.gossip.bind):
+                bound = {"gossip": Address(*await nursery.start(ctx.members.run))}
+            nursery.start_soon(_log_events, events)
+            nursery.start_soon(ctx.replication.maintain)
+            async with trio.open_nursery() as services:
+                for service in ROLE_SERVICES[config.node.role]:
+                    with _start_errors(service.name):
+                        bound.update(await services.start(supervise, service, ctx, _count_restart(ctx)))
+                if "http" in bound:
+                    ctx.api_address = api_address(config, bound["http"], ctx.members.address)
+                ctx.meta_changed()
+                if leave_on_signals:
+                    await nursery.start(_leave_on_signals, ctx, nursery.cancel_scope)
+                nursery.start_soon(join_seeds, ctx.members, config.gossip.seeds)
+                shown = ", ".join(f"{name} on {format_address(address)}" for name, address in bound.items())
+                log.info("node %s (%s) in cluster %s: %s", ctx.name, ctx.role, config.gossip.cluster, shown)
+                task_status.started(bound)
+                await ctx.stopping.wait()
+                log.info("leaving the cluster")
+                await ctx.members.leave(timeout=LEAVE_TIMEOUT)
+                services.cancel_scope.deadline = trio.current_time() + STOP_GRACE
+            nursery.cancel_scope.cancel()
     log.info("node %s stopped", config.node.name)
 
 
+def _count_restart(ctx: Context):
+    def count(name: str) -> None:
+        ctx.counters[f"{name}.server_restarts"] += 1
+
+    return count
+
+
 @contextlib.contextmanager
-def _bind_errors(what: str, address: Address) -> Iterator[None]:
-    """Turn an OSError while binding `what` (bare or in exception groups) into NodeError."""
+def _start_errors(what: str, address: Address | None = None) -> Iterator[None]:
+    """Turn a failure to start `what` (bare or in exception groups) into NodeError: an
+    OSError while binding, or an expected failure such as an unreadable slave source."""
     try:
         yield
-    except (OSError, BaseExceptionGroup) as exc:
+    except (OSError, MeshmailError, BaseExceptionGroup) as exc:
         leaf = exc
         while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
             leaf = leaf.exceptions[0]
-        if not isinstance(leaf, OSError):
+        if isinstance(leaf, MeshmailError):
+            raise NodeError(str(leaf)) from None
+        if not isinstance(leaf, OSError) or address is None:
             raise
         reason = leaf.strerror or str(leaf)
         raise NodeError(f"cannot listen for {what} on {format_address(address)}: {reason}") from None
@@ -309,52 +252,8 @@ def api_address(config: Config, bound: Address, gossip: Address) -> Address:
     the gossip address's host when bound to all interfaces."""
     if config.http.advertise is not None:
         return config.http.advertise
-    host, port = bound
-    try:
-        if ipaddress.ip_address(host).is_unspecified:
-            host = gossip[0]
-    except ValueError:
-        pass
-    return host, port
-
-
-async def _serve_http(
-    app, config: Config, stop: trio.Event, done: trio.Event, counters, *, task_status: trio.TaskStatus[Address]
-) -> None:
-    """Serve the HTTP API until `stop`. If the server fails (a bug in a connection's
-    handling escaping it), that is logged and counted and the server starts again on the
-    same address: the HTTP side of a node never takes its gossip down with it."""
-    settings = HypercornConfig()
-    settings.bind = [format_address(config.http.bind)]
-    if config.tls is not None:
-        # Client certificates are optional: joining servers have none yet; nodes present theirs.
-        settings.certfile, settings.keyfile, settings.ca_certs = config.tls.cert, config.tls.key, config.tls.ca
-        settings.verify_mode = ssl.CERT_OPTIONAL
-    # HTTP/1.1 only: an admin API needs nothing more, and hypercorn 0.18's HTTP/2 lets a
-    # request body sent after an early answer raise out of the server (KeyError in h2.py).
-    settings.alpn_protocols = ["http/1.1"]
-    settings.accesslog = None
-    settings.errorlog = logging.getLogger("meshmail.http")
-    settings.graceful_timeout = HTTP_GRACE
-    started = False
-    try:
-        while not stop.is_set():
-            try:
-                async with trio.open_nursery() as nursery:
-                    urls = await nursery.start(partial(hypercorn_serve, app, settings, shutdown_trigger=stop.wait))
-                    if not started:
-                        url = urlsplit(urls[0])
-                        settings.bind = [format_address((url.hostname, url.port))]  # the same port on a restart
-                        task_status.started((url.hostname, url.port))
-                        started = True
-            except Exception:
-                if not started:
-                    raise
-                counters["http.server_restarts"] += 1
-                log.exception("the HTTP server failed; starting it again")
-                await trio.sleep(HTTP_RESTART_DELAY)
-    finally:
-        done.set()
+    bound = Address(*bound)
+    return Address(gossip[0], bound.port) if bound.unspecified else bound
 
 
 async def _log_events(events: trio.MemoryReceiveChannel[MemberEvent]) -> None:
@@ -390,7 +289,7 @@ async def join_seeds(memberlist: Memberlist, seeds: Iterable[Address]) -> None:
         delay = min(delay * 2, longest)
 
 
-async def _leave_on_signals(node: Node, scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _leave_on_signals(ctx: Context, scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     if threading.current_thread() is not threading.main_thread():
         task_status.started()
         return
@@ -398,9 +297,9 @@ async def _leave_on_signals(node: Node, scope: trio.CancelScope, *, task_status=
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
-            if node.leaving:
+            if ctx.leaving:
                 log.warning("%s again: stopping without waiting for the leave", name)
                 scope.cancel()
                 return
             log.info("%s: leaving gracefully (send it again to stop at once)", name)
-            node.request_leave()
+            ctx.request_leave()

@@ -88,9 +88,12 @@ class Replication(Delegate):
         self._changed({ns})
         return entry
 
-    def watch(self, namespaces: Iterable[str], callback: Callable[[], None]) -> None:
-        """Call `callback()` after any write to `namespaces`, local or from a peer."""
-        self._watchers.append((frozenset(namespaces), callback))
+    def watch(self, namespaces: Iterable[str], callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback()` after any write to `namespaces`, local or from a peer, until the
+        function returned is called."""
+        watcher = (frozenset(namespaces), callback)
+        self._watchers.append(watcher)
+        return lambda: self._watchers.remove(watcher)
 
     def _changed(self, namespaces: Iterable[str]) -> None:
         touched = frozenset(namespaces)

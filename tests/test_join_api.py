@@ -21,7 +21,8 @@ from procs import HOST, free_ports
 
 from meshmail.config import Config, load, loads
 from meshmail.core.address import format_address
-from meshmail.node import serve, wall_ms
+from meshmail.core.clock import wall_ms
+from meshmail.node import serve
 from meshmail.security import ca, files
 from meshmail.security.bootstrap import init_cluster, placement
 

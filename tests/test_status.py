@@ -39,7 +39,7 @@ async def start(nursery: trio.Nursery, config: Config) -> Served:
         bound = await nursery.start(serve, config)
     token = files.read_api_token(Path(config.node.data_dir))
     assert token, "a node writes DATA_DIR/api-token when it starts"
-    return Served(bound.gossip, bound.http, token)
+    return Served(bound["gossip"], bound["http"], token)
 
 
 #: request()'s default: the node's own API token.

@@ -334,6 +334,17 @@ class SlaveAgent:
         """The tasks to run, after load() and a first publish(), until cancelled."""
         return (self.watch_files, self.run_commands, self.keep_published, self.probe_services)
 
+    def summary(self) -> dict[str, Any]:
+        """Sources and service health in short, for /status (`document` has it all)."""
+        return {
+            "sources": [
+                {"name": s.name, "type": s.config.type, "status": s.status, "domains": len(s.domains),
+                 "detail": s.detail}
+                for s in self.sources
+            ],  # fmt: skip
+            "health": {service: attrs.asdict(health) for service, health in sorted(self.health.items())},
+        }
+
     def document(self) -> dict[str, Any]:
         """What `meshmail slave domains` shows."""
         state = self.replication.state

@@ -17,7 +17,7 @@ from .bodies import json_object
 
 
 def blueprint(node, guard: auth.Auth) -> Blueprint:
-    """The routes of this module for `node` (a meshmail.node.Node)."""
+    """The routes of this module for `node` (a meshmail.services.Context)."""
     routes = Blueprint("accounts", __name__)
 
     @routes.get("/login")

@@ -25,7 +25,7 @@ __all__ = ["MAX_BODY", "create_app"]
 
 
 def create_app(node) -> QuartTrio:
-    """The app serving `node` (a meshmail.node.Node)."""
+    """The app serving `node` (a meshmail.services.Context)."""
     app = QuartTrio("meshmail.web")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     counters = node.replication.counters

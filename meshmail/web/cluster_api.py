@@ -28,7 +28,7 @@ JOIN_FAILURES_PER_ADDRESS = 20
 
 
 def blueprint(node, guard: auth.Auth) -> Blueprint:
-    """The routes of this module for `node` (a meshmail.node.Node)."""
+    """The routes of this module for `node` (a meshmail.services.Context)."""
     routes = Blueprint("cluster", __name__)
     counters = node.replication.counters
     join_limit = auth.RateLimiter(JOIN_FAILURES_PER_ADDRESS, auth.LOGIN_WINDOW)
@@ -63,7 +63,7 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
                 request_,
                 authority=node.authority,
                 master=node.config.node.name,
-                members=node.memberlist.members,
+                members=node.members.members,
                 now_ms=wall_ms(),
             )
         except admission.JoinRefused as exc:
@@ -127,14 +127,14 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
         if name == node.config.node.name:
             raise BadRequest("a node cannot remove itself; ask another node (or use meshmail leave)")
         force = (await json_object(empty_ok=True)).get("force") is True
-        if not force and not admission.known_node(node.replication.state, name, node.memberlist.members()):
+        if not force and not admission.known_node(node.replication.state, name, node.members.members()):
             raise NotFound(f"no node named {name} is known here (a name removed is gone for good; --force)")
         removed = admission.remove_node(node.replication, name, by=request.principal.account, now_ms=wall_ms())
         return {"node": name, "removed": True, "already": not removed}
 
     @routes.get("/keyring")
     async def keyring():
-        return keyring_sync.report(node.replication.state, node.keyring, node.memberlist.members())
+        return keyring_sync.report(node.replication.state, node.keyring, node.members.members())
 
     @routes.post("/keyring")
     async def change_keyring():
@@ -166,7 +166,7 @@ def _master_addresses(node) -> list[str]:
     own = format_address(node.api_address) if node.api_address else None
     others = [
         NodeMeta.decode(m.meta).api
-        for m in node.memberlist.members()
+        for m in node.members.members()
         if m.name != node.config.node.name and m.state == State.ALIVE and NodeMeta.decode(m.meta).role == "master"
     ]
     return [address for address in [own, *sorted(filter(None, others))] if address][:8]
@@ -174,7 +174,7 @@ def _master_addresses(node) -> list[str]:
 
 def _join_grant(node, request_: admission.JoinRequest, cert) -> dict[str, Any]:
     """What a joining node needs: the cluster's name, keys, CA, its certificate and seeds."""
-    members = node.memberlist.members()
+    members = node.members.members()
     seeds = [format_address((m.host, m.port)) for m in members if m.state == State.ALIVE]
     grant = {
         "cluster": node.config.gossip.cluster,

@@ -8,7 +8,7 @@ from werkzeug.exceptions import BadRequest, NotFound
 
 from ..core.address import format_address
 from ..nodemeta import SERVICES
-from ..routing import Route, Router
+from ..routing import Route
 from ..state.hlc import MAX_NODE
 from . import auth
 from .bodies import domain_name, json_object
@@ -16,7 +16,7 @@ from .status import conflict_documents, domain_document
 
 
 def blueprint(node, guard: auth.Auth) -> Blueprint:
-    """The routes of this module for `node` (a meshmail.node.Node)."""
+    """The routes of this module for `node` (a meshmail.services.Context)."""
     routes = Blueprint("domains", __name__)
     # Static rules beat <name> in werkzeug's routing, so /domains/conflicts is never read as
     # a domain (nor could it be one: a mail domain has two labels).
@@ -60,8 +60,7 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
             raise BadRequest("expected ?address=user@domain[&protocol=imap]")
         if protocol not in SERVICES:
             raise BadRequest(f"unknown protocol {protocol!r} (known: {', '.join(SERVICES)})")
-        # A Router per request: its caches pay off in the proxies, not in an admin lookup.
-        found = Router(node.replication.state, node.memberlist.member).resolve(address, protocol)
+        found = node.router.resolve(address, protocol)
         if isinstance(found, Route):
             endpoint = format_address(found.endpoint)
             route = {"slave": found.slave, "endpoint": endpoint, "state": found.state.name.lower()}
@@ -70,8 +69,9 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
 
     @routes.get("/slave")
     async def slave():
-        if node.agent is None:
+        report = node.reports.get("slave")
+        if report is None:
             raise NotFound("this node is not a slave")
-        return node.agent.document()
+        return report.document()
 
     return routes

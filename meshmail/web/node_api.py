@@ -17,13 +17,13 @@ log = logging.getLogger("meshmail.http")
 
 
 def blueprint(node, guard: auth.Auth) -> Blueprint:
-    """The routes of this module for `node` (a meshmail.node.Node)."""
+    """The routes of this module for `node` (a meshmail.services.Context)."""
     routes = Blueprint("node", __name__)
 
     @routes.get("/health")
     @auth.public
     async def health():
-        local = node.memberlist.local()
+        local = node.members.local()
         return {"node": local.name, "role": NodeMeta.decode(local.meta).role, "ok": not node.leaving}
 
     @routes.get("/status")

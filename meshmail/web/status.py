@@ -39,8 +39,8 @@ def member_document(member: MemberInfo) -> dict[str, Any]:
 
 
 def status_document(node) -> dict[str, Any]:
-    """The status of `node` (a meshmail.node.Node) as a JSON-ready dict."""
-    memberlist = node.memberlist
+    """The status of `node` (a meshmail.services.Context) as a JSON-ready dict."""
+    memberlist = node.members
     local = memberlist.local()
     return {
         "node": local.name,
@@ -55,18 +55,7 @@ def status_document(node) -> dict[str, Any]:
         "members": [member_document(m) for m in sorted(memberlist.members(), key=lambda m: m.name)],
         "counters": dict(sorted(memberlist.counters.items())),
         "state": state_document(node.replication),
-        **({"slave": slave_summary(node.agent)} if getattr(node, "agent", None) is not None else {}),
-    }
-
-
-def slave_summary(agent) -> dict[str, Any]:
-    """A slave's sources and service health, short (meshmail slave domains has it all)."""
-    return {
-        "sources": [
-            {"name": s.name, "type": s.config.type, "status": s.status, "domains": len(s.domains), "detail": s.detail}
-            for s in agent.sources
-        ],
-        "health": {service: attrs.asdict(health) for service, health in sorted(agent.health.items())},
+        **{name: report.summary() for name, report in sorted(node.reports.items())},
     }
 
 

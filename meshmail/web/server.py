@@ -1,0 +1,51 @@
+"""The http service: the node's API app on hypercorn, on one TCP port (TLS with a [tls] section)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from functools import partial
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from ..core.address import Address
+from ..services import Context
+from .app import create_app
+
+log = logging.getLogger("meshmail.http")
+
+#: How long in-flight requests may take to finish once the node is leaving.
+HTTP_GRACE = 2.0
+
+
+def settings(ctx: Context, fd: int) -> HypercornConfig:
+    """hypercorn's settings for serving on the listening socket `fd` (which it closes)."""
+    config = HypercornConfig()
+    config.bind = [f"fd://{fd}"]
+    tls = ctx.config.tls
+    if tls is not None:
+        # Client certificates are optional: joining servers have none yet; nodes present theirs.
+        config.certfile, config.keyfile, config.ca_certs = tls.cert, tls.key, tls.ca
+        config.verify_mode = ssl.CERT_OPTIONAL
+    # HTTP/1.1 only: an admin API needs nothing more, and hypercorn 0.18's HTTP/2 lets a
+    # request body sent after an early answer raise out of the server (KeyError in h2.py).
+    config.alpn_protocols = ["http/1.1"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("meshmail.http")
+    config.graceful_timeout = HTTP_GRACE
+    return config
+
+
+async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the node's API until the node stops; reports {"http": bound address}."""
+    sock = await ctx.listen("http", ctx.config.http.bind)
+    bound = Address(*sock.getsockname()[:2])
+    app = create_app(ctx)
+    async with trio.open_nursery() as nursery:
+        config = settings(ctx, os.dup(sock.fileno()))
+        await nursery.start(partial(hypercorn_serve, app, config, shutdown_trigger=ctx.stopping.wait))
+        task_status.started({"http": bound})
+
