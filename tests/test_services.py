@@ -80,7 +80,7 @@ async def test_listen_binds_once_per_name():
 
 
 async def test_a_new_service_is_one_entry_in_the_role_list(nursery, monkeypatch):
-    """What Step 6's proxy will do: a package with serve(ctx) and one line in ROLE_SERVICES."""
+    """What a proxy service does: a package with serve(ctx) and one line in ROLE_SERVICES."""
 
     async def echo(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listener = trio.SocketListener(await ctx.listen("echo", Address("127.0.0.1", 0)))

@@ -12,7 +12,7 @@ never unpublishes its domains because a file was being rewritten.
 
 Publishing. The union of the sources is published as routes to this slave with source
 "slave". A domain routed elsewhere by an admin is left alone; one claimed by another slave
-is claimed once (Step 2 then lists the conflict on both sides) and not fought over. A
+is claimed once (so both claims are seen and listed as a conflict) and not fought over. A
 domain that left every source is unpublished if it still routes here.
 
 Health. Every endpoint with `probe = true` is probed each `probe_interval` (health.probe);

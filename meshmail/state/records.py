@@ -64,7 +64,7 @@ class AddressOverride:
     slave: str = node_field()
 
 
-# The cluster's own bookkeeping (Step 3): accounts, tokens, removed nodes, gossip keys. These
+# The cluster's own bookkeeping: accounts, tokens, removed nodes, gossip keys. These
 # namespaces are small and indexed (LWWMap.items without a scan); their secrets are stored
 # only as hashes, except gossip keys, which every member needs in clear.
 
@@ -145,14 +145,14 @@ class RemovedNode:
 @namespace("gossipkey")
 @attrs.frozen
 class GossipKey:
-    """A gossip key, keyed by its id (security.keyring_id). The newest "primary" record names
+    """A gossip key, keyed by its id (security.keyring_sync.key_id). The newest "primary" record names
     the key that encrypts; "removed" records keep no key material."""
 
     state: str = attrs.field(validator=v.in_(("installed", "primary", "removed")))
     key: str = attrs.field(validator=[v.instance_of(str), v.max_len(64)])
 
 
-#: The namespaces above: small, indexed, and watched by the node (security.cluster).
+#: The namespaces above: small, indexed, and watched by the node (node.follow_state).
 CONTROL_NAMESPACES = ("admin", "apitoken", "jointoken", "redeemed", "removed", "gossipkey")
 
 

@@ -535,11 +535,11 @@ class ClusterState:
     # Anti-entropy.
 
     def sync_offer(self) -> bytes:
-        """Step 1 (A): our group digests."""
+        """Exchange step 1, from A: our group digests."""
         return msgpack.packb({"v": SYNC_VERSION, "g": self._replica.group_digests()})
 
     def sync_answer(self, offer: bytes) -> bytes:
-        """Step 2 (B): the groups that differ from the offer and our bucket digests of them."""
+        """Exchange step 2, from B: the groups that differ from the offer and our bucket digests of them."""
         message = self._decode(offer)
         try:
             groups = self._replica.differing_groups(message.get("g"))
@@ -548,7 +548,7 @@ class ClusterState:
         return msgpack.packb({"v": SYNC_VERSION, "g": groups, "d": self._replica.digests(groups)})
 
     def sync_request(self, answer: bytes) -> bytes:
-        """Step 3 (A): the buckets that differ, for the peer to send its entries of them."""
+        """Exchange step 3, from A: the buckets that differ, for the peer to send its entries of them."""
         return msgpack.packb({"v": SYNC_VERSION, "b": self._buckets(answer)})
 
     def sync_entries(self, answer_or_request: bytes) -> Iterator[bytes]:

@@ -1,8 +1,6 @@
-"""meshmail's HTTP side: a quart-trio app served by hypercorn inside the node.
-
-Step 1 serves the status document and the loopback-only admin calls /leave and /join;
-metrics, the admin UI, the webmail front and the HTTP proxy to slaves come later.
-"""
+"""meshmail's HTTP side: a quart-trio app served by hypercorn inside the node (server.py):
+/health and /status (open), the admin API behind a login or an API token, and the join
+endpoints a new server uses with its join token."""
 
 from .app import create_app
 from .status import status_document
