@@ -298,39 +298,50 @@ def _postfix_items(lines: Iterator[tuple[int, str]], out: _Collector) -> Iterato
     A "{...}" group is one item, and may span lines (a line end inside it is a blank), as
     Postfix's mystrtokq reads lists; an unclosed group is a problem.
     """
-    group: list[str] = []
-    depth = 0
-    group_line = 0
+    tokens = _PostfixTokens()
     for number, line in lines:
-        if depth == 0:
+        if tokens.depth == 0:
             stripped = line.strip(_BLANKS)
             if stripped.startswith("#"):
                 continue
             if "{" not in line and "}" not in line:
-                for item in _LIST_SEPARATORS.split(stripped):
-                    if item:
-                        yield number, item
+                yield from ((number, item) for item in _LIST_SEPARATORS.split(stripped) if item)
                 continue
+        yield from tokens.feed(number, line)
+    if tokens.group:
+        out.problem(tokens.line, "".join(tokens.group).rstrip(), "a '{' that is never closed")
+
+
+@attrs.define
+class _PostfixTokens:
+    """Characters of a Postfix list in, items out; a "{...}" group is kept whole across lines."""
+
+    group: list[str] = attrs.Factory(list)
+    depth: int = 0
+    #: Where the current item started.
+    line: int = 0
+
+    def feed(self, number: int, line: str) -> Iterator[tuple[int, str]]:
         for char in line:
-            if depth == 0 and char in ", \t\v\f\r":
-                if group:
-                    yield group_line, "".join(group)
-                    group = []
+            if self.depth == 0 and char in ", \t\v\f\r":
+                yield from self.flush()
                 continue
-            if not group:
-                group_line = number
-            group.append(char)
+            if not self.group:
+                self.line = number
+            self.group.append(char)
             if char == "{":
-                depth += 1
-            elif char == "}" and depth > 0:
-                depth -= 1
-        if depth == 0 and group:
-            yield group_line, "".join(group)
-            group = []
-        elif group:
-            group.append(" ")
-    if group:
-        out.problem(group_line, "".join(group).rstrip(), "a '{' that is never closed")
+                self.depth += 1
+            elif char == "}" and self.depth > 0:
+                self.depth -= 1
+        if self.depth == 0:
+            yield from self.flush()
+        elif self.group:
+            self.group.append(" ")
+
+    def flush(self) -> Iterator[tuple[int, str]]:
+        if self.group:
+            yield self.line, "".join(self.group)
+            self.group = []
 
 
 def _quote(text: str) -> str:
