@@ -28,20 +28,25 @@ class Figure:
 
 
 def print_figures(title: str, figures: list[Figure], target_heading: str = "target") -> None:
-    """Print `figures` as a table under `title`."""
+    """Print `figures` as a table under `title`; without targets, a table of values only."""
     width = max(len(f.label) for f in figures)
     value_width = max(12, *(len(f.value) for f in figures))
     target_width = max(len(target_heading), *(len(f.target) for f in figures))
+    judged = any(f.ok is not None for f in figures)
     print(title)
-    print(f"{'measure':{width}}  {'result':>{value_width}}  {target_heading:>{target_width}}  ok")
+    heading = f"{'measure':{width}}  {'result':>{value_width}}"
+    print(heading + (f"  {target_heading:>{target_width}}  ok" if judged else ""))
     for f in figures:
-        ok = "" if f.ok is None else "yes" if f.ok else "NO"
-        print(f"{f.label:{width}}  {f.value:>{value_width}}  {f.target:>{target_width}}  {ok}")
+        row = f"{f.label:{width}}  {f.value:>{value_width}}"
+        if judged:
+            ok = "" if f.ok is None else "yes" if f.ok else "NO"
+            row += f"  {f.target:>{target_width}}  {ok}"
+        print(row)
 
 
 def verdict(figures: list[Figure], short: bool) -> int:
     """0 unless a target was missed in full mode; says on stderr which ones were."""
-    if short:
+    if short and any(f.ok is not None for f in figures):
         print("short mode: targets are not judged (sizes too small for the figures to mean much)")
         return 0
     missed = [f.label for f in figures if f.ok is False]
