@@ -2,7 +2,8 @@
 
 Measures join-to-all-alive time, kill-9-to-all-failed time and steady-state bytes sent
 per node per second, with the memberlist LAN profile on both sides. Run by
-`make bench-gossip` as root; it is a script, not a test (pytest does not collect it).
+`make bench-gossip` as root; it is a script, not a test (pytest does not collect it;
+tests/test_benches.py runs its short mode).
 """
 
 from __future__ import annotations
@@ -618,9 +619,9 @@ def measure(cluster: Cluster, args: argparse.Namespace) -> RoundResult:
 def run_round(
     system: str, n: int, r: int, args: argparse.Namespace, procs: Processes, ports: PortPicker
 ) -> RoundResult:
-    """Start a fresh cluster of `system` in its own folder under args.logs, measure it, and
+    """Start a fresh cluster of `system` in its own folder under args.workdir, measure it, and
     stop every node of it. A failed round's error quotes the end of each node's log."""
-    workdir = args.logs / f"{system}-{n}-round{r + 1}"
+    workdir = args.workdir / f"{system}-{n}-round{r + 1}"
     workdir.mkdir(parents=True)
     cluster = {"serf": SerfCluster, "meshmail": MeshmailCluster}[system](n, workdir, procs, ports)
     try:
@@ -856,10 +857,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"traffic : not measured: {no_sniff}")
     print(flush=True)
 
-    keep_logs = args.logs is not None
-    if keep_logs:
+    if args.logs is not None:
         args.logs.mkdir(parents=True, exist_ok=True)
-    args.logs = Path(tempfile.mkdtemp(prefix="meshmail-bench-gossip-", dir=args.logs))
+    # Every round's configs, data and logs, in one folder: kept only if --logs names where.
+    args.workdir = Path(tempfile.mkdtemp(prefix="meshmail-bench-gossip-", dir=args.logs))
     procs = Processes()
     results: dict[tuple[str, int], list[RoundResult]] = {}
     interrupted = False
@@ -870,10 +871,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: stopping every node", file=sys.stderr)
     finally:
         procs.close()
-        if keep_logs:
-            print(f"logs: {args.logs}")
+        if args.logs is not None:
+            print(f"logs: {args.workdir}")
         else:
-            shutil.rmtree(args.logs, ignore_errors=True)
+            shutil.rmtree(args.workdir, ignore_errors=True)
 
     print()
     print(format_table(results, args.sizes, args.systems))
