@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUFF_ARGS := --line-length 120 --target-version py311 --select E,F,W,I,B,UP
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo bench-gossip bench-state bench-security bench-slave clean
+.PHONY: test lint demo bench-gossip bench-state bench-security bench-slave bench-smoke clean
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -18,6 +18,8 @@ demo: $(VENV)/.installed-test
 lint: $(VENV)/.installed-lint
 	$(BIN)/python -m ruff check $(RUFF_ARGS) meshmail tests
 
+# Benchmarks (tests/bench/): each exits 1 when it fails or misses a target. bench-gossip runs
+# beside HashiCorp Serf (apt-get install serf) and needs root for its traffic figure.
 bench-gossip: $(VENV)/.installed-test
 	$(BIN)/python tests/bench/bench_gossip.py
 
@@ -29,6 +31,14 @@ bench-security: $(VENV)/.installed-test
 
 bench-slave: $(VENV)/.installed-test
 	$(BIN)/python tests/bench/bench_slave.py
+
+# Every benchmark in short mode (small sizes, one round): fails on errors, not on figures.
+# `make test` runs the same through tests/test_benches.py.
+bench-smoke: $(VENV)/.installed-test
+	$(BIN)/python tests/bench/bench_gossip.py --short
+	$(BIN)/python tests/bench/bench_state.py --short
+	$(BIN)/python tests/bench/bench_security.py --short
+	$(BIN)/python tests/bench/bench_slave.py --short
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

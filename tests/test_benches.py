@@ -1,0 +1,73 @@
+"""Every benchmark of tests/bench/ in its short mode, so a bench that rots fails the suite.
+
+Short mode runs small sizes once and fails on errors only, never on figures: these tests
+check that each bench runs to the end and prints its figures, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent / "bench"
+#: Seconds one short run may take before it counts as hung (each takes well under a minute).
+RUN_TIMEOUT = 300
+
+#: Each bench script and lines its output must hold: the figures it exists to print.
+BENCHES = {
+    "bench_gossip.py": [
+        "join -> all see all alive (s)",
+        "kill -9 -> all report failed (s)",
+        "bytes sent per node per second",
+    ],
+    "bench_state.py": [
+        "(a) full sync of 10,000 to a fresh node",
+        "(a) resolve(), address hit",
+        "(a) RSS per entry",
+        "(b) in-sync exchange, both ways",
+        "(c) one change, both ways",
+    ],
+    "bench_security.py": [
+        "meshmail init",
+        "token create + join + run -> s1 alive",
+        "race window: m1 records a redemption -> m2's /tokens shows it",
+        "meshmail keyring rotate",
+        "meshmail remove -> s1 left",
+        "POST /login",
+        "GET /session (bearer token checked)",
+    ],
+    "bench_slave.py": [
+        "slave start -> 1,000 domains in the first master's map",
+        "slave start -> 1,000 domains in both masters' maps",
+        "file edit -> new domain in both masters' maps",
+        "slave RSS after publishing",
+    ],
+}
+
+
+def run_short(script: str) -> str:
+    """Run `script --short`; its output, after checking it exited 0."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH / script), "--short"],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, f"{script} --short exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(BENCHES))
+def test_bench_runs_in_short_mode_and_prints_its_figures(script):
+    if script == "bench_gossip.py" and shutil.which("serf") is None and not os.environ.get("CI"):
+        pytest.skip("the gossip bench runs beside HashiCorp Serf: apt-get install serf")
+    output = run_short(script)
+    missing = [line for line in BENCHES[script] if not any(row.startswith(line) for row in output.splitlines())]
+    assert not missing, f"{script} --short printed no line starting with {missing}:\n{output}"
