@@ -46,6 +46,10 @@ LEAVE_TIMEOUT = 5.0
 STOP_GRACE = HTTP_GRACE + 1.0
 #: Seeds are retried with a delay doubling from the first to the second value (seconds).
 JOIN_RETRY = (0.5, 5.0)
+#: How often a running node checks whether it was removed from the cluster.
+REMOVAL_POLL = 1.0
+#: In the data dir: written when this node learns it was removed; `run` then refuses it.
+REMOVED_MARKER = "removed"
 
 
 class NodeError(MeshmailError):
@@ -188,6 +192,7 @@ def new_context(config: Config, state: ClusterState) -> Context:
 
 async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, task_status) -> None:
     ctx = new_context(config, state)
+    refuse_if_removed(ctx)
     try:
         follow_state(ctx)
         ensure_api_token(ctx)
@@ -210,7 +215,9 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
                 ctx.meta_changed()
                 if leave_on_signals:
                     await nursery.start(_leave_on_signals, ctx, nursery.cancel_scope)
-                nursery.start_soon(join_seeds, ctx.members, config.gossip.seeds)
+                joined = trio.Event()
+                nursery.start_soon(join_seeds, ctx.members, config.gossip.seeds, joined)
+                nursery.start_soon(watch_removal, ctx, joined)
                 shown = ", ".join(f"{name} on {format_address(address)}" for name, address in bound.items())
                 log.info("node %s (%s) in cluster %s: %s", ctx.name, ctx.role, config.gossip.cluster, shown)
                 task_status.started(bound)
@@ -220,6 +227,34 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
                 services.cancel_scope.deadline = trio.current_time() + STOP_GRACE
             nursery.cancel_scope.cancel()
     log.info("node %s stopped", config.node.name)
+
+
+def removed_message(ctx: Context) -> str:
+    return (
+        f"node {ctx.name} was removed from the cluster (meshmail remove): it cannot run again; to bring this"
+        " server back, join it with a new token, a new name and a new data dir"
+    )
+
+
+def refuse_if_removed(ctx: Context) -> None:
+    """Raise NodeError when this node's data dir or state says it was removed."""
+    if (Path(ctx.config.node.data_dir) / REMOVED_MARKER).exists() or ctx.removed:
+        raise NodeError(removed_message(ctx))
+
+
+async def watch_removal(ctx: Context, joined: trio.Event) -> None:
+    """Wait until this node learns it was removed, and remember it in the data dir. Told so
+    while still joining (its seeds refuse it), it stops with NodeError; told later, it stays
+    up to say so (/status "removed": true) and refuses every write."""
+    while not ctx.removed:
+        await trio.sleep(REMOVAL_POLL)
+    try:
+        files.write_file(Path(ctx.config.node.data_dir) / REMOVED_MARKER, b"removed from the cluster\n", 0o644)
+    except files.FilesError as exc:
+        log.error("%s", exc)
+    if not joined.is_set():
+        raise NodeError(removed_message(ctx))
+    log.error("%s; it refuses writes until it is stopped", removed_message(ctx))
 
 
 def _count_restart(ctx: Context):
@@ -269,24 +304,26 @@ async def _log_events(events: trio.MemoryReceiveChannel[MemberEvent]) -> None:
             )
 
 
-async def join_seeds(memberlist: Memberlist, seeds: Iterable[Address]) -> None:
+async def join_seeds(memberlist: Memberlist, seeds: Iterable[Address], joined: trio.Event | None = None) -> None:
     """Join through the seeds, retrying until one answers or someone joins through us,
-    so that the nodes of a cluster can start in any order."""
+    so that the nodes of a cluster can start in any order; then set `joined`."""
     seeds = [seed for seed in seeds if seed != memberlist.address]
     delay, longest = JOIN_RETRY
     while seeds:
-        joined = await memberlist.join(seeds)
-        if joined:
-            log.info("joined the cluster through %d of %d seed(s)", joined, len(seeds))
-            return
+        answered = await memberlist.join(seeds)
+        if answered:
+            log.info("joined the cluster through %d of %d seed(s)", answered, len(seeds))
+            break
         if any(m.state == State.ALIVE and m.name != memberlist.name for m in memberlist.members()):
             log.info("joined the cluster (a member reached us first)")
-            return
+            break
         if delay == JOIN_RETRY[0]:
             shown = ", ".join(format_address(seed) for seed in seeds)
             log.warning("no seed answered (%s); retrying in the background", shown)
         await trio.sleep(delay)
         delay = min(delay * 2, longest)
+    if joined is not None:
+        joined.set()
 
 
 async def _leave_on_signals(ctx: Context, scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
