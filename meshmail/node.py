@@ -33,6 +33,7 @@ from .gossip.member import MemberEvent
 from .gossip.memberlist import Memberlist
 from .gossip.messages import State
 from .gossip.transport import NetTransport
+from .metrics import Metrics
 from .replication import Replication
 from .security import accounts, admission, ca, files, keyring_sync
 from .slave.agent import SlaveAgent, SourceError
@@ -71,6 +72,7 @@ class Node:
     config: Config
     memberlist: Memberlist
     replication: Replication
+    metrics: Metrics
     #: The cluster CA (with its key on masters that hold it); None without a [tls] section.
     authority: ca.Authority | None = None
     #: Where other nodes reach this node's HTTP API (set once it listens).
@@ -234,14 +236,17 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
     replication = Replication(state, wall_ms)
     memberlist = new_memberlist(config, replication)
     replication.attach(memberlist)
-    node = Node(config, memberlist, replication, authority=load_authority(config))
+    metrics = Metrics(gossip=memberlist.counters, state=replication.counters)
+    node = Node(config, memberlist, replication, metrics, authority=load_authority(config))
     try:
         node.follow_state()
         node.ensure_api_token()
     except files.FilesError as exc:
         raise NodeError(str(exc)) from None
     if config.node.role == "slave":
-        node.agent = SlaveAgent(config.node.name, config.slave, config.endpoints, replication, node.health_changed)
+        node.agent = SlaveAgent(
+            config.node.name, config.slave, config.endpoints, replication, metrics, node.health_changed
+        )
         replication.watch(["domain", "removed"], node.agent.poke)
         try:
             await node.agent.load()
@@ -255,9 +260,7 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
         nursery.start_soon(_log_events, events)
         http_stop, http_done = trio.Event(), trio.Event()
         with _bind_errors("http", config.http.bind):
-            http = await nursery.start(
-                _serve_http, create_app(node), config, http_stop, http_done, replication.counters
-            )
+            http = await nursery.start(_serve_http, create_app(node), config, http_stop, http_done, metrics)
         node.api_address = api_address(config, http, memberlist.address)
         memberlist.update_meta(node.meta())
         if leave_on_signals:
@@ -319,7 +322,7 @@ def api_address(config: Config, bound: Address, gossip: Address) -> Address:
 
 
 async def _serve_http(
-    app, config: Config, stop: trio.Event, done: trio.Event, counters, *, task_status: trio.TaskStatus[Address]
+    app, config: Config, stop: trio.Event, done: trio.Event, metrics: Metrics, *, task_status: trio.TaskStatus[Address]
 ) -> None:
     """Serve the HTTP API until `stop`. If the server fails (a bug in a connection's
     handling escaping it), that is logged and counted and the server starts again on the
@@ -350,7 +353,7 @@ async def _serve_http(
             except Exception:
                 if not started:
                     raise
-                counters["http.server_restarts"] += 1
+                metrics.http_server_restarts.inc()
                 log.exception("the HTTP server failed; starting it again")
                 await trio.sleep(HTTP_RESTART_DELAY)
     finally:
