@@ -40,7 +40,7 @@ class Series:
     help: str
     status: str
     labels: tuple[str, ...] = ()
-    kind: str = "counter"
+    kind: str = attrs.field(default="counter", validator=attrs.validators.in_(("counter", "gauge")))
 
 
 # --- read from Memberlist.counters ----------------------------------------------------------
