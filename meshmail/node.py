@@ -28,6 +28,7 @@ from .gossip.member import MemberEvent
 from .gossip.memberlist import Memberlist
 from .gossip.messages import State
 from .gossip.transport import NetTransport
+from .metrics import Metrics
 from .replication import Replication
 from .routing import Router
 from .security import accounts, admission, ca, files, keyring_sync
@@ -185,7 +186,8 @@ def new_context(config: Config, state: ClusterState) -> Context:
     memberlist = new_memberlist(config, replication)
     replication.attach(memberlist)
     router = Router(state, memberlist.member)
-    ctx = Context(config, replication, memberlist, router, load_authority(config), counters=replication.counters)
+    metrics = Metrics(gossip=memberlist.counters, state=replication.counters)
+    ctx = Context(config, replication, memberlist, router, load_authority(config), metrics=metrics)
     ctx.meta_changed = lambda: memberlist.update_meta(node_meta(ctx))
     return ctx
 
@@ -259,7 +261,7 @@ async def watch_removal(ctx: Context, joined: trio.Event) -> None:
 
 def _count_restart(ctx: Context):
     def count(name: str) -> None:
-        ctx.counters[f"{name}.server_restarts"] += 1
+        ctx.metrics.service_restarts.labels(service=name).inc()
 
     return count
 

@@ -3,7 +3,7 @@
 Local writes go to disk, then out as small deltas through the gossip broadcast queue.
 Anti-entropy rides on every push-pull: the two sides exchange group digests, then only the
 entries of the buckets that differ, on the same encrypted stream. Bad input is counted in
-`counters` (under "state.*") and never raised.
+`counters` (under "state.*"; meshmail.metrics exposes them) and never raised.
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ class Replication(Delegate):
         while True:
             await trio.sleep(interval)
             now = self._physical_ms()
-            self.counters["state.tombstones_dropped"] += self.state.gc(now)
+            dropped = self.state.gc(now)
+            if dropped:  # a name without labels shows in /status once above 0 (metrics.py)
+                self.counters["state.tombstones_dropped"] += dropped
             if self.state.mark_stale_if_away(now):
                 self.counters["state.stale"] = 1
 

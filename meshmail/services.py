@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .gossip.keyring import Keyring
     from .gossip.memberlist import Memberlist
+    from .metrics import Metrics
     from .replication import Replication
     from .routing import Router
     from .security.ca import Authority
@@ -82,8 +83,7 @@ class Context:
     #: What services report by name: a short block for /status and a full document (the
     #: slave agent's "slave": its sources and service health).
     reports: dict[str, Report] = attrs.field(factory=dict)
-    #: Counters services keep until the metrics registry serves them.
-    counters: Any = None
+    metrics: Metrics = None
     #: Called after anything that changes this node's gossiped metadata.
     meta_changed: Callable[[], None] = lambda: None
     _sockets: dict[str, trio.socket.SocketType] = attrs.field(factory=dict)

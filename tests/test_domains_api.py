@@ -13,6 +13,7 @@ from test_status import ENDPOINTS, Served, request, start
 
 from meshmail.config import loads
 from meshmail.core.clock import wall_ms
+from meshmail.metrics import Metrics
 from meshmail.replication import Replication
 from meshmail.security import accounts
 from meshmail.state.records import AdminAccount
@@ -173,6 +174,7 @@ class _Node:
     replication: Replication
     #: Authorization header of an API token written to its state.
     auth: dict[str, str] = attrs.field(factory=dict)
+    metrics: Metrics = attrs.field(factory=Metrics)
 
     class memberlist:  # noqa: N801 - stands in for an attribute
         @staticmethod
@@ -201,7 +203,7 @@ async def test_conflicts_name_the_slave_that_routes_and_the_others(app_node):
         "conflicts": [{"domain": "c.org", "routes_to": "sb", "also_claimed_by": ["sa"]}]
     }
     # /status lists them too (its "state" block; this fake node has no memberlist for the rest).
-    listed = state_document(replication)["conflicts"]
+    listed = state_document(replication, app_node.metrics)["conflicts"]
     assert listed == [{"domain": "c.org", "routes_to": "sb", "also_claimed_by": ["sa"]}]
     # An admin's decision ends the conflict.
     response = await client.put("/domains/c.org", json={"slave": "sa"}, headers=app_node.auth)

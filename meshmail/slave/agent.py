@@ -35,6 +35,7 @@ import trio
 from ..config import EndpointConfig, SlaveSection, SourceConfig
 from ..core.address import Address
 from ..core.errors import MeshmailError
+from ..metrics import Metrics
 from ..replication import Replication
 from ..state.journal import JournalError
 from ..state.names import InvalidName, normalize_domain
@@ -118,6 +119,7 @@ class SlaveAgent:
         settings: the [slave] section.
         endpoints: the [endpoints] section (those with probe = true are probed).
         replication: the node's Replication (routes are written through it).
+        metrics: the node's Metrics (reads, failures and writes are counted there).
         on_health: called with no argument after any endpoint changed between up and down.
     """
 
@@ -127,6 +129,7 @@ class SlaveAgent:
         settings: SlaveSection,
         endpoints: Mapping[str, EndpointConfig],
         replication: Replication,
+        metrics: Metrics,
         on_health: Callable[[], None] = lambda: None,
     ) -> None:
         self.name = name
@@ -139,7 +142,7 @@ class SlaveAgent:
         self._publish_now = trio.Event()
         #: Domains routed to this slave by its own claim, as far as it knows (see publish).
         self._routed_here: set[str] | None = None
-        self.counters = replication.counters
+        self.metrics = metrics
 
     # --- reading sources --------------------------------------------------------------
 
@@ -212,7 +215,7 @@ class SlaveAgent:
             log.info("source %s reads again", source.name)
         source.domains, source.problems, source.status, source.detail = domains, problems, "ok", ""
         source.read_at = time.time()
-        self.counters["slave.source_reads"] += 1
+        self.metrics.source_reads.labels(source=source.name).inc()
         self._log_problems(source)
         if changed:
             log.info("source %s changed: %d domain(s)", source.name, len(domains))
@@ -223,10 +226,10 @@ class SlaveAgent:
             log.warning("source %s: %s; its last good list (%d domains) stays published", source.name, why,
                         len(source.domains))  # fmt: skip
         source.status, source.detail = "stale", why
-        self.counters["slave.source_failures"] += 1
+        self.metrics.source_failures.labels(source=source.name).inc()
 
     def _log_problems(self, source: Source) -> None:
-        self.counters["slave.skipped_lines"] += len(source.problems)
+        self.metrics.skipped_lines.labels(source=source.name).inc(len(source.problems))
         for problem in source.problems[:5]:
             log.warning("source %s: skipped %s", source.name, problem)
         if len(source.problems) > 5:
@@ -273,7 +276,7 @@ class SlaveAgent:
                 (self._routed_here.add if route is not None else self._routed_here.discard)(domain)
             added = sum(1 for _, route in writes if route is not None)
             log.info("published %d domain(s), unpublished %d", added, len(writes) - added)
-            self.counters["slave.routes_written"] += len(writes)
+            self.metrics.routes_written.inc(len(writes))
         return len(writes)
 
     def poke(self) -> None:
@@ -296,7 +299,7 @@ class SlaveAgent:
             except (OSError, JournalError) as exc:
                 # The journal cannot be written (a full disk...): nothing was applied; the
                 # next round tries again. The node stays up and keeps routing.
-                self.counters["slave.publish_failures"] += 1
+                self.metrics.publish_failures.inc()
                 log.error("cannot publish the domains: %s; trying again in %g s", exc, REPUBLISH_INTERVAL)
 
     # --- health ---------------------------------------------------------------------------

@@ -16,7 +16,9 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
         ctx.endpoint_health.update({service: agent.up(service) for service in ctx.config.endpoints})
         ctx.meta_changed()
 
-    agent = SlaveAgent(ctx.name, ctx.config.slave, ctx.config.endpoints, ctx.replication, health_changed)
+    agent = SlaveAgent(
+        ctx.name, ctx.config.slave, ctx.config.endpoints, ctx.replication, ctx.metrics, health_changed
+    )
     await agent.load()
     ctx.reports["slave"] = agent
     unwatch = ctx.replication.watch(["domain", "removed"], agent.poke)

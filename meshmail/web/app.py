@@ -2,8 +2,8 @@
 routes of each area (node_api, accounts_api, cluster_api, domains_api).
 
 Every route needs admin credentials (auth.py: a session from the login form, or a bearer
-API token) except those marked @public: /health, /status, the login form and the two
-join endpoints, which a joining server uses with its join token. Every error, including
+API token) except those marked @public: /health, /status, /metrics, the login form and the
+two join endpoints, which a joining server uses with its join token. Every error, including
 a malformed or oversized body or an invalid name, is a JSON object {"error": "..."} with a
 4xx status, never a 500.
 """
@@ -28,8 +28,8 @@ def create_app(node) -> QuartTrio:
     """The app serving `node` (a meshmail.services.Context)."""
     app = QuartTrio("meshmail.web")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-    counters = node.replication.counters
-    guard = auth.Auth(lambda: node.replication.state, counters)
+    metrics = node.metrics
+    guard = auth.Auth(lambda: node.replication.state, metrics)
     app.extensions["meshmail.auth"] = guard
 
     @app.before_request
@@ -40,10 +40,10 @@ def create_app(node) -> QuartTrio:
         try:
             principal = guard.principal()
         except auth.CsrfError:
-            counters["auth.csrf_refused"] += 1
+            metrics.csrf_refused.inc()
             raise Forbidden(f"missing or wrong CSRF token (send the {auth.CSRF_HEADER} header)") from None
         if principal is None:
-            counters["auth.refused"] += 1
+            metrics.unauthenticated.inc()
             raise Unauthorized("authentication required: a session (POST /login) or an API token (Bearer)")
         request.principal = principal
         return None

@@ -25,6 +25,7 @@ import attrs
 import trio
 from quart import Response, request
 
+from ..metrics import Metrics
 from ..security.accounts import api_token_account
 from ..security.passwords import MAX_PASSWORD, dummy_hash, verify_password
 from ..state.records import AdminAccount
@@ -114,7 +115,7 @@ class Auth:
     """The authentication state of one node's HTTP API."""
 
     state_of: Callable[[], object]
-    counters: collections.Counter
+    metrics: Metrics
     clock: Callable[[], float] = time.monotonic
     sessions: dict[str, Session] = attrs.Factory(dict)
     by_address: RateLimiter = attrs.Factory(lambda: RateLimiter(LOGIN_FAILURES_PER_ADDRESS, LOGIN_WINDOW))
@@ -133,7 +134,7 @@ class Auth:
                 return None
             account = api_token_account(self.state_of(), token.strip())
             if account is None:
-                self.counters["auth.bad_token"] += 1
+                self.metrics.bad_api_tokens.inc()
             return None if account is None else Principal(account, "token")
         session = self.session()
         if session is None:
@@ -172,7 +173,7 @@ class Auth:
         name = account if isinstance(account, str) and len(account) <= 64 else ""
         wait = max(self.by_address.retry_after(address, now), self.by_account.retry_after("account:" + name, now))
         if wait > 0:
-            self.counters["auth.login_limited"] += 1
+            self.metrics.logins_limited.inc()
             return None, wait
         record = self.state_of().get("admin", name) if name else None
         stored = record.password if isinstance(record, AdminAccount) else dummy_hash()
@@ -184,11 +185,11 @@ class Auth:
         async with self.checks:
             matches = await trio.to_thread.run_sync(verify_password, stored, given)
         if not (matches and isinstance(record, AdminAccount)):
-            self.counters["auth.login_failed"] += 1
+            self.metrics.login_failures.inc()
             return None, 0.0
         self.by_address.forgive(address, now)
         self.by_account.forgive("account:" + name, now)
-        self.counters["auth.login"] += 1
+        self.metrics.logins.inc()
         return self.new_session(name, record.password), 0.0
 
     def new_session(self, account: str, password_hash: str) -> str:

@@ -30,7 +30,7 @@ JOIN_FAILURES_PER_ADDRESS = 20
 def blueprint(node, guard: auth.Auth) -> Blueprint:
     """The routes of this module for `node` (a meshmail.services.Context)."""
     routes = Blueprint("cluster", __name__)
-    counters = node.replication.counters
+    metrics = node.metrics
     join_limit = auth.RateLimiter(JOIN_FAILURES_PER_ADDRESS, auth.LOGIN_WINDOW)
 
     @routes.get("/cluster/ca")
@@ -46,7 +46,7 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
         address = auth.client_address()
         wait = join_limit.retry_after(address, trio.current_time())
         if wait > 0:
-            counters["join.limited"] += 1
+            metrics.joins_limited.inc()
             raise TooManyRequests(f"too many refused joins from {address}; try again in {int(wait) + 1} s")
         try:
             if node.authority is None or node.authority.key is None or node.config.node.role != "master":
@@ -67,11 +67,11 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
                 now_ms=wall_ms(),
             )
         except admission.JoinRefused as exc:
-            counters[f"join.refused.{exc.reason}"] += 1
+            metrics.joins_refused.labels(reason=exc.reason).inc()
             join_limit.fail(address, trio.current_time())
             log.warning("join refused for %s: %s", address, exc)
             return {"error": str(exc), "reason": exc.reason}, exc.status
-        counters["join.admitted"] += 1
+        metrics.joins_admitted.inc()
         log.info("admitted node %s as %s (token %s) from %s", request_.name, request_.role, request_.token_id, address)
         return _join_grant(node, request_, cert)
 

@@ -1,13 +1,14 @@
-"""Routes about this node itself: health and status (open to anyone), leave and join."""
+"""Routes about this node itself: health, status and metrics (open to anyone), leave and join."""
 
 from __future__ import annotations
 
 import logging
 
-from quart import Blueprint, request
+from quart import Blueprint, Response, request
 from werkzeug.exceptions import BadRequest
 
 from ..core.address import Address
+from ..metrics import exposition
 from ..nodemeta import NodeMeta
 from . import auth
 from .bodies import json_object
@@ -30,6 +31,14 @@ def blueprint(node, guard: auth.Auth) -> Blueprint:
     @auth.public
     async def status():
         return status_document(node)
+
+    @routes.get("/metrics")
+    @auth.public
+    async def metrics():
+        # Public like /status: counts only, no names of accounts or domains, and a
+        # Prometheus scraper should need no admin credentials.
+        body, content_type = exposition(node.metrics, request.headers.get("Accept", ""))
+        return Response(body, content_type=content_type)
 
     @routes.post("/leave")
     async def leave():

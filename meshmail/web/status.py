@@ -1,5 +1,5 @@
 """The /status document: this node and every member as it sees them, the replicated
-state's summary, plus counters; and the JSON form of domain map records.
+state's summary, plus the node's counters (read from its metrics registry); and the JSON form of domain map records.
 
 Pure functions of the node, shared by the HTTP handlers and the tests; the `meshmail
 status` and `meshmail domains` commands render the same documents as tables.
@@ -14,6 +14,7 @@ import attrs
 from ..core.address import format_address
 from ..core.clock import iso_ms
 from ..gossip.member import MemberInfo
+from ..metrics import STATUS_GOSSIP, STATUS_STATE
 from ..nodemeta import NodeMeta
 from ..security.keyring_sync import ids as keyring_ids
 from ..state.names import InvalidName, display_domain
@@ -53,14 +54,15 @@ def status_document(node) -> dict[str, Any]:
         "removed": node.removed,
         "keys": list(keyring_ids(node.keyring)),
         "members": [member_document(m) for m in sorted(memberlist.members(), key=lambda m: m.name)],
-        "counters": dict(sorted(memberlist.counters.items())),
-        "state": state_document(node.replication),
+        "counters": node.metrics.status_counters(STATUS_GOSSIP),
+        "state": state_document(node.replication, node.metrics),
         **{name: report.summary() for name, report in sorted(node.reports.items())},
     }
 
 
-def state_document(replication) -> dict[str, Any]:
-    """The summary of a node's replicated state (a meshmail.replication.Replication)."""
+def state_document(replication, metrics) -> dict[str, Any]:
+    """The summary of a node's replicated state (a meshmail.replication.Replication), with
+    the counters of the state and of the services (from `metrics`, a meshmail.metrics.Metrics)."""
     state = replication.state
     return {
         "domains": state.routes,
@@ -69,7 +71,7 @@ def state_document(replication) -> dict[str, Any]:
         "stale": state.stale,
         "last_sync": {peer: iso_ms(ms) for peer, ms in sorted(state.last_sync.items())},
         "conflicts": conflict_documents(state),
-        "counters": dict(sorted(replication.counters.items())),
+        "counters": metrics.status_counters(STATUS_STATE),
     }
 
 

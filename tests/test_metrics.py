@@ -1,0 +1,181 @@
+"""The metrics registry: every series documented, the lower layers' counters mapped to series
+and back to their /status names unchanged, and GET /metrics of real nodes over real HTTP."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import string
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import minimal_config, new_key_b64
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
+from test_auth import fetch, login_json
+from test_status import request, start
+
+import meshmail
+from meshmail.config import loads
+from meshmail.metrics import ALL, SERVICES, STATUS_GOSSIP, STATUS_STATE, Metrics, exposition
+
+SOURCES = Path(meshmail.__file__).parent
+
+
+def test_every_series_is_named_and_documented():
+    names = [series.name for series in ALL]
+    assert len(set(names)) == len(names), "a series is declared twice"
+    for series in ALL:
+        assert re.fullmatch(r"meshmail_[a-z0-9_]+", series.name), series.name
+        assert series.kind in ("counter", "gauge"), series.name
+        assert series.name.endswith("_total") == (series.kind == "counter"), series.name
+        assert len(series.help) > 20 and series.help.endswith("."), series.name
+        fields = {field for _, field, _, _ in string.Formatter().parse(series.status) if field}
+        assert fields <= set(series.labels), series.name
+    statuses = [series.status for series in ALL if "{" not in series.status]
+    assert len(set(statuses)) == len(statuses), "two series show under one /status name"
+
+
+def test_the_exposition_has_help_and_type_for_every_series():
+    metrics = Metrics(gossip=collections.Counter(), state=collections.Counter())
+    families = {f.name: f for f in text_string_to_metric_families(exposition(metrics, "")[0].decode())}
+    for series in ALL:
+        family = families[series.name.removesuffix("_total")]
+        assert (family.documentation, family.type) == (series.help, series.kind), series.name
+
+
+def lower_layer_names(layer: str) -> list[str]:
+    """The counter names written in the source of the gossip layer or of the replication,
+    with one example of each name made at run time."""
+    files = sorted((SOURCES / "gossip").glob("*.py")) if layer == "gossip" else [SOURCES / "replication.py"]
+    found = set()
+    for path in files:
+        found |= set(re.findall(r"counters\[\"([a-z_.]+)\"\]", path.read_text()))
+    if layer == "gossip":
+        made = ["dropped.auth_failed", "dropped.malformed", "left", "failed"]
+        return sorted(found - {"sent", "delivered", "lost", "cut"}) + made  # the in-memory network's
+    return sorted(found) + ["state.delta_applied", "state.sync_applied", "state.rejected.invalid_name"]
+
+
+@pytest.mark.parametrize("layer", ["gossip", "state"])
+def test_every_counter_of_the_lower_layers_has_a_series_of_its_own(layer):
+    names = lower_layer_names(layer)
+    assert len(names) > (20 if layer == "gossip" else 8), "the scan of the sources found too few names"
+    metrics = Metrics(**{layer: collections.Counter(names)})
+    unlisted = f"meshmail_{layer}_unlisted_total"
+    assert not [s for f in metrics.registry.collect() for s in f.samples if s.name == unlisted]
+
+
+def test_status_names_and_values_are_those_the_layers_count():
+    gossip = collections.Counter({"packets_in": 10, "dropped.auth_failed": 2, "dropped.busy": 0, "brand_new": 3})
+    state = collections.Counter({"state.syncs": 4, "state.sync_applied": 0, "state.rejected.bad_sync": 1,
+                                 "state.stale": 1})  # fmt: skip
+    metrics = Metrics(gossip=gossip, state=state)
+    assert metrics.status_counters(STATUS_GOSSIP) == dict(sorted(gossip.items()))
+    assert metrics.status_counters(STATUS_STATE) == dict(sorted(state.items()))
+    value = metrics.registry.get_sample_value
+    assert value("meshmail_gossip_dropped_total", {"reason": "auth_failed"}) == 2
+    assert value("meshmail_gossip_unlisted_total", {"counter": "brand_new"}) == 3  # not lost, only undocumented
+    assert value("meshmail_state_rejected_total", {"reason": "bad_sync"}) == 1
+    assert value("meshmail_state_applied_entries_total", {"via": "sync"}) == 0
+    assert value("meshmail_state_turned_stale") == 1
+    # Unlabelled series are exposed from the start, at 0, and shown in /status once above 0.
+    assert value("meshmail_gossip_probes_total") == 0 and value("meshmail_gossip_removed") == 0
+    assert "probes" not in metrics.status_counters(STATUS_GOSSIP)
+    gossip["packets_in"] += 1  # read at each collection, not copied
+    assert metrics.status_counters(STATUS_GOSSIP)["packets_in"] == 11
+
+
+def test_a_service_counter_shows_in_status_once_it_counted():
+    metrics = Metrics()
+    assert metrics.status_counters(SERVICES) == {}
+    metrics.skipped_lines.labels(source="a").inc(0)  # a read with no bad line
+    metrics.joins_refused.labels(reason="expired").inc()
+    metrics.logins.inc()
+    assert metrics.status_counters(SERVICES) == {"auth.login": 1, "join.refused.expired": 1, "slave.skipped_lines": 0}
+    metrics.skipped_lines.labels(source="b").inc(3)
+    metrics.source_reads.labels(source="a").inc()
+    metrics.source_reads.labels(source="b").inc()
+    counters = metrics.status_counters(SERVICES)
+    assert counters["slave.skipped_lines"] == 3 and counters["slave.source_reads"] == 2  # summed over sources
+
+
+def test_each_node_has_its_own_registry():
+    one, two = Metrics(), Metrics()  # a default global registry would refuse the second
+    one.logins.inc()
+    assert one.registry.get_sample_value("meshmail_http_logins_total") == 1
+    assert two.registry.get_sample_value("meshmail_http_logins_total") == 0
+
+
+# --- real nodes ------------------------------------------------------------------------------------
+
+SLAVE = """
+[[slave.sources]]
+type = "static"
+name = "listed"
+domains = ["a.example", "b.example"]
+"""
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def scrape(node, accept: str = "") -> tuple[str, str]:
+    answer = await fetch(node, "GET", "/metrics", None, {"Accept": accept} if accept else {})
+    assert answer.status == 200
+    return answer.headers["Content-Type"], answer.body.decode()
+
+
+async def test_metrics_of_two_nodes_in_one_process(nursery):
+    key = new_key_b64()
+    master = await start(nursery, loads(minimal_config("m1", key=key), "m1.toml"))
+    slave_text = minimal_config("s1", key=key, extra=SLAVE).replace("[node]\n", '[node]\nrole = "slave"\n')
+    slave = await start(nursery, loads(slave_text, "s1.toml"))
+    seeds = json.dumps({"seeds": [f"127.0.0.1:{master.gossip[1]}"]}).encode()
+    assert await request(slave, "POST", "/join", seeds) == (200, {"joined": 1})
+    with trio.fail_after(10):
+        while (await request(master, "GET", "/domains"))[1]["domains"] == []:
+            await trio.sleep(0.05)
+
+    content_type, text = await scrape(master)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    before = samples(text)
+    assert before[("meshmail_gossip_packets_received_total", ())] > 0
+    assert before[("meshmail_state_syncs_total", ())] >= 1
+    assert before[("meshmail_http_login_failures_total", ())] == 0
+    assert before[("meshmail_http_logins_total", ())] == 0
+
+    # A refused login moves the auth series on this node, in /metrics and /status alike.
+    assert (await login_json(master, "nobody", "wrong password")).status == 401
+    after = samples((await scrape(master))[1])
+    assert after[("meshmail_http_login_failures_total", ())] == 1
+    assert (await request(master, "GET", "/status"))[1]["state"]["counters"]["auth.login_failed"] == 1
+    # ...and on no other node of the process.
+    _, slave_text = await scrape(slave)
+    on_slave = samples(slave_text)
+    assert on_slave[("meshmail_http_login_failures_total", ())] == 0
+    assert "auth.login_failed" not in (await request(slave, "GET", "/status"))[1]["state"]["counters"]
+
+    # The slave's own series: its source read with no bad line, its routes written.
+    assert on_slave[("meshmail_slave_skipped_lines_total", (("source", "listed"),))] == 0
+    assert on_slave[("meshmail_slave_routes_written_total", ())] == 2
+    assert after[("meshmail_slave_routes_written_total", ())] == 0
+    status = (await request(slave, "GET", "/status"))[1]
+    assert status["state"]["counters"]["slave.skipped_lines"] == 0
+    assert status["state"]["counters"]["slave.routes_written"] == 2
+    assert status["counters"]["packets_in"] > 0
+
+    # Every meshmail family carries HELP, also in OpenMetrics when the scraper asks for it.
+    for family in text_string_to_metric_families(slave_text):
+        assert family.documentation, family.name
+    content_type, text = await scrape(slave, "application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text") and text.endswith("# EOF\n")
+    names = {family.name for family in openmetrics_families(text)}
+    assert {"meshmail_gossip_packets_received", "meshmail_state_syncs", "meshmail_slave_routes_written"} <= names
