@@ -110,7 +110,7 @@ def setting(
     roles: tuple[str, ...] = (),
     kind: str = "value",
     schema: Any = None,
-    repr: bool = True,  # noqa: A002 -- as attrs.field names it
+    repr: bool = True,  # the name attrs.field gives it
 ) -> Any:
     """An attrs field that is one TOML key of its table; `default` as in attrs.field
     (an attrs.Factory for a mutable one), REQUIRED when it has none."""
