@@ -30,6 +30,9 @@ def document(*, top: str = "", node: dict | None = None, gossip: dict | None = N
     return "\n".join([top, table("node", NODE, node), table("gossip", GOSSIP, gossip), rest, ""])
 
 
+SOURCE = "[[slave.sources]]\n"
+
+
 def b64_of(size: int) -> str:
     return base64.b64encode(b"k" * size).decode()
 
@@ -81,6 +84,59 @@ REJECTED = [
     ("unknown profile", dict(gossip={"profile": '"fast"'}), "gossip.profile", "not one of lan, wan, local"),
     ("unknown service", dict(rest='[endpoints]\nimaps = "127.0.0.1:993"'), "endpoints.imaps", "unknown service"),
     ("endpoint without port", dict(rest='[endpoints]\nimap = "mail.example.com"'), "endpoints.imap", "host:port"),
+    (
+        "endpoint key misspelt",
+        dict(rest='[endpoints]\nimap = { adress = "10.0.0.1:143" }'),
+        "endpoints.imap.adress",
+        "unknown key (did you mean endpoints.imap.address?)",
+    ),
+    (
+        "endpoint transport",
+        dict(rest='[endpoints]\nimap = { address = "10.0.0.1:143", transport = "ssl" }'),
+        "endpoints.imap.transport",
+        "'ssl' is not one of plain, starttls, tls",
+    ),
+    ("tls not a table", dict(top='tls = "on"'), "tls", "expected a table [tls], got a string"),
+    (
+        "source without type",
+        dict(rest=SOURCE + 'path = "/x"'),
+        "slave.sources[0].type",
+        "missing: one of static, cpanel",
+    ),
+    ("unknown source type", dict(rest=SOURCE + 'type = "exim"'), "slave.sources[0].type", "'exim': one of static"),
+    (
+        "two sources, one name",
+        dict(rest=f'{SOURCE}type = "plesk"\n{SOURCE}type = "plesk"'),
+        "slave.sources[1].name",
+        "'plesk' must be a unique non-empty string (give each source a name)",
+    ),
+    (
+        "source key misspelt",
+        dict(rest=SOURCE + 'type = "directadmin"\npth = "/x"'),
+        "slave.sources[0].pth",
+        "unknown key (did you mean slave.sources[0].path?)",
+    ),
+    (
+        "postfix path and command",
+        dict(rest=SOURCE + 'type = "postfix"\npath = "/x"\ncommand = ["y"]'),
+        "slave.sources[0]",
+        "a postfix source reads a path or runs a command, not both",
+    ),
+    ("static without domains", dict(rest=SOURCE + 'type = "static"'), "slave.sources[0].domains", "missing (required)"),
+    (
+        "static empty domain",
+        dict(rest=SOURCE + 'type = "static"\ndomains = ["a.example", ""]'),
+        "slave.sources[0].domains[1]",
+        "must not be empty",
+    ),
+    ("sources not tables", dict(rest='[slave]\nsources = ["x"]'), "slave.sources", "expected [[slave.sources]] tables"),
+    (
+        "probe timeout too long",
+        dict(rest="[slave]\nprobe_timeout = 5.0"),
+        "slave.probe_timeout",
+        "must be shorter than slave.probe_interval",
+    ),
+    ("settle below 0", dict(rest="[slave]\nsettle = -1"), "slave.settle", "must be 0 to 86400 seconds"),
     (
         "metadata over 1 KiB",
         dict(rest="[tags]\n" + "\n".join(f't{i} = "{"x" * 40}"' for i in range(30))),

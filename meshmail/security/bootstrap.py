@@ -24,6 +24,7 @@ from typing import Any
 
 import attrs
 
+from ..config import template
 from ..core.address import Address
 from ..core.errors import MeshmailError
 from ..core.nodes import DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT, check_node_name
@@ -137,65 +138,26 @@ def _claim(data_dir: Path, force: bool) -> None:
 
 
 def render_config(where: Placement, cluster: str, seeds: list[str], *, profile: str, how: str) -> str:
-    """The commented TOML config of a new node."""
-    fmt = lambda host, port: f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # noqa: E731
-    today = datetime.date.today().isoformat()
-    ca_key = f'ca_key = "{files.CA_KEY}"  # masters only: signs the certificates of joining nodes\n'
-    return f"""# meshmail node configuration, written by `{how}` on {today}.
-# Start the node with:  meshmail run --data-dir {where.data_dir}
-# Every key is described in deploy/meshmail.toml of the meshmail sources.
-
-[node]
-# This node's name: unique in the cluster, and in its certificate.
-name = {json.dumps(where.name)}
-# master: takes client connections and routes them; slave: holds the mailboxes.
-role = "{where.role}"
-# The state, keys and certificates of this node (paths in [tls] are relative to it).
-data_dir = {json.dumps(str(where.data_dir))}
-
-[gossip]
-cluster = {json.dumps(cluster)}
-# Gossip uses UDP and TCP on this address; others reach it at `advertise`.
-bind = "{fmt(where.bind, where.gossip_port)}"
-advertise = "{fmt(where.advertise, where.gossip_port)}"
-# Members to join through at start (any live member will do).
-seeds = {json.dumps(seeds)}
-# Timings: lan, wan or local (see deploy/meshmail.toml).
-profile = "{profile}"
-# The gossip keys are in {files.KEYRING} in the data dir: they change with `meshmail keyring`.
-
-[http]
-# Status, admin API and joins, over TLS with this node's certificate.
-bind = "{fmt(where.bind, where.http_port)}"
-advertise = "{fmt(where.advertise, where.http_port)}"
-
-[tls]
-ca = "{files.CA_CERT}"
-cert = "{files.NODE_CERT}"
-key = "{files.NODE_KEY}"
-{ca_key if where.role == "master" else SLAVE_TEMPLATE}"""
-
-
-SLAVE_TEMPLATE = """
-# The mail services of this server that masters route to (uncomment and adjust). Each is
-# probed every slave.probe_interval (connect, read the greeting) and published down when it
-# does not answer. transport: plain, starttls or tls; client_address: how it learns the
-# client's IP: none, id (IMAP ID, Dovecot), xclient (Postfix) or proxy (PROXY protocol v2).
-# [endpoints]
-# imap = { address = "127.0.0.1:143", transport = "starttls", client_address = "id" }
-# pop3 = { address = "127.0.0.1:110", transport = "starttls" }
-# lmtp = "127.0.0.1:24"
-# submission = { address = "127.0.0.1:587", transport = "starttls", client_address = "xclient" }
-
-# Where the domains hosted here are listed; pick one or more (changes are picked up live).
-# [[slave.sources]]
-# type = "cpanel"          # /etc/userdomains + /etc/localdomains (minus /etc/remotedomains)
-# type = "directadmin"     # path = "/etc/virtual/domains"
-# type = "plesk"           # command = ["plesk", "bin", "domain", "--list"]
-# type = "postfix"         # path = "/etc/postfix/vmail_domains", or postconf -xh virtual_mailbox_domains
-# type = "dovecot"         # path = "/etc/dovecot/users" (passwd-file: the domains of the users)
-# type = "static"          # domains = ["example.com"]
-"""
+    """The documented TOML config of a new node (see meshmail.config.template)."""
+    gossip, http = Address(where.advertise, where.gossip_port), Address(where.advertise, where.http_port)
+    values = {
+        "node": {"name": where.name, "role": where.role, "data_dir": str(where.data_dir)},
+        "gossip": {
+            "cluster": cluster,
+            "bind": Address(where.bind, where.gossip_port),
+            "advertise": gossip,
+            "seeds": seeds,
+            "profile": profile,
+        },
+        "http": {"bind": Address(where.bind, where.http_port), "advertise": http},
+        "tls": {"ca": files.CA_CERT, "cert": files.NODE_CERT, "key": files.NODE_KEY}
+        | ({"ca_key": files.CA_KEY} if where.role == "master" else {}),
+    }
+    title = (
+        f"meshmail node configuration, written by `{how}` on {datetime.date.today().isoformat()}.\n"
+        f"Start the node with:  meshmail run --data-dir {where.data_dir}"
+    )
+    return template.render(values, title=title, role=where.role)
 
 
 def _write_identity(where: Placement, authority: ca.Authority, cert, key, keys: list[bytes]) -> None:

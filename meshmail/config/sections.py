@@ -1,0 +1,481 @@
+"""The sections of meshmail.toml: one frozen attrs record per table, each field one key.
+
+A field declares its parser, default, documentation and example once (see schema); the
+loader, the error messages and the documented template all come from these records.
+Adding a key is adding a field here. Gossip timings are meshmail.gossip.config's
+GossipConfig: a named profile, and every field of it a key of [gossip] that overrides it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import typing
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+
+from ..core.address import Address
+from ..core.nodes import DEFAULT_DATA_DIR, DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT, ROLES
+from ..gossip.config import PROFILES, GossipConfig, profile
+from ..gossip.messages import MAX_META
+from ..nodemeta import CLIENT_ADDRESS, SERVICES, TRANSPORTS, Endpoint, NodeMeta
+from ..security import files
+from .schema import (
+    REQUIRED,
+    BadValue,
+    Setting,
+    address,
+    attribute_docs,
+    boolean,
+    choice,
+    gossip_key,
+    group,
+    integer,
+    list_of,
+    mapping_of,
+    node_name,
+    non_empty,
+    number,
+    read_table,
+    seconds,
+    section,
+    setting,
+    string,
+)
+
+# --- [node] ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class NodeSection:
+    name: str = setting(
+        REQUIRED,
+        node_name,
+        doc="Unique name of this node in the cluster, and in its certificate (required). A restarted node"
+        " rejoins under the same name; the same name from another address while the first is alive is refused.",
+        example="mx1",
+        commented=False,
+    )
+    role: str = setting(
+        "master",
+        choice(*ROLES),
+        doc="master: takes client connections and routes them to the slaves; slave: holds the mailboxes.",
+        commented=False,
+    )
+    data_dir: str = setting(
+        DEFAULT_DATA_DIR,
+        non_empty,
+        doc="Where the node keeps its state, keys, certificates and mail spool.",
+        commented=False,
+    )
+
+
+# --- [gossip] -------------------------------------------------------------------------------
+
+DEFAULT_PROFILE = attrs.fields(GossipConfig).profile.default
+
+
+def _gossip_settings() -> Iterator[Setting]:
+    """The profile key, then one key per GossipConfig field, documented by its comment."""
+    yield Setting(
+        "profile",
+        choice(*PROFILES),
+        DEFAULT_PROFILE,
+        doc=f"Timing profile, with hashicorp/memberlist's values: {', '.join(PROFILES)}. Any of its settings"
+        " can be overridden with the keys below (shown with the profile's values); durations are in seconds.",
+        commented=False,
+    )
+    docs = attribute_docs(GossipConfig)
+    kinds = typing.get_type_hints(GossipConfig)
+    for field in attrs.fields(GossipConfig):
+        if field.name == "profile":
+            continue
+        values = {name: getattr(profile(name), field.name) for name in PROFILES}
+        doc = docs.get(field.name, "")
+        if len(set(values.values())) > 1:
+            doc += "\nProfiles: " + ", ".join(f"{name} {value}" for name, value in values.items()) + "."
+        yield Setting(
+            field.name,
+            _override(field.name, kinds[field.name]),
+            values[DEFAULT_PROFILE],
+            doc=doc,
+            example=functools.partial(_profile_value, field.name),
+        )
+
+
+def _override(name: str, kind: type) -> typing.Callable[[object], Any]:
+    """The parser of a GossipConfig field: its TOML type, then its own validator."""
+    typed = {bool: boolean, int: integer, float: number}[kind]
+
+    def parse(value: object) -> Any:
+        checked = typed(value)
+        try:
+            GossipConfig(**{name: checked})
+        except (TypeError, ValueError) as exc:
+            raise BadValue(f"invalid value {value!r}: {exc}") from None
+        return checked
+
+    return parse
+
+
+def _profile_value(name: str, given: Mapping[str, Any]) -> Any:
+    return getattr(profile(given.get("profile", DEFAULT_PROFILE)), name)
+
+
+def _gossip_config(values: dict[str, Any]) -> GossipConfig:
+    name = values.pop("profile", DEFAULT_PROFILE)
+    try:
+        return profile(name, **values)
+    except (TypeError, ValueError) as exc:
+        raise BadValue(str(exc)) from None
+
+
+@attrs.frozen
+class GossipSection:
+    cluster: str = setting(
+        REQUIRED,
+        non_empty,
+        doc="Cluster name: bound into every encrypted packet, so two clusters never mix (required).",
+        example="example",
+        commented=False,
+    )
+    #: Decoded, primary first. Left out of repr: key material is never logged.
+    keys: tuple[bytes, ...] = setting(
+        (),
+        list_of(gossip_key, at_least_one="needs at least one key (generate one with: meshmail keygen)"),
+        doc="Base64 AES-256 keys. The first encrypts; all of them decrypt. Generate with: meshmail keygen."
+        f" Leave this out when data_dir/{files.KEYRING} exists (init and join write it): that file wins, and"
+        " follows `meshmail keyring install|use|remove|rotate`. With keys here this file holds secrets:"
+        " chmod 600, owner meshmail.",
+        example=("<output of: meshmail keygen>",),
+        commented=False,
+        repr=False,
+    )
+    bind: Address = setting(
+        Address("0.0.0.0", DEFAULT_GOSSIP_PORT),
+        address(port_zero=True, ip=True),
+        doc="UDP and TCP address for gossip (both on the same port).",
+        commented=False,
+    )
+    advertise: Address | None = setting(
+        None,
+        address(ip=True),
+        doc="Address the other nodes reach this one at. Required when bind is 0.0.0.0 or [::].",
+        example="192.0.2.10:7946",
+        commented=False,
+    )
+    seeds: tuple[Address, ...] = setting(
+        (),
+        list_of(address()),
+        doc="Nodes to join through at start (any running members will do). The node keeps retrying in the"
+        " background until one answers, so nodes can start in any order.",
+        example=("192.0.2.10:7946", "192.0.2.11:7946", "192.0.2.12:7946"),
+        commented=False,
+    )
+    settings: GossipConfig = group(_gossip_settings(), _gossip_config, factory=GossipConfig)
+
+    def __attrs_post_init__(self) -> None:
+        if self.advertise is None and self.bind.unspecified:
+            raise BadValue(f"required when gossip.bind is {self.bind}", "advertise")
+
+
+# --- [http] and [tls] ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class HttpSection:
+    bind: Address = setting(
+        Address("127.0.0.1", DEFAULT_HTTP_PORT),
+        address(port_zero=True),
+        doc="Where it listens.",
+        commented=False,
+    )
+    advertise: Address | None = setting(
+        None,
+        address(),
+        doc="Where other nodes and joining servers reach it (put in join tokens); by default the bind"
+        " address, or the gossip advertise host when bound to 0.0.0.0.",
+        example="192.0.2.10:8443",
+    )
+
+
+@attrs.frozen
+class TlsSection:
+    """The node's certificate files (absolute paths; relative ones in the file are under
+    node.data_dir). With this section the HTTP API speaks TLS only."""
+
+    ca: str = setting(REQUIRED, non_empty, doc="The cluster CA's certificate.", example=files.CA_CERT)
+    cert: str = setting(REQUIRED, non_empty, doc="This node's certificate.", example=files.NODE_CERT)
+    key: str = setting(REQUIRED, non_empty, doc="Its private key.", example=files.NODE_KEY)
+    ca_key: str | None = setting(
+        None,
+        non_empty,
+        doc="The cluster CA's key: masters only, to sign the certificates of joining nodes.",
+        example=files.CA_KEY,
+        roles=("master",),
+    )
+
+    def under(self, data_dir: str) -> TlsSection:
+        """These files with relative paths taken as under `data_dir`."""
+        join = lambda path: path and os.path.join(data_dir, path)  # noqa: E731
+        return TlsSection(join(self.ca), join(self.cert), join(self.key), join(self.ca_key))
+
+
+# --- [endpoints] ----------------------------------------------------------------------------
+
+
+def _service_address(value: object) -> str:
+    return str(address()(value))
+
+
+@attrs.frozen
+class EndpointConfig:
+    """A service this node offers ([endpoints]): `imap = "host:port"` or a table."""
+
+    address: str = setting(REQUIRED, _service_address, doc='where it listens, "host:port"', example="192.0.2.10:143")
+    transport: str = setting(
+        "plain", choice(*TRANSPORTS), doc=f"{', '.join(TRANSPORTS)} (tls: TLS from the first byte)"
+    )
+    client_address: str = setting(
+        "none",
+        choice(*CLIENT_ADDRESS),
+        doc="how the backend learns the client's IP: none, id (IMAP ID, as Dovecot takes it), xclient"
+        " (Postfix) or proxy (PROXY protocol v2)",
+    )
+    probe: bool = setting(
+        True,
+        boolean,
+        doc="whether a slave checks it every slave.probe_interval (connect, read the greeting) and publishes"
+        " it down when it does not answer",
+    )
+
+
+def _endpoint(value: object) -> EndpointConfig:
+    if isinstance(value, dict):
+        return read_table(EndpointConfig, value)
+    return EndpointConfig(_service_address(value))
+
+
+# --- [slave] and [[slave.sources]] ----------------------------------------------------------
+
+
+@attrs.frozen
+class SourceConfig:
+    """One domain source of a slave. Which fields apply depends on `type`."""
+
+    type: str
+    #: How `meshmail slave domains` names it; unique; the type by default.
+    name: str
+    domains: tuple[str, ...] = ()
+    #: Files to read (cpanel: userdomains, localdomains, remotedomains; others: one path).
+    paths: Mapping[str, str] = attrs.Factory(dict)
+    #: A command whose output lists the domains (plesk; postfix without a path).
+    command: tuple[str, ...] = ()
+
+
+class SourceTable:
+    """The keys of one type of [[slave.sources]] table: `domains` and `command` are those of
+    SourceConfig, every other key names a file to read."""
+
+    def source(self, kind: str, name: str) -> SourceConfig:
+        values = attrs.asdict(self, recurse=False)
+        domains, command = values.pop("domains", ()), values.pop("command", None) or ()
+        paths = {key: path for key, path in values.items() if path is not None}
+        return SourceConfig(kind, name, tuple(domains), paths, tuple(command))
+
+
+@attrs.frozen
+class StaticSource(SourceTable):
+    """The domains listed here."""
+
+    domains: tuple[str, ...] = setting(REQUIRED, list_of(non_empty), example=("example.com", "example.org"))
+
+
+@attrs.frozen
+class CpanelSource(SourceTable):
+    """cPanel: the domains of its users and its local domains."""
+
+    userdomains: str = setting("/etc/userdomains", non_empty)
+    localdomains: str = setting("/etc/localdomains", non_empty)
+    remotedomains: str = setting(
+        "/etc/remotedomains", non_empty, doc="Domains with a remote MX: left out (the file may be absent)."
+    )
+
+
+@attrs.frozen
+class DirectAdminSource(SourceTable):
+    """DirectAdmin: its list of domains."""
+
+    path: str = setting("/etc/virtual/domains", non_empty)
+
+
+@attrs.frozen
+class PleskSource(SourceTable):
+    """Plesk: the domains its command lists."""
+
+    command: tuple[str, ...] = setting(("plesk", "bin", "domain", "--list"), list_of(non_empty))
+
+
+POSTCONF = ("postconf", "-xh", "virtual_mailbox_domains")
+
+
+@attrs.frozen
+class PostfixSource(SourceTable):
+    """Postfix: a file of domains (path), or the output of a command (by default postconf's
+    virtual_mailbox_domains); one or the other."""
+
+    path: str | None = setting(None, non_empty, example="/etc/postfix/vmail_domains")
+    command: tuple[str, ...] | None = setting(None, list_of(non_empty), example=POSTCONF)
+
+    def __attrs_post_init__(self) -> None:
+        if self.path is not None and self.command is not None:
+            raise BadValue("a postfix source reads a path or runs a command, not both")
+
+    def source(self, kind: str, name: str) -> SourceConfig:
+        command = POSTCONF if self.path is None and self.command is None else self.command
+        return SourceTable.source(attrs.evolve(self, command=command), kind, name)
+
+
+@attrs.frozen
+class DovecotSource(SourceTable):
+    """Dovecot: the domains of the users of its passwd-file."""
+
+    path: str = setting("/etc/dovecot/users", non_empty)
+
+
+#: The records of each `type` of [[slave.sources]] table.
+SOURCES: dict[str, type[SourceTable]] = {
+    "static": StaticSource,
+    "cpanel": CpanelSource,
+    "directadmin": DirectAdminSource,
+    "plesk": PleskSource,
+    "postfix": PostfixSource,
+    "dovecot": DovecotSource,
+}
+SOURCE_TYPES = tuple(SOURCES)
+
+
+def _sources(value: object) -> tuple[SourceConfig, ...]:
+    if not isinstance(value, list) or not all(isinstance(table, dict) for table in value):
+        raise BadValue("expected [[slave.sources]] tables")
+    sources: list[SourceConfig] = []
+    for index, table in enumerate(value):
+        try:
+            sources.append(_source(dict(table), taken={source.name for source in sources}))
+        except BadValue as exc:
+            raise exc.under(f"[{index}]") from None
+    return tuple(sources)
+
+
+def _source(table: dict[str, Any], taken: set[str]) -> SourceConfig:
+    kind, name = table.pop("type", None), table.pop("name", None)
+    if kind not in SOURCE_TYPES:
+        raise BadValue(f"{'missing' if kind is None else repr(kind)}: one of {', '.join(SOURCE_TYPES)}", "type")
+    if name is None:
+        name = kind
+    if not isinstance(name, str) or not name or name in taken:
+        raise BadValue(f"{name!r} must be a unique non-empty string (give each source a name)", "name")
+    return read_table(SOURCES[kind], table).source(kind, name)
+
+
+@attrs.frozen
+class SlaveSection:
+    """How a slave watches its domain sources and probes its services."""
+
+    sources: tuple[SourceConfig, ...] = setting(
+        (),
+        _sources,
+        doc="Where the domains hosted here are listed: one [[slave.sources]] table per source, and the union"
+        ' of their domains is published; changes are picked up live. name = "..." tells two sources of one'
+        " type apart (it is the type by default). The paths and commands shown are the defaults.",
+        kind="tables",
+        schema=SOURCES,
+    )
+    poll_interval: float = setting(1.0, seconds(0.05), doc="How often source files are checked for changes (seconds).")
+    settle: float = setting(
+        2.0,
+        seconds(0),
+        doc="A changed file is read once it has stayed unchanged this long, so that a file being rewritten"
+        " is never published half.",
+    )
+    command_interval: float = setting(30.0, seconds(1), doc="How often command sources (plesk, postconf) run.")
+    probe_interval: float = setting(5.0, seconds(0.1), doc="How often each of the [endpoints] is probed.")
+    probe_timeout: float = setting(
+        2.0, seconds(0.05), doc="The time a probe allows to connect and read the greeting (below probe_interval)."
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.probe_timeout >= self.probe_interval:
+            raise BadValue("must be shorter than slave.probe_interval", "probe_timeout")
+
+
+# --- the file -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Config:
+    """One node's configuration as loaded from `path`."""
+
+    path: str
+    node: NodeSection = section(NodeSection, doc="This node.")
+    gossip: GossipSection = section(
+        GossipSection,
+        doc="Membership: nodes find each other and watch each other's health over UDP and TCP,"
+        " encrypted with the cluster's keys.",
+    )
+    http: HttpSection = section(
+        HttpSection,
+        HttpSection(),
+        doc="The HTTP API: status (GET /status, open), admin API (needs a login or an API token) and joins.",
+    )
+    tls: TlsSection | None = section(
+        TlsSection,
+        None,
+        doc="The node's certificate from the cluster CA (init and join write these files). With this section"
+        " the HTTP API speaks only TLS. Relative paths are under node.data_dir.",
+    )
+    endpoints: Mapping[str, EndpointConfig] = setting(
+        attrs.Factory(dict),
+        mapping_of(_endpoint, known=SERVICES, what="service"),
+        doc="Services this node offers, told to the cluster with its metadata: on a slave, the mail services"
+        f' masters route to. Known services: {", ".join(SERVICES)}. A bare "host:port" is plain TCP with'
+        " no client address; a table says more:",
+        example={
+            "imap": {"address": "192.0.2.10:143", "transport": "starttls", "client_address": "id"},
+            "pop3": {"address": "192.0.2.10:110", "transport": "starttls"},
+            "lmtp": "192.0.2.10:24",
+            "submission": {"address": "192.0.2.10:587", "transport": "starttls", "client_address": "xclient"},
+        },
+        roles=("slave",),
+        kind="mapping",
+        schema=EndpointConfig,
+    )
+    tags: Mapping[str, str] = setting(
+        attrs.Factory(dict),
+        mapping_of(string),
+        doc=f"Free-form labels gossiped with the node (all of its metadata must fit in {MAX_META} bytes).",
+        example={"datacenter": "fra1"},
+        kind="mapping",
+    )
+    slave: SlaveSection = section(
+        SlaveSection,
+        SlaveSection(),
+        doc='What a slave (node.role = "slave") publishes, and how it watches it.',
+        roles=("slave",),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        try:
+            self.node_meta.encode()
+        except ValueError as exc:
+            raise BadValue(str(exc), "tags") from None
+
+    @property
+    def node_meta(self) -> NodeMeta:
+        """The metadata this config describes (every endpoint up until a probe says otherwise)."""
+        endpoints = {
+            service: Endpoint(e.address, e.transport, e.client_address) for service, e in self.endpoints.items()
+        }
+        return NodeMeta(role=self.node.role, endpoints=endpoints, tags=dict(self.tags))
