@@ -32,14 +32,19 @@ class GossipConfig:
     suspicion_mult: int = _count(4)
     #: Maximum suspicion = suspicion_max_timeout_mult * minimum.
     suspicion_max_timeout_mult: int = _count(6)
+    #: A full state exchange with one random member over TCP this often (longer above 32 members).
     push_pull_interval: float = attrs.field(default=30.0, validator=_positive)
+    #: One member is probed this often, round robin over a shuffled list.
     probe_interval: float = attrs.field(default=1.0, validator=_positive)
+    #: How long a direct probe waits for its ack before asking others to probe.
     probe_timeout: float = attrs.field(default=0.5, validator=_positive)
     #: Try a TCP ping when a direct and the indirect UDP probes all failed.
     tcp_fallback_probe: bool = attrs.field(default=True, validator=v.instance_of(bool))
     #: Lifeguard local health: probe timeouts are scaled by up to this factor.
     awareness_max_multiplier: int = _count(8)
+    #: Members each gossip round sends its queued news to.
     gossip_nodes: int = _count(3)
+    #: How often a gossip round runs.
     gossip_interval: float = attrs.field(default=0.2, validator=_positive)
     #: Keep gossiping to a dead member for this long, so it can learn and refute.
     gossip_to_the_dead_time: float = attrs.field(default=30.0, validator=v.ge(0))
