@@ -74,6 +74,7 @@ class Context:
     members: Memberlist
     router: Router
     authority: Authority | None
+    metrics: Metrics
     #: Set when the node leaves: services stop accepting, finish and return.
     stopping: trio.Event = attrs.field(factory=trio.Event)
     #: Where other nodes reach this node's HTTP API, once the http service listens.
@@ -83,7 +84,6 @@ class Context:
     #: What services report by name: a short block for /status and a full document (the
     #: slave agent's "slave": its sources and service health).
     reports: dict[str, Report] = attrs.field(factory=dict)
-    metrics: Metrics = None
     #: Called after anything that changes this node's gossiped metadata.
     meta_changed: Callable[[], None] = lambda: None
     _sockets: dict[str, trio.socket.SocketType] = attrs.field(factory=dict)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import urllib.parse
 
-import attrs
 import pytest
 from conftest import minimal_config
 from test_status import ENDPOINTS, Served, request, start
@@ -15,7 +14,9 @@ from meshmail.config import loads
 from meshmail.core.clock import wall_ms
 from meshmail.metrics import Metrics
 from meshmail.replication import Replication
+from meshmail.routing import Router
 from meshmail.security import accounts
+from meshmail.services import Context
 from meshmail.state.records import AdminAccount
 from meshmail.state.replica import ClusterState
 from meshmail.web import create_app
@@ -167,45 +168,37 @@ async def test_assign_refuses_bad_bodies(node, document, words):
     assert (await request(node, "GET", "/domains/example.com"))[0] == 404
 
 
-@attrs.define
-class _Node:
-    """A Node for the app's test client: a real Replication, no gossip (no member is known)."""
-
-    replication: Replication
-    #: Authorization header of an API token written to its state.
-    auth: dict[str, str] = attrs.field(factory=dict)
-    metrics: Metrics = attrs.field(factory=Metrics)
-
-    class memberlist:  # noqa: N801 - stands in for an attribute
-        @staticmethod
-        def member(name: str) -> None:
-            return None
-
-
 @pytest.fixture
-def app_node(tmp_path):
+def app_ctx(tmp_path):
+    """A Context for the app's test client: a real Replication and Router, no gossip (no
+    member is known), and the Authorization header of an API token written to its state."""
     with ClusterState.open(tmp_path, "me", wall_ms, fsync=False) as state:
         replication = Replication(state, wall_ms)
         replication.put("admin", "admin", AdminAccount("$scrypt$not-checked-here"))
         token = accounts.create_api_token(replication, "admin", "tests", wall_ms())
-        yield _Node(replication, {"Authorization": f"Bearer {token.encode()}"})
+        router = Router(state, lambda name: None)
+        ctx = Context(
+            config=None, replication=replication, members=None, router=router, authority=None, metrics=Metrics()
+        )
+        yield ctx, {"Authorization": f"Bearer {token.encode()}"}
 
 
-async def test_conflicts_name_the_slave_that_routes_and_the_others(app_node):
-    replication = app_node.replication
+async def test_conflicts_name_the_slave_that_routes_and_the_others(app_ctx):
+    ctx, headers = app_ctx
+    replication = ctx.replication
     replication.assign_domain("c.org", "sa", source="slave")
     replication.assign_domain("c.org", "sb", source="slave")
     replication.assign_domain("quiet.org", "sa", source="slave")
-    client = create_app(app_node).test_client()
-    response = await client.get("/domains/conflicts", headers=app_node.auth)
+    client = create_app(ctx).test_client()
+    response = await client.get("/domains/conflicts", headers=headers)
     assert response.status_code == 200
     assert await response.get_json() == {
         "conflicts": [{"domain": "c.org", "routes_to": "sb", "also_claimed_by": ["sa"]}]
     }
-    # /status lists them too (its "state" block; this fake node has no memberlist for the rest).
-    listed = state_document(replication, app_node.metrics)["conflicts"]
+    # /status lists them too (its "state" block; this node has no memberlist for the rest).
+    listed = state_document(replication, ctx.metrics)["conflicts"]
     assert listed == [{"domain": "c.org", "routes_to": "sb", "also_claimed_by": ["sa"]}]
     # An admin's decision ends the conflict.
-    response = await client.put("/domains/c.org", json={"slave": "sa"}, headers=app_node.auth)
+    response = await client.put("/domains/c.org", json={"slave": "sa"}, headers=headers)
     assert response.status_code == 200
-    assert await (await client.get("/domains/conflicts", headers=app_node.auth)).get_json() == {"conflicts": []}
+    assert await (await client.get("/domains/conflicts", headers=headers)).get_json() == {"conflicts": []}

@@ -15,6 +15,7 @@ from conftest import MESHMAIL, minimal_config
 from meshmail import node
 from meshmail.config import loads
 from meshmail.core.address import Address
+from meshmail.metrics import Metrics
 from meshmail.node import serve
 from meshmail.services import Context, ListenError, Service, supervise
 
@@ -38,7 +39,7 @@ class Crashing:
 
 
 def bare_context() -> Context:
-    return Context(config=None, replication=None, members=None, router=None, authority=None)
+    return Context(config=None, replication=None, members=None, router=None, authority=None, metrics=Metrics())
 
 
 async def test_a_service_that_fails_after_its_start_is_restarted_and_counted(autojump_clock):

@@ -28,10 +28,11 @@ def check_account_name(name: object) -> str:
     return name
 
 
-def set_password(replication, account: str, password: str) -> None:
-    """Create the account or change its password. Slow (scrypt): run it in a worker thread."""
+def admin_record(account: object, password: object) -> AdminAccount:
+    """The record of admin `account` with `password`: both checked, the password hashed.
+    Slow (scrypt): run it in a worker thread. Raises AccountError or PasswordError."""
     check_account_name(account)
-    replication.put("admin", account, AdminAccount(hash_password(password)))
+    return AdminAccount(hash_password(password))
 
 
 def remove_account(replication, account: str) -> bool:
@@ -42,11 +43,17 @@ def accounts(state: ClusterState) -> list[str]:
     return [name for name, _ in state.records("admin")]
 
 
-def login_ok(state: ClusterState, account: object, password: object) -> bool:
-    """Whether the password is the account's. Slow on purpose (scrypt) whether or not the
-    account exists: run it in a worker thread."""
+def admin(state: ClusterState, account: object) -> AdminAccount | None:
+    """The record of admin `account`, or None (an unknown or malformed name)."""
     record = state.get("admin", account) if isinstance(account, str) and ACCOUNT.fullmatch(account) else None
-    stored = record.password if isinstance(record, AdminAccount) else dummy_hash()
+    return record if isinstance(record, AdminAccount) else None
+
+
+def password_matches(record: AdminAccount | None, password: object) -> bool:
+    """Whether `password` is the one of `record`. None (no such account) is checked against a
+    dummy hash, so the answer takes as long. Slow on purpose (scrypt): run it in a worker
+    thread; read the record on the event loop (the state is not shared across threads)."""
+    stored = record.password if record is not None else dummy_hash()
     matches = verify_password(stored, password if isinstance(password, str) else "")
     return matches and record is not None
 

@@ -29,10 +29,10 @@ from ..core.address import Address
 from ..core.errors import MeshmailError
 from ..core.nodes import DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT, check_node_name
 from ..gossip.keyring import KEY_SIZE, decode_key, new_key
-from ..state.records import AdminAccount, GossipKey
+from ..state.records import GossipKey
 from ..state.replica import ClusterState
 from . import ca, files, keyring_sync, tokens
-from .passwords import hash_password
+from .accounts import admin_record
 
 HTTP_TIMEOUT = 15.0
 #: Largest answer accepted from a master during a join.
@@ -177,7 +177,7 @@ def init_cluster(where: Placement, cluster: str, admin: str, password: str, *, f
     """Create a cluster whose first master is `where`; returns its CA."""
     if not cluster or len(cluster) > 64 or not cluster.isprintable():
         raise BootstrapError("--name must be 1 to 64 printable characters")
-    hashed = hash_password(password)  # raises PasswordError first, before anything is written
+    account = admin_record(admin, password)  # raises AccountError or PasswordError before anything is written
     _claim(where.data_dir, force)
     authority = ca.new_authority(cluster)
     key = ca.new_key()
@@ -187,7 +187,7 @@ def init_cluster(where: Placement, cluster: str, admin: str, password: str, *, f
     state_dir = where.data_dir / files.STATE
     state_dir.mkdir(mode=0o700, exist_ok=True)
     with ClusterState.open(state_dir, where.name, wall_ms) as state:
-        state.put("admin", admin, AdminAccount(hashed))
+        state.put("admin", admin, account)
         state.put(
             "gossipkey", keyring_sync.key_id(gossip_key), GossipKey("primary", keyring_sync.encode_key(gossip_key))
         )

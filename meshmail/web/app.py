@@ -12,53 +12,56 @@ from __future__ import annotations
 
 import logging
 
-from quart import request
+from quart import current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import Forbidden, HTTPException, Unauthorized
 
+from ..services import Context
 from . import accounts_api, auth, cluster_api, domains_api, node_api
 from .bodies import MAX_BODY
+from .current import ctx, guard
 
 log = logging.getLogger("meshmail.http")
 
 __all__ = ["MAX_BODY", "create_app"]
 
 
-def create_app(node) -> QuartTrio:
-    """The app serving `node` (a meshmail.services.Context)."""
+def create_app(ctx: Context) -> QuartTrio:
+    """The app serving the node of `ctx`."""
     app = QuartTrio("meshmail.web")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-    metrics = node.metrics
-    guard = auth.Auth(lambda: node.replication.state, metrics)
-    app.extensions["meshmail.auth"] = guard
-
-    @app.before_request
-    async def authenticate():
-        handler = app.view_functions.get(request.endpoint) if request.endpoint else None
-        if handler is None or getattr(handler, "meshmail_public", False):
-            return None
-        try:
-            principal = guard.principal()
-        except auth.CsrfError:
-            metrics.csrf_refused.inc()
-            raise Forbidden(f"missing or wrong CSRF token (send the {auth.CSRF_HEADER} header)") from None
-        if principal is None:
-            metrics.unauthenticated.inc()
-            raise Unauthorized("authentication required: a session (POST /login) or an API token (Bearer)")
-        request.principal = principal
-        return None
-
+    app.extensions["meshmail.ctx"] = ctx
+    app.extensions["meshmail.auth"] = auth.Auth(lambda: ctx.state, ctx.metrics)
+    app.before_request(authenticate)
     for area in (node_api, accounts_api, cluster_api, domains_api):
-        app.register_blueprint(area.blueprint(node, guard))
-
-    @app.errorhandler(HTTPException)
-    async def http_error(exc: HTTPException):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.code == 401 else {}
-        return {"error": exc.description}, exc.code, headers
-
-    @app.errorhandler(Exception)
-    async def unexpected(exc: Exception):
-        log.exception("error answering %s %s", request.method, request.path)
-        return {"error": "internal error (see the node's log)"}, 500
-
+        app.register_blueprint(area.routes)
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(Exception, unexpected)
     return app
+
+
+async def authenticate():
+    """Let public routes through; find who sent any other request, or refuse it."""
+    handler = current_app.view_functions.get(request.endpoint) if request.endpoint else None
+    if handler is None or getattr(handler, "meshmail_public", False):
+        return None
+    try:
+        principal = guard().principal()
+    except auth.CsrfError:
+        ctx().metrics.csrf_refused.inc()
+        raise Forbidden(f"missing or wrong CSRF token (send the {auth.CSRF_HEADER} header)") from None
+    if principal is None:
+        ctx().metrics.unauthenticated.inc()
+        raise Unauthorized("authentication required: a session (POST /login) or an API token (Bearer)")
+    request.principal = principal
+    return None
+
+
+async def http_error(exc: HTTPException):
+    headers = {"WWW-Authenticate": "Bearer"} if exc.code == 401 else {}
+    return {"error": exc.description}, exc.code, headers
+
+
+async def unexpected(exc: Exception):
+    log.exception("error answering %s %s", request.method, request.path)
+    return {"error": "internal error (see the node's log)"}, 500

@@ -26,8 +26,9 @@ import trio
 from quart import Response, request
 
 from ..metrics import Metrics
+from ..security import accounts
 from ..security.accounts import api_token_account
-from ..security.passwords import MAX_PASSWORD, dummy_hash, verify_password
+from ..security.passwords import MAX_PASSWORD
 from ..state.records import AdminAccount
 
 SESSION_COOKIE = "meshmail_session"
@@ -40,6 +41,8 @@ MAX_SESSIONS = 10_000
 LOGIN_FAILURES_PER_ADDRESS = 10
 LOGIN_FAILURES_PER_ACCOUNT = 5
 LOGIN_WINDOW = 300.0
+#: Refused join requests allowed per client address per LOGIN_WINDOW.
+JOIN_FAILURES_PER_ADDRESS = 20
 #: Password checks (scrypt, 32 MiB each) run at most this many at once.
 PASSWORD_CHECKS = 2
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -120,6 +123,9 @@ class Auth:
     sessions: dict[str, Session] = attrs.Factory(dict)
     by_address: RateLimiter = attrs.Factory(lambda: RateLimiter(LOGIN_FAILURES_PER_ADDRESS, LOGIN_WINDOW))
     by_account: RateLimiter = attrs.Factory(lambda: RateLimiter(LOGIN_FAILURES_PER_ACCOUNT, LOGIN_WINDOW))
+    #: Refused join requests per client address (a token secret is 256 bits: this only keeps
+    #: a flood of them from costing CPU).
+    joins: RateLimiter = attrs.Factory(lambda: RateLimiter(JOIN_FAILURES_PER_ADDRESS, LOGIN_WINDOW))
     checks: trio.Semaphore = attrs.Factory(lambda: trio.Semaphore(PASSWORD_CHECKS))
 
     # --- requests ---------------------------------------------------------------------
@@ -175,16 +181,15 @@ class Auth:
         if wait > 0:
             self.metrics.logins_limited.inc()
             return None, wait
-        record = self.state_of().get("admin", name) if name else None
-        stored = record.password if isinstance(record, AdminAccount) else dummy_hash()
+        record = accounts.admin(self.state_of(), name)
         given = password if isinstance(password, str) and len(password) <= MAX_PASSWORD else ""
         # Counted as a failure before the (slow) check, so that parallel attempts cannot all
         # pass the limit while the first ones are still being checked; forgiven if good.
         self.by_address.fail(address, now)
         self.by_account.fail("account:" + name, now)
         async with self.checks:
-            matches = await trio.to_thread.run_sync(verify_password, stored, given)
-        if not (matches and isinstance(record, AdminAccount)):
+            matches = await trio.to_thread.run_sync(accounts.password_matches, record, given)
+        if not matches:
             self.metrics.login_failures.inc()
             return None, 0.0
         self.by_address.forgive(address, now)

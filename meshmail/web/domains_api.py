@@ -10,68 +10,70 @@ from ..core.address import format_address
 from ..nodemeta import SERVICES
 from ..routing import Route
 from ..state.hlc import MAX_NODE
-from . import auth
 from .bodies import domain_name, json_object
+from .current import ctx
 from .status import conflict_documents, domain_document
 
+routes = Blueprint("domains", __name__)
+# Static rules beat <name> in werkzeug's routing, so /domains/conflicts is never read as
+# a domain (nor could it be one: a mail domain has two labels).
 
-def blueprint(node, guard: auth.Auth) -> Blueprint:
-    """The routes of this module for `node` (a meshmail.services.Context)."""
-    routes = Blueprint("domains", __name__)
-    # Static rules beat <name> in werkzeug's routing, so /domains/conflicts is never read as
-    # a domain (nor could it be one: a mail domain has two labels).
 
-    @routes.get("/domains")
-    async def domains():
-        slave = request.args.get("slave")
-        routes = sorted(node.replication.state.domains(slave))
-        return {"domains": [domain_document(name, route) for name, route in routes]}
+@routes.get("/domains")
+async def domains():
+    slave = request.args.get("slave")
+    routes = sorted(ctx().state.domains(slave))
+    return {"domains": [domain_document(name, route) for name, route in routes]}
 
-    @routes.get("/domains/conflicts")
-    async def conflicts():
-        return {"conflicts": conflict_documents(node.replication.state)}
 
-    @routes.get("/domains/<name>")
-    async def show_domain(name: str):
-        domain = domain_name(name)
-        route = node.replication.state.domain(domain)
-        if route is None:
-            raise NotFound(f"{domain} is not assigned")
-        return domain_document(domain, route)
+@routes.get("/domains/conflicts")
+async def conflicts():
+    return {"conflicts": conflict_documents(ctx().state)}
 
-    @routes.put("/domains/<name>")
-    async def assign_domain(name: str):
-        domain = domain_name(name)
-        slave = (await json_object()).get("slave")
-        if not isinstance(slave, str) or not 0 < len(slave) <= MAX_NODE:
-            raise BadRequest(f'expected {{"slave": "NODE"}} with a node name of 1 to {MAX_NODE} characters')
-        return domain_document(domain, node.replication.assign_domain(domain, slave).value)
 
-    @routes.delete("/domains/<name>")
-    async def unassign_domain(name: str):
-        domain = domain_name(name)
-        return {"domain": domain, "removed": node.replication.unassign_domain(domain) is not None}
+@routes.get("/domains/<name>")
+async def show_domain(name: str):
+    domain = domain_name(name)
+    route = ctx().state.domain(domain)
+    if route is None:
+        raise NotFound(f"{domain} is not assigned")
+    return domain_document(domain, route)
 
-    @routes.get("/route")
-    async def route():
-        address = request.args.get("address")
-        protocol = request.args.get("protocol", "imap")
-        if not address:
-            raise BadRequest("expected ?address=user@domain[&protocol=imap]")
-        if protocol not in SERVICES:
-            raise BadRequest(f"unknown protocol {protocol!r} (known: {', '.join(SERVICES)})")
-        found = node.router.resolve(address, protocol)
-        if isinstance(found, Route):
-            endpoint = format_address(found.endpoint)
-            route = {"slave": found.slave, "endpoint": endpoint, "state": found.state.name.lower()}
-            return {"route": {**route, "transport": found.transport, "client_address": found.client_address}}
-        return {"no_route": {"reason": found.reason, "detail": found.detail}}
 
-    @routes.get("/slave")
-    async def slave():
-        report = node.reports.get("slave")
-        if report is None:
-            raise NotFound("this node is not a slave")
-        return report.document()
+@routes.put("/domains/<name>")
+async def assign_domain(name: str):
+    domain = domain_name(name)
+    slave = (await json_object()).get("slave")
+    if not isinstance(slave, str) or not 0 < len(slave) <= MAX_NODE:
+        raise BadRequest(f'expected {{"slave": "NODE"}} with a node name of 1 to {MAX_NODE} characters')
+    return domain_document(domain, ctx().replication.assign_domain(domain, slave).value)
 
-    return routes
+
+@routes.delete("/domains/<name>")
+async def unassign_domain(name: str):
+    domain = domain_name(name)
+    return {"domain": domain, "removed": ctx().replication.unassign_domain(domain) is not None}
+
+
+@routes.get("/route")
+async def route():
+    address = request.args.get("address")
+    protocol = request.args.get("protocol", "imap")
+    if not address:
+        raise BadRequest("expected ?address=user@domain[&protocol=imap]")
+    if protocol not in SERVICES:
+        raise BadRequest(f"unknown protocol {protocol!r} (known: {', '.join(SERVICES)})")
+    found = ctx().router.resolve(address, protocol)
+    if isinstance(found, Route):
+        endpoint = format_address(found.endpoint)
+        route = {"slave": found.slave, "endpoint": endpoint, "state": found.state.name.lower()}
+        return {"route": {**route, "transport": found.transport, "client_address": found.client_address}}
+    return {"no_route": {"reason": found.reason, "detail": found.detail}}
+
+
+@routes.get("/slave")
+async def slave():
+    report = ctx().reports.get("slave")
+    if report is None:
+        raise NotFound("this node is not a slave")
+    return report.document()

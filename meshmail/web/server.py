@@ -48,4 +48,3 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
         config = settings(ctx, os.dup(sock.fileno()))
         await nursery.start(partial(hypercorn_serve, app, config, shutdown_trigger=ctx.stopping.wait))
         task_status.started({"http": bound})
-

@@ -39,9 +39,9 @@ def member_document(member: MemberInfo) -> dict[str, Any]:
     }
 
 
-def status_document(node) -> dict[str, Any]:
-    """The status of `node` (a meshmail.services.Context) as a JSON-ready dict."""
-    memberlist = node.members
+def status_document(ctx) -> dict[str, Any]:
+    """The status of the node of `ctx` (a meshmail.services.Context) as a JSON-ready dict."""
+    memberlist = ctx.members
     local = memberlist.local()
     return {
         "node": local.name,
@@ -49,14 +49,14 @@ def status_document(node) -> dict[str, Any]:
         "incarnation": memberlist.incarnation,
         "address": format_address(memberlist.address),
         "health_score": memberlist.health_score,
-        "cluster": node.config.gossip.cluster,
-        "cluster_id": node.cluster_id,
-        "removed": node.removed,
-        "keys": list(keyring_ids(node.keyring)),
+        "cluster": ctx.config.gossip.cluster,
+        "cluster_id": ctx.cluster_id,
+        "removed": ctx.removed,
+        "keys": list(keyring_ids(ctx.keyring)),
         "members": [member_document(m) for m in sorted(memberlist.members(), key=lambda m: m.name)],
-        "counters": node.metrics.status_counters(STATUS_GOSSIP),
-        "state": state_document(node.replication, node.metrics),
-        **{name: report.summary() for name, report in sorted(node.reports.items())},
+        "counters": ctx.metrics.status_counters(STATUS_GOSSIP),
+        "state": state_document(ctx.replication, ctx.metrics),
+        **{name: report.summary() for name, report in sorted(ctx.reports.items())},
     }
 
 

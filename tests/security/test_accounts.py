@@ -2,14 +2,14 @@
 accounts answered False, API tokens created, looked up and revoked.
 
 Most login checks store a hash made at a small scrypt cost (log_n=4); one test goes through
-set_password and login_ok at the full cost, as the node does."""
+admin_record and password_matches at the full cost, as the node does."""
 
 from __future__ import annotations
 
 import pytest
 
 from meshmail.security import accounts
-from meshmail.security.accounts import AccountError, api_token_account, create_api_token, login_ok, revoke_api_tokens
+from meshmail.security.accounts import AccountError, api_token_account, create_api_token, revoke_api_tokens
 from meshmail.security.passwords import PasswordError, hash_password
 from meshmail.security.tokens import ApiTokenText
 from meshmail.state.records import AdminAccount
@@ -19,12 +19,17 @@ from .conftest import START_MS, snapshot
 PASSWORD = "correct horse battery"
 
 
+def login_ok(state, account, password) -> bool:
+    """A login check as web/auth.py makes it: the record read, then the password checked."""
+    return accounts.password_matches(accounts.admin(state, account), password)
+
+
 def add_fast_account(replication, name: str, password: str = PASSWORD) -> None:
     replication.put("admin", name, AdminAccount(hash_password(password, log_n=4)))
 
 
-def test_set_password_and_login_at_full_cost(replication):
-    accounts.set_password(replication, "admin", PASSWORD)
+def test_admin_record_and_login_at_full_cost(replication):
+    replication.put("admin", "admin", accounts.admin_record("admin", PASSWORD))
     assert "ln=15," in replication.state.get("admin", "admin").password
     assert login_ok(replication.state, "admin", PASSWORD) is True
     assert login_ok(replication.state, "admin", PASSWORD + "!") is False
@@ -75,20 +80,20 @@ def test_remove_account(replication):
 
 
 @pytest.mark.parametrize("name", ["", "-alice", "al ice", "alice/x", "a" * 65, None, 3, "ålice"], ids=repr)
-def test_bad_account_names_write_nothing(replication, name):
+def test_bad_account_names_are_refused_and_write_nothing(replication, name):
     before = snapshot(replication.state)
     with pytest.raises(AccountError):
-        accounts.set_password(replication, name, PASSWORD)
+        accounts.admin_record(name, PASSWORD)
     with pytest.raises(AccountError):
         accounts.remove_account(replication, name)
     assert snapshot(replication.state) == before
 
 
 @pytest.mark.parametrize("password", ["", "short", "x" * 1025, None])
-def test_bad_password_writes_nothing(replication, password):
+def test_bad_password_is_refused(replication, password):
     before = snapshot(replication.state)
     with pytest.raises(PasswordError):
-        accounts.set_password(replication, "alice", password)
+        accounts.admin_record("alice", password)
     assert snapshot(replication.state) == before
 
 
