@@ -1,0 +1,155 @@
+"""What the mail protocol codecs share: a bounded line reader, the protocol error that carries
+its reply, the pre-login events, and SASL PLAIN and LOGIN decoding.
+
+No sockets and no trio here: bytes in, events and reply bytes out (see imap.py, pop3.py,
+smtp.py). Every buffer has a cap; input past a cap is a ProtocolError, never a bigger buffer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import attrs
+
+#: Longest credential (user name, password, SASL authorization id) accepted, in bytes.
+MAX_CREDENTIAL = 1024
+#: Longest SASL response accepted, in base64 characters (PLAIN of three longest credentials).
+MAX_SASL = 4 * ((3 * MAX_CREDENTIAL + 2 + 2) // 3)
+
+
+class ProtocolError(Exception):
+    """Input a codec refuses. `reply` is the exact bytes to send the peer (may be empty);
+    `close` says whether the connection must end after it. str() is for logs."""
+
+    def __init__(self, message: str, reply: bytes = b"", *, close: bool = False) -> None:
+        super().__init__(message)
+        self.reply = reply
+        self.close = close
+
+
+class LineTooLong(ProtocolError):
+    """A line longer than the codec's cap; the connection cannot be resynchronised."""
+
+
+@attrs.define
+class LineReader:
+    """Splits received bytes into lines ending in CRLF (a bare LF also ends a line, as most
+    servers accept), holding at most `limit` bytes of an unfinished line."""
+
+    limit: int
+    _buffer: bytearray = attrs.field(factory=bytearray)
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_line(self) -> bytes | None:
+        """The next line without its line end, or None until one is complete. Raises
+        LineTooLong (close=True, no reply: the codec adds its own) past `limit`."""
+        end = self._buffer.find(b"\n", 0, self.limit + 2)
+        if end < 0:
+            if len(self._buffer) > self.limit + 1:  # room for a CR whose LF is on its way
+                raise LineTooLong(f"line longer than {self.limit} bytes", close=True)
+            return None
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > self.limit:
+            raise LineTooLong(f"line longer than {self.limit} bytes", close=True)
+        return line
+
+    def take(self, size: int) -> bytes | None:
+        """Exactly `size` raw bytes (an IMAP literal), or None until they have arrived."""
+        if len(self._buffer) < size:
+            return None
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def rest(self) -> bytes:
+        """Everything received and not yet read (handed on after STARTTLS or a login)."""
+        data, self._buffer = bytes(self._buffer), bytearray()
+        return data
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+
+# --- events a pre-login codec hands its driver -------------------------------------------
+
+
+@attrs.frozen
+class Credentials:
+    """A client offered a user name and password (LOGIN, USER/PASS, AUTH PLAIN or LOGIN).
+    `authzid` is the SASL authorization identity, empty when none was given. The password
+    is left out of repr: records get logged."""
+
+    user: str
+    password: str = attrs.field(repr=False)
+    mechanism: str
+    authzid: str = ""
+
+
+@attrs.frozen
+class StartTls:
+    """The client asked for TLS and was told to go ahead: the driver wraps the stream, then
+    calls the codec's tls_started()."""
+
+
+@attrs.frozen
+class Closed:
+    """The session is over (LOGOUT, QUIT, or an error that ends it): send what is pending,
+    then close."""
+
+
+# --- SASL ---------------------------------------------------------------------------------
+
+
+class SaslError(ValueError):
+    """A SASL response that cannot be used; str() is for logs, never holds the secret."""
+
+
+def b64decode(text: bytes | str) -> bytes:
+    """Strict base64 (RFC 4648, padding required); raises SaslError."""
+    if len(text) > MAX_SASL:
+        raise SaslError(f"base64 response longer than {MAX_SASL} characters")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise SaslError("not valid base64") from None
+
+
+def b64encode(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def credential(data: bytes, what: str) -> str:
+    """A user name or password from the wire: UTF-8, no NUL, CR or LF, at most
+    MAX_CREDENTIAL bytes; raises SaslError."""
+    if len(data) > MAX_CREDENTIAL:
+        raise SaslError(f"{what} longer than {MAX_CREDENTIAL} bytes")
+    if any(byte in data for byte in b"\0\r\n"):
+        raise SaslError(f"{what} holds NUL, CR or LF")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SaslError(f"{what} is not UTF-8") from None
+
+
+def sasl_plain(response: bytes) -> Credentials:
+    """Credentials from a decoded PLAIN response (RFC 4616): authzid NUL authcid NUL passwd.
+    Raises SaslError."""
+    parts = response.split(b"\0")
+    if len(parts) != 3:
+        raise SaslError("PLAIN response is not authzid NUL user NUL password")
+    authzid, user, password = (credential(part, what) for part, what in zip(parts, ("authzid", "user", "password"), strict=True))
+    if not user or not password:
+        raise SaslError("PLAIN response with an empty user or password")
+    return Credentials(user, password, "PLAIN", authzid)
+
+
+def sasl_plain_response(user: str, password: str, authzid: str = "") -> bytes:
+    """The base64 PLAIN response for the client side."""
+    return b64encode(b"\0".join(text.encode() for text in (authzid, user, password)))
