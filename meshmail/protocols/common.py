@@ -144,7 +144,8 @@ def sasl_plain(response: bytes) -> Credentials:
     parts = response.split(b"\0")
     if len(parts) != 3:
         raise SaslError("PLAIN response is not authzid NUL user NUL password")
-    authzid, user, password = (credential(part, what) for part, what in zip(parts, ("authzid", "user", "password"), strict=True))
+    names = ("authzid", "user", "password")
+    authzid, user, password = (credential(part, what) for part, what in zip(parts, names, strict=True))
     if not user or not password:
         raise SaslError("PLAIN response with an empty user or password")
     return Credentials(user, password, "PLAIN", authzid)
