@@ -13,7 +13,8 @@ import pytest
 import trio
 from conftest import MESHMAIL, minimal_config
 
-from meshmail.cli import format_status, node_url
+from meshmail.cli.client import node_url
+from meshmail.cli.render import format_status
 from meshmail.config import load, loads
 from meshmail.security import files
 
@@ -124,7 +125,8 @@ def test_a_server_that_is_not_http_is_one_line():
 
 @pytest.mark.parametrize("ttl", ["0.5s", "0", "-1h", "366d", "soon"])
 def test_token_ttl_bounds(ttl):
-    from meshmail.cli import CommandError, parse_duration
+    from meshmail.cli import CommandError
+    from meshmail.cli.tokens import parse_duration
 
     with pytest.raises(CommandError, match="--ttl"):
         parse_duration(ttl)

@@ -14,7 +14,7 @@ import pytest
 from procs import Cluster, Node
 from test_cli import assert_one_line_failure, closed_port, meshmail
 
-from meshmail.cli import format_route
+from meshmail.cli.render import format_route
 from meshmail.config import load
 from meshmail.security import files
 
