@@ -150,3 +150,8 @@ def test_routes_from_disk_after_kill_9(tmp_path):
     finally:
         cluster.close()
         print(cluster.logs())
+
+
+def test_https_to_a_plain_http_node(url):
+    https = "https:" + url.removeprefix("http:")
+    assert_one_line_failure(meshmail("domains", "list", "--url", https), "speaks plain HTTP, not HTTPS", f"use {url}")

@@ -36,9 +36,10 @@ def init(args: argparse.Namespace) -> int:
 
 
 def join(args: argparse.Namespace) -> int:
+    name = node_name(args.name, "--name")
     token = parse_join_token(args.token)
     toward = Address.parse(token.masters[0]).host
-    where = _placement(args, node_name(args.name, "--name"), args.role, toward=toward)
+    where = _placement(args, name, args.role, toward=toward)
     grant = join_cluster(args.token, where, force=args.force)
     print(f"meshmail: {where.name} joined cluster {grant['cluster']} as {where.role}; files in {where.data_dir}")
     print(f"meshmail: start it with: meshmail run --data-dir {where.data_dir}")

@@ -119,10 +119,12 @@ def request(target: Target, method: str, path: str, body: dict | None = None) ->
 def resolve_id(target: Target, path: str, field: str, prefix: str, what: str, listing: str) -> str:
     """The id among those GET `path` lists under `field` that is `prefix` or alone starts with
     it; raises CommandError naming the `listing` command when none or several do."""
+    if not prefix:
+        raise CommandError(f"give a {what} id ({listing} shows them)")
     ids = [item["id"] for item in request(target, "GET", path)[field]]
     if prefix in ids:
         return prefix
-    matches = [kid for kid in ids if prefix and kid.startswith(prefix.lower())]
+    matches = [kid for kid in ids if kid.startswith(prefix.lower())]
     if len(matches) == 1:
         return matches[0]
     if not matches:
