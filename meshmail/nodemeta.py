@@ -13,12 +13,11 @@ import msgpack
 from attrs import validators as v
 
 from .core.address import Address, AddressError
-from .core.nodes import ROLES
+from .core.nodes import ROLES, SERVICES
 from .gossip.messages import MAX_META
 
 #: Most gossip keys a node holds at once (their ids travel in the metadata).
 MAX_KEYS = 8
-SERVICES = ("imap", "pop3", "smtp", "submission", "lmtp", "http")
 
 
 #: How a master reaches a backend service: plain TCP, STARTTLS, or TLS from the first byte.

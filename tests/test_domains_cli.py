@@ -14,7 +14,7 @@ import pytest
 from procs import Cluster, Node
 from test_cli import assert_one_line_failure, closed_port, meshmail
 
-from meshmail.cli import format_route
+from meshmail.cli.render import format_route
 from meshmail.config import load
 from meshmail.security import files
 
@@ -150,3 +150,8 @@ def test_routes_from_disk_after_kill_9(tmp_path):
     finally:
         cluster.close()
         print(cluster.logs())
+
+
+def test_https_to_a_plain_http_node(url):
+    https = "https:" + url.removeprefix("http:")
+    assert_one_line_failure(meshmail("domains", "list", "--url", https), "speaks plain HTTP, not HTTPS", f"use {url}")

@@ -1,4 +1,5 @@
-"""What every layer says about nodes: the roles, the rule for node names, the default ports."""
+"""What every layer says about nodes: the roles, the services they offer, the rule for node
+names, the default ports."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import re
 from .errors import MeshmailError
 
 ROLES = ("master", "slave")
+#: The services a node publishes endpoints for (and routes answer for).
+SERVICES = ("imap", "pop3", "smtp", "submission", "lmtp", "http")
 #: 1 to 63 letters, digits and . _ - starting with a letter or digit: fits a DNS label, a
 #: certificate CN, a file name and a log line without quoting.
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", re.ASCII)

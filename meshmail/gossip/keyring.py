@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import collections
 import os
+from typing import TYPE_CHECKING
 
 import attrs
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 ENVELOPE_VERSION = 1
 NONCE_SIZE = 12
@@ -58,6 +60,14 @@ def decode_key(text: object) -> bytes:
     return key
 
 
+def _cipher(key: bytes) -> AESGCM:
+    # cryptography is imported on first use: the CLI reads and writes keys without it, and
+    # loading it is most of a short command's start-up time.
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
+
+
 def _check_key(key: bytes) -> bytes:
     if not isinstance(key, bytes) or len(key) != KEY_SIZE:
         raise KeyringError(f"a gossip key is {KEY_SIZE} bytes (AES-256)")
@@ -75,7 +85,7 @@ class Keyring:
         if not self._keys:
             raise KeyringError("a keyring needs at least one key")
         self._keys = list(dict.fromkeys(_check_key(k) for k in self._keys))
-        self._ciphers = {k: AESGCM(k) for k in self._keys}
+        self._ciphers = {k: _cipher(k) for k in self._keys}
 
     def __repr__(self) -> str:
         return f"<Keyring {len(self._keys)} key(s)>"
@@ -93,7 +103,7 @@ class Keyring:
         key = _check_key(key)
         if key not in self._ciphers:
             self._keys.append(key)
-            self._ciphers[key] = AESGCM(key)
+            self._ciphers[key] = _cipher(key)
 
     def use(self, key: bytes) -> None:
         """Make an installed key the primary (encrypting) key."""
@@ -123,6 +133,8 @@ class Keyring:
             raise EnvelopeError("truncated")
         if envelope[0] != ENVELOPE_VERSION:
             raise EnvelopeError("bad_version")
+        from cryptography.exceptions import InvalidTag  # loaded already: the keyring made ciphers
+
         nonce = envelope[1 : 1 + NONCE_SIZE]
         body = envelope[1 + NONCE_SIZE :]
         for key in self._keys:

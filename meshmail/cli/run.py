@@ -1,0 +1,48 @@
+"""`meshmail run`: check a config, or run its node in the foreground until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from functools import partial
+from pathlib import Path
+
+from ..config import load
+from ..core.address import format_address
+from .local import config_path
+
+NO_NODE_HINT = "make one with meshmail init or join, or pass --data-dir DIR or --config FILE"
+
+
+def run(args: argparse.Namespace) -> int:
+    path = config_path(args, NO_NODE_HINT)
+    config = load(path)
+    if args.check:
+        print(f"meshmail: {path}: config ok (node {config.node.name}, cluster {config.gossip.cluster})")
+        return 0
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    import trio  # only now: checking a config needs neither trio nor the node
+
+    from ..core.files import atomic_write
+    from ..node import serve
+
+    async def run_node() -> None:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(partial(serve, config, leave_on_signals=True))
+            if args.ready_file:
+                document = {name: format_address(address) for name, address in bound.items()}
+                atomic_write(args.ready_file, [json.dumps(document).encode() + b"\n"], mode=0o644)
+
+    try:
+        trio.run(run_node)
+    except KeyboardInterrupt:
+        # Only before the signal handler is installed; after it, SIGINT means leave.
+        return 130
+    finally:
+        if args.ready_file:
+            Path(args.ready_file).unlink(missing_ok=True)
+    return 0
