@@ -62,6 +62,7 @@ REJECTED = [
     ("tag not a string", dict(rest="[tags]\nrack = 3"), "tags.rack", "expected a string"),
     ("missing name", dict(node={"name": None}), "node.name", "missing (required)"),
     ("missing cluster", dict(gossip={"cluster": None}), "gossip.cluster", "missing (required)"),
+    ("cluster with a space", dict(gossip={"cluster": '"my mail"'}), "gossip.cluster", "a cluster name is 1 to 63"),
     ("tls without cert", dict(rest='[tls]\nca = "ca.pem"\nkey = "k.pem"'), "tls.cert", "missing (required)"),
     ("tls unknown key", dict(rest='[tls]\nca = "a"\ncert = "b"\nkey = "c"\ncrl = "d"'), "tls.crl", "unknown key"),
     ("tls empty path", dict(rest='[tls]\nca = ""\ncert = "b"\nkey = "c"'), "tls.ca", "must not be empty"),

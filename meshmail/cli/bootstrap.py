@@ -8,7 +8,7 @@ import socket
 
 from ..core.address import Address
 from ..core.clock import wall_ms
-from ..core.nodes import NODE_NAME, NodeNameError, check_node_name
+from ..core.nodes import NodeNameError, check_cluster_name, check_node_name
 from ..security import ca
 from ..security.bootstrap import Placement, check_free, init_cluster, join_cluster, placement
 from ..security.tokens import parse_join_token
@@ -16,13 +16,12 @@ from . import CommandError
 from .local import data_dir
 from .password import read_password
 
-#: A cluster name follows the node name rule: it travels in every gossip packet and certificate.
-CLUSTER_NAME_RULE = "a cluster name is 1 to 63 letters, digits and . _ - (starting with a letter or digit)"
-
 
 def init(args: argparse.Namespace) -> int:
-    if not NODE_NAME.fullmatch(args.name):
-        raise CommandError(f"--name {args.name[:80]!r}: {CLUSTER_NAME_RULE}")
+    try:
+        check_cluster_name(args.name)
+    except NodeNameError as exc:
+        raise CommandError(f"--name {exc}") from None
     where = _placement(args, node_name(args.node_name, "--node-name"), "master")
     check_free(where.data_dir, args.force)
     password = read_password(

@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 
 from ..core.address import Address, AddressError
-from ..core.nodes import check_node_name
+from ..core.nodes import check_cluster_name, check_node_name
 from ..gossip.keyring import KeyringError, decode_key
 
 Parser = Callable[[object], Any]
@@ -238,6 +238,13 @@ def non_empty(value: object) -> str:
 def node_name(value: object) -> str:
     try:
         return check_node_name(string(value))
+    except ValueError as exc:
+        raise BadValue(str(exc)) from None
+
+
+def cluster_name(value: object) -> str:
+    try:
+        return check_cluster_name(string(value))
     except ValueError as exc:
         raise BadValue(str(exc)) from None
 

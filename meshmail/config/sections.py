@@ -30,6 +30,7 @@ from .schema import (
     attribute_docs,
     boolean,
     choice,
+    cluster_name,
     gossip_key,
     group,
     integer,
@@ -136,7 +137,7 @@ def _gossip_config(values: dict[str, Any]) -> GossipConfig:
 class GossipSection:
     cluster: str = setting(
         REQUIRED,
-        non_empty,
+        cluster_name,
         doc="Cluster name: bound into every encrypted packet, so two clusters never mix (required).",
         example="example",
         commented=False,

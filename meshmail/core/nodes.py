@@ -22,6 +22,10 @@ DEFAULT_HTTP_PORT = 8443
 DEFAULT_DATA_DIR = "/var/lib/meshmail"
 
 
+#: A cluster name follows the same rule: it is bound into every gossip packet and names the CA.
+CLUSTER_NAME_RULE = "a cluster name is 1 to 63 letters, digits and . _ - (starting with a letter or digit)"
+
+
 class NodeNameError(MeshmailError, ValueError):
     """A node name that breaks the rule; str() states the rule."""
 
@@ -31,6 +35,14 @@ def check_node_name(name: object) -> str:
     if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
         shown = f"{name[:80]!r}: " if isinstance(name, str) else ""
         raise NodeNameError(shown + NODE_NAME_RULE)
+    return name
+
+
+def check_cluster_name(name: object) -> str:
+    """`name` if it follows the rule of node names; raises NodeNameError."""
+    if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
+        shown = f"{name[:80]!r}: " if isinstance(name, str) else ""
+        raise NodeNameError(shown + CLUSTER_NAME_RULE)
     return name
 
 

@@ -27,7 +27,7 @@ import attrs
 from ..config import template
 from ..core.address import Address
 from ..core.errors import MeshmailError
-from ..core.nodes import DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT, check_node_name
+from ..core.nodes import DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT, check_cluster_name, check_node_name
 from ..gossip.keyring import KEY_SIZE, decode_key, new_key
 from ..state.records import GossipKey
 from ..state.replica import ClusterState
@@ -66,7 +66,7 @@ class Placement:
 
 def placement(
     *,
-    name: str | None,
+    name: str,
     role: str,
     data_dir: str,
     bind: str,
@@ -77,11 +77,10 @@ def placement(
 ) -> Placement:
     """Check the options of init/join; `toward` is a host to find the advertise address by
     (the route to it), when neither --advertise nor a specific --bind gives one."""
-    name = name or socket.gethostname().split(".")[0]
     try:
         check_node_name(name)
     except ValueError as exc:
-        raise BootstrapError(f"node name {exc} (pass --name)") from None
+        raise BootstrapError(f"node name {exc}") from None
     try:
         bind_ip = ipaddress.ip_address(bind)
     except ValueError:
@@ -175,8 +174,10 @@ def _write_identity(where: Placement, authority: ca.Authority, cert, key, keys: 
 
 def init_cluster(where: Placement, cluster: str, admin: str, password: str, *, force: bool, wall_ms) -> ca.Authority:
     """Create a cluster whose first master is `where`; returns its CA."""
-    if not cluster or len(cluster) > 64 or not cluster.isprintable():
-        raise BootstrapError("--name must be 1 to 64 printable characters")
+    try:
+        check_cluster_name(cluster)
+    except ValueError as exc:
+        raise BootstrapError(f"cluster name {exc}") from None
     account = admin_record(admin, password)  # raises AccountError or PasswordError before anything is written
     _claim(where.data_dir, force)
     authority = ca.new_authority(cluster)
