@@ -16,12 +16,10 @@ import urllib.parse
 import attrs
 import pytest
 import trio
-from conftest import minimal_config
+from helpers.served import Served, request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_status import ENDPOINTS, Served, request, start
 
-from meshmail.config import loads
 from meshmail.web import create_app
 from meshmail.web.auth import CSRF_HEADER, LOGIN_FAILURES_PER_ACCOUNT, LOGIN_FAILURES_PER_ADDRESS, SESSION_COOKIE
 
@@ -160,11 +158,6 @@ def assert_unauthorized(answer: Answer, what: str, *, head: bool = False) -> Non
     if not head:
         document = answer.json()
         assert list(document) == ["error"] and document["error"], what
-
-
-@pytest.fixture
-async def node(nursery) -> Served:
-    return await start(nursery, loads(minimal_config("solo", extra=ENDPOINTS), "test.toml"))
 
 
 # --- every route is closed ----------------------------------------------------------------
