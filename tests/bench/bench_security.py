@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conftest import MESHMAIL  # noqa: E402
-from test_bootstrap import Fleet, states  # noqa: E402
+from helpers.cluster import Cluster as Fleet  # noqa: E402
+from helpers.cluster import states  # noqa: E402
+from helpers.config import MESHMAIL  # noqa: E402
 
 from meshmail.security import files  # noqa: E402
 from meshmail.security.tokens import parse_join_token  # noqa: E402
@@ -83,7 +84,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slaves", type=int, default=4, help="servers joined after the two masters (default 4)")
     args = parser.parse_args()
-    from test_bootstrap import PASSWORD
+    from helpers.cluster import PASSWORD
 
     with tempfile.TemporaryDirectory(prefix="meshmail-bench-") as root:
         fleet = Fleet(Path(root))

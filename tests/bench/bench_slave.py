@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from test_bootstrap import Fleet, cli  # noqa: E402
+from helpers.cli import cli  # noqa: E402
+from helpers.cluster import Cluster as Fleet  # noqa: E402
 
 from meshmail.security import files  # noqa: E402
 
