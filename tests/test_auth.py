@@ -15,12 +15,11 @@ import urllib.parse
 import attrs
 import pytest
 import trio
-from conftest import minimal_config
+from helpers.http import Answer, fetch, login_json
+from helpers.served import Served, request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_status import ENDPOINTS, Served, request, start
 
-from meshmail.config import loads
 from meshmail.metrics import Metrics
 from meshmail.web import create_app
 from meshmail.web.auth import CSRF_HEADER, LOGIN_FAILURES_PER_ACCOUNT, LOGIN_FAILURES_PER_ADDRESS, SESSION_COOKIE
@@ -81,32 +80,6 @@ ADMIN = {
 
 
 @attrs.frozen
-class Answer:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    def json(self) -> object:
-        return json.loads(self.body)
-
-
-async def fetch(node: Served, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> Answer:
-    """One raw HTTP request (http.client, from a thread): exactly these headers, no redirects
-    followed, no cookies kept."""
-    return await trio.to_thread.run_sync(send, node, method, path, body, headers or {})
-
-
-def send(node: Served, method: str, path: str, body: bytes | None, headers: dict) -> Answer:
-    connection = http.client.HTTPConnection(*node.http, timeout=10)
-    try:
-        connection.request(method, path, body, headers)
-        response = connection.getresponse()
-        return Answer(response.status, response.headers, response.read())
-    finally:
-        connection.close()
-
-
-@attrs.frozen
 class Login:
     """A session from POST /login: its cookie, its CSRF token and the raw Set-Cookie header."""
 
@@ -124,15 +97,6 @@ class Login:
 def session_id(answer: Answer) -> str:
     cookie = http.cookies.SimpleCookie(answer.headers["Set-Cookie"])
     return cookie[SESSION_COOKIE].value
-
-
-def json_login_body(account: object, password: object) -> bytes:
-    return json.dumps({"account": account, "password": password}).encode()
-
-
-async def login_json(node: Served, account: str, password: str, headers: dict | None = None) -> Answer:
-    body = json_login_body(account, password)
-    return await fetch(node, "POST", "/login", body, {"Content-Type": "application/json", **(headers or {})})
 
 
 async def login_form(node: Served, account: str, password: str) -> Answer:
@@ -161,11 +125,6 @@ def assert_unauthorized(answer: Answer, what: str, *, head: bool = False) -> Non
     if not head:
         document = answer.json()
         assert list(document) == ["error"] and document["error"], what
-
-
-@pytest.fixture
-async def node(nursery) -> Served:
-    return await start(nursery, loads(minimal_config("solo", extra=ENDPOINTS), "test.toml"))
 
 
 # --- every route is closed ----------------------------------------------------------------

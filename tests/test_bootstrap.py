@@ -16,148 +16,21 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import MESHMAIL
-from procs import HOST, LOG_TAIL, POLL_INTERVAL, free_ports, kill_group
+from helpers.cli import cli, ok, refused
+from helpers.cluster import HOST, PASSWORD, POLL_INTERVAL, Cluster, states
+from helpers.config import MESHMAIL
 
 from meshmail.security import files
 from meshmail.security.tokens import JoinTokenText, new_secret, parse_join_token
 
-PASSWORD = "correct horse battery"
-#: Start of a process, a join, or news crossing a small local cluster on a slow CI machine.
-TIMEOUT = 30.0
-
-
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*MESHMAIL, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def ok(*args: str) -> str:
-    result = cli(*args)
-    assert result.returncode == 0, f"meshmail {' '.join(args)} -> {result.returncode}: {result.stderr}"
-    return result.stdout
-
-
-def refused(result: subprocess.CompletedProcess, *words: str) -> str:
-    """A one-line failure with exit status 2 that says `words`."""
-    assert result.returncode == 2, result
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("meshmail: "), result.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
-
-
-class Fleet:
-    """Nodes in data dirs under `root`, each run as its own process group."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.processes: dict[str, subprocess.Popen] = {}
-        (root / "admin-password").write_text(PASSWORD + "\n")
-
-    def data_dir(self, name: str) -> Path:
-        return self.root / name
-
-    def placement(self, name: str) -> list[str]:
-        gossip, http = free_ports(2)
-        return [
-            "--data-dir", str(self.data_dir(name)), "--bind", HOST,
-            "--gossip-port", str(gossip), "--http-port", str(http),
-        ]  # fmt: skip
-
-    def init(self, name: str, cluster: str = "prod") -> None:
-        password_file = str(self.root / "admin-password")
-        where = self.placement(name)
-        ok("init", "--name", cluster, "--node-name", name, *where, "--admin-password-file", password_file)
-
-    def token(self, via: str, role: str, *extra: str) -> str:
-        return ok("token", "create", "--role", role, "--quiet", "--data-dir", str(self.data_dir(via)), *extra).strip()
-
-    def join(self, name: str, token: str, role: str) -> subprocess.CompletedProcess:
-        return cli("join", token, "--role", role, "--name", name, *self.placement(name))
-
-    def start(self, name: str) -> None:
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
-        self.processes[name] = subprocess.Popen(
-            [*MESHMAIL, "run", "--data-dir", str(self.data_dir(name))],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-
-    def kill(self, name: str) -> None:
-        process = self.processes.pop(name, None)
-        if process is not None:
-            kill_group(process)
-
-    def close(self) -> None:
-        for name in list(self.processes):
-            self.kill(name)
-
-    def logs(self) -> str:
-        parts = []
-        for path in sorted(self.root.glob("*.log")):
-            lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL:]
-            parts.append(f"--- {path.stem}:\n" + "\n".join(f"    | {line}" for line in lines))
-        return "\n".join(parts)
-
-    def url(self, name: str) -> str:
-        config = (self.data_dir(name) / files.CONFIG).read_text()
-        http = config.split("[http]", 1)[1].split("bind = ", 1)[1].split("\n", 1)[0].strip('"')
-        return f"https://{http}"
-
-    def get(self, name: str, path: str, token: str | None = None) -> Any:
-        context = ssl.create_default_context(cafile=str(self.data_dir(name) / files.CA_CERT))
-        context.check_hostname = False
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        request = urllib.request.Request(self.url(name) + path, headers=headers)
-        with urllib.request.urlopen(request, timeout=5, context=context) as response:
-            return json.loads(response.read())
-
-    def status(self, name: str) -> dict[str, Any]:
-        return self.get(name, "/status")
-
-    def wait(self, what: str, names: list[str], condition: Callable[[dict[str, dict]], bool], timeout=TIMEOUT) -> None:
-        """Poll the /status of `names` until condition(statuses) holds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            statuses: dict[str, dict] = {}
-            for name in names:
-                try:
-                    statuses[name] = self.status(name)
-                except (OSError, ValueError):
-                    pass
-            if len(statuses) == len(names) and condition(statuses):
-                return
-            if time.monotonic() > deadline:
-                views = {name: states(status) for name, status in statuses.items()}
-                raise AssertionError(f"{what}: not within {timeout} s; views {views}\n{self.logs()}")
-            time.sleep(POLL_INTERVAL)
-
-    def wait_alive(self, names: list[str], observers: list[str] | None = None) -> None:
-        self.wait(
-            f"{names} alive in the views of {observers or names}",
-            observers or names,
-            lambda statuses: all(
-                all(states(status).get(name) == "alive" for name in names) for status in statuses.values()
-            ),
-        )
-
-
-def states(status: dict[str, Any]) -> dict[str, str]:
-    return {member["name"]: member["state"] for member in status["members"]}
-
 
 @pytest.fixture
-def fleet(tmp_path) -> Iterator[Fleet]:
-    fleet = Fleet(tmp_path)
+def fleet(tmp_path) -> Iterator[Cluster]:
+    fleet = Cluster(tmp_path)
     try:
         yield fleet
     finally:

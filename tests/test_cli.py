@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import MESHMAIL, minimal_config
+from helpers.cli import assert_one_line_failure, closed_port, meshmail
+from helpers.config import MESHMAIL, minimal_config
 
 from meshmail.cli.client import node_url
 from meshmail.cli.render import format_status
@@ -23,27 +24,6 @@ from meshmail.config import load, loads
 from meshmail.security import files
 
 SUBCOMMANDS = ["run", "status", "leave", "keygen"]
-
-
-def meshmail(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([*MESHMAIL, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_failure(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 2, result
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("meshmail: ")
-    for word in words:
-        assert word in lines[0]
-
-
-def closed_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (just released by us)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_help():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from conftest import new_key_b64
+from helpers.config import new_key_b64
 
 from meshmail.config import ConfigError, load, loads
 from meshmail.gossip.config import GossipConfig, profile

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from conftest import new_key_b64
+from helpers.config import new_key_b64
 
 from meshmail.config import Config, HttpSection, NodeSection, SlaveSection, TlsSection, loads, template
 from meshmail.config.schema import Setting, settings_of

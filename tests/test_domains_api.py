@@ -7,10 +7,8 @@ import json
 import urllib.parse
 
 import pytest
-from conftest import minimal_config
-from test_status import ENDPOINTS, Served, request, start
+from helpers.served import request
 
-from meshmail.config import loads
 from meshmail.core.clock import wall_ms
 from meshmail.metrics import Metrics
 from meshmail.replication import Replication
@@ -21,11 +19,6 @@ from meshmail.state.records import AdminAccount
 from meshmail.state.replica import ClusterState
 from meshmail.web import create_app
 from meshmail.web.status import state_document
-
-
-@pytest.fixture
-async def node(nursery) -> Served:
-    return await start(nursery, loads(minimal_config("solo", extra=ENDPOINTS), "test.toml"))
 
 
 def body(document: object) -> bytes:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import shutil
@@ -11,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import Cluster, Node
-from test_cli import assert_one_line_failure, closed_port, meshmail
+from helpers.cli import assert_one_line_failure, closed_port, meshmail
+from helpers.cluster import Cluster, Node
 
 from meshmail.cli.render import format_route
 from meshmail.config import load
@@ -24,17 +23,11 @@ STARTUP_TIMEOUT = 30.0
 
 def start(tmp_path: Path) -> Cluster:
     """One started node n1 whose config is also DIR/meshmail.toml in its data dir."""
-    counter = itertools.count()
-
-    def write_config(text: str) -> Path:
-        path = tmp_path / f"meshmail-{next(counter)}.toml"
-        path.write_text(text)
-        return path
-
-    cluster = Cluster(1, tmp_path, write_config)
+    cluster = Cluster.configured(1, tmp_path)
     node = cluster.nodes["n1"]
-    shutil.copy(node.config, Path(load(node.config).node.data_dir) / "meshmail.toml")
     cluster.start()
+    # Copied once started: the config then holds the ports n1 reported, which --data-dir needs.
+    shutil.copy(node.config, Path(load(node.config).node.data_dir) / "meshmail.toml")
     wait_for(cluster)
     return cluster
 

@@ -13,15 +13,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
+from helpers.cluster import HOST
+from helpers.config import bound_to
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import HOST, free_ports
 
 from meshmail.config import Config, load, loads
 from meshmail.core.address import format_address
 from meshmail.core.clock import wall_ms
+from meshmail.core.nodes import DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT
 from meshmail.node import serve
 from meshmail.security import ca, files
 from meshmail.security.bootstrap import init_cluster, placement
@@ -30,13 +33,21 @@ PASSWORD = "a long enough password"
 
 
 def make_master(root: Path, name: str = "m1") -> Config:
-    gossip, http = free_ports(2)
+    """A master made by init_cluster, its config bound to port 0 (placement takes 1..65535 only)."""
     where = placement(
-        name=name, role="master", data_dir=str(root / name), bind=HOST, advertise=None, gossip_port=gossip,
-        http_port=http,
+        name=name, role="master", data_dir=str(root / name), bind=HOST, advertise=None,
+        gossip_port=DEFAULT_GOSSIP_PORT, http_port=DEFAULT_HTTP_PORT,
     )  # fmt: skip
     init_cluster(where, "prod", "admin", PASSWORD, force=False, wall_ms=wall_ms)
-    return load(str(where.data_dir / files.CONFIG))
+    path = where.data_dir / files.CONFIG
+    path.write_text(bound_to(path.read_text(), 0, 0))
+    return load(str(path))
+
+
+async def serve_master(nursery: trio.Nursery, config: Config) -> Config:
+    """Start node.serve(config); returns the config with http.bind the address it bound."""
+    bound = await nursery.start(serve, config)
+    return attrs.evolve(config, http=attrs.evolve(config.http, bind=bound["http"]))
 
 
 def https(
@@ -61,10 +72,8 @@ def https(
 
 @pytest.fixture
 async def master(nursery, tmp_path) -> Config:
-    config = make_master(tmp_path)
     with trio.fail_after(15):
-        await nursery.start(serve, config)
-    return config
+        return await serve_master(nursery, make_master(tmp_path))
 
 
 async def call(*args, **kwargs):
@@ -112,8 +121,7 @@ def test_junk_join_requests_are_refused_never_500(tmp_path):
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            config = make_master(tmp_path)
-            await nursery.start(serve, config)
+            config = await serve_master(nursery, make_master(tmp_path))
             _, before = await call(config, "GET", "/status")
             seen: set[int] = set()
             sent: list[int] = []
@@ -152,8 +160,7 @@ async def test_a_slave_admits_no_joins_and_mints_no_tokens(nursery, tmp_path):
     master = make_master(tmp_path)
     text = Path(master.path).read_text().replace('role = "master"', 'role = "slave"')
     text = "\n".join(line for line in text.splitlines() if not line.startswith("ca_key"))
-    config = loads(text, master.path)
-    await nursery.start(serve, config)
+    config = await serve_master(nursery, loads(text, master.path))
     token = files.read_api_token(Path(config.node.data_dir))
     status, body = await call(config, "POST", "/tokens", json.dumps({"role": "slave"}).encode(), token=token)
     assert status == 403 and "not a master" in json.loads(body)["error"]

@@ -15,8 +15,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-import mailkit
 import pytest
+from helpers import mailkit
 
 #: How long a delivery through Postfix may take before the test fails (polled, not slept).
 DELIVERY_DEADLINE = 20.0

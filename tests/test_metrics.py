@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import minimal_config, new_key_b64
+from helpers.config import minimal_config, new_key_b64
+from helpers.http import fetch, login_json
+from helpers.served import request, start
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
-from test_auth import fetch, login_json
-from test_status import request, start
 
 import meshmail
 from meshmail.config import loads

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 import hypothesis  # noqa: F401  (its entry point makes trio's scheduler seedable)
 import pytest
 import trio
-from procs import HOST, Cluster, View, get_status
+from helpers.cluster import HOST, Cluster, View
 from trio._core import _run as trio_run
 
 from meshmail.config import load
@@ -57,9 +57,9 @@ def failure_bound(settings: GossipConfig, n: int) -> float:
 
 
 @pytest.fixture
-def cluster(tmp_path, write_config) -> Iterator[Cluster]:
-    """Five started nodes n1..n5 seeded with each other; all are SIGKILLed afterwards."""
-    cluster = Cluster(N, tmp_path, write_config, gossip=GOSSIP)
+def cluster(tmp_path) -> Iterator[Cluster]:
+    """Five started nodes n1..n5 joined through n1; all are SIGKILLed afterwards."""
+    cluster = Cluster.configured(N, tmp_path, gossip=GOSSIP)
     try:
         cluster.start()
         yield cluster
@@ -90,7 +90,7 @@ def test_five_processes_converge(cluster):
     converge(cluster)
     addresses = {node.name: f"{HOST}:{node.gossip_port}" for node in cluster.nodes.values()}
     for node in cluster.nodes.values():
-        document = get_status(node.http_port)
+        document = cluster.status(node.name)
         assert document["node"] == node.name
         assert {m["name"]: m["address"] for m in document["members"]} == addresses
         assert all(m["incarnation"] >= 1 for m in document["members"])
@@ -143,7 +143,7 @@ def test_restarted_node_rejoins_with_a_higher_incarnation(cluster):
     dead = cluster.wait_until("n4 reported dead", others, reported("dead", "n4"), failure_bound(settings, N))
     highest_dead = max(view["n4"][1] for view in dead.values())
     restarted = cluster.nodes["n4"]
-    restarted.start()  # same config: same name, same gossip address
+    restarted.start()  # same config: same name, same gossip address (the port of its first ready file)
     cluster.wait_until("n4 answers /status again", ["n4"], lambda views: True, STARTUP_TIMEOUT)
 
     def rejoined(views: Mapping[str, View]) -> bool:

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 import trio
-from conftest import MESHMAIL, minimal_config
+from helpers.config import MESHMAIL, minimal_config
 
 from meshmail import node
 from meshmail.config import loads

@@ -1,5 +1,5 @@
 """Two masters and two slaves (real `meshmail run` processes, joined with tokens) in front
-of two real Dovecot instances (tests/mailkit.py): the slaves publish their domains from
+of two real Dovecot instances (tests/helpers/mailkit.py): the slaves publish their domains from
 their sources and their Dovecot's services with health; every master routes each domain
 to the right slave; editing a source moves a domain; stopping a Dovecot marks its
 services down in every master's /status, starting it marks them up."""
@@ -10,9 +10,10 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import mailkit
 import pytest
-from test_bootstrap import Fleet, cli, ok
+from helpers import mailkit
+from helpers.cli import cli, ok
+from helpers.cluster import Cluster
 
 from meshmail.security import files
 
@@ -49,9 +50,9 @@ def backends(tmp_path) -> Iterator[tuple[mailkit.Dovecot, mailkit.Dovecot]]:
 
 
 @pytest.fixture
-def fleet(tmp_path) -> Iterator[Fleet]:
+def fleet(tmp_path) -> Iterator[Cluster]:
     (tmp_path / "nodes").mkdir()
-    fleet = Fleet(tmp_path / "nodes")
+    fleet = Cluster(tmp_path / "nodes")
     try:
         yield fleet
     finally:
@@ -59,13 +60,13 @@ def fleet(tmp_path) -> Iterator[Fleet]:
         print(fleet.logs())
 
 
-def route(master: str, fleet: Fleet, address: str, protocol: str = "imap") -> dict:
+def route(master: str, fleet: Cluster, address: str, protocol: str = "imap") -> dict:
     result = cli("route", address, "--protocol", protocol, "--json", "--data-dir", str(fleet.data_dir(master)))
     assert result.returncode in (0, 1), result.stderr
     return json.loads(result.stdout)
 
 
-def wait_routes(fleet: Fleet, what: str, check: Callable[[dict], bool], address: str, protocol: str = "imap") -> None:
+def wait_routes(fleet: Cluster, what: str, check: Callable[[dict], bool], address: str, protocol: str = "imap") -> None:
     """Until every master's route for `address` passes `check`."""
     fleet.wait(
         what, MASTERS, lambda _: all(check(route(master, fleet, address, protocol)) for master in MASTERS)

@@ -28,9 +28,10 @@ import attrs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conftest import MESHMAIL  # noqa: E402
 from figures import FAILED, Figure, print_figures, verdict  # noqa: E402
-from test_bootstrap import Fleet, states  # noqa: E402
+from helpers.cluster import Cluster as Fleet  # noqa: E402
+from helpers.cluster import states  # noqa: E402
+from helpers.config import MESHMAIL  # noqa: E402
 
 from meshmail.security import files  # noqa: E402
 from meshmail.security.tokens import parse_join_token  # noqa: E402
@@ -179,7 +180,7 @@ def main() -> int:
     if args.slaves is None:
         args.slaves = 1 if args.short else 4
     samples = Samples(races=1, logins=3, requests=50) if args.short else Samples()
-    from test_bootstrap import PASSWORD
+    from helpers.cluster import PASSWORD
 
     with tempfile.TemporaryDirectory(prefix="meshmail-bench-") as root:
         fleet = Fleet(Path(root))

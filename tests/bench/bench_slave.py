@@ -24,7 +24,8 @@ import msgpack
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from figures import FAILED, Figure, best_seconds, print_figures, verdict  # noqa: E402
-from test_bootstrap import Fleet, cli  # noqa: E402
+from helpers.cli import cli  # noqa: E402
+from helpers.cluster import Cluster as Fleet  # noqa: E402
 
 from meshmail.gossip.config import profile  # noqa: E402
 from meshmail.security import files  # noqa: E402

@@ -7,14 +7,13 @@ admin_record and password_matches at the full cost, as the node does."""
 from __future__ import annotations
 
 import pytest
+from helpers.security import START_MS, snapshot
 
 from meshmail.security import accounts
 from meshmail.security.accounts import AccountError, api_token_account, create_api_token, revoke_api_tokens
 from meshmail.security.passwords import PasswordError, hash_password
 from meshmail.security.tokens import ApiTokenText
 from meshmail.state.records import AdminAccount
-
-from .conftest import START_MS, snapshot
 
 PASSWORD = "correct horse battery"
 

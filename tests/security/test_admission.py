@@ -9,6 +9,7 @@ import os
 
 import pytest
 from cryptography import x509
+from helpers.security import START_MS, member, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,8 +18,6 @@ from meshmail.security import admission, ca
 from meshmail.security.accounts import api_token_account, create_api_token
 from meshmail.security.admission import JoinRefused, admit, create_token, read_request, remove_node
 from meshmail.security.tokens import parse_join_token
-
-from .conftest import START_MS, member, snapshot
 
 MASTERS = ["m1.example.org:7946"]
 HOUR_S = 3600

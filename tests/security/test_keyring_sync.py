@@ -8,13 +8,12 @@ import hashlib
 
 import attrs
 import pytest
+from helpers.security import member, snapshot
 
 from meshmail.gossip.keyring import Keyring, KeyringError
 from meshmail.gossip.messages import State
 from meshmail.security import keyring_sync as ks
 from meshmail.state.records import GossipKey
-
-from .conftest import member, snapshot
 
 K0, K1, K2 = (bytes([i]) * 32 for i in range(3))
 ID0, ID1, ID2 = (ks.key_id(k) for k in (K0, K1, K2))

@@ -31,7 +31,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from procs import free_ports, kill_group
+
+from helpers.cluster import kill_group
 
 HOST = "127.0.0.1"
 #: Debian packages that provide each binary `require` knows about.
@@ -55,6 +56,25 @@ LOG_TAIL = 40
 #: Unix sockets live in Dovecot's base_dir and Postfix's queue_directory; sun_path holds 108
 #: bytes and the longest socket names are about 25, so longer folders move to /tmp.
 _MAX_SOCKET_DIR = 75
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports on HOST that nothing listens on.
+
+    Dovecot and Postfix take fixed ports in their configs and keep them across a restart,
+    so they cannot bind port 0. The ports come from the kernel (bind to port 0), every
+    socket held open until all are chosen, so the kernel cannot hand out one port twice.
+    """
+    held: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(probe)
+            probe.bind((HOST, 0))
+        return [probe.getsockname()[1] for probe in held]
+    finally:
+        for probe in held:
+            probe.close()
 
 
 def require(*binaries: str) -> None:
