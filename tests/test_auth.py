@@ -15,7 +15,7 @@ import urllib.parse
 import attrs
 import pytest
 import trio
-from helpers.http import Answer, fetch, login_json
+from helpers.http import Answer, fetch, login_json, send
 from helpers.served import Served, request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
