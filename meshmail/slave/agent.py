@@ -335,16 +335,9 @@ class SlaveAgent:
         poke and every REPUBLISH_INTERVAL. Before that sync this node's map may lack routes
         the cluster holds, and a domain that looks unrouted would be taken from its slave."""
         await self.replication.synced.wait()
-        self._publish_now.set()
         last_scan = trio.current_time()
+        rescan = False
         while True:
-            with trio.move_on_after(REPUBLISH_INTERVAL):
-                await self._publish_now.wait()
-                await trio.sleep(PUBLISH_DELAY)  # let a burst of changes settle into one pass
-            self._publish_now = trio.Event()
-            rescan = trio.current_time() - last_scan >= RESCAN_INTERVAL
-            if rescan:
-                last_scan = trio.current_time()
             try:
                 self.publish(rescan=rescan)
             except (OSError, JournalError) as exc:
@@ -352,6 +345,13 @@ class SlaveAgent:
                 # next round tries again. The node stays up and keeps routing.
                 self.metrics.publish_failures.inc()
                 log.error("cannot publish the domains: %s; trying again in %g s", exc, REPUBLISH_INTERVAL)
+            with trio.move_on_after(REPUBLISH_INTERVAL):
+                await self._publish_now.wait()
+                await trio.sleep(PUBLISH_DELAY)  # let a burst of changes settle into one pass
+            self._publish_now = trio.Event()
+            rescan = trio.current_time() - last_scan >= RESCAN_INTERVAL
+            if rescan:
+                last_scan = trio.current_time()
 
     # --- health ---------------------------------------------------------------------------
 

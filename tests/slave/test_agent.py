@@ -77,7 +77,6 @@ async def run_agent(nursery, agent: SlaveAgent) -> None:
     agent.publish()
     for loop in agent.loops:
         nursery.start_soon(loop)
-    await trio.sleep(PUBLISH_DELAY + 0.1)  # keep_published's own first pass
 
 
 async def test_sources_are_published_and_follow_file_edits(replication, tmp_path, clock):
