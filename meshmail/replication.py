@@ -49,6 +49,10 @@ class Replication(Delegate):
         self._physical_ms = physical_ms
         self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._watchers: list[tuple[frozenset[str], Callable[[], None]]] = []
+        #: Set at the first completed anti-entropy exchange with a peer since start: from then
+        #: on the map holds what the cluster held then (what a slave agent waits for, so that
+        #: it never claims a domain as unrouted because its own map was behind).
+        self.synced = trio.Event()
 
     def attach(self, memberlist: Memberlist) -> None:
         """Broadcast deltas through `memberlist` (whose delegate this is)."""
@@ -64,11 +68,13 @@ class Replication(Delegate):
         """Remove the route of `name`; None when there was none."""
         return self._publish(self.state.unassign_domain(name))
 
-    def write_domains(self, routes: list[tuple[str, DomainRoute | None]]) -> list[Entry]:
-        """Set or delete many domain routes in one journal append (ClusterState.write_domains).
-        Up to MAX_DELTAS of them go out as deltas; a larger batch (a slave's first publish)
-        spreads by anti-entropy, which carries bulk far better than gossip."""
-        entries = self.state.write_domains(routes)
+    def write_domains(
+        self, routes: list[tuple[str, DomainRoute | None]], claims: Iterable[tuple[str, str, bool]] = ()
+    ) -> list[Entry]:
+        """Set or delete many domain routes and claims in one journal append
+        (ClusterState.write_domains). Up to MAX_DELTAS of them go out as deltas; a larger batch
+        (a slave's first publish) spreads by anti-entropy, which carries bulk far better than gossip."""
+        entries = self.state.write_domains(routes, claims)
         if len(entries) <= MAX_DELTAS:
             for entry in entries:
                 self._publish(entry)
@@ -180,6 +186,7 @@ class Replication(Delegate):
         self.state.record_sync(peer, self._physical_ms())
         self.state.maybe_compact()
         self.counters["state.syncs"] += 1
+        self.synced.set()
         if replaced:
             self._changed(CONTROL_NAMESPACES)
 

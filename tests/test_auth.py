@@ -185,7 +185,7 @@ async def test_bearer_token(node):
     assert answer.status == 200
     assert answer.json() == {"account": "node:solo", "via": "token", "csrf_token": None}
     # Bearer requests need no CSRF token: a browser never sends this header by itself.
-    assert (await request(node, "PUT", "/domains/a.org", b'{"slave": "s1"}'))[0] == 200
+    assert (await request(node, "PUT", "/domains/a.org", b'{"slave": "s1", "force": true}'))[0] == 200
 
 
 async def test_tokens_of_a_deleted_account_stop_working(node):
@@ -263,7 +263,7 @@ async def test_json_login_session_and_csrf(node):
     assert answer.json() == {"account": "alice", "via": "session", "csrf_token": login.csrf}
     assert (await fetch(node, "GET", "/domains", headers=login.headers())).status == 200
 
-    body = b'{"slave": "s1"}'
+    body = b'{"slave": "s1", "force": true}'  # s1 never joined
     for csrf in (None, "", "wrong", login.csrf + "x", login.csrf[:-1], login.sid):
         answer = await fetch(node, "PUT", "/domains/a.org", body, login.headers(csrf))
         assert answer.status == 403, csrf

@@ -7,15 +7,18 @@ import json
 import urllib.parse
 
 import pytest
+from helpers.config import minimal_config
 from helpers.served import request
 
+from meshmail.config import loads
 from meshmail.core.clock import wall_ms
 from meshmail.metrics import Metrics
+from meshmail.node import new_memberlist
 from meshmail.replication import Replication
 from meshmail.routing import Router
 from meshmail.security import accounts
 from meshmail.services import Context
-from meshmail.state.records import AdminAccount
+from meshmail.state.records import AdminAccount, Redemption, RemovedNode
 from meshmail.state.replica import ClusterState
 from meshmail.web import create_app
 from meshmail.web.status import state_document
@@ -34,13 +37,14 @@ async def test_assign_show_list_unassign(node):
     assert await request(node, "GET", "/domains/example.com") == (404, {"error": "example.com is not assigned"})
 
     record = {"domain": "example.com", "display": "example.com", "slave": "s1", "source": "admin"}
-    assert await request(node, "PUT", "/domains/Example.COM.", body({"slave": "s1"})) == (200, record)
+    # s1 and s2 never joined: forced (test_assign_refuses_what_is_not_a_known_slave).
+    assert await request(node, "PUT", "/domains/Example.COM.", body({"slave": "s1", "force": True})) == (200, record)
     assert await request(node, "GET", "/domains/example.com") == (200, record)
     assert await request(node, "GET", "/domains/EXAMPLE.com") == (200, record)
 
     unicode = {"domain": "xn--bcher-kva.example", "display": "bücher.example", "slave": "s2", "source": "admin"}
-    assert await request(node, "PUT", path("Bücher.example"), body({"slave": "s2"})) == (200, unicode)
-    assert await request(node, "PUT", "/domains/a.org", body({"slave": "s1"})) == (
+    assert await request(node, "PUT", path("Bücher.example"), body({"slave": "s2", "force": True})) == (200, unicode)
+    assert await request(node, "PUT", "/domains/a.org", body({"slave": "s1", "force": True})) == (
         200,
         record | {"domain": "a.org", "display": "a.org"},
     )
@@ -63,8 +67,8 @@ async def test_assign_show_list_unassign(node):
 
 
 async def test_route(node):
-    await request(node, "PUT", "/domains/example.com", body({"slave": "solo"}))
-    await request(node, "PUT", "/domains/ghost.org", body({"slave": "ghost"}))
+    await request(node, "PUT", "/domains/example.com", body({"slave": "solo", "force": True}))
+    await request(node, "PUT", "/domains/ghost.org", body({"slave": "ghost", "force": True}))
     found = {
         "route": dict(slave="solo", endpoint="127.0.0.1:1143", state="alive", transport="plain", client_address="none")
     }
@@ -161,26 +165,63 @@ async def test_assign_refuses_bad_bodies(node, document, words):
     assert (await request(node, "GET", "/domains/example.com"))[0] == 404
 
 
+async def test_assign_refuses_what_is_not_a_known_slave(node):
+    """A typo or a master as the target is refused with the reason, and --force named."""
+    status, answer = await request(node, "PUT", "/domains/example.net", body({"slave": "nosuchslave"}))
+    assert status == 404 and answer["error"].startswith("no slave named nosuchslave is known")
+    assert '--force ("force": true)' in answer["error"]
+    status, answer = await request(node, "PUT", "/domains/example.net", body({"slave": "solo"}))
+    assert status == 400 and answer["error"].startswith("solo is a master, not a slave;")
+    status, answer = await request(node, "PUT", "/domains/example.net", body({"slave": "solo", "force": "yes"}))
+    assert status == 400 and '"force" must be true or false' in answer["error"]
+    assert (await request(node, "GET", "/domains/example.net"))[0] == 404
+    status, answer = await request(node, "PUT", "/domains/example.net", body({"slave": "solo", "force": True}))
+    assert status == 200 and answer["slave"] == "solo"
+
+
 @pytest.fixture
 def app_ctx(tmp_path):
-    """A Context for the app's test client: a real Replication and Router, no gossip (no
-    member is known), and the Authorization header of an API token written to its state."""
+    """A Context for the app's test client: a real Replication and Router, a memberlist that
+    never runs (no member is known), and the Authorization header of an API token written to
+    its state."""
     with ClusterState.open(tmp_path, "me", wall_ms, fsync=False) as state:
         replication = Replication(state, wall_ms)
         replication.put("admin", "admin", AdminAccount("$scrypt$not-checked-here"))
         token = accounts.create_api_token(replication, "admin", "tests", wall_ms())
         router = Router(state, lambda name: None)
+        members = new_memberlist(loads(minimal_config("me"), "test.toml"))
         ctx = Context(
-            config=None, replication=replication, members=None, router=router, authority=None, metrics=Metrics()
+            config=None, replication=replication, members=members, router=router, authority=None, metrics=Metrics()
         )
         yield ctx, {"Authorization": f"Bearer {token.encode()}"}
 
 
+def admitted(replication, name: str, role: str = "slave") -> None:
+    """Record that a master admitted `name` with a join token, as admission.admit does."""
+    replication.put("redeemed", f"0123456789abcdef/{name:0>32}/m1", Redemption(name, role, "m1", wall_ms()))
+
+
+async def test_a_slave_some_master_admitted_can_be_assigned_before_it_is_seen(app_ctx):
+    ctx, headers = app_ctx
+    admitted(ctx.replication, "s-new")
+    admitted(ctx.replication, "m-new", "master")
+    client = create_app(ctx).test_client()
+    response = await client.put("/domains/a.org", json={"slave": "s-new"}, headers=headers)
+    assert response.status_code == 200 and (await response.get_json())["slave"] == "s-new"
+    response = await client.put("/domains/a.org", json={"slave": "m-new"}, headers=headers)
+    assert response.status_code == 400 and "m-new is a master, not a slave" in (await response.get_json())["error"]
+    ctx.replication.put("removed", "s-new", RemovedNode("admin", wall_ms()))
+    response = await client.put("/domains/b.org", json={"slave": "s-new"}, headers=headers)
+    assert response.status_code == 400 and "s-new was removed" in (await response.get_json())["error"]
+
+
 async def test_conflicts_name_the_slave_that_routes_and_the_others(app_ctx):
+    """Conflicts are the route and the claims other slaves' agents wrote."""
     ctx, headers = app_ctx
     replication = ctx.replication
-    replication.assign_domain("c.org", "sa", source="slave")
+    admitted(replication, "sa")
     replication.assign_domain("c.org", "sb", source="slave")
+    replication.write_domains([], [("c.org", "sa", True)])
     replication.assign_domain("quiet.org", "sa", source="slave")
     client = create_app(ctx).test_client()
     response = await client.get("/domains/conflicts", headers=headers)

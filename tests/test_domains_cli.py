@@ -76,8 +76,9 @@ def test_help_of_route():
 def test_assign_show_list_unassign(cluster, url):
     node: Node = cluster.nodes["n1"]
     data_dir = str(load(node.config).node.data_dir)
-    assert ok("domains", "assign", "Example.COM", "s1", "--url", url) == "example.com -> s1 (admin)\n"
-    assert ok("domains", "assign", "bücher.example", "s2", "--config", str(node.config)) == (
+    # s1 and s2 never joined: forced (see test_assign_refuses_what_is_not_a_known_slave).
+    assert ok("domains", "assign", "Example.COM", "s1", "--force", "--url", url) == "example.com -> s1 (admin)\n"
+    assert ok("domains", "assign", "bücher.example", "s2", "--force", "--config", str(node.config)) == (
         "xn--bcher-kva.example (bücher.example) -> s2 (admin)\n"
     )
     for target in (["--url", url], ["--config", str(node.config)], ["--data-dir", data_dir]):
@@ -98,8 +99,20 @@ def test_assign_show_list_unassign(cluster, url):
     assert re.search(r"^state: 1 entries, 1 tombstones, 0 conflicts, digest [0-9a-f]{16}$", table, re.M), table
 
 
+def test_assign_refuses_what_is_not_a_known_slave(url):
+    assert_one_line_failure(
+        meshmail("domains", "assign", "example.net", "nosuchslave", "--url", url),
+        "answered 404: no slave named nosuchslave is known",
+        "--force",
+    )
+    assert_one_line_failure(
+        meshmail("domains", "assign", "example.net", "n1", "--url", url), "answered 400: n1 is a master, not a slave"
+    )
+    assert_one_line_failure(meshmail("domains", "show", "example.net", "--url", url), "example.net is not assigned")
+
+
 def test_route(url):
-    ok("domains", "assign", "routed.org", "n1", "--url", url)
+    ok("domains", "assign", "routed.org", "n1", "--force", "--url", url)
     result = meshmail("route", "someone@routed.org", "--url", url)
     # n1 publishes no endpoints: a real answer, which is not a route (exit 1).
     assert result.returncode == 1 and result.stdout.startswith("someone@routed.org (imap): no route (no_endpoint)")
@@ -133,7 +146,7 @@ def test_routes_from_disk_after_kill_9(tmp_path):
     try:
         node = cluster.nodes["n1"]
         config = str(node.config)
-        ok("domains", "assign", "example.com", "s1", "--config", config)
+        ok("domains", "assign", "example.com", "s1", "--force", "--config", config)
         node.kill()
         node.start()
         wait_for(cluster)

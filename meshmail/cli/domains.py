@@ -26,7 +26,7 @@ def show_domain(args: argparse.Namespace) -> int:
 
 
 def assign(args: argparse.Namespace) -> int:
-    document = call(args, "PUT", _domain_path(args), {"slave": args.node})
+    document = call(args, "PUT", _domain_path(args), {"slave": args.node, "force": args.force})
     show(args, document, lambda: format_domain(document))
     return 0
 

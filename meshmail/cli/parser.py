@@ -195,6 +195,9 @@ def _add_domains(commands: Commands) -> None:
     )
     assign.add_argument("domain", help="the mail domain, e.g. example.com (Unicode names are fine)")
     assign.add_argument("node", help="the slave's node name")
+    assign.add_argument(
+        "--force", action="store_true", help="assign to a node that is not a known slave (not yet joined, or a master)"
+    )
     unassign = _action(
         actions,
         "unassign",

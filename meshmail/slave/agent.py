@@ -11,9 +11,12 @@ keeps its last good list and says why in `meshmail slave domains` and the log: a
 never unpublishes its domains because a file was being rewritten.
 
 Publishing. The union of the sources is published as routes to this slave with source
-"slave". A domain routed elsewhere by an admin is left alone; one claimed by another slave
-is claimed once (so both claims are seen and listed as a conflict) and not fought over. A
-domain that left every source is unpublished if it still routes here.
+"slave", by these rules (the README's "Who routes a domain"). A domain routed by an admin is
+left alone. One another slave routes stays with that slave while it is alive, suspect or
+dead (it may be back): this slave writes a claim record instead, listed as a conflict until
+an admin decides. A domain with no route, or routed to a slave that left, was removed or is
+unknown (neither a member nor ever admitted), is taken over. A domain that left every
+source is unpublished if it still routes here, and its claim is dropped.
 
 Health. Every endpoint with `probe = true` is probed each `probe_interval` (health.probe);
 a change of up/down goes out in the node's metadata at once.
@@ -35,6 +38,8 @@ import trio
 from ..config import EndpointConfig, SlaveSection, SourceConfig
 from ..core.address import Address
 from ..core.errors import MeshmailError
+from ..gossip.member import MemberInfo
+from ..gossip.messages import State
 from ..metrics import Metrics
 from ..replication import Replication
 from ..state.journal import JournalError
@@ -59,6 +64,8 @@ PUBLISH_DELAY = 1.0
 RESCAN_INTERVAL = 600.0
 #: Problems kept per source for `meshmail slave domains`.
 SHOWN_PROBLEMS = 20
+#: Member states whose domains stay theirs: a dead slave may be back (a reboot, a partition).
+_HOLDS = frozenset((State.ALIVE, State.SUSPECT, State.DEAD))
 
 
 class SourceError(MeshmailError):
@@ -119,6 +126,8 @@ class SlaveAgent:
         settings: the [slave] section.
         endpoints: the [endpoints] section (those with probe = true are probed).
         replication: the node's Replication (routes are written through it).
+        members: node name -> MemberInfo as this node sees it (None when unknown), as the
+            Router takes it: a mapping or a function.
         metrics: the node's Metrics (reads, failures and writes are counted there).
         on_health: called with no argument after any endpoint changed between up and down.
     """
@@ -129,6 +138,7 @@ class SlaveAgent:
         settings: SlaveSection,
         endpoints: Mapping[str, EndpointConfig],
         replication: Replication,
+        members: Callable[[str], MemberInfo | None] | Mapping[str, MemberInfo],
         metrics: Metrics,
         on_health: Callable[[], None] = lambda: None,
     ) -> None:
@@ -140,8 +150,11 @@ class SlaveAgent:
         self._endpoints = endpoints
         self._on_health = on_health
         self._publish_now = trio.Event()
-        #: Domains routed to this slave by its own claim, as far as it knows (see publish).
+        self._member: Callable[[str], MemberInfo | None] = members.get if isinstance(members, Mapping) else members
+        #: Domains routed to this slave by its own claim, and domains it claims, as far as it
+        #: knows (see publish).
         self._routed_here: set[str] | None = None
+        self._claimed_here: set[str] = set()
         self.metrics = metrics
 
     # --- reading sources --------------------------------------------------------------
@@ -247,53 +260,84 @@ class SlaveAgent:
         return wanted
 
     def publish(self, *, rescan: bool = False) -> int:
-        """Bring the routes in line with the sources; the number of routes written.
+        """Bring the routes and claims in line with the sources (see the module docstring);
+        the number of routes and claims written.
 
-        The domains routed here are found by a scan of the whole map on the first call and
-        with `rescan` (keep_published does one every RESCAN_INTERVAL); in between, from what
-        this agent wrote: a scan of a million-domain map would stall the event loop."""
+        The domains routed here and claimed by this slave are found by a scan of the whole map
+        on the first call and with `rescan` (keep_published does one every RESCAN_INTERVAL);
+        in between, from what this agent wrote: a scan of a million-domain map would stall the
+        event loop. Per listed domain it costs two dict lookups; members are looked up once
+        per slave that routes something."""
         state = self.replication.state
         mine = DomainRoute(self.name, "slave")
         if rescan or self._routed_here is None:
             self._routed_here = {domain for domain, route in state.domains(self.name) if route == mine}
-        claimed = {domain: {winner, *others} for domain, winner, others in state.conflicts()}
+            self._claimed_here = {domain for domain, _ in state.claims(self.name)}
+        holds: dict[str, bool] = {}
         writes: list[tuple[str, DomainRoute | None]] = []
+        claims: list[tuple[str, str, bool]] = []
         wanted = self.wanted()
         for domain in wanted:
             route = state.domain(domain)
-            if route == mine or (route is not None and route.source == "admin"):
-                continue
-            gone = route is not None and state.get("removed", route.slave) is not None
-            if route is not None and self.name in claimed.get(domain, ()) and not gone:
-                continue  # claimed once already: the conflict is listed, not fought over
-            writes.append((domain, mine))
+            claim = False
+            if route is None:
+                writes.append((domain, mine))
+            elif route != mine and route.source == "slave":
+                held = holds.get(route.slave)
+                if held is None:
+                    held = holds[route.slave] = self._holds(route.slave)
+                if held:
+                    claim = True
+                else:
+                    writes.append((domain, mine))
+            if claim != (domain in self._claimed_here):
+                claims.append((domain, self.name, claim))
         for domain in self._routed_here:
             if domain not in wanted and state.domain(domain) == mine:
                 writes.append((domain, None))
-        if writes:
-            self.replication.write_domains(writes)
-            for domain, route in writes:
-                (self._routed_here.add if route is not None else self._routed_here.discard)(domain)
-            added = sum(1 for _, route in writes if route is not None)
-            log.info("published %d domain(s), unpublished %d", added, len(writes) - added)
-            self.metrics.routes_written.inc(len(writes))
-        return len(writes)
+        claims += [(domain, self.name, False) for domain in self._claimed_here if domain not in wanted]
+        if writes or claims:
+            self._write(writes, claims)
+        return len(writes) + len(claims)
+
+    def _write(self, writes: list[tuple[str, DomainRoute | None]], claims: list[tuple[str, str, bool]]) -> None:
+        assert self._routed_here is not None
+        self.replication.write_domains(writes, claims)
+        for domain, route in writes:
+            (self._routed_here.add if route is not None else self._routed_here.discard)(domain)
+        for domain, _, claim in claims:
+            (self._claimed_here.add if claim else self._claimed_here.discard)(domain)
+        added = sum(1 for _, route in writes if route is not None)
+        claimed = sum(1 for *_, claim in claims if claim)
+        log.info("published %d domain(s), unpublished %d; claimed %d routed to other slaves, dropped %d claim(s)",
+                 added, len(writes) - added, claimed, len(claims) - claimed)  # fmt: skip
+        self.metrics.routes_written.inc(len(writes))
+
+    def _holds(self, slave: str) -> bool:
+        """Whether `slave` keeps the domains routed to it: it was not removed, and it is a
+        member that did not leave, or a node some master admitted (this node may not have
+        heard of it yet, or has forgotten it since it died)."""
+        state = self.replication.state
+        if state.get("removed", slave) is not None:
+            return False
+        member = self._member(slave)
+        if member is not None:
+            return member.state in _HOLDS
+        return any(record.node == slave for _, record in state.records("redeemed"))
 
     def poke(self) -> None:
-        """Publish soon: the routes or the removed nodes changed (a domain unassigned, a
-        slave that held a domain removed...)."""
+        """Publish soon: the routes, the removed nodes or the members changed (a domain
+        unassigned, a slave that held a domain left or was removed...)."""
         self._publish_now.set()
 
     async def keep_published(self) -> None:
+        """Publish once the node has synced with a peer (Replication.synced), then after every
+        poke and every REPUBLISH_INTERVAL. Before that sync this node's map may lack routes
+        the cluster holds, and a domain that looks unrouted would be taken from its slave."""
+        await self.replication.synced.wait()
         last_scan = trio.current_time()
+        rescan = False
         while True:
-            with trio.move_on_after(REPUBLISH_INTERVAL):
-                await self._publish_now.wait()
-                await trio.sleep(PUBLISH_DELAY)  # let a burst of changes settle into one pass
-            self._publish_now = trio.Event()
-            rescan = trio.current_time() - last_scan >= RESCAN_INTERVAL
-            if rescan:
-                last_scan = trio.current_time()
             try:
                 self.publish(rescan=rescan)
             except (OSError, JournalError) as exc:
@@ -301,6 +345,13 @@ class SlaveAgent:
                 # next round tries again. The node stays up and keeps routing.
                 self.metrics.publish_failures.inc()
                 log.error("cannot publish the domains: %s; trying again in %g s", exc, REPUBLISH_INTERVAL)
+            with trio.move_on_after(REPUBLISH_INTERVAL):
+                await self._publish_now.wait()
+                await trio.sleep(PUBLISH_DELAY)  # let a burst of changes settle into one pass
+            self._publish_now = trio.Event()
+            rescan = trio.current_time() - last_scan >= RESCAN_INTERVAL
+            if rescan:
+                last_scan = trio.current_time()
 
     # --- health ---------------------------------------------------------------------------
 
@@ -334,7 +385,7 @@ class SlaveAgent:
 
     @property
     def loops(self) -> tuple[Callable, ...]:
-        """The tasks to run, after load() and a first publish(), until cancelled."""
+        """The tasks to run, after load(), until cancelled."""
         return (self.watch_files, self.run_commands, self.keep_published, self.probe_services)
 
     def summary(self) -> dict[str, Any]:

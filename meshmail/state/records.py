@@ -56,6 +56,14 @@ class DomainRoute:
     source: str = attrs.field(validator=[v.instance_of(str), v.in_(("slave", "admin"))])
 
 
+@namespace("claim")
+@attrs.frozen
+class DomainClaim:
+    """A slave lists a domain that another slave routes, keyed ``<domain>/<slave>``: the key says
+    it all. Only that slave's agent writes and deletes it, so claims never race each other; a
+    domain's conflicts are its route and the claims of the other slaves."""
+
+
 @namespace("address")
 @attrs.frozen
 class AddressOverride:

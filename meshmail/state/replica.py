@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import msgpack
 
+from meshmail.core.nodes import NODE_NAME
 from meshmail.state.hlc import ClockSkewError, HybridClock, Timestamp
 from meshmail.state.journal import Journal
 from meshmail.state.lww import Entry, LWWMap, chunks, decode_entries, encode_entries
@@ -23,6 +24,7 @@ from meshmail.state.records import (
     CONTROL_NAMESPACES,
     AddressOverride,
     BadEntry,
+    DomainClaim,
     DomainRoute,
     check_value,
     make_key,
@@ -47,6 +49,10 @@ SYNC_VERSION = 1
 
 _DOMAIN = "domain/"
 _ADDRESS = "address/"
+_CLAIM = "claim/"
+#: Namespaces the map indexes (found without a scan): the control records and the claims,
+#: which are few beside the domains (one per domain two slaves list).
+_INDEXED = (*CONTROL_NAMESPACES, "claim")
 
 
 class SyncError(ValueError):
@@ -72,7 +78,8 @@ class ApplyResult:
 #   {"t": "entries", "b": <encode_entries batch>, "h": [wall_ms, logical]}  ("h": clock high water)
 #   {"t": "hlc", "h": [wall_ms, logical]}
 #   {"t": "synced", "ms": unix_ms}                      (last anti-entropy with any peer)
-#   {"t": "conflicts", "c": [[domain, [slave, ...]], ...]}  (empty list: no conflict any more)
+# Older versions also wrote "conflicts" records (the claims this node saw lose a merge);
+# conflicts are claim records in the map now, and those records are skipped.
 
 
 def _record(kind: str, **fields: Any) -> bytes:
@@ -84,17 +91,18 @@ def _hlc_field(ts: Timestamp) -> list[int]:
 
 
 class ClusterState:
-    """The replicated map of one node: domain routes and address overrides.
+    """The replicated map of one node: domain routes, claims and address overrides, and the
+    cluster's own records.
 
     Durability. Every local write is in the journal (fsynced) before it returns; apply()
     persists what it applied in one append. The clock's high water mark goes with each
     record, so timestamps stay monotonic across restarts even if the physical clock goes back.
     On open the map is loaded from disk: a node routes before it has talked to anyone.
 
-    Conflicts. A domain may be published by two slaves (source "slave"). The last writer
-    routes; the slave whose claim lost is named in conflicts() until an admin assignment, a
-    delete, or a newer claim by that slave settles it. A node lists the conflicts it has seen
-    both claims of (a node that only ever received the winner lists none).
+    Conflicts. A slave that lists a domain another slave routes writes a claim record
+    (``claim/<domain>/<slave>``, see write_domains) rather than the route; conflicts() is each
+    routed domain with the claims of the other slaves, the same on every node that holds the
+    same map. An admin's route ends a conflict; so does the claimant dropping the domain.
 
     Tombstones and long absence. gc() drops tombstones older than gc_grace, after which a
     peer could bring the deleted key back with an old live entry. So the time of the last
@@ -130,15 +138,13 @@ class ClusterState:
         self.gc_grace_ms = gc_grace_ms
         self.compact_min_bytes = compact_min_bytes
         #: What routing reads.
-        self.map = LWWMap(indexed=CONTROL_NAMESPACES)
+        self.map = LWWMap(indexed=_INDEXED)
         #: What anti-entropy offers and fills: the same map, except while `stale`.
         self._replica = self.map
         #: Away longer than gc_grace: the old map still routes, but is never offered to a
         #: peer (it may hold entries deleted meanwhile); a fresh replica fills from peers
         #: and replaces it at the first completed sync.
         self.stale = False
-        #: domain -> slaves whose claim lost to the current one.
-        self._conflicts: dict[str, frozenset[str]] = {}
         self._last_sync: dict[str, int] = {}
         self._synced_at: int | None = None
         #: Entries dropped when a stale map was replaced by a fresh one from a peer.
@@ -202,8 +208,6 @@ class ClusterState:
                 high = max(high, (entry.wall_ms, entry.logical))
         elif kind == "synced":
             self._synced_at = int(record["ms"])
-        elif kind == "conflicts":
-            self._set_conflicts((domain, frozenset(slaves)) for domain, slaves in record["c"])
         return high
 
     def close(self) -> None:
@@ -274,11 +278,16 @@ class ClusterState:
             if key.startswith(prefix, start):
                 yield key[start:], value
 
-    def write_domains(self, routes: Iterable[tuple[str, DomainRoute | None]]) -> list[Entry]:
-        """Set (or with None delete) many domain routes in one journal append: what a slave
-        publishing thousands of domains needs. Names must be in normal form (normalize_domain);
-        returns the entries written (unchanged routes write nothing)."""
-        return self._write_many([(make_key("domain", name), route) for name, route in routes])
+    def write_domains(
+        self, routes: Iterable[tuple[str, DomainRoute | None]], claims: Iterable[tuple[str, str, bool]] = ()
+    ) -> list[Entry]:
+        """Set (or with None delete) many domain routes, and set or delete claims, in one journal
+        append: what a slave publishing thousands of domains needs. `claims` are (domain, slave,
+        whether it claims the domain). Names must be in normal form (normalize_domain); returns
+        the entries written (unchanged routes and claims write nothing)."""
+        items = [(make_key("domain", name), route) for name, route in routes]
+        items += [(make_key("claim", f"{name}/{slave}"), DomainClaim() if on else None) for name, slave, on in claims]
+        return self._write_many(items)
 
     def _write(self, key: str, value: Any) -> Entry | None:
         written = self._write_many([(key, value)])
@@ -291,7 +300,6 @@ class ClusterState:
 
     def _write_many(self, items: list[tuple[str, Any]]) -> list[Entry]:
         entries: list[Entry] = []
-        claims: list[tuple[str, frozenset[str]]] = []
         pending: dict[str, Entry] = {}
         for key, value in items:
             held = pending.get(key) or self.map.entry(key)
@@ -301,19 +309,14 @@ class ClusterState:
             elif held.value == value:
                 continue
             entry = Entry(key, value, self.clock.now())
-            claim = self._claims_after(entry, held)
-            if claim:
-                claims.append(claim)
             pending[key] = entry
             entries.append(entry)
         if not entries:
             return []
         # Journal first: if the disk fails, the map does not hold what was never persisted.
-        self._append(entries, claims)
+        self._append(entries)
         for entry in entries:
             self._merge(entry)
-        if claims:
-            self._set_conflicts(claims)
         self.maybe_compact()
         return entries
 
@@ -339,7 +342,6 @@ class ClusterState:
             return ApplyResult(rejected={"bad_batch": 1}, error=str(exc))
         rejected: dict[str, int] = {}
         applied: list[Entry] = []
-        changed_claims: list[tuple[str, frozenset[str]]] = []
         stale = 0
         # Writes of a node after it was removed are refused: a removed master that did not
         # hear of its removal must not go on admitting nodes or minting tokens through
@@ -357,16 +359,12 @@ class ClusterState:
             except ClockSkewError:
                 rejected["future_timestamp"] = rejected.get("future_timestamp", 0) + 1
                 continue
-            claims = self._claims_after(entry, self.map.entry(entry.key))
-            if claims:
-                self._set_conflicts([claims])
-                changed_claims.append(claims)
             if self._merge(entry):
                 applied.append(entry)
             else:
                 stale += 1
-        if applied or changed_claims:
-            self._append(applied, changed_claims)
+        if applied:
+            self._append(applied)
             if compact:
                 self.maybe_compact()
         namespaces = frozenset(namespace_of(entry.key) for entry in applied)
@@ -377,14 +375,9 @@ class ClusterState:
         fresh = self._replica is not self.map and self._replica.merge(entry)
         return self.map.merge(entry) or fresh
 
-    def _append(self, entries: list[Entry], claims: list[tuple[str, frozenset[str]]]) -> None:
-        records = []
-        if entries:
-            batch = encode_entries(entries)
-            records.append(_record("entries", b=batch, h=_hlc_field(self.clock.high_water)))
-        if claims:
-            records.append(_record("conflicts", c=[[domain, sorted(slaves)] for domain, slaves in claims]))
-        self._journal.append_many(records)
+    def _append(self, entries: list[Entry]) -> None:
+        batch = encode_entries(entries)
+        self._journal.append(_record("entries", b=batch, h=_hlc_field(self.clock.high_water)))
 
     # Reads.
 
@@ -403,6 +396,13 @@ class ClusterState:
             if slave is None or route.slave == slave:
                 yield key[len(_DOMAIN) :], route
 
+    def claims(self, slave: str | None = None) -> Iterator[tuple[str, str]]:
+        """(domain, slave) of every claim, or of those of `slave`; sorted, no scan of the map."""
+        for key, _ in self.map.items(_CLAIM):
+            domain, _, claimant = key[len(_CLAIM) :].rpartition("/")
+            if slave is None or claimant == slave:
+                yield domain, claimant
+
     @property
     def live(self) -> int:
         """The number of live keys of every namespace."""
@@ -411,7 +411,7 @@ class ClusterState:
     @property
     def routes(self) -> int:
         """The number of live domain routes and address overrides."""
-        return len(self.map) - sum(self.map.count(ns) for ns in CONTROL_NAMESPACES)
+        return len(self.map) - sum(self.map.count(ns) for ns in _INDEXED)
 
     @property
     def tombstones(self) -> int:
@@ -435,40 +435,21 @@ class ClusterState:
     # Conflicts.
 
     def conflicts(self) -> list[tuple[str, str, list[str]]]:
-        """(domain, slave that routes it, [slaves whose claim lost]) per conflicting domain, sorted."""
+        """(domain, slave that routes it, [other slaves that claim it]) per conflicting domain,
+        sorted. A domain an admin routed has none (an admin decided), and a removed slave's
+        claims are not counted (it can never drop them)."""
+        claimants: dict[str, list[str]] = {}
+        for domain, slave in self.claims():
+            claimants.setdefault(domain, []).append(slave)
         result = []
-        for domain, others in sorted(self._conflicts.items()):
+        for domain, slaves in claimants.items():
             route = self.domain(domain)
-            if route is not None:
-                result.append((domain, route.slave, sorted(others)))
-        return result
-
-    def _claims_after(self, entry: Entry, held: Entry | None) -> tuple[str, frozenset[str]] | None:
-        """The losing slave claims of entry's domain once `entry` is merged, if they change."""
-        if not entry.key.startswith(_DOMAIN):
-            return None
-        domain = entry.key[len(_DOMAIN) :]
-        if held is not None and (entry.wall_ms, entry.logical, entry.node) == (held.wall_ms, held.logical, held.node):
-            return None
-        current = self._conflicts.get(domain, frozenset())
-        if held is None or (entry.wall_ms, entry.logical, entry.node) > (held.wall_ms, held.logical, held.node):
-            winner, loser = entry.value, None if held is None else held.value
-        else:
-            winner, loser = held.value, entry.value
-        if winner is None or winner.source != "slave":
-            others: frozenset[str] = frozenset()  # deleted, or an admin decided
-        else:
-            others = current - {winner.slave}
-            if loser is not None and loser.source == "slave" and loser.slave != winner.slave:
-                others |= {loser.slave}
-        return None if others == current else (domain, others)
-
-    def _set_conflicts(self, changes: Iterable[tuple[str, frozenset[str]]]) -> None:
-        for domain, others in changes:
+            if route is None or route.source != "slave":
+                continue
+            others = sorted(s for s in slaves if s != route.slave and self.get("removed", s) is None)
             if others:
-                self._conflicts[domain] = others
-            else:
-                self._conflicts.pop(domain, None)
+                result.append((domain, route.slave, others))
+        return sorted(result)
 
     # Maintenance.
 
@@ -496,8 +477,6 @@ class ClusterState:
         yield _record("hlc", h=_hlc_field(self.clock.high_water))
         if self._synced_at is not None:
             yield _record("synced", ms=self._synced_at)
-        if self._conflicts:
-            yield _record("conflicts", c=[[d, sorted(s)] for d, s in self._conflicts.items()])
         for batch in chunks(self.map.entries_in(), SYNC_CHUNK_BYTES):
             yield _record("entries", b=batch)
 
@@ -513,7 +492,7 @@ class ClusterState:
         if self.stale or not last or now_ms - last <= self.gc_grace_ms:
             return self.stale
         self.stale = True
-        self._replica = LWWMap(indexed=CONTROL_NAMESPACES)
+        self._replica = LWWMap(indexed=_INDEXED)
         return True
 
     def record_sync(self, peer: str, now_ms: int) -> None:
@@ -523,7 +502,6 @@ class ClusterState:
             self.discarded = sum(1 for e in self.map.entries_in() if self._replica.entry(e.key) is None)
             self.map = self._replica
             self.stale = False
-            self._conflicts.clear()
             self._last_sync.clear()
             self._synced_at = None
             self.compact()
@@ -592,11 +570,14 @@ class ClusterState:
 
 
 def _normal_key(key: str) -> bool:
-    """Whether a domain or address key names its domain or address in normal form."""
+    """Whether a domain, claim or address key names its domain, slave or address in normal form."""
     ns, name = split_key(key)
     try:
         if ns == "domain":
             return normalize_domain(name) == name
+        if ns == "claim":
+            domain, _, slave = name.rpartition("/")
+            return normalize_domain(domain) == domain and NODE_NAME.fullmatch(slave) is not None
         if ns == "address":
             return str(normalize_address(name)) == name
     except InvalidName:

@@ -7,7 +7,7 @@ from quart import Blueprint, request
 from werkzeug.exceptions import BadRequest, NotFound
 
 from ..core.address import format_address
-from ..nodemeta import SERVICES
+from ..nodemeta import SERVICES, NodeMeta
 from ..routing import Route
 from ..state.hlc import MAX_NODE
 from .bodies import domain_name, json_object
@@ -43,10 +43,34 @@ async def show_domain(name: str):
 @routes.put("/domains/<name>")
 async def assign_domain(name: str):
     domain = domain_name(name)
-    slave = (await json_object()).get("slave")
+    document = await json_object()
+    slave, force = document.get("slave"), document.get("force", False)
     if not isinstance(slave, str) or not 0 < len(slave) <= MAX_NODE:
         raise BadRequest(f'expected {{"slave": "NODE"}} with a node name of 1 to {MAX_NODE} characters')
+    if not isinstance(force, bool):
+        raise BadRequest('"force" must be true or false')
+    if not force:
+        role = node_role(slave)
+        anyway = '; assign with --force ("force": true) to route it there anyway'
+        if role is None:
+            raise NotFound(f"no slave named {slave} is known (not a member, never admitted){anyway}")
+        if role != "slave":
+            raise BadRequest(f"{slave} is a {role}, not a slave{anyway}")
+        if ctx().state.get("removed", slave) is not None:
+            raise BadRequest(f"slave {slave} was removed from the cluster{anyway}")
     return domain_document(domain, ctx().replication.assign_domain(domain, slave).value)
+
+
+def node_role(name: str) -> str | None:
+    """The role of node `name`: what its gossiped metadata says while it is a member, else the
+    role a master admitted it with; None for a node this node has never heard of."""
+    member = ctx().members.member(name)
+    if member is not None:
+        return NodeMeta.decode(member.meta).role
+    for _, redemption in ctx().state.records("redeemed"):
+        if redemption.node == name:
+            return redemption.role
+    return None
 
 
 @routes.delete("/domains/<name>")

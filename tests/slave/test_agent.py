@@ -17,13 +17,16 @@ from hypothesis import strategies as st
 
 from meshmail.config import EndpointConfig, SlaveSection, SourceConfig, loads
 from meshmail.core.clock import wall_ms
+from meshmail.gossip.member import MemberInfo
+from meshmail.gossip.messages import State
 from meshmail.metrics import Metrics
 from meshmail.replication import Replication
-from meshmail.slave.agent import PUBLISH_DELAY, SlaveAgent, SourceError
+from meshmail.security.admission import remove_node
+from meshmail.slave.agent import PUBLISH_DELAY, REPUBLISH_INTERVAL, SlaveAgent, SourceError
 from meshmail.slave.health import GREETINGS, judge
 from meshmail.state.hlc import Timestamp
 from meshmail.state.lww import Entry, encode_entries
-from meshmail.state.records import DomainRoute
+from meshmail.state.records import DomainRoute, Redemption
 from meshmail.state.replica import ClusterState
 
 SETTINGS = SlaveSection(poll_interval=1.0, settle=2.0, command_interval=30.0, probe_interval=5.0, probe_timeout=2.0)
@@ -38,13 +41,20 @@ def clock() -> trio.testing.MockClock:
 @pytest.fixture
 def replication(tmp_path):
     with ClusterState.open(tmp_path / "state", "s1", wall_ms, fsync=False) as state:
-        yield Replication(state, wall_ms)
+        replication = Replication(state, wall_ms)
+        replication.synced.set()  # as if synced with a peer: the agent publishes from the start
+        yield replication
 
 
-def agent_for(replication, *sources: SourceConfig, endpoints=None, on_health=lambda: None) -> SlaveAgent:
+def member(name: str, state: State = State.ALIVE) -> MemberInfo:
+    return MemberInfo(name, "192.0.2.1", 7946, b"", 1, state, 0.0)
+
+
+def agent_for(replication, *sources: SourceConfig, endpoints=None, on_health=lambda: None, members=None) -> SlaveAgent:
     settings = SlaveSection(sources=sources, **{k: getattr(SETTINGS, k) for k in (
         "poll_interval", "settle", "command_interval", "probe_interval", "probe_timeout")})  # fmt: skip
-    return SlaveAgent("s1", settings, endpoints or {}, replication, Metrics(), on_health)
+    members = {"s1": member("s1")} if members is None else members
+    return SlaveAgent("s1", settings, endpoints or {}, replication, members, Metrics(), on_health)
 
 
 def published(replication) -> set[str]:
@@ -215,23 +225,89 @@ async def test_cpanel_files(replication, tmp_path):
     assert published(replication) == {"shop.example", "host.example"}
 
 
-async def test_publishing_respects_admins_and_claims_a_conflict_once(replication, tmp_path):
+def route_of(domain: str, slave: str, ms: int) -> bytes:
+    """A route written by `slave` at `ms`, as a batch from a peer."""
+    return encode_entries([Entry(f"domain/{domain}", DomainRoute(slave, "slave"), Timestamp(ms, 0, slave))])
+
+
+async def test_a_domain_an_admin_routes_is_left_alone_and_not_claimed(replication):
     state = replication.state
     replication.assign_domain("admin.example", "s9", source="admin")
-    state.assign_domain("theirs.example", "s2", source="slave")
-    agent = agent_for(replication, SourceConfig("static", "static", domains=("admin.example", "theirs.example")))
+    agent = agent_for(replication, SourceConfig("static", "static", domains=("admin.example",)))
     await agent.load()
-    assert agent.publish() == 1  # theirs.example, claimed once
-    assert state.domain("admin.example") == DomainRoute("s9", "admin")
-    assert state.domain("theirs.example") == DomainRoute("s1", "slave")
-    assert state.conflicts() == [("theirs.example", "s1", ["s2"])]
-    # s2 claims it back (its agent would, once): s1 sees the conflict and does not fight.
-    entry = state.map.entry("domain/theirs.example")
-    later = Entry("domain/theirs.example", DomainRoute("s2", "slave"), Timestamp(entry.wall_ms + 1, 0, "s2"))
-    assert state.apply(encode_entries([later])).applied == 1
     assert agent.publish() == 0
+    assert state.domain("admin.example") == DomainRoute("s9", "admin") and list(state.claims()) == []
+    assert agent.document()["domains"][0]["status"] == "routed to s9 by an admin"
+
+
+@pytest.mark.parametrize("holder", [State.ALIVE, State.SUSPECT, State.DEAD, "admitted"])
+async def test_a_domain_another_slave_routes_stays_there_and_is_claimed(replication, holder):
+    """The last writer does not route: s2 (alive, suspect, dead, or unknown here but admitted by
+    a master) keeps theirs.example; s1's listing of it is a claim, shown as a conflict, written
+    once, and dropped when s1 stops listing the domain."""
+    state = replication.state
+    members = {"s1": member("s1")}
+    if holder == "admitted":
+        replication.put("redeemed", "0123456789abcdef/" + "0" * 32 + "/m1", Redemption("s2", "slave", "m1", 1))
+    else:
+        members["s2"] = member("s2", holder)
+    state.apply(route_of("theirs.example", "s2", wall_ms() - 1000))
+    static = SourceConfig("static", "static", domains=("theirs.example", "own.example"))
+    agent = agent_for(replication, static, members=members)
+    await agent.load()
+    assert agent.publish() == 2  # own.example's route and theirs.example's claim
+    assert state.domain("theirs.example") == DomainRoute("s2", "slave")
+    assert state.domain("own.example") == DomainRoute("s1", "slave")
+    assert state.conflicts() == [("theirs.example", "s2", ["s1"])]
+    assert agent.publish() == 0 and agent.publish(rescan=True) == 0
     statuses = {d["domain"]: d["status"] for d in agent.document()["domains"]}
-    assert statuses == {"admin.example": "routed to s9 by an admin", "theirs.example": "conflict: routed to s2"}
+    assert statuses == {"own.example": "published", "theirs.example": "conflict: routed to s2"}
+    agent.sources[0].domains = frozenset({"own.example"})
+    assert agent.publish() == 1
+    assert state.conflicts() == [] and list(state.claims()) == []
+
+
+@pytest.mark.parametrize("gone", ["left", "removed", "unknown"])
+async def test_a_domain_of_a_slave_that_is_gone_is_taken_over(replication, gone):
+    """s2 routes shared.example and s1 claims it; once s2 leaves, is removed (remove_node
+    unpublishes its routes) or was never known at all, s1 routes it and drops its claim."""
+    state = replication.state
+    members = {"s1": member("s1"), "s2": member("s2")}
+    state.apply(route_of("shared.example", "s2", wall_ms() - 1000))
+    state.assign_domain("admin.example", "s2", source="admin")
+    static = SourceConfig("static", "static", domains=("shared.example", "admin.example"))
+    agent = agent_for(replication, static, members=members)
+    await agent.load()
+    assert agent.publish() == 1 and state.conflicts() == [("shared.example", "s2", ["s1"])]
+    if gone == "left":
+        members["s2"] = member("s2", State.LEFT)
+    elif gone == "removed":
+        assert remove_node(replication, "s2", by="admin", now_ms=wall_ms())
+        assert state.domain("shared.example") is None  # s2's own publication is gone
+    else:
+        del members["s2"]
+    assert agent.publish() == 2  # the route, and the claim dropped
+    assert state.domain("shared.example") == DomainRoute("s1", "slave")
+    assert state.domain("admin.example") == DomainRoute("s2", "admin")  # an admin's decision stays
+    assert state.conflicts() == [] and list(state.claims()) == []
+
+
+async def test_nothing_is_published_before_the_first_sync(tmp_path, clock):
+    """Until the node has synced with a peer its map may lack the cluster's routes: an
+    empty map must not make the agent take every listed domain."""
+    with ClusterState.open(tmp_path / "state", "s1", wall_ms, fsync=False) as state:
+        replication = Replication(state, wall_ms)
+        agent = agent_for(replication, SourceConfig("static", "static", domains=("a.example",)))
+        async with trio.open_nursery() as nursery:
+            await agent.load()
+            nursery.start_soon(agent.keep_published)
+            agent.poke()
+            await trio.sleep(3 * REPUBLISH_INTERVAL)
+            assert state.domain("a.example") is None
+            replication.synced.set()
+            await trio.sleep(PUBLISH_DELAY + 0.1)
+            assert state.domain("a.example") == DomainRoute("s1", "slave")
+            nursery.cancel_scope.cancel()
 
 
 async def serve_greeting(greeting: bytes, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -264,7 +340,7 @@ async def test_health_probes_mark_services_down_and_up(replication, clock):
         }
         settings = SlaveSection(probe_interval=5.0, probe_timeout=2.0)
         agent = SlaveAgent(
-            "s1", settings, endpoints, replication, Metrics(), lambda: changes.append(dict(agent.health))
+            "s1", settings, endpoints, replication, {}, Metrics(), lambda: changes.append(dict(agent.health))
         )
         nursery.start_soon(agent.probe_services)
         with trio.fail_after(10):
@@ -340,23 +416,3 @@ def test_judging_any_greeting_never_raises(service, greeting):
 )
 def test_judge(service, greeting, up):
     assert judge(service, greeting).up is up
-
-
-async def test_a_domain_held_by_a_removed_slave_is_taken_over(replication):
-    """s2 won the domain, then was removed: remove_node unpublishes its routes, and s1,
-    which lists the domain too (and lost the claim before), publishes it."""
-    from meshmail.security.admission import remove_node
-
-    state = replication.state
-    agent = agent_for(replication, SourceConfig("static", "static", domains=("shared.example",)))
-    await agent.load()
-    agent.publish()
-    later = Entry("domain/shared.example", DomainRoute("s2", "slave"), Timestamp(wall_ms() + 1000, 0, "s2"))
-    state.apply(encode_entries([later]))
-    assert agent.publish() == 0  # claimed once already: not fought over
-    state.assign_domain("admin.example", "s2", source="admin")
-    assert remove_node(replication, "s2", by="admin", now_ms=wall_ms() + 2000)
-    assert state.domain("shared.example") is None  # s2's own publication is gone
-    assert state.domain("admin.example") == DomainRoute("s2", "admin")  # an admin's decision stays
-    assert agent.publish() == 1
-    assert state.domain("shared.example") == DomainRoute("s1", "slave")

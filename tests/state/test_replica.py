@@ -1,4 +1,4 @@
-"""ClusterState: persistence across reopen, torn journal tails, bad remote input, conflicts, GC,
+"""ClusterState: persistence across reopen, torn journal tails, bad remote input, claims and conflicts, GC,
 resync after a long absence, and convergence of replicas through the anti-entropy messages."""
 
 import os
@@ -10,7 +10,7 @@ from meshmail.state.hlc import Timestamp
 from meshmail.state.journal import LOG_NAME
 from meshmail.state.lww import Entry, chunks, encode_entries
 from meshmail.state.names import InvalidName
-from meshmail.state.records import AddressOverride, DomainRoute
+from meshmail.state.records import AddressOverride, DomainClaim, DomainRoute, RemovedNode
 from meshmail.state.replica import DAY_MS, MAX_MESSAGE_BYTES, ClusterState, SyncError
 
 START_MS = 1_700_000_000_000
@@ -210,8 +210,6 @@ def test_invalid_names_and_future_timestamps_are_rejected_per_entry(node):
 def test_writes_of_a_removed_node_after_its_removal_are_refused(node):
     """A removed node's records written before its removal still merge (anti-entropy must
     converge); newer ones are refused, wherever they are relayed from."""
-    from meshmail.state.records import RemovedNode
-
     node.state.put("removed", "m2", RemovedNode("admin", START_MS))
     data = batch_of(good("domain/before.org", ms=START_MS - 1), good("domain/after.org", ms=START_MS + 1))
     result = node.state.apply(data)
@@ -220,28 +218,50 @@ def test_writes_of_a_removed_node_after_its_removal_are_refused(node):
     assert node.state.apply(batch_of(good("domain/other.org", ms=START_MS + 1, node="m3"))).applied == 1
 
 
-def test_conflicts_name_the_losing_slave_in_any_order(tmp_path):
-    first = Entry("domain/c.org", DomainRoute("sa", "slave"), Timestamp(START_MS, 0, "sa"))
-    second = Entry("domain/c.org", DomainRoute("sb", "slave"), Timestamp(START_MS + 5, 0, "sb"))
+def test_conflicts_are_the_route_and_the_claims_of_other_slaves_on_every_replica(tmp_path):
+    """A claim is a record like any other: every replica holding the same entries lists the
+    same conflicts, whatever order the entries came in, and after a reopen."""
+    route = Entry("domain/c.org", DomainRoute("sb", "slave"), Timestamp(START_MS, 0, "sb"))
+    claim = Entry("claim/c.org/sa", DomainClaim(), Timestamp(START_MS + 5, 0, "sa"))
+    own = Entry("claim/c.org/sb", DomainClaim(), Timestamp(START_MS + 6, 0, "sb"))  # the router's own: none
     nodes = [Node(tmp_path / name, name) for name in ("m1", "m2")]
-    nodes[0].state.apply(encode_entries([first]))
-    nodes[0].state.apply(encode_entries([second]))
-    nodes[1].state.apply(encode_entries([second]))
-    nodes[1].state.apply(encode_entries([first]))
+    nodes[0].state.apply(encode_entries([route, claim, own]))
+    nodes[1].state.apply(encode_entries([own, claim]))
+    assert nodes[1].state.conflicts() == []  # no route yet: nothing to be in conflict with
+    nodes[1].state.apply(encode_entries([route]))
     for n in nodes:
         assert n.state.conflicts() == [("c.org", "sb", ["sa"])]
+        assert list(n.state.claims("sa")) == [("c.org", "sa")]
         assert n.reopen().conflicts() == [("c.org", "sb", ["sa"])]
-    a = nodes[0].state
-    a.assign_domain("c.org", "sa", source="slave")  # the loser publishes again: it routes, sb is named
-    assert a.conflicts() == [("c.org", "sa", ["sb"])]
-    a.assign_domain("c.org", "sb", source="admin")  # an admin decides
-    assert a.conflicts() == []
-    assert nodes[0].reopen().conflicts() == []
-    b = nodes[1].state
-    b.unassign_domain("c.org")
+        assert n.state.routes == 1  # claims are not routes
+    a, b = nodes[0].state, nodes[1].state
+    a.write_domains([], [("c.org", "sa", False)])  # sa no longer lists it
+    assert a.conflicts() == [] and list(a.claims()) == [("c.org", "sb")]
+    b.assign_domain("c.org", "sb", source="admin")  # an admin decides
     assert b.conflicts() == []
+    b.put("removed", "sa", RemovedNode("admin", START_MS))
+    b.assign_domain("c.org", "sb", source="slave")
+    assert b.conflicts() == []  # a removed slave's claim counts no more
     for n in nodes:
         n.state.close()
+
+
+def test_claim_keys_must_name_a_normal_domain_and_a_node(node):
+    data = batch_of(
+        ["claim/Upper.org/s1", START_MS, 0, "s1", {}],
+        ["claim/ok.org", START_MS, 0, "s1", {}],
+        ["claim/ok.org/no name", START_MS, 0, "s1", {}],
+        ["claim/ok.org/s1", START_MS, 0, "s1", {"future": "field"}],
+    )
+    result = node.state.apply(data)
+    assert (result.applied, result.rejected) == (1, {"invalid_name": 3})
+    assert list(node.state.claims()) == [("ok.org", "s1")]
+
+
+def test_conflict_records_of_older_versions_are_skipped(node):
+    node.state._journal.append(msgpack.packb({"t": "conflicts", "c": [["c.org", ["sa"]]]}))
+    state = node.reopen()
+    assert state.unreadable_records == 0 and state.conflicts() == []
 
 
 def test_gc_drops_old_tombstones_and_they_stay_dropped(node):
@@ -343,7 +363,6 @@ def test_three_replicas_converge_after_divergent_writes(trio_nodes):
     assert entries(a) == entries(b) == entries(c)
     assert a.domain("a1.org").slave == "sc" and c.domain("a2.org").slave == "sb"
     assert b.domain("a3.org") is None and b.override("u@a4.org") == AddressOverride("sc")
-    assert ("a1.org", "sc", ["sa"]) in a.conflicts()
     # In sync: the exchange stays small and moves no entries.
     assert sync(a, b) < 1000
 
