@@ -212,9 +212,14 @@ def admit(
     return cert
 
 
+def admitted_role(state: ClusterState, name: str) -> str | None:
+    """The role some master admitted node `name` with, or None when none did."""
+    return next((r.role for _, r in state.records("redeemed") if r.node == name), None)
+
+
 def known_node(state: ClusterState, name: str, members: Iterable[MemberInfo]) -> bool:
     """Whether `name` is a member this node knows or a node some master admitted."""
-    return any(m.name == name for m in members) or any(r.node == name for _, r in state.records("redeemed"))
+    return any(m.name == name for m in members) or admitted_role(state, name) is not None
 
 
 def remove_node(replication, name: str, *, by: str, now_ms: int) -> bool:

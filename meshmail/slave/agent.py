@@ -42,6 +42,7 @@ from ..gossip.member import MemberInfo
 from ..gossip.messages import State
 from ..metrics import Metrics
 from ..replication import Replication
+from ..security import admission
 from ..state.journal import JournalError
 from ..state.names import InvalidName, normalize_domain
 from ..state.records import DomainRoute
@@ -323,7 +324,7 @@ class SlaveAgent:
         member = self._member(slave)
         if member is not None:
             return member.state in _HOLDS
-        return any(record.node == slave for _, record in state.records("redeemed"))
+        return admission.admitted_role(state, slave) is not None
 
     def poke(self) -> None:
         """Publish soon: the routes, the removed nodes or the members changed (a domain

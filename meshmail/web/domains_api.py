@@ -9,6 +9,7 @@ from werkzeug.exceptions import BadRequest, NotFound
 from ..core.address import format_address
 from ..nodemeta import SERVICES, NodeMeta
 from ..routing import Route
+from ..security import admission
 from ..state.hlc import MAX_NODE
 from .bodies import domain_name, json_object
 from .current import ctx
@@ -67,10 +68,7 @@ def node_role(name: str) -> str | None:
     member = ctx().members.member(name)
     if member is not None:
         return NodeMeta.decode(member.meta).role
-    for _, redemption in ctx().state.records("redeemed"):
-        if redemption.node == name:
-            return redemption.role
-    return None
+    return admission.admitted_role(ctx().state, name)
 
 
 @routes.delete("/domains/<name>")
