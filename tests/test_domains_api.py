@@ -7,7 +7,9 @@ import json
 import urllib.parse
 
 import pytest
+import trio
 from helpers.config import minimal_config
+from helpers.http import announce_oversize
 from helpers.served import request
 
 from meshmail.config import loads
@@ -162,6 +164,19 @@ async def test_odd_names_never_give_500(node, name):
 async def test_assign_refuses_bad_bodies(node, document, words):
     status, answer = await request(node, "PUT", "/domains/example.com", document)
     assert status == 400 and words in answer["error"]
+    assert (await request(node, "GET", "/domains/example.com"))[0] == 404
+
+
+async def test_a_body_over_the_limit_is_413_with_or_without_credentials(node):
+    authorized = {"Authorization": f"Bearer {node.token}"}
+    for headers in (authorized, {}):
+        status, answer = await trio.to_thread.run_sync(
+            announce_oversize, node.http, "PUT", "/domains/example.com", 70_000, headers
+        )
+        # Without credentials the 401 comes first: nothing is read of a stranger's body.
+        assert (status, json.loads(answer)["error"][:28]) == (
+            (413, "request body larger than 655") if headers else (401, "authentication required: a s")
+        )
     assert (await request(node, "GET", "/domains/example.com"))[0] == 404
 
 

@@ -1,6 +1,7 @@
-"""What the routes share: reading a request's JSON body and names in URLs, the clock.
+"""What the routes share: reading a request's JSON body and names in URLs.
 
-Every failure is a werkzeug BadRequest whose description is the one line the client gets.
+Every failure is a werkzeug HTTPException (400, or 413 for a body over MAX_BODY) whose
+description is the one line the client gets.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ def domain_name(text: str) -> str:
 
 
 async def json_object(*, empty_ok: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object; raises BadRequest (400) for anything else."""
+    """The request body as a JSON object; raises RequestEntityTooLarge (413) past MAX_BODY
+    and BadRequest (400) for anything else."""
     try:
         body = await request.get_data(as_text=False)
     except RequestEntityTooLarge:
-        raise BadRequest(f"request body larger than {MAX_BODY} bytes") from None
+        raise RequestEntityTooLarge(f"request body larger than {MAX_BODY} bytes") from None
     if not body.strip() and empty_ok:
         return {}
     try:

@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 from quart import Blueprint, Response, request
-from werkzeug.exceptions import BadRequest, Forbidden, NotFound, TooManyRequests
+from werkzeug.exceptions import BadRequest, Forbidden, NotFound, RequestEntityTooLarge, TooManyRequests
 
 from ..core.address import format_address
 from ..core.clock import wall_ms
@@ -50,8 +50,8 @@ async def cluster_join():
             raise admission.JoinRefused("removed_master", "this master was removed from the cluster")
         try:
             document = await json_object()
-        except BadRequest as exc:
-            raise admission.JoinRefused("bad_request", exc.description, 400) from None
+        except (BadRequest, RequestEntityTooLarge) as exc:
+            raise admission.JoinRefused("bad_request", exc.description, exc.code) from None
         request_ = admission.read_request(document)
         cert = admission.admit(
             ctx().replication,

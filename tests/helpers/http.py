@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 
 import attrs
 import trio
@@ -45,3 +46,23 @@ def json_login_body(account: object, password: object) -> bytes:
 async def login_json(node: Served, account: str, password: str, headers: dict | None = None) -> Answer:
     body = json_login_body(account, password)
     return await fetch(node, "POST", "/login", body, {"Content-Type": "application/json", **(headers or {})})
+
+
+def announce_oversize(
+    address: tuple[str, int], method: str, path: str, size: int, headers: dict | None = None, **tls
+) -> tuple[int, bytes]:
+    """(status, body) of a request announcing a body of `size` bytes, of which only the first
+    200 are sent: the answer must come without the server reading it all (a client that sent
+    the whole body might see the connection closed under it before it read the answer).
+    `tls`: ssl context= and source= (a loopback address to send from)."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: x", "Content-Type: application/json", f"Content-Length: {size}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    context, source = tls.get("context"), tls.get("source", "127.0.0.1")
+    with socket.create_connection(tuple(address), timeout=10, source_address=(source, 0)) as raw:
+        stream = context.wrap_socket(raw) if context is not None else raw
+        with stream:
+            stream.sendall(head + b"[]" * 100)
+            response = http.client.HTTPResponse(stream)
+            response.begin()
+            return response.status, response.read()
