@@ -13,7 +13,7 @@ from ..core.errors import MeshmailError
 from ..state.records import AdminAccount, ApiToken
 from ..state.replica import ClusterState
 from .passwords import dummy_hash, hash_password, verify_password
-from .tokens import ApiTokenText, TokenError, hash_secret, new_api_token, parse_api_token, secret_matches
+from .tokens import ApiTokenText, TokenError, check_note, hash_secret, new_api_token, parse_api_token, secret_matches
 
 ACCOUNT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
@@ -59,8 +59,9 @@ def password_matches(record: AdminAccount | None, password: object) -> bool:
 
 
 def create_api_token(replication, account: str, note: str, now_ms: int) -> ApiTokenText:
+    """A new API token acting for `account`; raises TokenError for a note that is too long."""
     token = new_api_token()
-    replication.put("apitoken", token.token_id, ApiToken(hash_secret(token.secret), account, now_ms, note[:200]))
+    replication.put("apitoken", token.token_id, ApiToken(hash_secret(token.secret), account, now_ms, check_note(note)))
     return token
 
 

@@ -28,7 +28,7 @@ from ..state.records import JoinToken, Redemption, RemovedNode
 from ..state.replica import ClusterState
 from . import ca
 from .accounts import revoke_api_tokens
-from .tokens import JoinTokenText, hash_secret, new_id, new_secret, secret_matches
+from .tokens import JoinTokenText, check_note, hash_secret, new_id, new_secret, secret_matches
 
 NONCE = re.compile(r"[0-9a-f]{32}")
 TOKEN_ID = re.compile(r"[0-9a-f]{16}")
@@ -91,6 +91,7 @@ def create_token(
     masters: list[str],
 ) -> JoinTokenText:
     check_role(role)
+    check_note(note)
     if not 1 <= ttl_s <= MAX_TTL_S:
         raise ValueError(f"ttl must be 1 second to {MAX_TTL_S // 86400} days")
     if not 1 <= uses <= MAX_USES:
@@ -99,7 +100,7 @@ def create_token(
         raise ValueError("no master address to put in the token")
     token = JoinTokenText(new_id(), new_secret(), ca_fingerprint, tuple(masters[:8]))
     record = JoinToken(
-        hash_secret(token.secret), role, now_ms + int(ttl_s * 1000), uses, creator[:200], now_ms, note[:200]
+        hash_secret(token.secret), role, now_ms + int(ttl_s * 1000), uses, creator[:200], now_ms, note
     )
     replication.put("jointoken", token.token_id, record)
     return token

@@ -73,6 +73,17 @@ def _unb64url(text: str) -> bytes:
         raise TokenError("the token is not valid base64url (was it cut or mistyped?)") from None
 
 
+#: Longest note on a join or API token, in characters.
+MAX_NOTE = 200
+
+
+def check_note(note: object) -> str:
+    """`note` if it is text of at most MAX_NOTE printable characters; raises TokenError."""
+    if not isinstance(note, str) or len(note) > MAX_NOTE or not note.isprintable():
+        raise TokenError(f"a note is at most {MAX_NOTE} printable characters (no line breaks)")
+    return note
+
+
 def check_master_address(text: object) -> str:
     """A master address of a token: ``host:port`` with an IP literal (IPv6 in brackets) or a DNS name."""
     try:

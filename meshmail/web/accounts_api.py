@@ -11,6 +11,7 @@ from werkzeug.exceptions import BadRequest
 from ..core.clock import wall_ms
 from ..security import accounts
 from ..security.passwords import PasswordError
+from ..security.tokens import TokenError
 from . import auth
 from .bodies import json_object
 from .current import ctx, guard
@@ -101,7 +102,8 @@ async def remove_admin(account: str):
 @routes.post("/api-tokens")
 async def create_api_token():
     note = (await json_object(empty_ok=True)).get("note", "")
-    if not isinstance(note, str):
-        raise BadRequest('expected {"note": TEXT}')
-    token = accounts.create_api_token(ctx().replication, request.principal.account, note, wall_ms())
+    try:
+        token = accounts.create_api_token(ctx().replication, request.principal.account, note, wall_ms())
+    except TokenError as exc:
+        raise BadRequest(str(exc)) from None
     return {"token": token.encode(), "id": token.token_id, "account": request.principal.account}, 201

@@ -12,7 +12,7 @@ from helpers.security import START_MS, snapshot
 from meshmail.security import accounts
 from meshmail.security.accounts import AccountError, api_token_account, create_api_token, revoke_api_tokens
 from meshmail.security.passwords import PasswordError, hash_password
-from meshmail.security.tokens import ApiTokenText
+from meshmail.security.tokens import ApiTokenText, TokenError
 from meshmail.state.records import AdminAccount
 
 PASSWORD = "correct horse battery"
@@ -121,9 +121,14 @@ def test_api_token_lookup_refusals(replication):
         assert api_token_account(state, text) is None
 
 
-def test_api_token_note_is_capped(replication):
-    token = create_api_token(replication, "admin", "n" * 1000, START_MS)
-    assert len(replication.state.get("apitoken", token.token_id).note) == 200
+def test_api_token_note_is_bounded(replication):
+    token = create_api_token(replication, "admin", "n" * 200, START_MS)
+    assert replication.state.get("apitoken", token.token_id).note == "n" * 200
+    before = snapshot(replication.state)
+    for note in ("n" * 201, "n" * 60_000, "a\nb", None):
+        with pytest.raises(TokenError, match="a note is at most 200 printable characters"):
+            create_api_token(replication, "admin", note, START_MS)
+    assert snapshot(replication.state) == before
 
 
 def test_revoke_api_tokens(replication):

@@ -99,6 +99,9 @@ def test_create_token(replication, authority):
         ({"uses": 0}, "uses"),
         ({"uses": admission.MAX_USES + 1}, "uses"),
         ({"masters": []}, "master"),
+        ({"note": "n" * 201}, "a note is at most 200"),
+        ({"note": "two\nlines"}, "a note is at most 200"),
+        ({"note": 7}, "a note is at most 200"),
     ],
 )
 def test_create_token_refusals_write_nothing(replication, authority, changes, words):
