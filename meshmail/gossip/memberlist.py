@@ -70,7 +70,8 @@ class Memberlist:
         self.cluster = cluster
         self.config = config or GossipConfig()
         self.delegate = delegate or Delegate()
-        self.counters: collections.Counter[str] = collections.Counter()
+        #: What this node counted, the transport's troubles included.
+        self.counters: collections.Counter[str] = transport.counters
         self._advertise = advertise
         rng = rng or random.Random()
         hooks = Hooks(changed=self._gossip_soon, event=self._publish, suspected=self._watch_suspicion)
