@@ -122,6 +122,13 @@ class Memberlist:
         """Whether run() has started (this node is in its own member list)."""
         return self._state.running
 
+    @property
+    def clock_offsets(self) -> dict[str, float]:
+        """By member name, how far (seconds, positive: ahead) its clock was from ours in the
+        stale packets dropped from it; the largest offset seen, for the few hundred members
+        heard of last."""
+        return dict(self._net.skew.offsets)
+
     def members(self) -> list[MemberInfo]:
         """Every member known, this node included, dead and left ones until reaped."""
         return [member.snapshot() for member in self._state.members.values()]

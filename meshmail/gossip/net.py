@@ -22,6 +22,7 @@ from .delegate import Conversation, Delegate
 from .frames import FrameError, Sealer
 from .keyring import OVERHEAD
 from .messages import State
+from .skew import ClockSkew
 from .state import Membership
 from .timing import push_pull_interval
 from .transport import Transport
@@ -61,6 +62,8 @@ class Network:
         self._rng = rng
         self._on_message = on_message
         self._streams = trio.Semaphore(MAX_CONCURRENT_STREAMS)
+        #: The clock offsets of members whose packets were stale.
+        self.skew = ClockSkew()
         self._gossip_now = trio.Event()
         #: When each refused member was last told so (trio time), to tell it at most every
         #: REFUSAL_NOTICE_INTERVAL seconds.
@@ -90,7 +93,7 @@ class Network:
         try:
             _, messages = self.sealer.open(data)
         except FrameError as exc:
-            self.counters["dropped." + exc.reason] += 1
+            self._dropped(exc, source)
             if exc.reason == "removed_member":
                 await self._tell_refused(exc.sender, source)
             return
@@ -99,6 +102,12 @@ class Network:
                 await self._answer_ping(msg, source)
             else:
                 self._on_message(msg, source)
+
+    def _dropped(self, exc: FrameError, source: Address) -> None:
+        """Count a packet or frame that did not open; a stale one names its sender's clock skew."""
+        self.counters["dropped." + exc.reason] += 1
+        if exc.offset is not None:
+            self.skew.observe(exc.sender, source, exc.offset)
 
     async def _answer_ping(self, msg: m.Ping, source: Address) -> None:
         if msg.node != self._state.name:
@@ -168,17 +177,17 @@ class Network:
                 self.counters["dropped.busy"] += 1
                 await stream.aclose()
                 continue
-            nursery.start_soon(self._handle_stream, stream)
+            nursery.start_soon(self._handle_stream, peer, stream)
 
-    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+    async def _handle_stream(self, peer: Address, stream: trio.abc.Stream) -> None:
         """Serve one incoming stream: a TCP ping or a push-pull exchange."""
         try:
             async with stream:
-                await self._serve_stream(stream)
+                await self._serve_stream(peer, stream)
         finally:
             self._streams.release()
 
-    async def _serve_stream(self, stream: trio.abc.Stream) -> None:
+    async def _serve_stream(self, peer: Address, stream: trio.abc.Stream) -> None:
         self.counters["streams_in"] += 1
         push_pull_from = None
         with trio.move_on_after(self.config.tcp_timeout) as timer:
@@ -194,10 +203,13 @@ class Network:
                         if msg.join:
                             self._gossip_now.set()
             except FrameError as exc:
-                self.counters["dropped." + exc.reason] += 1
-                if exc.reason == "removed_member":
-                    with contextlib.suppress(*_STREAM_ERRORS):
+                self._dropped(exc, peer)
+                with contextlib.suppress(*_STREAM_ERRORS):
+                    if exc.reason == "removed_member":
                         await self.sealer.write_frame(stream, [m.Refused(exc.sender)])
+                    elif exc.offset is not None:
+                        # An empty frame carries our clock: the sender learns of the skew too.
+                        await self.sealer.write_frame(stream, [])
             except _STREAM_ERRORS:
                 self.counters["streams_broken"] += 1
         if timer.cancelled_caught:
@@ -238,7 +250,7 @@ class Network:
                     await self.sealer.write_frame(stream, [self._local_push_pull(join)])
                     header, messages = await self.sealer.read_frame(stream)
             except FrameError as exc:
-                self.counters["dropped." + exc.reason] += 1
+                self._dropped(exc, address)
                 return False
             except (*_STREAM_ERRORS, trio.TooSlowError):
                 self.counters["push_pull_failures"] += 1
