@@ -17,6 +17,7 @@ import trio
 
 from ..core.address import Address
 from . import messages as m
+from .admission import PROOF_DEADLINE, Slot, UnprovenPool, source_of
 from .config import GossipConfig
 from .delegate import Conversation, Delegate
 from .frames import FrameError, Sealer
@@ -27,7 +28,8 @@ from .state import Membership
 from .timing import push_pull_interval
 from .transport import Transport
 
-#: Streams served at once; more are closed at once and counted.
+#: Streams that proved themselves (their first frame opened) served at once; more are
+#: closed at once and counted. Streams still waiting for a first frame have their own pool.
 MAX_CONCURRENT_STREAMS = 64
 #: How often a failed (not left) member is offered a push-pull, as Serf's reconnect does.
 RECONNECT_INTERVAL = 30.0
@@ -62,6 +64,7 @@ class Network:
         self._rng = rng
         self._on_message = on_message
         self._streams = trio.Semaphore(MAX_CONCURRENT_STREAMS)
+        self._unproven = UnprovenPool()
         #: The clock offsets of members whose packets were stale.
         self.skew = ClockSkew()
         self._gossip_now = trio.Event()
@@ -168,31 +171,69 @@ class Network:
     # ------------------------------------------------------------ streams
 
     async def stream_loop(self, nursery: trio.Nursery) -> None:
-        """Accept streams and serve each in `nursery`, at most MAX_CONCURRENT_STREAMS at once."""
+        """Accept streams and serve each in `nursery`. A stream waits for its first frame
+        in the unproven pool (admission.py), shared fairly between sources and ended when
+        no frame opened within the proof deadline; a stream whose first frame opened is
+        served in a pool of its own, at most MAX_CONCURRENT_STREAMS at once."""
         while True:
             peer, stream = await self.transport.accept()
+            self.counters["streams_in"] += 1
+            scope = trio.CancelScope()
+            slot, evicted, refusal = self._unproven.admit(source_of(peer[0]), scope)
+            if evicted is not None:
+                self.counters["dropped.stream_evicted"] += 1
+                evicted.holder.cancel()
+            if slot is None:
+                self.counters["dropped.stream_" + refusal] += 1
+                await stream.aclose()
+                continue
+            nursery.start_soon(self._handle_stream, peer, stream, slot)
+
+    async def _handle_stream(self, peer: Address, stream: trio.abc.Stream, slot: Slot) -> None:
+        """Serve one incoming stream, a TCP ping or a push-pull exchange, once it proved itself."""
+        async with stream:
+            first = None
+            try:
+                with slot.holder:  # cancelled when the stream is evicted
+                    first = await self._first_frame(peer, stream)
+            finally:
+                self._unproven.release(slot)
+            if first is None:
+                return
             try:
                 self._streams.acquire_nowait()
             except trio.WouldBlock:
                 self.counters["dropped.busy"] += 1
-                await stream.aclose()
-                continue
-            nursery.start_soon(self._handle_stream, peer, stream)
+                return
+            try:
+                await self._serve_stream(stream, *first)
+            finally:
+                self._streams.release()
 
-    async def _handle_stream(self, peer: Address, stream: trio.abc.Stream) -> None:
-        """Serve one incoming stream: a TCP ping or a push-pull exchange."""
-        try:
-            async with stream:
-                await self._serve_stream(peer, stream)
-        finally:
-            self._streams.release()
+    async def _first_frame(self, peer: Address, stream: trio.abc.Stream) -> tuple[m.Header, list[Any]] | None:
+        """The stream's first frame if it arrives and opens within the proof deadline; None
+        (counted) when it does not, or the stream was evicted (cancelled) meanwhile."""
+        with trio.move_on_after(min(PROOF_DEADLINE, self.config.tcp_timeout)) as timer:
+            try:
+                return await self.sealer.read_frame(stream)
+            except FrameError as exc:
+                self._dropped(exc, peer)
+                with contextlib.suppress(*_STREAM_ERRORS):
+                    if exc.reason == "removed_member":
+                        await self.sealer.write_frame(stream, [m.Refused(exc.sender)])
+                    elif exc.offset is not None:
+                        # An empty frame carries our clock: the sender learns of the skew too.
+                        await self.sealer.write_frame(stream, [])
+            except _STREAM_ERRORS:
+                self.counters["streams_broken"] += 1
+        if timer.cancelled_caught:
+            self.counters["dropped.stream_unproven"] += 1
+        return None
 
-    async def _serve_stream(self, peer: Address, stream: trio.abc.Stream) -> None:
-        self.counters["streams_in"] += 1
+    async def _serve_stream(self, stream: trio.abc.Stream, header: m.Header, messages: list[Any]) -> None:
         push_pull_from = None
         with trio.move_on_after(self.config.tcp_timeout) as timer:
             try:
-                header, messages = await self.sealer.read_frame(stream)
                 for msg in messages:
                     if isinstance(msg, m.Ping) and msg.node == self._state.name:
                         await self.sealer.write_frame(stream, [m.Ack(msg.seq)])
@@ -202,14 +243,6 @@ class Network:
                         push_pull_from = header.sender
                         if msg.join:
                             self._gossip_now.set()
-            except FrameError as exc:
-                self._dropped(exc, peer)
-                with contextlib.suppress(*_STREAM_ERRORS):
-                    if exc.reason == "removed_member":
-                        await self.sealer.write_frame(stream, [m.Refused(exc.sender)])
-                    elif exc.offset is not None:
-                        # An empty frame carries our clock: the sender learns of the skew too.
-                        await self.sealer.write_frame(stream, [])
             except _STREAM_ERRORS:
                 self.counters["streams_broken"] += 1
         if timer.cancelled_caught:
