@@ -74,7 +74,10 @@ class Memberlist:
         self.counters: collections.Counter[str] = transport.counters
         self._advertise = advertise
         rng = rng or random.Random()
-        hooks = Hooks(changed=self._gossip_soon, event=self._publish, suspected=self._watch_suspicion)
+        hooks = Hooks(
+            changed=self._gossip_soon, event=self._publish, suspected=self._watch_suspicion,
+            recovered=self._recovered,
+        )
         self._state = Membership(
             name, config=self.config, rng=rng, counters=self.counters, hooks=hooks, meta=meta,
             clock=trio.current_time, wall_clock=wall_clock,
@@ -174,6 +177,7 @@ class Memberlist:
             nursery.start_soon(net.gossip_loop)
             nursery.start_soon(net.push_pull_loop)
             nursery.start_soon(net.reconnect_loop)
+            nursery.start_soon(net.recovery_loop)
             nursery.start_soon(self._reap_loop)
             task_status.started(bound)
 
@@ -225,6 +229,9 @@ class Memberlist:
 
     def _gossip_soon(self) -> None:
         self._net.gossip_soon()
+
+    def _recovered(self, member: Member) -> None:
+        self._net.recovered(member.name)
 
     def _watch_suspicion(self, member: Member, suspicion: Suspicion, accuser: str) -> None:
         if self._nursery is None:

@@ -22,6 +22,7 @@ from .config import GossipConfig
 from .delegate import Conversation, Delegate
 from .frames import FrameError, Sealer
 from .keyring import OVERHEAD
+from .member import Member
 from .messages import State
 from .skew import ClockSkew
 from .state import Membership
@@ -35,6 +36,16 @@ MAX_CONCURRENT_STREAMS = 64
 RECONNECT_INTERVAL = 30.0
 #: A removed member whose gossip keeps coming is told so at most this often (seconds).
 REFUSAL_NOTICE_INTERVAL = 10.0
+#: A member that turns alive (new, back from dead, refuted a suspicion) is pushed-pulled at
+#: once, unless we exchanged with it less than this long ago (seconds): a member flapping
+#: between suspect and alive costs one exchange per interval, not one per flap.
+RECOVERY_PUSH_PULL_INTERVAL = 30.0
+#: A node starts at most one such push-pull per this many seconds; members that turned
+#: alive before it started need none of their own (a heal or a rolling start brings many
+#: members back at once, and one exchange with any of them brings their side's state).
+RECOVERY_PUSH_PULL_GAP = 1.0
+#: Members remembered for that rate limit; past it the oldest are forgotten.
+MAX_RECOVERY_ENTRIES = 4096
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -68,6 +79,14 @@ class Network:
         #: The clock offsets of members whose packets were stale.
         self.skew = ClockSkew()
         self._gossip_now = trio.Event()
+        #: Members that turned alive and wait for their push-pull, in order.
+        self._recovering: dict[str, None] = {}
+        self._recovering_now = trio.Event()
+        #: When each member last answered or sent a push-pull, or a recovery push-pull with
+        #: it started (trio time).
+        self._pushed_pulled: dict[str, float] = {}
+        #: Set while a push-pull's member list is merged: members it revives need no push-pull of their own.
+        self._merging = False
         #: When each refused member was last told so (trio time), to tell it at most every
         #: REFUSAL_NOTICE_INTERVAL seconds.
         self._told_refused: dict[str, float] = {}
@@ -239,6 +258,7 @@ class Network:
                         await self.sealer.write_frame(stream, [m.Ack(msg.seq)])
                     elif isinstance(msg, m.PushPull):
                         await self.sealer.write_frame(stream, [self._local_push_pull(msg.join)])
+                        self._note_push_pull(header.sender)
                         self._merge_push_pull(msg)
                         push_pull_from = header.sender
                         if msg.join:
@@ -288,6 +308,7 @@ class Network:
             except (*_STREAM_ERRORS, trio.TooSlowError):
                 self.counters["push_pull_failures"] += 1
                 return False
+            self._note_push_pull(header.sender)
             for msg in messages:
                 if isinstance(msg, m.Refused):
                     self._state.refused_by_cluster(msg)
@@ -303,9 +324,53 @@ class Network:
         return m.PushPull(join, self._state.push_pull_states(), self.delegate.local_state(join))
 
     def _merge_push_pull(self, msg: m.PushPull) -> None:
-        self._state.merge(msg.members)
+        self._merging = True
+        try:
+            self._state.merge(msg.members)
+        finally:
+            self._merging = False
         if msg.extension:
             self.delegate.merge_remote_state(msg.extension, msg.join)
+
+    def _note_push_pull(self, name: str) -> None:
+        self._pushed_pulled.pop(name, None)
+        self._pushed_pulled[name] = trio.current_time()
+        if len(self._pushed_pulled) > MAX_RECOVERY_ENTRIES:
+            del self._pushed_pulled[next(iter(self._pushed_pulled))]
+
+    def _pushed_pulled_lately(self, name: str) -> bool:
+        started = self._pushed_pulled.get(name)
+        return started is not None and trio.current_time() - started < RECOVERY_PUSH_PULL_INTERVAL
+
+    def _wants_recovery_push_pull(self, member: Member) -> bool:
+        return member.state == State.ALIVE and not self._pushed_pulled_lately(member.name)
+
+    def recovered(self, name: str) -> None:
+        """Member `name` turned alive: push-pull with it soon, so replicated state agrees at
+        once rather than at the next periodic push-pull. Not when a push-pull told us (that
+        exchange is the sync), nor when we exchanged with it, or tried to for a recovery,
+        less than RECOVERY_PUSH_PULL_INTERVAL ago."""
+        if self._merging or self._pushed_pulled_lately(name) or len(self._recovering) >= MAX_RECOVERY_ENTRIES:
+            return
+        self._recovering[name] = None
+        self._recovering_now.set()
+
+    async def recovery_loop(self) -> None:
+        """Push-pull with the first member that turned alive and is still alive; the others
+        waiting meanwhile are covered by that exchange. At most one per RECOVERY_PUSH_PULL_GAP."""
+        while True:
+            await self._recovering_now.wait()
+            self._recovering_now = trio.Event()
+            waiting = [self._state.members.get(name) for name in self._recovering]
+            self._recovering.clear()
+            member = next((x for x in waiting if x is not None and self._wants_recovery_push_pull(x)), None)
+            if member is None:
+                continue
+            self.counters["recovery_push_pulls"] += 1
+            self._note_push_pull(member.name)
+            started = trio.current_time()
+            await self.push_pull(member.address, join=False)
+            await trio.sleep_until(started + RECOVERY_PUSH_PULL_GAP)
 
     async def push_pull_loop(self) -> None:
         base = self.config.push_pull_interval
