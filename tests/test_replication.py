@@ -16,6 +16,7 @@ from meshmail.gossip.config import GossipConfig, profile
 from meshmail.gossip.keyring import Keyring
 from meshmail.gossip.memberlist import Memberlist
 from meshmail.gossip.memory import Link, MemoryNetwork
+from meshmail.gossip.messages import State
 from meshmail.gossip.timing import push_pull_interval
 from meshmail.replication import Replication
 from meshmail.state.hlc import Timestamp
@@ -186,6 +187,40 @@ async def test_conflicting_edits_on_both_sides_of_a_partition_the_later_clock_wi
             while len({r.state.digest_summary() for r in nodes}) > 1:
                 await trio.sleep(1.0)
         assert {r.state.domain("contested.example") for r in nodes} == {DomainRoute("slave-b", "admin")}
+        nursery.cancel_scope.cancel()
+
+
+async def test_after_a_partition_heals_the_maps_agree_as_soon_as_the_members_do(autojump_clock, tmp_path):
+    """A 5/5 partition long enough for each side to fail the other, each side assigning its
+    own domain; after the heal, once every node sees every member alive again, the maps are
+    identical within 3 s: each node pushes-pulls at once with the first member it sees come
+    back from dead, which brings the other side's state (~5 ms round trips here), rather
+    than at the next periodic push-pull (up to 30 s away)."""
+    network = MemoryNetwork(random.Random(6), Link(latency=0.002, jitter=0.003))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(network.run)
+        cluster = Cluster(network, nursery, tmp_path)
+        nodes = [await cluster.start(f"n{i}", i + 1) for i in range(10)]
+        for name in list(cluster.nodes)[1:]:
+            await cluster.nodes[name][0].join([cluster.address("n0")])
+        await trio.sleep(2.0)
+        addresses = [cluster.address(f"n{i}") for i in range(10)]
+        network.partition(addresses[:5], addresses[5:])
+        await trio.sleep(5.0)
+        nodes[0].assign_domain("left.example", "slave-a")
+        nodes[9].assign_domain("right.example", "slave-b")
+        await trio.sleep(60.0)
+        memberlists = [memberlist for memberlist, _, _ in cluster.nodes.values()]
+        assert all(x.member("n9").state == State.DEAD for x in memberlists[:5])
+        network.heal()
+        with trio.fail_after(60.0):
+            while any(x.state != State.ALIVE for memberlist in memberlists for x in memberlist.members()):
+                await trio.sleep(0.1)
+        with trio.fail_after(3.0):
+            while len({r.state.digest_summary() for r in nodes}) > 1:
+                await trio.sleep(0.1)
+        assert all(r.state.domain("left.example") and r.state.domain("right.example") for r in nodes)
+        assert sum(x.counters["recovery_push_pulls"] for x in memberlists) > 0
         nursery.cancel_scope.cancel()
 
 

@@ -22,12 +22,14 @@ _FRAME_HEADER = struct.Struct(">I")
 
 class FrameError(Exception):
     """A stream frame that is too large, cut short, or does not open; `reason` is a counter.
-    `sender` names the member a refused frame came from."""
+    `sender` names the member a refused or stale frame came from; `offset` is how far a
+    stale frame's send time is from our clock (seconds, positive when it is ahead)."""
 
-    def __init__(self, reason: str, sender: str = "") -> None:
+    def __init__(self, reason: str, sender: str = "", offset: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.sender = sender
+        self.offset = offset
 
 
 class Sealer:
@@ -71,7 +73,11 @@ class Sealer:
             header, messages, unknown = m.unpack(plaintext)
         except m.MalformedMessage:
             raise FrameError("malformed") from None
-        reason = self._replay.check(nonce, header.sent_ms / 1000, self._wall())
+        sent, now = header.sent_ms / 1000, self._wall()
+        reason = self._replay.check(nonce, sent, now)
+        if reason == "stale" and abs(sent - now) > self._replay.window:
+            # Outside the window, not only below the floor: the two clocks disagree.
+            raise FrameError(reason, header.sender, sent - now)
         if reason is not None:
             raise FrameError(reason)
         if header.sender in self._refused:

@@ -70,10 +70,14 @@ class Memberlist:
         self.cluster = cluster
         self.config = config or GossipConfig()
         self.delegate = delegate or Delegate()
-        self.counters: collections.Counter[str] = collections.Counter()
+        #: What this node counted, the transport's troubles included.
+        self.counters: collections.Counter[str] = transport.counters
         self._advertise = advertise
         rng = rng or random.Random()
-        hooks = Hooks(changed=self._gossip_soon, event=self._publish, suspected=self._watch_suspicion)
+        hooks = Hooks(
+            changed=self._gossip_soon, event=self._publish, suspected=self._watch_suspicion,
+            recovered=self._recovered,
+        )
         self._state = Membership(
             name, config=self.config, rng=rng, counters=self.counters, hooks=hooks, meta=meta,
             clock=trio.current_time, wall_clock=wall_clock,
@@ -121,6 +125,13 @@ class Memberlist:
         """Whether run() has started (this node is in its own member list)."""
         return self._state.running
 
+    @property
+    def clock_offsets(self) -> dict[str, float]:
+        """By member name, how far (seconds, positive: ahead) its clock was from ours in the
+        stale packets dropped from it; the largest offset seen, for the few hundred members
+        heard of last."""
+        return dict(self._net.skew.offsets)
+
     def members(self) -> list[MemberInfo]:
         """Every member known, this node included, dead and left ones until reaped."""
         return [member.snapshot() for member in self._state.members.values()]
@@ -166,6 +177,7 @@ class Memberlist:
             nursery.start_soon(net.gossip_loop)
             nursery.start_soon(net.push_pull_loop)
             nursery.start_soon(net.reconnect_loop)
+            nursery.start_soon(net.recovery_loop)
             nursery.start_soon(self._reap_loop)
             task_status.started(bound)
 
@@ -217,6 +229,9 @@ class Memberlist:
 
     def _gossip_soon(self) -> None:
         self._net.gossip_soon()
+
+    def _recovered(self, member: Member) -> None:
+        self._net.recovered(member.name)
 
     def _watch_suspicion(self, member: Member, suspicion: Suspicion, accuser: str) -> None:
         if self._nursery is None:

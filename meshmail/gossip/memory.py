@@ -8,6 +8,7 @@ product talks to.
 
 from __future__ import annotations
 
+import collections
 import errno
 import heapq
 import itertools
@@ -112,6 +113,7 @@ class MemoryNetwork:
 class MemoryTransport(Transport):
     network: MemoryNetwork
     _address: Address
+    counters: collections.Counter[str] = attrs.field(factory=collections.Counter)
     _packets: tuple = attrs.field(factory=lambda: trio.open_memory_channel(4096))
     _streams: tuple = attrs.field(factory=lambda: trio.open_memory_channel(64))
 

@@ -17,21 +17,35 @@ import trio
 
 from ..core.address import Address
 from . import messages as m
+from .admission import PROOF_DEADLINE, Slot, UnprovenPool, source_of
 from .config import GossipConfig
 from .delegate import Conversation, Delegate
 from .frames import FrameError, Sealer
 from .keyring import OVERHEAD
+from .member import Member
 from .messages import State
+from .skew import ClockSkew
 from .state import Membership
 from .timing import push_pull_interval
 from .transport import Transport
 
-#: Streams served at once; more are closed at once and counted.
+#: Streams that proved themselves (their first frame opened) served at once; more are
+#: closed at once and counted. Streams still waiting for a first frame have their own pool.
 MAX_CONCURRENT_STREAMS = 64
 #: How often a failed (not left) member is offered a push-pull, as Serf's reconnect does.
 RECONNECT_INTERVAL = 30.0
 #: A removed member whose gossip keeps coming is told so at most this often (seconds).
 REFUSAL_NOTICE_INTERVAL = 10.0
+#: A member that turns alive (new, back from dead, refuted a suspicion) is pushed-pulled at
+#: once, unless we exchanged with it less than this long ago (seconds): a member flapping
+#: between suspect and alive costs one exchange per interval, not one per flap.
+RECOVERY_PUSH_PULL_INTERVAL = 30.0
+#: A node starts at most one such push-pull per this many seconds; members that turned
+#: alive before it started need none of their own (a heal or a rolling start brings many
+#: members back at once, and one exchange with any of them brings their side's state).
+RECOVERY_PUSH_PULL_GAP = 1.0
+#: Members remembered for that rate limit; past it the oldest are forgotten.
+MAX_RECOVERY_ENTRIES = 4096
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -61,7 +75,18 @@ class Network:
         self._rng = rng
         self._on_message = on_message
         self._streams = trio.Semaphore(MAX_CONCURRENT_STREAMS)
+        self._unproven = UnprovenPool()
+        #: The clock offsets of members whose packets were stale.
+        self.skew = ClockSkew()
         self._gossip_now = trio.Event()
+        #: Members that turned alive and wait for their push-pull, in order.
+        self._recovering: dict[str, None] = {}
+        self._recovering_now = trio.Event()
+        #: When each member last answered or sent a push-pull, or a recovery push-pull with
+        #: it started (trio time).
+        self._pushed_pulled: dict[str, float] = {}
+        #: Set while a push-pull's member list is merged: members it revives need no push-pull of their own.
+        self._merging = False
         #: When each refused member was last told so (trio time), to tell it at most every
         #: REFUSAL_NOTICE_INTERVAL seconds.
         self._told_refused: dict[str, float] = {}
@@ -90,7 +115,7 @@ class Network:
         try:
             _, messages = self.sealer.open(data)
         except FrameError as exc:
-            self.counters["dropped." + exc.reason] += 1
+            self._dropped(exc, source)
             if exc.reason == "removed_member":
                 await self._tell_refused(exc.sender, source)
             return
@@ -99,6 +124,12 @@ class Network:
                 await self._answer_ping(msg, source)
             else:
                 self._on_message(msg, source)
+
+    def _dropped(self, exc: FrameError, source: Address) -> None:
+        """Count a packet or frame that did not open; a stale one names its sender's clock skew."""
+        self.counters["dropped." + exc.reason] += 1
+        if exc.offset is not None:
+            self.skew.observe(exc.sender, source, exc.offset)
 
     async def _answer_ping(self, msg: m.Ping, source: Address) -> None:
         if msg.node != self._state.name:
@@ -159,45 +190,79 @@ class Network:
     # ------------------------------------------------------------ streams
 
     async def stream_loop(self, nursery: trio.Nursery) -> None:
-        """Accept streams and serve each in `nursery`, at most MAX_CONCURRENT_STREAMS at once."""
+        """Accept streams and serve each in `nursery`. A stream waits for its first frame
+        in the unproven pool (admission.py), shared fairly between sources and ended when
+        no frame opened within the proof deadline; a stream whose first frame opened is
+        served in a pool of its own, at most MAX_CONCURRENT_STREAMS at once."""
         while True:
             peer, stream = await self.transport.accept()
+            self.counters["streams_in"] += 1
+            scope = trio.CancelScope()
+            slot, evicted, refusal = self._unproven.admit(source_of(peer[0]), scope)
+            if evicted is not None:
+                self.counters["dropped.stream_evicted"] += 1
+                evicted.holder.cancel()
+            if slot is None:
+                self.counters["dropped.stream_" + refusal] += 1
+                await stream.aclose()
+                continue
+            nursery.start_soon(self._handle_stream, peer, stream, slot)
+
+    async def _handle_stream(self, peer: Address, stream: trio.abc.Stream, slot: Slot) -> None:
+        """Serve one incoming stream, a TCP ping or a push-pull exchange, once it proved itself."""
+        async with stream:
+            first = None
+            try:
+                with slot.holder:  # cancelled when the stream is evicted
+                    first = await self._first_frame(peer, stream)
+            finally:
+                self._unproven.release(slot)
+            if first is None:
+                return
             try:
                 self._streams.acquire_nowait()
             except trio.WouldBlock:
                 self.counters["dropped.busy"] += 1
-                await stream.aclose()
-                continue
-            nursery.start_soon(self._handle_stream, stream)
+                return
+            try:
+                await self._serve_stream(stream, *first)
+            finally:
+                self._streams.release()
 
-    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
-        """Serve one incoming stream: a TCP ping or a push-pull exchange."""
-        try:
-            async with stream:
-                await self._serve_stream(stream)
-        finally:
-            self._streams.release()
+    async def _first_frame(self, peer: Address, stream: trio.abc.Stream) -> tuple[m.Header, list[Any]] | None:
+        """The stream's first frame if it arrives and opens within the proof deadline; None
+        (counted) when it does not, or the stream was evicted (cancelled) meanwhile."""
+        with trio.move_on_after(min(PROOF_DEADLINE, self.config.tcp_timeout)) as timer:
+            try:
+                return await self.sealer.read_frame(stream)
+            except FrameError as exc:
+                self._dropped(exc, peer)
+                with contextlib.suppress(*_STREAM_ERRORS):
+                    if exc.reason == "removed_member":
+                        await self.sealer.write_frame(stream, [m.Refused(exc.sender)])
+                    elif exc.offset is not None:
+                        # An empty frame carries our clock: the sender learns of the skew too.
+                        await self.sealer.write_frame(stream, [])
+            except _STREAM_ERRORS:
+                self.counters["streams_broken"] += 1
+        if timer.cancelled_caught:
+            self.counters["dropped.stream_unproven"] += 1
+        return None
 
-    async def _serve_stream(self, stream: trio.abc.Stream) -> None:
-        self.counters["streams_in"] += 1
+    async def _serve_stream(self, stream: trio.abc.Stream, header: m.Header, messages: list[Any]) -> None:
         push_pull_from = None
         with trio.move_on_after(self.config.tcp_timeout) as timer:
             try:
-                header, messages = await self.sealer.read_frame(stream)
                 for msg in messages:
                     if isinstance(msg, m.Ping) and msg.node == self._state.name:
                         await self.sealer.write_frame(stream, [m.Ack(msg.seq)])
                     elif isinstance(msg, m.PushPull):
                         await self.sealer.write_frame(stream, [self._local_push_pull(msg.join)])
+                        self._note_push_pull(header.sender)
                         self._merge_push_pull(msg)
                         push_pull_from = header.sender
                         if msg.join:
                             self._gossip_now.set()
-            except FrameError as exc:
-                self.counters["dropped." + exc.reason] += 1
-                if exc.reason == "removed_member":
-                    with contextlib.suppress(*_STREAM_ERRORS):
-                        await self.sealer.write_frame(stream, [m.Refused(exc.sender)])
             except _STREAM_ERRORS:
                 self.counters["streams_broken"] += 1
         if timer.cancelled_caught:
@@ -238,11 +303,12 @@ class Network:
                     await self.sealer.write_frame(stream, [self._local_push_pull(join)])
                     header, messages = await self.sealer.read_frame(stream)
             except FrameError as exc:
-                self.counters["dropped." + exc.reason] += 1
+                self._dropped(exc, address)
                 return False
             except (*_STREAM_ERRORS, trio.TooSlowError):
                 self.counters["push_pull_failures"] += 1
                 return False
+            self._note_push_pull(header.sender)
             for msg in messages:
                 if isinstance(msg, m.Refused):
                     self._state.refused_by_cluster(msg)
@@ -258,9 +324,53 @@ class Network:
         return m.PushPull(join, self._state.push_pull_states(), self.delegate.local_state(join))
 
     def _merge_push_pull(self, msg: m.PushPull) -> None:
-        self._state.merge(msg.members)
+        self._merging = True
+        try:
+            self._state.merge(msg.members)
+        finally:
+            self._merging = False
         if msg.extension:
             self.delegate.merge_remote_state(msg.extension, msg.join)
+
+    def _note_push_pull(self, name: str) -> None:
+        self._pushed_pulled.pop(name, None)
+        self._pushed_pulled[name] = trio.current_time()
+        if len(self._pushed_pulled) > MAX_RECOVERY_ENTRIES:
+            del self._pushed_pulled[next(iter(self._pushed_pulled))]
+
+    def _pushed_pulled_lately(self, name: str) -> bool:
+        started = self._pushed_pulled.get(name)
+        return started is not None and trio.current_time() - started < RECOVERY_PUSH_PULL_INTERVAL
+
+    def _wants_recovery_push_pull(self, member: Member) -> bool:
+        return member.state == State.ALIVE and not self._pushed_pulled_lately(member.name)
+
+    def recovered(self, name: str) -> None:
+        """Member `name` turned alive: push-pull with it soon, so replicated state agrees at
+        once rather than at the next periodic push-pull. Not when a push-pull told us (that
+        exchange is the sync), nor when we exchanged with it, or tried to for a recovery,
+        less than RECOVERY_PUSH_PULL_INTERVAL ago."""
+        if self._merging or self._pushed_pulled_lately(name) or len(self._recovering) >= MAX_RECOVERY_ENTRIES:
+            return
+        self._recovering[name] = None
+        self._recovering_now.set()
+
+    async def recovery_loop(self) -> None:
+        """Push-pull with the first member that turned alive and is still alive; the others
+        waiting meanwhile are covered by that exchange. At most one per RECOVERY_PUSH_PULL_GAP."""
+        while True:
+            await self._recovering_now.wait()
+            self._recovering_now = trio.Event()
+            waiting = [self._state.members.get(name) for name in self._recovering]
+            self._recovering.clear()
+            member = next((x for x in waiting if x is not None and self._wants_recovery_push_pull(x)), None)
+            if member is None:
+                continue
+            self.counters["recovery_push_pulls"] += 1
+            self._note_push_pull(member.name)
+            started = trio.current_time()
+            await self.push_pull(member.address, join=False)
+            await trio.sleep_until(started + RECOVERY_PUSH_PULL_GAP)
 
     async def push_pull_loop(self) -> None:
         base = self.config.push_pull_interval

@@ -41,12 +41,15 @@ class Hooks:
 
     `changed()` when membership changed (gossip now, not at the next tick);
     `event(kind, member)` for the subscribers; `suspected(member, suspicion, accuser)` when
-    a suspicion starts, so its timer runs (and the accusation is checked by a probe).
+    a suspicion starts, so its timer runs (and the accusation is checked by a probe);
+    `recovered(member)` when another member turns alive: new, back from dead or left, or
+    no longer suspect.
     """
 
     changed: Callable[[], None] = _nothing
     event: Callable[[EventKind, Member], None] = _nothing
     suspected: Callable[[Member, Suspicion, str], None] = _nothing
+    recovered: Callable[[Member], None] = _nothing
 
 
 class Membership:
@@ -191,6 +194,7 @@ class Membership:
         member.host, member.port, member.meta, member.incarnation = msg.host, msg.port, msg.meta, msg.incarnation
         if old_state != State.ALIVE:
             self._set_state(member, State.ALIVE)
+            self.hooks.recovered(member)
         if old_state in _GONE:
             self.hooks.event(EventKind.JOINED, member)
         elif old_meta != msg.meta or old_state == State.SUSPECT:

@@ -8,11 +8,13 @@ simulations lives in memory.py and implements the same interface.
 from __future__ import annotations
 
 import abc
+import collections
 import socket
 
 import attrs
 import trio
 
+from ..core.accept import ResilientListener
 from ..core.address import Address
 
 #: Largest datagram read; anything larger than the configured packet size is dropped later.
@@ -26,7 +28,10 @@ class Packet:
 
 
 class Transport(abc.ABC):
-    """The network as the gossip node sees it."""
+    """The network as the gossip node sees it; `counters` is where it counts its troubles
+    (the node running on it counts into the same Counter)."""
+
+    counters: collections.Counter[str]
 
     @property
     @abc.abstractmethod
@@ -64,7 +69,10 @@ class NetTransport(Transport):
 
     host: str
     port: int = 0
-    backlog: int = 128
+    #: Deep (the kernel caps it at net.core.somaxconn): a burst of connections waits in the
+    #: queue instead of having its SYNs dropped and retried a second later.
+    backlog: int = 4096
+    counters: collections.Counter[str] = attrs.field(factory=collections.Counter)
     _address: Address | None = None
     _udp: trio.socket.SocketType | None = None
     _incoming: tuple = attrs.field(factory=lambda: trio.open_memory_channel(64))
@@ -93,16 +101,17 @@ class NetTransport(Transport):
             tcp.listen(self.backlog)
             self._udp = udp
             self._address = (self.host, port)
-            listener = trio.SocketListener(tcp)
+            listener = ResilientListener(trio.SocketListener(tcp), name="gossip", counters=self.counters)
             send, _ = self._incoming
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._accept_loop, listener, send)
                 task_status.started(self._address)
                 await trio.sleep_forever()
 
-    async def _accept_loop(self, listener: trio.SocketListener, send: trio.MemorySendChannel) -> None:
+    async def _accept_loop(self, listener: ResilientListener, send: trio.MemorySendChannel) -> None:
         while True:
             stream = await listener.accept()
+            assert isinstance(stream, trio.SocketStream)
             try:
                 peer = stream.socket.getpeername()[:2]
             except OSError:

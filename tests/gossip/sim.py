@@ -75,8 +75,17 @@ class Cluster:
     events: list[Verdict] = attrs.field(factory=list)
     _generation: int = 0
 
-    async def start(self, name: str, address: Address, *, label: str | None = None, meta: bytes = b"") -> Node:
-        """Start a Memberlist called `name` at `address`; a label already in use is replaced."""
+    async def start(
+        self,
+        name: str,
+        address: Address,
+        *,
+        label: str | None = None,
+        meta: bytes = b"",
+        wall_clock: Callable[[], float] = trio.current_time,
+    ) -> Node:
+        """Start a Memberlist called `name` at `address`; a label already in use is replaced.
+        Its wall clock is trio's clock unless `wall_clock` gives it another (a skewed one)."""
         label = label or name
         self._generation += 1
         memberlist = Memberlist(
@@ -87,7 +96,7 @@ class Cluster:
             config=self.config,
             meta=meta,
             rng=random.Random(f"{self.seed}/{label}/{self._generation}"),
-            wall_clock=trio.current_time,
+            wall_clock=wall_clock,
         )
         node = Node(label, memberlist, trio.CancelScope())
         await self._nursery.start(self._run, node)

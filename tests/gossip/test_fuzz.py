@@ -446,10 +446,11 @@ async def test_stream_garbage(target: Target) -> None:
     expected["dropped.replay"] += 1
     streams += 2
 
-    silent = await trio.open_tcp_stream(*node.address)  # says nothing: closed after tcp_timeout
+    silent = await trio.open_tcp_stream(*node.address)  # says nothing: closed after the proof deadline
     async with silent:
         with trio.fail_after(10 * CONFIG.tcp_timeout):
             assert await silent.receive_some() == b""
+    expected["dropped.stream_unproven"] += 1
     streams += 1
 
     for data, chunk in ((push_pull(), None), (push_pull(), 1), (push_pull() + b"trailing", None)):

@@ -18,7 +18,7 @@ from meshmail.gossip.config import GossipConfig
 from meshmail.gossip.member import EventKind
 from meshmail.gossip.memory import Link
 from meshmail.gossip.messages import State
-from meshmail.gossip.net import RECONNECT_INTERVAL
+from meshmail.gossip.net import RECONNECT_INTERVAL, RECOVERY_PUSH_PULL_INTERVAL
 from meshmail.gossip.timing import suspicion_min
 
 from .sim import Cluster, address_of, simulation, wait_until
@@ -209,6 +209,28 @@ async def test_suspected_node_refutes_and_stays_alive(autojump_clock):
         assert all(cluster.view(x)["n5"].incarnation == incarnation for x in cluster.nodes)
         assert not cluster.lagging(cluster.all_alive())
         assert not cluster.verdicts(EventKind.FAILED), "a refuted suspicion must not end in FAILED"
+
+
+async def test_a_member_turning_alive_is_pushed_pulled_at_once_but_not_at_every_flap(autojump_clock):
+    """Each time n2 comes back from a suspicion (it sees packets 3 s late for a while, then
+    refutes), the others push-pull with it at once unless they exchanged with it less than
+    RECOVERY_PUSH_PULL_INTERVAL ago (periodic push-pulls count): eight flaps in two and
+    a half minutes cost n0 at most one exchange per interval, not eight."""
+    async with simulation(seed=13) as cluster:
+        await start_converged(cluster, 3, limit=10.0)
+        n0, n2 = cluster.nodes["n0"].memberlist, cluster.nodes["n2"]
+        assert n0.counters["recovery_push_pulls"] == 0, "members learned through push-pulls are synced by them"
+        start, flaps = trio.current_time(), 0
+        while flaps < 8:
+            cluster.network.lag[n2.address] = 3.0
+            await wait_until(lambda: n0.member("n2").state == State.SUSPECT, 60.0, what="n0 to suspect n2")
+            del cluster.network.lag[n2.address]
+            await wait_until(lambda: n0.member("n2").state == State.ALIVE, 10.0, what="n2 to refute")
+            flaps += 1
+            await trio.sleep(15.0)
+        elapsed = trio.current_time() - start
+        print(f"\nflapping: {flaps} flaps in {elapsed:.0f} s, n0 pushed-pulled {n0.counters['recovery_push_pulls']}")
+        assert 1 <= n0.counters["recovery_push_pulls"] <= math.ceil(elapsed / RECOVERY_PUSH_PULL_INTERVAL) + 1
 
 
 async def test_graceful_leave_is_left_not_dead(autojump_clock):

@@ -402,3 +402,24 @@ def test_member_records_the_time_of_each_change() -> None:
     n.state.suspect(suspect(5))
     member: Member = n.state.members["p"]
     assert (member.changed, member.changed_wall) == (250.0, WALL + 250.0)
+
+
+@pytest.mark.parametrize(
+    ("before", "msg", "recovered"),
+    [
+        (None, alive(1), True),  # a new member
+        (DEAD, alive(6), True),
+        (LEFT, alive(6), True),
+        (SUSPECT, alive(6), True),  # a refuted suspicion
+        (ALIVE, alive(6), False),  # news, but it never stopped being alive
+        (ALIVE, alive(6, meta=b"x"), False),
+        (SUSPECT, suspect(6), False),
+    ],
+)
+def test_recovered_hook_fires_when_another_member_turns_alive(before, msg, recovered) -> None:
+    """The driver pushes-pulls with a member that turned alive; the hook says when."""
+    n = node(before, 5)
+    seen: list[str] = []
+    n.state.hooks.recovered = lambda x: seen.append(x.name)
+    handle(n.state, msg)
+    assert seen == (["p"] if recovered else [])
