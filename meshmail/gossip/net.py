@@ -17,7 +17,6 @@ import trio
 
 from ..core.address import Address
 from . import messages as m
-from .admission import PROOF_DEADLINE, Slot, UnprovenPool, source_of
 from .config import GossipConfig
 from .delegate import Conversation, Delegate
 from .frames import FrameError, Sealer
@@ -28,6 +27,7 @@ from .skew import ClockSkew
 from .state import Membership
 from .timing import push_pull_interval
 from .transport import Transport
+from .unproven import PROOF_DEADLINE, Slot, UnprovenPool, source_of
 
 #: Streams that proved themselves (their first frame opened) served at once; more are
 #: closed at once and counted. Streams still waiting for a first frame have their own pool.
@@ -191,7 +191,7 @@ class Network:
 
     async def stream_loop(self, nursery: trio.Nursery) -> None:
         """Accept streams and serve each in `nursery`. A stream waits for its first frame
-        in the unproven pool (admission.py), shared fairly between sources and ended when
+        in the unproven pool (unproven.py), shared fairly between sources and ended when
         no frame opened within the proof deadline; a stream whose first frame opened is
         served in a pool of its own, at most MAX_CONCURRENT_STREAMS at once."""
         while True:
