@@ -34,6 +34,7 @@ from .routing import Router
 from .security import accounts, admission, ca, files, keyring_sync
 from .services import Bound, Context, Service, supervise
 from .slave import service as slave_service
+from .slave.agent import check_sources
 from .state.journal import JournalError
 from .state.replica import ClusterState
 from .web import server as web_server
@@ -231,17 +232,26 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
     log.info("node %s stopped", config.node.name)
 
 
-def removed_message(ctx: Context) -> str:
+def removed_message(name: str) -> str:
     return (
-        f"node {ctx.name} was removed from the cluster (meshmail remove): it cannot run again; to bring this"
+        f"node {name} was removed from the cluster (meshmail remove): it cannot run again; to bring this"
         " server back, join it with a new token, a new name and a new data dir"
     )
+
+
+def preflight(config: Config) -> None:
+    """Refuse what `run` refuses, before anything starts (`run --check` too): a node that was
+    removed from the cluster, a slave source that cannot be read. Raises MeshmailError."""
+    if (Path(config.node.data_dir) / REMOVED_MARKER).exists():
+        raise NodeError(removed_message(config.node.name))
+    if config.node.role == "slave":
+        trio.run(check_sources, config.slave)
 
 
 def refuse_if_removed(ctx: Context) -> None:
     """Raise NodeError when this node's data dir or state says it was removed."""
     if (Path(ctx.config.node.data_dir) / REMOVED_MARKER).exists() or ctx.removed:
-        raise NodeError(removed_message(ctx))
+        raise NodeError(removed_message(ctx.name))
 
 
 async def watch_removal(ctx: Context, joined: trio.Event) -> None:
@@ -255,8 +265,8 @@ async def watch_removal(ctx: Context, joined: trio.Event) -> None:
     except files.FilesError as exc:
         log.error("%s", exc)
     if not joined.is_set():
-        raise NodeError(removed_message(ctx))
-    log.error("%s; it refuses writes until it is stopped", removed_message(ctx))
+        raise NodeError(removed_message(ctx.name))
+    log.error("%s; it refuses writes until it is stopped", removed_message(ctx.name))
 
 
 def _count_restart(ctx: Context):

@@ -214,6 +214,12 @@ def test_remove_then_rotate_the_keyring_on_a_live_cluster(fleet):
     assert refusal.value.code == 401
     route = json.loads(cli("route", "user@gone.example", "--json", *m1).stdout)
     assert route["no_route"]["reason"] == "slave_down"
+    # The removed node says so, refuses writes (they would reach nobody) and cannot run again.
+    gone = ["--data-dir", str(fleet.data_dir("gone"))]
+    assert "this node was removed from the cluster" in ok("status", *gone)
+    refused(cli("domains", "assign", "gone.example", "gone", "--force", *gone), "removed from the cluster")
+    fleet.kill("gone")
+    refused(cli("run", *gone), "node gone was removed from the cluster", "join it with a new token")
 
     # rotate, watching every live member's view while it happens.
     before = {name: fleet.status(name) for name in live}

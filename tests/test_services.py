@@ -4,6 +4,8 @@ added to a role by one entry, and `meshmail run --ready-file`."""
 from __future__ import annotations
 
 import json
+import logging
+import resource
 import subprocess
 import time
 import urllib.request
@@ -18,6 +20,7 @@ from meshmail.core.address import Address
 from meshmail.metrics import Metrics
 from meshmail.node import serve
 from meshmail.services import Context, ListenError, Service, supervise
+from meshmail.web.server import AcceptShortage
 
 
 class Crashing:
@@ -121,3 +124,46 @@ def test_run_writes_the_ready_file_and_removes_it_when_it_stops(tmp_path):
         process.terminate()
         assert process.wait(timeout=30) == 0
     assert not ready.exists()
+
+
+def test_run_raises_its_soft_open_files_limit_to_the_hard_one(tmp_path):
+    config = tmp_path / "m1.toml"
+    config.write_text(minimal_config("m1"))
+    ready = tmp_path / "ready.json"
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard > 256, "this machine's hard limit leaves nothing to raise"
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    process = subprocess.Popen(
+        [*MESHMAIL, "run", "--config", str(config), "--ready-file", str(ready)], preexec_fn=low_soft_limit
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the node never became ready"
+            time.sleep(0.05)
+        http = json.loads(ready.read_text())["http"]
+        with urllib.request.urlopen(f"http://{http}/status", timeout=10) as response:
+            assert json.loads(response.read())["process"]["fd_limit"] == hard
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+
+
+def test_the_http_accept_loop_says_once_a_minute_that_descriptors_ran_out():
+    shortage = AcceptShortage(interval=60.0)
+
+    def record(message: str) -> logging.LogRecord:
+        error = OSError(24, "Too many open files")
+        traceback = (OSError, error, None)
+        return logging.LogRecord("trio.serve_listeners", logging.ERROR, __file__, 1, message, (), traceback)
+
+    emfile = "accept returned EMFILE (Too many open files); retrying in 0.1 seconds"
+    shown = [shortage.filter(record(emfile)) for _ in range(600)]
+    assert shown == [True] + [False] * 599
+    kept = record(emfile)
+    shortage.last -= 61  # a minute later: one line again, counting what it hid, without a traceback
+    assert shortage.filter(kept) and kept.exc_info is None and "599 more" in kept.getMessage()
+    assert shortage.filter(record("something else"))

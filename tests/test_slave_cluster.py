@@ -151,9 +151,10 @@ def test_a_slave_with_a_missing_source_does_not_start(fleet, tmp_path):
     config = fleet.data_dir("s1") / files.CONFIG
     absent = tmp_path / "absent"
     config.write_text(config.read_text() + f'[[slave.sources]]\ntype = "directadmin"\npath = "{absent}"\n')
-    result = cli("run", "--data-dir", str(fleet.data_dir("s1")), timeout=60)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"meshmail: slave source directadmin: {absent} does not exist"
+    for check in ((), ("--check",)):  # run --check checks what run checks
+        result = cli("run", "--data-dir", str(fleet.data_dir("s1")), *check, timeout=60)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [f"meshmail: slave source directadmin: {absent} does not exist"]
 
 
 def test_a_generated_slave_config_documents_endpoints_and_sources(fleet):

@@ -38,7 +38,15 @@ def format_status(document: dict[str, Any]) -> str:
                 member["changed"],
             )
         )
-    lines = [header, "", *_columns(rows), "", "counters:"]
+    lines = [header]
+    if document.get("removed"):
+        lines.append("this node was removed from the cluster (meshmail remove): it refuses writes and cannot run again")
+    process = document.get("process") or {}
+    if process.get("open_fds") is not None:
+        lines.append(f"file descriptors: {process['open_fds']} open of {process['fd_limit']}")
+    skewed = {name: offset for name, offset in (document.get("clock_offsets") or {}).items() if abs(offset) >= 1}
+    lines += [f"clock of {name}: {offset:+.1f} s from this node's (fix NTP)" for name, offset in skewed.items()]
+    lines += ["", *_columns(rows), "", "counters:"]
     counters = document["counters"]
     width = max((len(name) for name in counters), default=0)
     lines += [f"  {name:<{width}}  {value}" for name, value in counters.items()] or ["  (none)"]

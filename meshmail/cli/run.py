@@ -16,16 +16,33 @@ from .local import config_path
 NO_NODE_HINT = "make one with meshmail init or join, or pass --data-dir DIR or --config FILE"
 
 
+def raise_fd_limit() -> None:
+    """Raise the soft limit of open files to the hard one: every client connection of the
+    proxies holds a descriptor or two, and 1,024 (a common default) runs out early."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            logging.getLogger("meshmail.node").warning("cannot raise the open files limit from %d: %s", soft, exc)
+
+
 def run(args: argparse.Namespace) -> int:
     path = config_path(args, NO_NODE_HINT)
     config = load(path)
+    from ..node import preflight  # loads trio: after the config, which needs none of it
+
+    preflight(config)
     if args.check:
         print(f"meshmail: {path}: config ok (node {config.node.name}, cluster {config.gossip.cluster})")
         return 0
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    import trio  # only now: checking a config needs neither trio nor the node
+    raise_fd_limit()
+    import trio
 
     from ..core.files import atomic_write
     from ..node import serve

@@ -166,27 +166,13 @@ class SlaveAgent:
             for path in source.files.values():
                 source.seen[path] = source.applied[path] = _signature(path)
             try:
-                domains, problems = await self._read(source, strict=False)
+                domains, problems = await read_source(source, strict=False)
             except SourceError as exc:
                 raise SourceError(f"slave source {source.name}: {exc}") from None
             source.domains, source.problems = domains, problems
             source.read_at = time.time()
             self._log_problems(source)
             log.info("source %s: %d domain(s)", source.name, len(domains))
-
-    async def _read(self, source: Source, *, strict: bool = True) -> tuple[frozenset[str], tuple[str, ...]]:
-        """Read and parse a source now; raises SourceError when it cannot be read, or with
-        `strict` when a file's last line has no newline (at start such a line is read)."""
-        config = source.config
-        kind = config.type
-        if kind == "static":
-            return _static(config.domains)
-        if source.runs_command:
-            output = await _run(config.command)
-            if kind == "plesk":
-                return _result(sources.parse_domain_list(output))
-            return await trio.to_thread.run_sync(_postconf, output, strict)
-        return await trio.to_thread.run_sync(_read_files, kind, source.files, strict)
 
     async def watch_files(self) -> None:
         """Poll the file sources; read one once its files have settled after a change."""
@@ -217,7 +203,7 @@ class SlaveAgent:
     async def _refresh(self, source: Source) -> None:
         """Read a source again and keep the result, or keep the last good list."""
         try:
-            domains, problems = await self._read(source)
+            domains, problems = await read_source(source)
         except SourceError as exc:
             self._stale(source, str(exc))
             return
@@ -424,6 +410,31 @@ class SlaveAgent:
 
 
 # --- reading, in worker threads or pure ------------------------------------------------------
+
+
+async def read_source(source: Source, *, strict: bool = True) -> tuple[frozenset[str], tuple[str, ...]]:
+    """Read and parse a source now; raises SourceError when it cannot be read, or with
+    `strict` when a file's last line has no newline (at start such a line is read)."""
+    config = source.config
+    kind = config.type
+    if kind == "static":
+        return _static(config.domains)
+    if source.runs_command:
+        output = await _run(config.command)
+        if kind == "plesk":
+            return _result(sources.parse_domain_list(output))
+        return await trio.to_thread.run_sync(_postconf, output, strict)
+    return await trio.to_thread.run_sync(_read_files, kind, source.files, strict)
+
+
+async def check_sources(settings: SlaveSection) -> None:
+    """Read every source once, as a slave does at start; raises SourceError (one line naming
+    the source) for one that cannot be read. `meshmail run --check` runs it."""
+    for source in (Source(config) for config in settings.sources):
+        try:
+            await read_source(source, strict=False)
+        except SourceError as exc:
+            raise SourceError(f"slave source {source.name}: {exc}") from None
 
 
 def _signature(path: str) -> Signature:

@@ -54,6 +54,9 @@ async def authenticate():
         ctx().metrics.unauthenticated.inc()
         raise Unauthorized("authentication required: a session (POST /login) or an API token (Bearer)")
     request.principal = principal
+    if ctx().removed and request.method not in auth.SAFE_METHODS and request.endpoint != "node.leave":
+        # Its writes would reach nobody: every member refuses a removed node's records.
+        raise Forbidden("this node was removed from the cluster (meshmail remove): it refuses writes")
     return None
 
 

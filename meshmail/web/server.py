@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import time
 from functools import partial
 
 import trio
@@ -19,6 +20,33 @@ log = logging.getLogger("meshmail.http")
 
 #: How long in-flight requests may take to finish once the node is leaving.
 HTTP_GRACE = 2.0
+
+
+class AcceptShortage(logging.Filter):
+    """Quiets trio's accept loop under hypercorn while file descriptors run out: it retries
+    every 0.1 s and logs each retry with a traceback. One line a minute says it instead."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self.last = -interval
+        self.hidden = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("accept returned"):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.hidden += 1
+            return False
+        record.msg = f"http: {record.getMessage()} ({self.hidden} more since the last such line; raise LimitNOFILE)"
+        record.args, record.exc_info, record.exc_text = (), None, None
+        self.last, self.hidden = now, 0
+        return True
+
+
+_shortage = AcceptShortage()
+logging.getLogger("trio.serve_listeners").addFilter(_shortage)
 
 
 def settings(ctx: Context, fd: int) -> HypercornConfig:

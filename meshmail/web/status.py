@@ -7,6 +7,8 @@ status` and `meshmail domains` commands render the same documents as tables.
 
 from __future__ import annotations
 
+import os
+import resource
 from typing import Any
 
 import attrs
@@ -54,10 +56,21 @@ def status_document(ctx) -> dict[str, Any]:
         "removed": ctx.removed,
         "keys": list(keyring_ids(ctx.keyring)),
         "members": [member_document(m) for m in sorted(memberlist.members(), key=lambda m: m.name)],
+        "clock_offsets": {name: round(offset, 3) for name, offset in sorted(memberlist.clock_offsets.items())},
+        "process": process_document(),
         "counters": ctx.metrics.status_counters(STATUS_GOSSIP),
         "state": state_document(ctx.replication, ctx.metrics),
         **{name: report.summary() for name, report in sorted(ctx.reports.items())},
     }
+
+
+def process_document() -> dict[str, Any]:
+    """File descriptors in use and the soft limit: a node that runs out refuses connections."""
+    try:
+        open_fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_fds = None
+    return {"open_fds": open_fds, "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
 
 
 def state_document(replication, metrics) -> dict[str, Any]:
