@@ -13,9 +13,13 @@ PYTEST_ARGS ?=
 test: $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# A local cluster of two masters and two slaves (init, tokens, join); Ctrl-C stops it.
+# A local cluster of two masters and two slaves (init, tokens, join), each slave with a real
+# Dovecot when it is installed; Ctrl-C stops it. DEMO_DIR=folder keeps its files there (new
+# or empty), DEMO_ARGS=--static runs it without Dovecot.
+DEMO_DIR ?=
+DEMO_ARGS ?=
 demo: $(VENV)/.installed-test
-	MESHMAIL=$(BIN)/meshmail sh deploy/demo.sh
+	$(BIN)/python deploy/demo.py $(if $(DEMO_DIR),--dir $(DEMO_DIR)) $(DEMO_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check $(RUFF_ARGS) meshmail tests

@@ -77,11 +77,9 @@ def free_ports(count: int) -> list[int]:
             probe.close()
 
 
-def require(*binaries: str) -> None:
-    """Skip the test when a binary (a key of `PACKAGES`) or root is missing; fail instead under CI.
-
-    CI installs everything (.ci/run), so a missing part there is a broken machine, never a skip.
-    """
+def unavailable(*binaries: str) -> list[str]:
+    """Why the kit cannot run `binaries` (keys of `PACKAGES`) here, one line each (what to
+    install, that root is needed); [] when it can."""
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     missing = [b for b in binaries if shutil.which(b, path=search) is None or not all(map(os.path.exists, _PARTS[b]))]
     problems = []
@@ -90,6 +88,15 @@ def require(*binaries: str) -> None:
         problems.append(f"{', '.join(missing)} not installed (apt-get install {packages})")
     if os.geteuid() != 0:
         problems.append("must run as root: Dovecot and Postfix switch to their own users")
+    return problems
+
+
+def require(*binaries: str) -> None:
+    """Skip the test when a binary (a key of `PACKAGES`) or root is missing; fail instead under CI.
+
+    CI installs everything (.ci/run), so a missing part there is a broken machine, never a skip.
+    """
+    problems = unavailable(*binaries)
     if not problems:
         return
     message = "mailkit: " + "; ".join(problems)
