@@ -4,8 +4,11 @@ and with trailing data, against each other, against inputs that must be refused,
 from __future__ import annotations
 
 import re
+import socket
+import time
 from collections.abc import Callable
 
+import mailkit
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -792,3 +795,52 @@ def test_fuzz_client(data, chunk, starttls):
             assert done or client.buffered <= max(MAX_LINE + 1, MAX_LITERAL)
     except ProtocolError as error:
         assert error.close and SECRET not in str(error)
+
+
+# --- the client against a real Dovecot ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dovecot(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imap-dovecot")
+    with mailkit.dovecot(root / "d", {"alice@d.test": "alice-pw"}, trusted_networks=["127.0.0.0/8"]) as instance:
+        yield instance
+
+
+def login_at(dovecot, client: ImapClient) -> tuple[object, socket.socket]:
+    """Drives `client` over a real socket (TLS after StartTls) until its login ends."""
+    host, port = dovecot.endpoints()["imap"].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    while True:
+        event = client.next_event()
+        if data := client.data_to_send():
+            sock.sendall(data)
+        if event is None:
+            client.receive_data(sock.recv(4096))
+        elif isinstance(event, StartTls):
+            sock = dovecot.client_context().wrap_socket(sock, server_hostname=host)
+            client.tls_started()
+        else:
+            return event, sock
+
+
+def test_dovecot_login_with_starttls_and_the_client_address(dovecot):
+    forward = forwarding_id(("203.0.113.9", 50123), ("192.0.2.1", 143), "meshmail-1")
+    client = ImapClient("alice@d.test", "alice-pw", starttls=True, forward=forward)
+    event, sock = login_at(dovecot, client)
+    with sock:
+        assert event == LoggedIn() and client.tls_active
+        assert {"IMAP4rev1", "IDLE"} <= set(client.capabilities) and "AUTH=PLAIN" not in client.capabilities
+        sock.sendall(client.trailing_data() + b"x1 LOGOUT\r\n")  # the splice starts here
+        assert sock.recv(4096).startswith(b"* BYE")
+    deadline = time.monotonic() + 10
+    while "rip=203.0.113.9" not in dovecot.log_tail():
+        assert time.monotonic() < deadline, dovecot.log_tail()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("starttls", [False, True])
+def test_dovecot_refusal_is_passed_on(dovecot, starttls):
+    event, sock = login_at(dovecot, ImapClient("alice@d.test", "wrong", starttls=starttls))
+    sock.close()
+    assert event == LoginRefused("[AUTHENTICATIONFAILED] Authentication failed.", False)
