@@ -8,8 +8,8 @@ import socket
 import time
 from collections.abc import Callable
 
-import mailkit
 import pytest
+from helpers import mailkit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
