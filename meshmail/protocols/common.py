@@ -1,5 +1,5 @@
 """What the mail protocol codecs share: a bounded line reader, the protocol error that carries
-its reply, the pre-login events, and SASL PLAIN and LOGIN decoding.
+its reply, the pre-login and backend login events, and the server side of SASL PLAIN and LOGIN.
 
 No sockets and no trio here: bytes in, events and reply bytes out (see imap.py, pop3.py,
 smtp.py). Every buffer has a cap; input past a cap is a ProtocolError, never a bigger buffer.
@@ -104,11 +104,39 @@ class Closed:
     then close."""
 
 
+# --- events a backend login codec hands its driver ----------------------------------------
+
+
+@attrs.frozen
+class LoggedIn:
+    """The backend accepted the credentials: the driver sends the client's trailing data
+    there and splices."""
+
+
+@attrs.frozen
+class LoginRefused:
+    """The backend refused the login. `temporary` when the credentials were not judged (the
+    backend is unavailable, lacks TLS or a usable mechanism, or answered 4xx or [SYS/TEMP]):
+    the proxy then tells the client to try later, not that the password is wrong. `reply` is
+    the backend's reply text, for logs."""
+
+    reply: str
+    temporary: bool
+
+
 # --- SASL ---------------------------------------------------------------------------------
+
+
+#: SASL mechanisms the pre-login codecs accept, in the order they offer them.
+SASL_MECHANISMS = ("PLAIN", "LOGIN")
 
 
 class SaslError(ValueError):
     """A SASL response that cannot be used; str() is for logs, never holds the secret."""
+
+
+class SaslCancelled(SaslError):
+    """The client answered a challenge with `*` (RFC 4954, 5034, 9051)."""
 
 
 def b64decode(text: bytes | str) -> bytes:
@@ -154,3 +182,44 @@ def sasl_plain(response: bytes) -> Credentials:
 def sasl_plain_response(user: str, password: str, authzid: str = "") -> bytes:
     """The base64 PLAIN response for the client side."""
     return b64encode(b"\0".join(text.encode() for text in (authzid, user, password)))
+
+
+#: The two challenges of SASL LOGIN (draft-murchison-sasl-login), base64 as they are sent.
+LOGIN_USER_CHALLENGE = b64encode(b"Username:")
+LOGIN_PASSWORD_CHALLENGE = b64encode(b"Password:")
+
+
+@attrs.define
+class SaslExchange:
+    """The server side of one AUTH PLAIN or LOGIN exchange. `start` takes the initial response
+    (None when the client sent none, `=` for an empty one), `respond` each later client line;
+    both return the next challenge (base64, which the codec frames as `+ ` or `334 `) or the
+    Credentials. Both raise SaslError, SaslCancelled when the client sent `*`."""
+
+    mechanism: str = attrs.field(validator=attrs.validators.in_(SASL_MECHANISMS))
+    _user: str | None = attrs.field(default=None, repr=False)
+
+    def start(self, initial: bytes | None) -> bytes | Credentials:
+        if initial is None:
+            return b"" if self.mechanism == "PLAIN" else LOGIN_USER_CHALLENGE
+        return self._answer(b"" if initial == b"=" else b64decode(initial))
+
+    def respond(self, line: bytes) -> bytes | Credentials:
+        if line == b"*":
+            raise SaslCancelled("client cancelled the authentication")
+        return self._answer(b64decode(line))
+
+    def _answer(self, data: bytes) -> bytes | Credentials:
+        if self.mechanism == "PLAIN":
+            return sasl_plain(data)
+        if self._user is None:
+            self._user = _login_part(data, "user")
+            return LOGIN_PASSWORD_CHALLENGE
+        return Credentials(self._user, _login_part(data, "password"), "LOGIN")
+
+
+def _login_part(data: bytes, what: str) -> str:
+    text = credential(data, what)
+    if not text:
+        raise SaslError(f"LOGIN response with an empty {what}")
+    return text

@@ -7,11 +7,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshmail.protocols.common import (
+    LOGIN_PASSWORD_CHALLENGE,
+    LOGIN_USER_CHALLENGE,
     MAX_CREDENTIAL,
+    Credentials,
     LineReader,
     LineTooLong,
+    SaslCancelled,
     SaslError,
+    SaslExchange,
     b64decode,
+    b64encode,
     sasl_plain,
     sasl_plain_response,
 )
@@ -107,3 +113,47 @@ def test_sasl_plain_raises_only_sasl_error(data):
         assert "\n" not in str(exc)
     else:
         assert creds.user and creds.password
+
+
+def test_sasl_exchange_plain_with_and_without_initial_response():
+    response = sasl_plain_response("user", "pw")
+    assert SaslExchange("PLAIN").start(response) == Credentials("user", "pw", "PLAIN")
+    exchange = SaslExchange("PLAIN")
+    assert exchange.start(None) == b""
+    assert exchange.respond(response) == Credentials("user", "pw", "PLAIN")
+
+
+def test_sasl_exchange_login_two_steps_with_and_without_initial_response():
+    exchange = SaslExchange("LOGIN")
+    assert exchange.start(None) == LOGIN_USER_CHALLENGE
+    assert exchange.respond(b64encode(b"user")) == LOGIN_PASSWORD_CHALLENGE
+    assert exchange.respond(b64encode(b"pw")) == Credentials("user", "pw", "LOGIN")
+    exchange = SaslExchange("LOGIN")
+    assert exchange.start(b64encode(b"user")) == LOGIN_PASSWORD_CHALLENGE
+    assert exchange.respond(b64encode(b"pw")) == Credentials("user", "pw", "LOGIN")
+    assert "pw" not in repr(exchange) and "user" not in repr(exchange)
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "initial", "lines", "error"),
+    [
+        ("PLAIN", None, [b"*"], SaslCancelled),
+        ("LOGIN", None, [b64encode(b"user"), b"*"], SaslCancelled),
+        ("PLAIN", b"=", [], SaslError),  # an empty PLAIN response holds no user
+        ("LOGIN", b"=", [], SaslError),
+        ("LOGIN", None, [b""], SaslError),
+        ("LOGIN", None, [b64encode(b"user"), b64encode(b"p\0w")], SaslError),
+        ("PLAIN", b"not base64!", [], SaslError),
+    ],
+)
+def test_sasl_exchange_refusals(mechanism, initial, lines, error):
+    exchange = SaslExchange(mechanism)
+    with pytest.raises(error):
+        exchange.start(initial)
+        for line in lines:
+            exchange.respond(line)
+
+
+def test_sasl_exchange_knows_only_plain_and_login():
+    with pytest.raises(ValueError):
+        SaslExchange("CRAM-MD5")
