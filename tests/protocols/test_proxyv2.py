@@ -93,8 +93,12 @@ def test_build_refuses_bad_endpoints(source, destination):
 
 
 valid_headers = st.one_of(
-    st.builds(lambda a, p, b, q: build((V4(a), p), (V4(b), q)), *[st.integers(0, 2**32 - 1), st.integers(0, 65535)] * 2),
-    st.builds(lambda a, p, b, q: build((V6(a), p), (V6(b), q)), *[st.integers(0, 2**128 - 1), st.integers(0, 65535)] * 2),
+    st.builds(
+        lambda a, p, b, q: build((V4(a), p), (V4(b), q)), *[st.integers(0, 2**32 - 1), st.integers(0, 65535)] * 2
+    ),
+    st.builds(
+        lambda a, p, b, q: build((V6(a), p), (V6(b), q)), *[st.integers(0, 2**128 - 1), st.integers(0, 65535)] * 2
+    ),
     st.just(build_local()),
 )
 
