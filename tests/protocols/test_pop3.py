@@ -441,3 +441,44 @@ def test_no_password_in_any_repr_or_error():
         except ProtocolError as exc:
             texts += [str(exc), exc.reply.decode()]
     assert all(PASSWORD not in text and b64 not in text for text in texts)
+
+
+# --- against a real Dovecot ---------------------------------------------------------------------
+
+
+def login_over_socket(codec, address: tuple[str, int], context, preamble: bytes = b""):
+    """Drives `codec` over a blocking socket until it logs in or is refused; returns the event."""
+    import socket
+
+    with socket.create_connection(address, timeout=10) as sock:
+        stream = sock
+        sock.sendall(preamble)
+        while True:
+            event = codec.next_event()
+            if data := codec.data_to_send():
+                stream.sendall(data)
+            if event is None:
+                codec.receive_data(stream.recv(4096))
+            elif isinstance(event, StartTls):
+                stream = context.wrap_socket(sock, server_hostname=address[0])
+                codec.tls_started()
+            else:
+                stream.sendall(codec.data_to_send())
+                return event, codec.tls_active
+
+
+@pytest.mark.slow
+def test_client_logs_in_at_dovecot(tmp_path):
+    import mailkit
+
+    from meshmail.protocols import proxyv2
+
+    users = {"alice@a.test": PASSWORD}
+    with mailkit.dovecot(tmp_path / "a", users, haproxy=True) as dovecot:
+        address = (dovecot.host, dovecot.ports["pop3"])
+        header = proxyv2.build(("192.0.2.7", 40000), address)
+        context = dovecot.client_context()
+        assert login_over_socket(client(require_tls=True), address, context, header) == (LoggedIn(), True)
+        refused, _ = login_over_socket(Pop3Client("alice@a.test", "wrong"), address, context, header)
+        assert isinstance(refused, LoginRefused) and not refused.temporary
+        assert "rip=192.0.2.7" in (tmp_path / "a" / "dovecot.log").read_text()

@@ -5,6 +5,7 @@ trips; XCLIENT; refusals; fuzz; no password in any event or error."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -595,3 +596,52 @@ def test_no_password_in_any_repr_or_error():
         except ProtocolError as exc:
             texts += [str(exc), exc.reply.decode()]
     assert all(PASSWORD not in text and b64 not in text for text in texts)
+
+
+# --- against a real Dovecot submission service and a real Postfix -------------------------------
+
+
+def login_over_socket(codec, address: tuple[str, int], context=None):
+    """Drives `codec` over a blocking socket until it logs in or is refused; returns the event."""
+    import socket
+
+    with socket.create_connection(address, timeout=10) as sock:
+        stream = sock
+        while True:
+            event = codec.next_event()
+            if data := codec.data_to_send():
+                stream.sendall(data)
+            if event is None:
+                codec.receive_data(stream.recv(4096))
+            elif isinstance(event, StartTls):
+                stream = context.wrap_socket(sock, server_hostname=address[0])
+                codec.tls_started()
+            else:
+                stream.sendall(codec.data_to_send())
+                return event
+
+
+@pytest.mark.slow
+def test_client_logs_in_at_dovecot_and_passes_xclient_to_postfix(tmp_path):
+    import mailkit
+
+    with (
+        mailkit.dovecot(tmp_path / "a", {"alice@a.test": PASSWORD}) as dovecot,
+        mailkit.postfix(tmp_path / "mx", dovecot, ["a.test"], xclient=True) as postfix,
+    ):
+        dovecot.relay_to(postfix.endpoint)
+        submission = (dovecot.host, dovecot.ports["submission"])
+        context = dovecot.client_context()
+        assert login_over_socket(client(require_tls=True), submission, context) == LoggedIn()
+        refused = login_over_socket(
+            SmtpClient("alice@a.test", "wrong", "c.test", require_tls=True), submission, context
+        )
+        assert isinstance(refused, LoginRefused) and not refused.temporary
+        # the kit's Postfix takes XCLIENT (and greets anew) but offers no AUTH
+        mx = (postfix.host, postfix.port)
+        refused = login_over_socket(client(xclient=Xclient("192.0.2.7", 40000, helo="client.test")), mx)
+        assert refused == LoginRefused("backend offers neither AUTH PLAIN nor LOGIN", True)
+        log, deadline = tmp_path / "mx" / "postfix.log", time.monotonic() + 20  # postlogd writes late
+        while "192.0.2.7" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "connect from unknown[192.0.2.7]" in log.read_text()
