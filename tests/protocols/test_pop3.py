@@ -469,7 +469,7 @@ def login_over_socket(codec, address: tuple[str, int], context, preamble: bytes 
 
 @pytest.mark.slow
 def test_client_logs_in_at_dovecot(tmp_path):
-    import mailkit
+    from helpers import mailkit
 
     from meshmail.protocols import proxyv2
 

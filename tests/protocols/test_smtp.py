@@ -623,7 +623,7 @@ def login_over_socket(codec, address: tuple[str, int], context=None):
 
 @pytest.mark.slow
 def test_client_logs_in_at_dovecot_and_passes_xclient_to_postfix(tmp_path):
-    import mailkit
+    from helpers import mailkit
 
     with (
         mailkit.dovecot(tmp_path / "a", {"alice@a.test": PASSWORD}) as dovecot,
