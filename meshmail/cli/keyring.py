@@ -35,18 +35,19 @@ def install(args: argparse.Namespace) -> int:
 
 
 def use(args: argparse.Namespace) -> int:
-    node = target(args)
-    kid = resolve_id(node, "/keyring", "keys", args.id, "key", "meshmail keyring list")
-    request(node, "POST", "/keyring", {"action": "use", "id": kid})
-    print(f"meshmail: key {kid} is the primary key")
-    return 0
+    return _change(args, "use", "is the primary key")
 
 
 def remove(args: argparse.Namespace) -> int:
+    return _change(args, "remove", "removed")
+
+
+def _change(args: argparse.Namespace, action: str, done: str) -> int:
+    """Apply `action` to the key whose id starts with args.id."""
     node = target(args)
     kid = resolve_id(node, "/keyring", "keys", args.id, "key", "meshmail keyring list")
-    request(node, "POST", "/keyring", {"action": "remove", "id": kid})
-    print(f"meshmail: key {kid} removed")
+    request(node, "POST", "/keyring", {"action": action, "id": kid})
+    print(f"meshmail: key {kid} {done}")
     return 0
 
 
