@@ -394,6 +394,20 @@ async def test_failed_logins_are_limited_per_account_then_per_address(node):
     assert (await request(node, "GET", "/domains"))[0] == 200
 
 
+async def test_strangers_cannot_lock_the_owner_out(node):
+    """Failures from addresses an account never signed in from share its budget; an address
+    it signed in from before keeps a budget of its own (each address still has its 10)."""
+    await add_admin(node, "alice")
+    assert (await login_json(node, "alice", PASSWORD, source="127.0.0.1")).status == 200
+    for n in range(LOGIN_FAILURES_PER_ACCOUNT):
+        assert (await login_json(node, "alice", f"guess {n}", source=f"127.0.0.{n + 20}")).status == 401
+    retry_after(await login_json(node, "alice", PASSWORD, source="127.0.0.40"))  # a stranger waits
+    assert (await login_json(node, "alice", PASSWORD, source="127.0.0.1")).status == 200  # the owner does not
+    for n in range(LOGIN_FAILURES_PER_ACCOUNT):  # and the owner's own mistakes count on its own budget
+        assert (await login_json(node, "alice", f"typo {n}", source="127.0.0.1")).status == 401
+    retry_after(await login_json(node, "alice", PASSWORD, source="127.0.0.1"))
+
+
 async def test_an_unknown_account_is_limited_like_a_real_one(node):
     await add_admin(node, "bob")
     for attempt in range(5):

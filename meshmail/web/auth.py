@@ -37,9 +37,14 @@ CSRF_HEADER = "X-CSRF-Token"
 SESSION_IDLE = 2 * 3600.0
 SESSION_MAX = 12 * 3600.0
 MAX_SESSIONS = 10_000
-#: Failed logins allowed per window, per client address and per account name.
+#: Failed logins allowed per window, per client address and per account name. The account's
+#: budget is shared by addresses it never logged in from; an address it logged in from
+#: before has a budget of its own, so strangers cannot lock the owner out.
 LOGIN_FAILURES_PER_ADDRESS = 10
 LOGIN_FAILURES_PER_ACCOUNT = 5
+#: Addresses remembered per account as ones it logged in from, and accounts remembered.
+KNOWN_ADDRESSES = 16
+KNOWN_ACCOUNTS = 10_000
 LOGIN_WINDOW = 300.0
 #: Refused join requests allowed per client address per LOGIN_WINDOW.
 JOIN_FAILURES_PER_ADDRESS = 20
@@ -126,6 +131,8 @@ class Auth:
     #: Refused join requests per client address (a token secret is 256 bits: this only keeps
     #: a flood of them from costing CPU).
     joins: RateLimiter = attrs.Factory(lambda: RateLimiter(JOIN_FAILURES_PER_ADDRESS, LOGIN_WINDOW))
+    #: account -> the addresses it logged in from lately (most recent last).
+    known: collections.OrderedDict[str, list[str]] = attrs.Factory(collections.OrderedDict)
     checks: trio.Semaphore = attrs.Factory(lambda: trio.Semaphore(PASSWORD_CHECKS))
 
     # --- requests ---------------------------------------------------------------------
@@ -177,7 +184,8 @@ class Auth:
         now = self.clock()
         address = client_address()
         name = account if isinstance(account, str) and len(account) <= 64 else ""
-        wait = max(self.by_address.retry_after(address, now), self.by_account.retry_after("account:" + name, now))
+        budget = self.account_budget(name, address)
+        wait = max(self.by_address.retry_after(address, now), self.by_account.retry_after(budget, now))
         if wait > 0:
             self.metrics.logins_limited.inc()
             return None, wait
@@ -186,16 +194,28 @@ class Auth:
         # Counted as a failure before the (slow) check, so that parallel attempts cannot all
         # pass the limit while the first ones are still being checked; forgiven if good.
         self.by_address.fail(address, now)
-        self.by_account.fail("account:" + name, now)
+        self.by_account.fail(budget, now)
         async with self.checks:
             matches = await trio.to_thread.run_sync(accounts.password_matches, record, given)
         if not matches:
             self.metrics.login_failures.inc()
             return None, 0.0
         self.by_address.forgive(address, now)
-        self.by_account.forgive("account:" + name, now)
+        self.by_account.forgive(budget, now)
+        self.remember(name, address)
         self.metrics.logins.inc()
         return self.new_session(name, record.password), 0.0
+
+    def account_budget(self, account: str, address: str) -> str:
+        """The key whose failures limit logins to `account` from `address`."""
+        known = address in self.known.get(account, ())
+        return f"account:{account}@{address}" if known else f"account:{account}"
+
+    def remember(self, account: str, address: str) -> None:
+        addresses = self.known.pop(account, [])
+        self.known[account] = [a for a in addresses if a != address][-(KNOWN_ADDRESSES - 1) :] + [address]
+        if len(self.known) > KNOWN_ACCOUNTS:
+            self.known.popitem(last=False)
 
     def new_session(self, account: str, password_hash: str) -> str:
         now = self.clock()

@@ -23,14 +23,16 @@ class Answer:
         return json.loads(self.body)
 
 
-async def fetch(node: Served, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> Answer:
+async def fetch(
+    node: Served, method: str, path: str, body: bytes | None = None, headers: dict | None = None, source: str = ""
+) -> Answer:
     """One raw HTTP request (http.client, from a thread): exactly these headers, no redirects
-    followed, no cookies kept."""
-    return await trio.to_thread.run_sync(send, node, method, path, body, headers or {})
+    followed, no cookies kept; from loopback address `source` when given."""
+    return await trio.to_thread.run_sync(send, node, method, path, body, headers or {}, source)
 
 
-def send(node: Served, method: str, path: str, body: bytes | None, headers: dict) -> Answer:
-    connection = http.client.HTTPConnection(*node.http, timeout=10)
+def send(node: Served, method: str, path: str, body: bytes | None, headers: dict, source: str = "") -> Answer:
+    connection = http.client.HTTPConnection(*node.http, timeout=10, source_address=(source, 0) if source else None)
     try:
         connection.request(method, path, body, headers)
         response = connection.getresponse()
@@ -43,9 +45,12 @@ def json_login_body(account: object, password: object) -> bytes:
     return json.dumps({"account": account, "password": password}).encode()
 
 
-async def login_json(node: Served, account: str, password: str, headers: dict | None = None) -> Answer:
+async def login_json(
+    node: Served, account: str, password: str, headers: dict | None = None, source: str = ""
+) -> Answer:
     body = json_login_body(account, password)
-    return await fetch(node, "POST", "/login", body, {"Content-Type": "application/json", **(headers or {})})
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    return await fetch(node, "POST", "/login", body, headers, source)
 
 
 def announce_oversize(
