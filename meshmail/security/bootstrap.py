@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import email.utils
 import http.client
 import ipaddress
 import json
@@ -19,6 +20,7 @@ import os
 import shutil
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,9 @@ from . import ca, files, keyring_sync, tokens
 from .accounts import admin_record
 
 HTTP_TIMEOUT = 15.0
+#: Largest difference between this server's clock and the master's that a join accepts:
+#: half the gossip replay window (60 s), so a joined node's packets are never stale.
+MAX_CLOCK_OFFSET = 30.0
 #: Largest answer accepted from a master during a join.
 MAX_ANSWER = 256 * 1024
 
@@ -254,7 +259,7 @@ def _exchange(conn: http.client.HTTPSConnection, method: str, path: str, body: b
         raise _Unreachable(getattr(exc, "strerror", None) or str(exc) or type(exc).__name__) from None
     if len(data) > MAX_ANSWER:
         raise _Unreachable("answer too large")
-    return response.status, data
+    return response.status, data, response.getheader("Date")
 
 
 def _fetch_ca(master: str, pinned: bytes) -> bytes:
@@ -265,7 +270,9 @@ def _fetch_ca(master: str, pinned: bytes) -> bytes:
     context.verify_mode = ssl.CERT_NONE
     conn = _connection(master, context)
     try:
-        status, pem = _exchange(conn, "GET", "/cluster/ca")
+        sent_at = time.time()
+        status, pem, date = _exchange(conn, "GET", "/cluster/ca")
+        check_clock(master, date, sent_at, time.time())
     finally:
         conn.close()
     if status != 200:
@@ -283,12 +290,35 @@ def _fetch_ca(master: str, pinned: bytes) -> bytes:
     return pem
 
 
+def check_clock(master: str, date: str | None, sent_at: float, answered_at: float) -> None:
+    """Refuse to go on when this server's clock is more than MAX_CLOCK_OFFSET from the
+    master's (its HTTP Date, second precision), before the token is used: a node that far off
+    would be admitted and then have its gossip dropped as stale. No Date: no check."""
+    try:
+        master_time = email.utils.parsedate_to_datetime(date).timestamp() if date else None
+    except (TypeError, ValueError, IndexError, OverflowError):
+        master_time = None
+    if master_time is None:
+        return
+    # The master stamped its Date (rounded down to the second) between our send and its
+    # answer: how far its clock is ahead of ours is known to lie between these two.
+    low, high = master_time - answered_at, master_time + 1 - sent_at
+    if -MAX_CLOCK_OFFSET <= low and high <= MAX_CLOCK_OFFSET:
+        return
+    offset = (low + high) / 2
+    amount = f"{abs(offset) / 60:.0f} minutes" if abs(offset) >= 120 else f"{abs(offset):.0f} s"
+    raise BootstrapError(
+        f"this server's clock is about {amount} {'behind' if offset > 0 else 'ahead of'} the master's ({master}):"
+        " fix NTP on this server (or the master), then join again; the token was not used"
+    )
+
+
 def _redeem(master: str, authority_pem: bytes, request: dict) -> dict:
     context = ssl.create_default_context(cadata=authority_pem.decode("ascii"))
     context.check_hostname = False  # the chain must end at the pinned CA; the role is checked below
     conn = _connection(master, context)
     try:
-        status, data = _exchange(conn, "POST", "/cluster/join", json.dumps(request).encode())
+        status, data, _ = _exchange(conn, "POST", "/cluster/join", json.dumps(request).encode())
         peer = conn.sock.getpeercert(binary_form=True) if conn.sock else None
     finally:
         conn.close()
