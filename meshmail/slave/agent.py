@@ -29,8 +29,8 @@ import os
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import attrs
 import trio
@@ -76,6 +76,15 @@ class SourceError(MeshmailError):
 Signature = tuple[int, int, int] | None
 
 
+class Reading(NamedTuple):
+    """What reading a source gave: its domains, the problems of its lines, and how many
+    domains each of its files listed (by path; a file emptied is judged on its own)."""
+
+    domains: frozenset[str]
+    problems: tuple[str, ...]
+    listed: Mapping[str, int] = {}
+
+
 @attrs.define(eq=False)
 class Source:
     """One source and what the agent knows of it."""
@@ -88,6 +97,8 @@ class Source:
     status: str = "ok"
     detail: str = ""
     read_at: float | None = None
+    #: Domains each file listed in the last good reading.
+    listed: Mapping[str, int] = attrs.Factory(dict)
     #: Files: the signatures last read, the ones seen last, and since when (trio time).
     applied: dict[str, Signature] = attrs.Factory(dict)
     seen: dict[str, Signature] = attrs.Factory(dict)
@@ -166,13 +177,13 @@ class SlaveAgent:
             for path in source.files.values():
                 source.seen[path] = source.applied[path] = _signature(path)
             try:
-                domains, problems = await read_source(source, strict=False)
+                reading = await read_source(source, strict=False)
             except SourceError as exc:
                 raise SourceError(f"slave source {source.name}: {exc}") from None
-            source.domains, source.problems = domains, problems
+            source.domains, source.problems, source.listed = reading
             source.read_at = time.time()
             self._log_problems(source)
-            log.info("source %s: %d domain(s)", source.name, len(domains))
+            log.info("source %s: %d domain(s)", source.name, len(reading.domains))
 
     async def watch_files(self) -> None:
         """Poll the file sources; read one once its files have settled after a change."""
@@ -203,9 +214,14 @@ class SlaveAgent:
     async def _refresh(self, source: Source) -> None:
         """Read a source again and keep the result, or keep the last good list."""
         try:
-            domains, problems = await read_source(source)
+            domains, problems, listed = await read_source(source)
         except SourceError as exc:
             self._stale(source, str(exc))
+            return
+        emptied = [path for path, count in listed.items() if not count and source.listed.get(path)]
+        if emptied:
+            had = source.listed[emptied[0]]
+            self._stale(source, f"{emptied[0]} lists no domain now (it had {had}): half-written? keeping the last list")
             return
         if not domains and source.domains:
             self._stale(source, f"it lists no domain now (it had {len(source.domains)}); keeping them")
@@ -213,7 +229,8 @@ class SlaveAgent:
         changed = domains != source.domains
         if source.status != "ok":
             log.info("source %s reads again", source.name)
-        source.domains, source.problems, source.status, source.detail = domains, problems, "ok", ""
+        source.domains, source.problems, source.listed = domains, problems, listed
+        source.status, source.detail = "ok", ""
         source.read_at = time.time()
         self.metrics.source_reads.labels(source=source.name).inc()
         self._log_problems(source)
@@ -412,7 +429,7 @@ class SlaveAgent:
 # --- reading, in worker threads or pure ------------------------------------------------------
 
 
-async def read_source(source: Source, *, strict: bool = True) -> tuple[frozenset[str], tuple[str, ...]]:
+async def read_source(source: Source, *, strict: bool = True) -> Reading:
     """Read and parse a source now; raises SourceError when it cannot be read, or with
     `strict` when a file's last line has no newline (at start such a line is read)."""
     config = source.config
@@ -471,49 +488,50 @@ def _text(path: str, strict: bool, *, required: bool = True) -> str | None:
     return text + "\n"
 
 
-def _result(*parsed: sources.Parsed) -> tuple[frozenset[str], tuple[str, ...]]:
+def _result(*parsed: sources.Parsed, files: Sequence[str] = ()) -> Reading:
+    """The union of `parsed`; the first len(files) of them are the files named."""
     domains: frozenset[str] = frozenset().union(*(p.domains for p in parsed))
-    return domains, tuple(problem for p in parsed for problem in p.problems)
+    listed = {path: len(p.domains) for path, p in zip(files, parsed, strict=False)}
+    return Reading(domains, tuple(problem for p in parsed for problem in p.problems), listed)
 
 
-def _read_files(kind: str, paths: dict[str, str], strict: bool) -> tuple[frozenset[str], tuple[str, ...]]:
+def _read_files(kind: str, paths: dict[str, str], strict: bool) -> Reading:
     if kind == "cpanel":
         users = sources.parse_cpanel_userdomains(_text(paths["userdomains"], strict))
         local = sources.parse_domain_list(_text(paths["localdomains"], strict))
         remote_text = _text(paths["remotedomains"], strict, required=False)
-        domains, problems = _result(users, local)
-        if remote_text is not None:
-            # Remote-MX domains get their mail elsewhere: this server does not host it.
-            remote = sources.parse_domain_list(remote_text)
-            domains -= remote.domains
-            problems += remote.problems
-        return domains, problems
+        reading = _result(users, local, files=(paths["userdomains"], paths["localdomains"]))
+        if remote_text is None:
+            return reading
+        # Remote-MX domains get their mail elsewhere: this server does not host it.
+        remote = sources.parse_domain_list(remote_text)
+        return reading._replace(domains=reading.domains - remote.domains, problems=reading.problems + remote.problems)
     (path,) = paths.values()
     parse = {
         "directadmin": sources.parse_domain_list,
         "dovecot": sources.parse_dovecot_passwd,
         "postfix": sources.parse_postfix_map,
     }[kind]
-    return _result(parse(_text(path, strict)))
+    return _result(parse(_text(path, strict)), files=(path,))
 
 
-def _postconf(output: str, strict: bool) -> tuple[frozenset[str], tuple[str, ...]]:
+def _postconf(output: str, strict: bool) -> Reading:
     """The domains of `postconf -xh virtual_mailbox_domains`, reading the files it names."""
     top = sources.parse_postconf(output if output.endswith("\n") else output + "\n")
-    parsed: list[sources.Parsed] = [top]
-    parsed += [sources.parse_postfix_map(_text(path, strict)) for path in top.map_files]
+    files = (*top.map_files, *top.list_files)
+    parsed = [sources.parse_postfix_map(_text(path, strict)) for path in top.map_files]
     parsed += [sources.parse_postconf(_text(path, strict)) for path in top.list_files]
-    return _result(*parsed)
+    return _result(*parsed, top, files=files)
 
 
-def _static(names: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
+def _static(names: tuple[str, ...]) -> Reading:
     domains, problems = set(), []
     for index, name in enumerate(names):
         try:
             domains.add(normalize_domain(name))
         except InvalidName as exc:
             problems.append(f"domains[{index}]: {exc}")
-    return frozenset(domains), tuple(problems)
+    return Reading(frozenset(domains), tuple(problems))
 
 
 async def _run(argv: tuple[str, ...]) -> str:

@@ -225,6 +225,27 @@ async def test_cpanel_files(replication, tmp_path):
     assert published(replication) == {"shop.example", "host.example"}
 
 
+async def test_a_cpanel_file_emptied_is_judged_on_its_own(replication, tmp_path, clock):
+    """userdomains half-written (empty) while localdomains still lists a domain: the union is
+    not empty, but that file had domains and lists none now, so the last good list stays."""
+    (tmp_path / "userdomains").write_text("shop.example: shop\nblog.example: ann\n*: nobody\n")
+    (tmp_path / "localdomains").write_text("host.example\n")
+    paths = {name: str(tmp_path / name) for name in ("userdomains", "localdomains", "remotedomains")}
+    agent = agent_for(replication, SourceConfig("cpanel", "cpanel", paths=paths))
+    async with trio.open_nursery() as nursery:
+        await run_agent(nursery, agent)
+        [source] = agent.sources
+        assert published(replication) == {"shop.example", "blog.example", "host.example"}
+        (tmp_path / "userdomains").write_text("")
+        await trio.sleep(SETTINGS.poll_interval * 3 + SETTINGS.settle + PUBLISH_DELAY)
+        assert source.status == "stale" and "userdomains lists no domain now (it had 2)" in source.detail
+        assert published(replication) == {"shop.example", "blog.example", "host.example"}
+        (tmp_path / "userdomains").write_text("shop.example: shop\n")
+        await trio.sleep(SETTINGS.poll_interval * 3 + SETTINGS.settle + PUBLISH_DELAY)
+        assert source.status == "ok" and published(replication) == {"shop.example", "host.example"}
+        nursery.cancel_scope.cancel()
+
+
 def route_of(domain: str, slave: str, ms: int) -> bytes:
     """A route written by `slave` at `ms`, as a batch from a peer."""
     return encode_entries([Entry(f"domain/{domain}", DomainRoute(slave, "slave"), Timestamp(ms, 0, slave))])
