@@ -76,6 +76,8 @@ ADMIN = {
     ("PUT", "/admins/<account>"): ("/admins/mallory", json.dumps({"password": PASSWORD}).encode()),
     ("DELETE", "/admins/<account>"): ("/admins/alice", None),
     ("POST", "/api-tokens"): ("/api-tokens", b"{}"),
+    ("GET", "/api-tokens"): ("/api-tokens", None),
+    ("DELETE", "/api-tokens/<token_id>"): ("/api-tokens/0123456789abcdef", None),
 }
 
 

@@ -161,3 +161,26 @@ def test_routes_from_disk_after_kill_9(tmp_path):
 def test_https_to_a_plain_http_node(url):
     https = "https:" + url.removeprefix("http:")
     assert_one_line_failure(meshmail("domains", "list", "--url", https), "speaks plain HTTP, not HTTPS", f"use {url}")
+
+
+def test_api_tokens_are_created_listed_and_revoked(cluster, url):
+    """`admin api-token create` says whose token it made; list shows it with no secret;
+    revoke (by a prefix of the id) ends it; the token of the node's own CLI keeps working."""
+    data_dir = ["--data-dir", str(Path(load(cluster.nodes["n1"].config).node.data_dir))]
+    made = ok("admin", "api-token", "create", "--note", "monitoring", *data_dir)
+    token = made.splitlines()[1].strip()
+    token_id = re.search(r"API token ([0-9a-f]{16}) for account node:n1", made).group(1)
+    listed = json.loads(ok("admin", "api-token", "list", "--json", *data_dir))["tokens"]
+    mine = [t for t in listed if t["id"] == token_id]
+    assert mine and mine[0]["account"] == "node:n1" and mine[0]["note"] == "monitoring"
+    assert token not in json.dumps(listed) and token.split("_")[-1] not in json.dumps(listed)
+    assert "monitoring" in ok("admin", "api-token", "list", *data_dir)
+    assert ok("domains", "list", "--url", url, "--token", token)  # the new token works
+    assert ok("admin", "api-token", "revoke", token_id[:6], *data_dir).strip() == (
+        f"meshmail: API token {token_id} revoked"
+    )
+    refused = meshmail("domains", "list", "--url", url, "--token", token)
+    assert_one_line_failure(refused, "401")
+    assert_one_line_failure(meshmail("admin", "api-token", "revoke", "ffff0000", *data_dir), "no API token id starts")
+    assert ok("domains", "list", *data_dir)  # the node's own token was not touched
+    assert ok("admin", "api-token", "create", "--quiet", *data_dir).startswith("mmapi1_")

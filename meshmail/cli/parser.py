@@ -355,10 +355,20 @@ def _add_admin(commands: Commands) -> None:
     passwd.add_argument("account", help="the admin account's name")
     passwd.add_argument("--password-file", metavar="FILE", help="read the password from FILE (default: prompt)")
     _action(actions, "list", "admin:list_admins", "list the admin accounts (GET /admins)")
-    api_token = _action(
-        actions,
+    api_token = actions.add_parser(
         "api-token",
-        "admin:api_token",
-        "create an API token for your account and print it (POST /api-tokens)",
+        help="create, list and revoke API tokens",
+        description="Bearer tokens of the admin API, for scripts and monitoring. A token acts for the account"
+        " that created it: the node's own account (node:NAME) when the command uses a node's data dir,"
+        " yours when it uses --url with your token.",
     )
-    api_token.add_argument("--note", default="", help="a note to tell the token apart later")
+    tokens = _actions(api_token)
+    create = _action(
+        tokens, "create", "admin:create_api_token", "create an API token for the calling account (POST /api-tokens)"
+    )
+    create.add_argument("--note", default="", help="a note to tell the token apart later (at most 200 characters)")
+    create.add_argument("--quiet", "-q", action="store_true", help="print only the token")
+    listing = "list the API tokens of every account (GET /api-tokens)"
+    _action(tokens, "list", "admin:list_api_tokens", listing, json=True)
+    revoke = _action(tokens, "revoke", "admin:revoke_api_token", "revoke an API token (DELETE /api-tokens/ID)")
+    revoke.add_argument("id", help="the token's id, or a prefix of it that only it has (api-token list shows them)")

@@ -92,6 +92,14 @@ def format_route(address: str, protocol: str, document: dict[str, Any]) -> str:
     return f"{address} ({protocol}): no route ({no_route['reason']}): {no_route['detail']}"
 
 
+def format_api_tokens(tokens: list[dict[str, Any]]) -> str:
+    if not tokens:
+        return "(no API tokens)"
+    rows = [("ID", "ACCOUNT", "CREATED", "NOTE")]
+    rows += [(t["id"], t["account"], human_ms(t["created_ms"]), t["note"]) for t in tokens]
+    return "\n".join(_columns(rows))
+
+
 def format_tokens(tokens: list[dict[str, Any]]) -> str:
     if not tokens:
         return "(no join tokens)"

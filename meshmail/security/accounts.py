@@ -81,6 +81,22 @@ def api_token_account(state: ClusterState, text: str) -> str | None:
     return record.account
 
 
+def api_tokens(state: ClusterState) -> list[dict[str, object]]:
+    """Every API token as `admin api-token list` shows it (never its secret or hash)."""
+    return [
+        {"id": token_id, "account": record.account, "created_ms": record.created_ms, "note": record.note}
+        for token_id, record in state.records("apitoken")
+    ]
+
+
+def revoke_api_token(replication, token_id: str) -> bool:
+    """Delete one API token; False when there is no such token."""
+    if not isinstance(replication.state.get("apitoken", token_id), ApiToken):
+        return False
+    replication.delete("apitoken", token_id)
+    return True
+
+
 def revoke_api_tokens(replication, account: str) -> int:
     """Delete every API token of `account`; how many."""
     ids = [tid for tid, record in replication.state.records("apitoken") if record.account == account]

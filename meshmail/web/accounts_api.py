@@ -6,7 +6,7 @@ import json
 
 import trio
 from quart import Blueprint, Response, redirect, request
-from werkzeug.exceptions import BadRequest
+from werkzeug.exceptions import BadRequest, NotFound
 
 from ..core.clock import wall_ms
 from ..security import accounts
@@ -107,3 +107,15 @@ async def create_api_token():
     except TokenError as exc:
         raise BadRequest(str(exc)) from None
     return {"token": token.encode(), "id": token.token_id, "account": request.principal.account}, 201
+
+
+@routes.get("/api-tokens")
+async def list_api_tokens():
+    return {"tokens": accounts.api_tokens(ctx().state)}
+
+
+@routes.delete("/api-tokens/<token_id>")
+async def revoke_api_token(token_id: str):
+    if not accounts.revoke_api_token(ctx().replication, token_id):
+        raise NotFound(f"no API token {token_id[:40]}")
+    return {"id": token_id, "revoked": True}
