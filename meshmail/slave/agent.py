@@ -313,8 +313,9 @@ class SlaveAgent:
             (self._claimed_here.add if claim else self._claimed_here.discard)(domain)
         added = sum(1 for _, route in writes if route is not None)
         claimed = sum(1 for *_, claim in claims if claim)
-        log.info("published %d domain(s), unpublished %d; claimed %d routed to other slaves, dropped %d claim(s)",
-                 added, len(writes) - added, claimed, len(claims) - claimed)  # fmt: skip
+        log.info("%d domain(s) route here (%d written now, %d unpublished); %d claim(s) on domains routed to other"
+                 " slaves (%d new, %d dropped)", len(self._routed_here), added, len(writes) - added,
+                 len(self._claimed_here), claimed, len(claims) - claimed)  # fmt: skip
         self.metrics.routes_written.inc(len(writes))
 
     def _holds(self, slave: str) -> bool:

@@ -5,6 +5,7 @@ zero would run the clock far ahead while a thread reads)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -437,3 +438,15 @@ def test_judging_any_greeting_never_raises(service, greeting):
 )
 def test_judge(service, greeting, up):
     assert judge(service, greeting).up is up
+
+
+async def test_the_publish_log_counts_every_domain_routed_here(replication, caplog):
+    for domain in ("a.example", "b.example"):  # routed here before this start
+        replication.assign_domain(domain, "s1", source="slave")
+    names = ("a.example", "b.example", "c.example", "d.example", "e.example", "f.example")
+    agent = agent_for(replication, SourceConfig("static", "static", domains=names))
+    await agent.load()
+    with caplog.at_level(logging.INFO, logger="meshmail.slave"):
+        agent.publish(rescan=True)
+    [line] = [r.getMessage() for r in caplog.records if "route here" in r.getMessage()]
+    assert line.startswith("6 domain(s) route here (4 written now, 0 unpublished)")
