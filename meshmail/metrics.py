@@ -141,6 +141,16 @@ GOSSIP: tuple[Series, ...] = (
         "events_dropped",
     ),
     Series(
+        "meshmail_gossip_recovery_push_pulls_total",
+        "Push-pulls run at once with a member that came back (new, back from dead, refuted), so maps agree soon.",
+        "recovery_push_pulls",
+    ),
+    Series(
+        "meshmail_gossip_accept_shortages_total",
+        "Gossip streams not accepted for lack of file descriptors or memory (EMFILE, ENFILE, ENOMEM, ENOBUFS).",
+        "gossip.accept_shortage",
+    ),
+    Series(
         "meshmail_gossip_removed",
         "1 once a member told this node that it was removed from the cluster.",
         "removed_from_cluster",

@@ -14,12 +14,8 @@ from helpers.served import request
 
 from meshmail.config import loads
 from meshmail.core.clock import wall_ms
-from meshmail.metrics import Metrics
-from meshmail.node import new_memberlist
-from meshmail.replication import Replication
-from meshmail.routing import Router
+from meshmail.node import new_context
 from meshmail.security import accounts
-from meshmail.services import Context
 from meshmail.state.records import AdminAccount, Redemption, RemovedNode
 from meshmail.state.replica import ClusterState
 from meshmail.web import create_app
@@ -196,18 +192,12 @@ async def test_assign_refuses_what_is_not_a_known_slave(node):
 
 @pytest.fixture
 def app_ctx(tmp_path):
-    """A Context for the app's test client: a real Replication and Router, a memberlist that
-    never runs (no member is known), and the Authorization header of an API token written to
-    its state."""
+    """The Context of a node that never runs (no member is known), made as node.serve makes
+    it, and the Authorization header of an API token written to its state."""
     with ClusterState.open(tmp_path, "me", wall_ms, fsync=False) as state:
-        replication = Replication(state, wall_ms)
-        replication.put("admin", "admin", AdminAccount("$scrypt$not-checked-here"))
-        token = accounts.create_api_token(replication, "admin", "tests", wall_ms())
-        router = Router(state, lambda name: None)
-        members = new_memberlist(loads(minimal_config("me"), "test.toml"))
-        ctx = Context(
-            config=None, replication=replication, members=members, router=router, authority=None, metrics=Metrics()
-        )
+        ctx = new_context(loads(minimal_config("me"), "test.toml"), state)
+        ctx.replication.put("admin", "admin", AdminAccount("$scrypt$not-checked-here"))
+        token = accounts.create_api_token(ctx.replication, "admin", "tests", wall_ms())
         yield ctx, {"Authorization": f"Bearer {token.encode()}"}
 
 
