@@ -35,24 +35,42 @@ class LineTooLong(ProtocolError):
 @attrs.define
 class LineReader:
     """Splits received bytes into lines ending in CRLF (a bare LF also ends a line, as most
-    servers accept), holding at most `limit` bytes of an unfinished line."""
+    servers accept). It holds at most `limit` + 1 bytes of an unfinished line, plus the
+    `literal` raw bytes (an IMAP literal) such a line may follow; feed() keeps no more, and the
+    next read refuses the line. A line end is looked for once in each byte, so reading a line
+    sent a byte at a time costs its length, not its length squared."""
 
     limit: int
     _buffer: bytearray = attrs.field(factory=bytearray)
+    literal: int = attrs.field(default=0, kw_only=True)
+    _scanned: int = attrs.field(default=0, init=False)  # bytes at the front known to hold no LF
+    _tail: int = attrs.field(default=0, init=False)  # bytes after the last LF
+    _cut: bool = attrs.field(default=False, init=False)  # input past the cap was dropped
 
     def feed(self, data: bytes) -> None:
+        """Keeps `data`, up to the cap on bytes after the last line end; past it the rest of
+        the stream is dropped and the read that reaches the cut raises LineTooLong."""
+        if self._cut:
+            return
+        cap = self.limit + 1 + self.literal
+        end = data.rfind(b"\n")
+        tail = self._tail + len(data) if end < 0 else len(data) - end - 1
+        if tail > cap:
+            data, tail, self._cut = data[: len(data) - (tail - cap)], cap, True
         self._buffer += data
+        self._tail = tail
 
     def next_line(self) -> bytes | None:
         """The next line without its line end, or None until one is complete. Raises
         LineTooLong (close=True, no reply: the codec adds its own) past `limit`."""
-        end = self._buffer.find(b"\n", 0, self.limit + 2)
+        end = self._buffer.find(b"\n", self._scanned, self.limit + 2)
         if end < 0:
-            if len(self._buffer) > self.limit + 1:  # room for a CR whose LF is on its way
+            self._scanned = min(len(self._buffer), self.limit + 2)
+            if self._cut or len(self._buffer) > self.limit + 1:  # room for a CR whose LF is on its way
                 raise LineTooLong(f"line longer than {self.limit} bytes", close=True)
             return None
         line = bytes(self._buffer[:end])
-        del self._buffer[: end + 1]
+        self._consume(end + 1)
         if line.endswith(b"\r"):
             line = line[:-1]
         if len(line) > self.limit:
@@ -60,21 +78,33 @@ class LineReader:
         return line
 
     def take(self, size: int) -> bytes | None:
-        """Exactly `size` raw bytes (an IMAP literal), or None until they have arrived."""
+        """Exactly `size` raw bytes (an IMAP literal), or None until they have arrived.
+        Raises LineTooLong when they were cut off."""
         if len(self._buffer) < size:
+            if self._cut:
+                raise LineTooLong(f"literal and line longer than {self.limit + self.literal} bytes", close=True)
             return None
         data = bytes(self._buffer[:size])
-        del self._buffer[:size]
+        self._consume(size)
         return data
 
     def rest(self) -> bytes:
-        """Everything received and not yet read (handed on after STARTTLS or a login)."""
+        """Everything received and not yet read (handed on after STARTTLS or a login). Raises
+        LineTooLong when part of it was cut off."""
+        if self._cut:
+            raise LineTooLong(f"line longer than {self.limit} bytes", close=True)
         data, self._buffer = bytes(self._buffer), bytearray()
+        self._scanned = self._tail = 0
         return data
 
     @property
     def pending(self) -> int:
         return len(self._buffer)
+
+    def _consume(self, size: int) -> None:
+        del self._buffer[:size]
+        self._scanned = max(0, self._scanned - size)
+        self._tail = min(self._tail, len(self._buffer))
 
 
 # --- events a pre-login codec hands its driver -------------------------------------------

@@ -217,7 +217,11 @@ class ImapServer:
     max_literal: int = MAX_LITERAL
     #: The client's ID fields (RFC 2971) once it sent them, for logs; never forwarded.
     client_id: dict[str, str | None] | None = attrs.field(default=None, init=False)
-    _reader: LineReader = attrs.field(factory=lambda: LineReader(limit=MAX_LINE), init=False, repr=False)
+    _reader: LineReader = attrs.field(
+        default=attrs.Factory(lambda self: LineReader(limit=MAX_LINE, literal=self.max_literal), takes_self=True),
+        init=False,
+        repr=False,
+    )
     _out: bytearray = attrs.field(factory=bytearray, init=False, repr=False)
     _phase: _Phase = attrs.field(default=_Phase.COMMANDS, init=False)
     _eof: bool = attrs.field(default=False, init=False)
@@ -564,7 +568,11 @@ class ImapClient:
     tls_active: bool = False
     forward: Mapping[str, str] = attrs.field(factory=dict)
     max_literal: int = MAX_LITERAL
-    _reader: LineReader = attrs.field(factory=lambda: LineReader(limit=MAX_LINE), init=False, repr=False)
+    _reader: LineReader = attrs.field(
+        default=attrs.Factory(lambda self: LineReader(limit=MAX_LINE, literal=self.max_literal), takes_self=True),
+        init=False,
+        repr=False,
+    )
     _out: bytearray = attrs.field(factory=bytearray, init=False, repr=False)
     _step: _Step = attrs.field(default=_Step.GREETING, init=False)
     _capabilities: tuple[str, ...] | None = attrs.field(default=None, init=False)
