@@ -10,7 +10,6 @@ A ProtocolError is fatal: send data_to_send(), then the error's reply, then clos
 
 from __future__ import annotations
 
-import enum
 import itertools
 import re
 import sys
@@ -23,13 +22,13 @@ from .common import (
     Closed,
     Credentials,
     LineReader,
-    LineTooLong,
     LoggedIn,
+    LoginClient,
     LoginRefused,
+    LoginServer,
+    Phase,
     ProtocolError,
-    SaslCancelled,
     SaslError,
-    SaslExchange,
     StartTls,
     credential,
     sasl_plain_response,
@@ -43,10 +42,6 @@ MAX_LINE = 8192
 MAX_LITERAL = 8192
 #: Literals one command may carry (LOGIN needs two).
 MAX_LITERALS = 2
-#: Bad commands answered before the session is ended.
-MAX_ERRORS = 10
-#: Failed logins before the session is ended.
-MAX_LOGIN_FAILURES = 3
 #: Bounds of an ID list (RFC 2971, section 3.3).
 MAX_ID_PAIRS, MAX_ID_FIELD, MAX_ID_VALUE = 30, 30, 1024
 #: Longest reply text a driver or a backend puts in a reply line.
@@ -166,19 +161,6 @@ def _id_fields(args: list[object]) -> dict[str, str | None]:
 # --- the client-facing side -------------------------------------------------------------------
 
 
-class _Phase(enum.Enum):
-    COMMANDS = enum.auto()  # NOT AUTHENTICATED state, reading command lines
-    LITERAL = enum.auto()  # reading a literal of the command
-    SASL = enum.auto()  # inside an AUTHENTICATE exchange, reading responses
-    STARTTLS = enum.auto()  # OK sent to STARTTLS, waiting for tls_started()
-    LOGIN = enum.auto()  # Credentials handed out, waiting for accept/reject/unavailable
-    DONE = enum.auto()  # logged in: the rest is trailing data
-    CLOSED = enum.auto()
-
-
-_READING = (_Phase.COMMANDS, _Phase.LITERAL, _Phase.SASL)
-
-
 @attrs.define(eq=False)
 class _Command:
     """A command whose line ended in a literal: what has been read of it so far."""
@@ -190,61 +172,42 @@ class _Command:
 
 
 @attrs.define(eq=False)
-class ImapServer:
+class ImapServer(LoginServer):
     """The client side of an IMAP proxy before login. The greeting, with the capabilities,
     waits in data_to_send().
 
     `tls_available`: STARTTLS may be offered (the driver has a certificate). `tls_active`: the
     connection is TLS already (port 993). `require_tls`: LOGINDISABLED is listed and LOGIN and
-    AUTHENTICATE are refused with `NO [PRIVACYREQUIRED]` until TLS is up.
+    AUTHENTICATE are refused with `NO [PRIVACYREQUIRED]` until TLS is up. After STARTTLS the
+    client asks for the capabilities again (there is no new greeting).
 
     Commands before login: CAPABILITY, NOOP, LOGOUT, ID, STARTTLS, LOGIN and AUTHENTICATE
     PLAIN or LOGIN (with or without an initial response); anything else is answered BAD.
     Arguments may be atoms, quoted strings or literals (`{n}` answered `+ OK`, or LITERAL+
-    `{n+}`) of at most max_literal bytes: a larger literal is refused when announced.
+    `{n+}`) of at most max_literal bytes: a larger literal is refused when announced, and the
+    session ends when the refused command goes on in a non-synchronizing literal. The last
+    BAD of max_errors ends the session.
 
     Events: Credentials (answer with accept, reject or unavailable; the codec keeps the tag),
     StartTls (wrap the stream, then call tls_started), Closed. The driver reads nothing from
     the client while a login waits for its answer.
     """
 
-    hostname: str = "localhost"
-    tls_available: bool = False
-    tls_active: bool = False
-    require_tls: bool = True
-    max_errors: int = MAX_ERRORS
-    max_login_failures: int = MAX_LOGIN_FAILURES
+    _LINE_TOO_LONG = b"* BYE Line too long." + CRLF
+    _DATA_BEFORE_TLS = b"* BYE Data received before TLS." + CRLF
+    _TOO_MANY_FAILURES = b"* BYE Too many failed logins." + CRLF
+    _CHALLENGE = b"+ "
+
     max_literal: int = MAX_LITERAL
     #: The client's ID fields (RFC 2971) once it sent them, for logs; never forwarded.
     client_id: dict[str, str | None] | None = attrs.field(default=None, init=False)
-    _reader: LineReader = attrs.field(factory=lambda: LineReader(limit=MAX_LINE), init=False, repr=False)
-    _out: bytearray = attrs.field(factory=bytearray, init=False, repr=False)
-    _phase: _Phase = attrs.field(default=_Phase.COMMANDS, init=False)
-    _eof: bool = attrs.field(default=False, init=False)
     _tag: bytes | None = attrs.field(default=None, init=False)
-    _command: _Command | None = attrs.field(default=None, init=False)
-    _sasl: SaslExchange | None = attrs.field(default=None, init=False)
-    _errors: int = attrs.field(default=0, init=False)
-    _failures: int = attrs.field(default=0, init=False)
+    _partial: _Command | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.require_tls and not (self.tls_available or self.tls_active):
-            raise ValueError("require_tls without TLS: no client could ever log in")
+        super().__attrs_post_init__()
         self._out += b"* OK [CAPABILITY " + " ".join(self.capabilities).encode()
         self._out += b"] " + _text(f"{self.hostname} IMAP ready.") + CRLF
-
-    # -- the driver's side
-
-    def receive_data(self, data: bytes) -> None:
-        """Bytes from the client; b"" means the client closed its side."""
-        if data:
-            self._reader.feed(data)
-        else:
-            self._eof = True
-
-    def data_to_send(self) -> bytes:
-        data, self._out = bytes(self._out), bytearray()
-        return data
 
     @property
     def buffered(self) -> int:
@@ -253,50 +216,14 @@ class ImapServer:
         return self._reader.pending
 
     @property
-    def login_allowed(self) -> bool:
-        return self.tls_active or not self.require_tls
-
-    @property
     def capabilities(self) -> list[str]:
         """What this side offers before login (after it, the backend's capabilities)."""
         offered = ["IMAP4rev1", "SASL-IR", "LITERAL+", "ID"]
-        if self.tls_available and not self.tls_active:
+        if self._tls_offered:
             offered.append("STARTTLS")
         if self.login_allowed:
             return offered + [f"AUTH={mechanism}" for mechanism in SASL_MECHANISMS]
         return [*offered, "LOGINDISABLED"]
-
-    def next_event(self) -> Credentials | StartTls | Closed | None:
-        """The next event, or None until more bytes arrive or the driver answers the last
-        one. Raises ProtocolError (close=True) on a line past MAX_LINE, too many bad commands,
-        a refused non-synchronizing literal, or commands pipelined after STARTTLS."""
-        while self._phase in _READING:
-            if self._phase is _Phase.LITERAL:
-                assert self._command is not None
-                data = self._reader.take(self._command.literal)
-                if data is not None:
-                    self._command.args.append(data)
-                    self._phase = _Phase.COMMANDS
-                    continue
-            elif (line := self._next_line()) is not None:
-                event = self._respond(line) if self._phase is _Phase.SASL else self._command_line(line)
-                if event is not None:
-                    return event
-                continue
-            if not self._eof:
-                return None
-            self._phase = _Phase.CLOSED
-        if self._phase is _Phase.STARTTLS and self._reader.pending:
-            raise self._fatal("plaintext received before TLS started", "Data received before TLS.")
-        return Closed() if self._phase is _Phase.CLOSED else None
-
-    def tls_started(self) -> None:
-        """The stream is now TLS: the client asks for the capabilities again (no new greeting)."""
-        if self._phase is not _Phase.STARTTLS:
-            raise RuntimeError("tls_started without a StartTls event")
-        if self._reader.pending:
-            raise self._fatal("plaintext received before TLS started", "Data received before TLS.")
-        self.tls_active, self._phase = True, _Phase.COMMANDS
 
     def accept(self, capabilities: Iterable[str], text: str = "Logged in") -> None:
         """The backend took the credentials: `tag OK [CAPABILITY ...]` with the backend's
@@ -304,30 +231,23 @@ class ImapServer:
         atoms = [capability.encode() for capability in capabilities]
         if not atoms or not all(_CAPABILITY.fullmatch(atom) for atom in atoms):
             raise ValueError(f"capabilities must be atoms: {atoms!r}")
-        self._decided(b"OK [CAPABILITY " + b" ".join(atoms) + b"] " + _text(text), _Phase.DONE)
+        self._decided(self._tagged(b"OK [CAPABILITY " + b" ".join(atoms) + b"] " + _text(text)), Phase.DONE)
 
     def reject(self, text: str = "[AUTHENTICATIONFAILED] Authentication failed.") -> None:
         """Wrong credentials: `tag NO` with `text` (the backend's, passed on; one without a
         response code gets [AUTHENTICATIONFAILED]). After max_login_failures the session ends."""
         if not text.startswith("["):
             text = "[AUTHENTICATIONFAILED] " + text
-        self._failures += 1
-        done = self._failures >= self.max_login_failures
-        self._decided(b"NO " + _text(text), _Phase.CLOSED if done else _Phase.COMMANDS)
-        if done:
-            self._out += b"* BYE Too many failed logins." + CRLF
+        self._login_failed(self._tagged(b"NO " + _text(text)))
 
     def unavailable(self, text: str = "Temporary server failure, try again later.") -> None:
         """The credentials could not be checked (no backend): `tag NO [UNAVAILABLE]` (RFC 5530)."""
-        self._decided(b"NO [UNAVAILABLE] " + _text(text), _Phase.COMMANDS)
-
-    def trailing_data(self) -> bytes:
-        """What the client sent after its login command (pipelined commands), for the backend."""
-        if self._phase is not _Phase.DONE:
-            raise RuntimeError("trailing_data before accept")
-        return self._reader.rest()
+        self._decided(self._tagged(b"NO [UNAVAILABLE] " + _text(text)), Phase.COMMANDS)
 
     # -- replies
+
+    def _line_reader(self) -> LineReader:
+        return LineReader(limit=MAX_LINE, literal=self.max_literal)
 
     def _tagged(self, line: bytes) -> bytes:
         return (self._tag or b"*") + b" " + line + CRLF
@@ -335,38 +255,46 @@ class ImapServer:
     def _ok(self, text: str) -> None:
         self._out += self._tagged(b"OK " + text.encode())
 
-    def _decided(self, line: bytes, phase: _Phase) -> None:
-        if self._phase is not _Phase.LOGIN:
-            raise RuntimeError("no login is waiting for an answer")
-        self._out += self._tagged(line)
-        self._phase = phase
-
-    def _fatal(self, why: str, text: str, before: bytes = b"") -> ProtocolError:
-        self._phase = _Phase.CLOSED
-        return ProtocolError(why, before + b"* BYE " + text.encode() + CRLF, close=True)
+    def _bye(self, why: str, text: str, before: bytes) -> ProtocolError:
+        return self._fatal(why, before + b"* BYE " + text.encode() + CRLF)
 
     def _error(self, bad: _Bad, *, unreadable: bool = False) -> None:
-        """Answers a refused command; the session ends past max_errors, or when the refused
-        command goes on in a literal the client sends unasked (`unreadable`)."""
+        """Answers a refused command; the session ends at max_errors (the last refusal goes out
+        before the BYE), or when the refused command goes on in a literal the client sends
+        unasked (`unreadable`)."""
         line = self._tagged(f"{bad.status} {bad.text}".encode())
-        self._command = self._sasl = self._tag = None
-        self._phase = _Phase.COMMANDS
+        self._partial = self._sasl = self._tag = None
+        self._phase = Phase.COMMANDS
         self._errors += 1
         if unreadable:
-            raise self._fatal("refused command with a non-synchronizing literal", "Literal refused.", line)
+            raise self._bye("refused command with a non-synchronizing literal", "Literal refused.", line)
         if self._errors >= self.max_errors:
-            raise self._fatal("too many bad commands", "Too many invalid commands.", line)
+            raise self._bye("too many bad commands", "Too many invalid commands.", line)
         self._out += line
+
+    def _sasl_cancelled(self) -> None:
+        self._out += self._tagged(b"BAD Authentication cancelled.")
+
+    def _sasl_malformed(self) -> None:
+        self._error(_Bad("Invalid authentication response."))
 
     # -- commands
 
-    def _next_line(self) -> bytes | None:
-        try:
-            return self._reader.next_line()
-        except LineTooLong as exc:
-            raise self._fatal(str(exc), "Line too long.") from None
+    def _next_input(self) -> bytes | None:
+        if self._phase is Phase.LITERAL:
+            assert self._partial is not None
+            return self._read(self._partial.literal)
+        return self._read()
 
-    def _command_line(self, line: bytes) -> Credentials | StartTls | Closed | None:
+    def _input(self, data: bytes) -> Credentials | StartTls | Closed | None:
+        if self._phase is Phase.LITERAL:
+            assert self._partial is not None
+            self._partial.args.append(data)
+            self._phase = Phase.COMMANDS
+            return None
+        return super()._input(data)
+
+    def _command(self, line: bytes) -> Credentials | StartTls | Closed | None:
         try:
             return self._read_command(line)
         except _Bad as bad:
@@ -375,15 +303,15 @@ class ImapServer:
 
     def _read_command(self, line: bytes) -> Credentials | StartTls | Closed | None:
         """One line of a command: the first, or the rest after a literal. Raises _Bad."""
-        if self._command is None:
-            self._command, line = self._begin(line)
-        command = self._command
+        if self._partial is None:
+            self._partial, line = self._begin(line)
+        command = self._partial
         try:
             literal = _scan(line, command.args)
         except ValueError:
             raise _Bad("Invalid arguments.") from None
         if literal is None:
-            self._command = None
+            self._partial = None
             return _COMMANDS[command.name](self, command.args)
         size, synchronizing = literal
         if command.literals >= MAX_LITERALS:
@@ -391,7 +319,7 @@ class ImapServer:
         if size > self.max_literal:
             raise _Bad("[TOOBIG] Literal too big.")
         command.literal, command.literals = size, command.literals + 1
-        self._phase = _Phase.LITERAL
+        self._phase = Phase.LITERAL
         if synchronizing:
             self._out += b"+ OK" + CRLF
         return None
@@ -423,10 +351,7 @@ class ImapServer:
 
     def _logout(self, args: list[object]) -> Closed:
         _no_arguments(args)
-        self._out += b"* BYE Logging out." + CRLF
-        self._ok("Logout completed.")
-        self._phase = _Phase.CLOSED
-        return Closed()
+        return self._close(b"* BYE Logging out." + CRLF + self._tagged(b"OK Logout completed."))
 
     def _id(self, args: list[object]) -> None:
         self.client_id = _id_fields(args)
@@ -435,15 +360,10 @@ class ImapServer:
 
     def _starttls(self, args: list[object]) -> StartTls:
         _no_arguments(args)
-        if self.tls_active or not self.tls_available:
+        if not self._tls_offered:
             raise _Bad("TLS is already active." if self.tls_active else "STARTTLS is not available.")
-        if self._reader.pending:
-            # Whatever follows STARTTLS before the handshake would run as if sent over TLS.
-            refusal = self._tagged(b"BAD Commands pipelined after STARTTLS.")
-            raise self._fatal("commands pipelined after STARTTLS", "Closing.", refusal)
-        self._ok("Begin TLS negotiation now.")
-        self._phase = _Phase.STARTTLS
-        return StartTls()
+        refusal = self._tagged(b"BAD Commands pipelined after STARTTLS.") + b"* BYE Closing." + CRLF
+        return self._start_tls("STARTTLS", self._tagged(b"OK Begin TLS negotiation now."), refusal)
 
     def _login(self, args: list[object]) -> Credentials:
         if len(args) != 2 or not all(isinstance(arg, bytes) for arg in args):
@@ -454,7 +374,7 @@ class ImapServer:
             user = password = ""
         if not user or not password:
             raise _Bad("LOGIN needs a valid user name and password.")
-        self._phase = _Phase.LOGIN
+        self._phase = Phase.LOGIN
         return Credentials(user, password, "LOGIN")
 
     def _authenticate(self, args: list[object]) -> Credentials | None:
@@ -463,32 +383,7 @@ class ImapServer:
         name = bytes(args[0]).decode("ascii").upper()
         if name not in SASL_MECHANISMS:
             raise _Bad("Unsupported authentication mechanism.", "NO")
-        self._sasl = SaslExchange(name)
-        return self._sasl_step(self._sasl.start, bytes(args[1]) if len(args) == 2 else None)
-
-    def _respond(self, line: bytes) -> Credentials | None:
-        assert self._sasl is not None
-        try:
-            return self._sasl_step(self._sasl.respond, line)
-        except _Bad as bad:
-            self._error(bad)
-            return None
-
-    def _sasl_step(self, step: Callable[[bytes | None], bytes | Credentials], data: bytes | None) -> Credentials | None:
-        try:
-            answer = step(data)
-        except SaslCancelled:
-            self._out += self._tagged(b"BAD Authentication cancelled.")
-            self._sasl, self._phase = None, _Phase.COMMANDS
-            return None
-        except SaslError:
-            raise _Bad("Invalid authentication response.") from None
-        if isinstance(answer, Credentials):
-            self._sasl, self._phase = None, _Phase.LOGIN
-            return answer
-        self._out += b"+ " + answer + CRLF
-        self._phase = _Phase.SASL
-        return None
+        return self._sasl_start(name, bytes(args[1]) if len(args) == 2 else None)
 
 
 _COMMANDS: dict[str, Callable[[ImapServer, list[object]], Credentials | StartTls | Closed | None]] = {
@@ -533,22 +428,16 @@ def _capability_list(words: list[bytes]) -> tuple[str, ...]:
     return tuple(word.decode("ascii") for word in words)
 
 
-class _Step(enum.Enum):
-    GREETING = enum.auto()
-    COMMANDS = enum.auto()  # commands sent, reading their answers
-    TLS_WAIT = enum.auto()  # StartTls handed out, waiting for tls_started()
-    DONE = enum.auto()
-
-
 _Answer = Callable[["ImapClient", bytes, bytes], "StartTls | LoggedIn | LoginRefused | None"]
 
 
 @attrs.define(eq=False)
-class ImapClient:
+class ImapClient(LoginClient):
     """Logs in at a backend IMAP server as `user`: greeting, CAPABILITY when the greeting lists
-    none, STARTTLS when offered and `starttls`, ID with the `forward` fields (see forwarding_id)
-    when the backend lists ID, then AUTHENTICATE PLAIN (SASL-IR when listed) or else LOGIN with
-    quoted strings or literals. ID goes in one packet with the login.
+    none, STARTTLS when offered and `starttls` (then CAPABILITY again, RFC 9051 section 6.2.1),
+    ID with the `forward` fields (see forwarding_id) when the backend lists ID, then
+    AUTHENTICATE PLAIN (SASL-IR when listed) or else LOGIN with quoted strings or literals. ID
+    goes in one packet with the login.
 
     `require_tls`: a backend without STARTTLS is refused (LoginRefused, temporary).
     Events: StartTls (wrap the stream, then call tls_started), LoggedIn (the backend's
@@ -556,100 +445,59 @@ class ImapClient:
     resp-text, response code included, fit to pass on to the client).
     """
 
-    user: str
-    password: str = attrs.field(repr=False)
+    _CARRIER = "an IMAP command"
+    _QUIT = b""  # the driver just closes the connection
+
     authzid: str = ""
     starttls: bool = True
     require_tls: bool = False
     tls_active: bool = False
     forward: Mapping[str, str] = attrs.field(factory=dict)
     max_literal: int = MAX_LITERAL
-    _reader: LineReader = attrs.field(factory=lambda: LineReader(limit=MAX_LINE), init=False, repr=False)
-    _out: bytearray = attrs.field(factory=bytearray, init=False, repr=False)
-    _step: _Step = attrs.field(default=_Step.GREETING, init=False)
+    _greeted: bool = attrs.field(default=False, init=False)
     _capabilities: tuple[str, ...] | None = attrs.field(default=None, init=False)
     _tags: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
-    _waiting: dict[bytes, _Answer] = attrs.field(factory=dict, init=False)
+    _waiting_for: dict[bytes, _Answer] = attrs.field(factory=dict, init=False)
     _continuations: list[bytes] = attrs.field(factory=list, init=False, repr=False)
     _skip: int = attrs.field(default=0, init=False)  # literal bytes of an untagged response
     _continued: bool = attrs.field(default=False, init=False)  # the next line goes on with it
-    _eof: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
-        for value, what in ((self.user, "user"), (self.password, "password")):
-            if not value or credential(value.encode(), what) != value:
-                raise ValueError(f"{what} unfit for an IMAP command")
+        super().__attrs_post_init__()
         if self.authzid and credential(self.authzid.encode(), "authzid") != self.authzid:
             raise ValueError("authzid unfit for an IMAP command")
         for name, value in self.forward.items():
             if _quoted(name.encode()) is None or _quoted(value.encode()) is None:
                 raise ValueError(f"ID field unfit for a quoted string: {name!r}")
 
-    def receive_data(self, data: bytes) -> None:
-        if data:
-            self._reader.feed(data)
-        else:
-            self._eof = True
-
-    def data_to_send(self) -> bytes:
-        data, self._out = bytes(self._out), bytearray()
-        return data
-
-    @property
-    def buffered(self) -> int:
-        return self._reader.pending
-
     @property
     def capabilities(self) -> tuple[str, ...]:
         """The backend's capabilities as last read: after LoggedIn, the post-login ones."""
         return self._capabilities or ()
 
-    def trailing_data(self) -> bytes:
-        """Bytes the backend sent after its login answer (none, from a well-behaved one)."""
-        if self._step is not _Step.DONE:
-            raise RuntimeError("trailing_data before the login ended")
-        return self._reader.rest()
+    def _line_reader(self) -> LineReader:
+        return LineReader(limit=MAX_LINE, literal=self.max_literal)
 
-    def tls_started(self) -> None:
-        """The stream is now TLS: capabilities are read again (RFC 9051, section 6.2.1)."""
-        if self._step is not _Step.TLS_WAIT:
-            raise RuntimeError("tls_started without a StartTls event")
-        if self._reader.pending:
-            raise ProtocolError("backend sent plaintext after STARTTLS", close=True)
-        self.tls_active, self._capabilities, self._step = True, None, _Step.COMMANDS
+    def _next_input(self) -> bytes | None:
+        return self._read(self._skip or None)
+
+    def _input(self, data: bytes) -> StartTls | LoggedIn | LoginRefused | None:
+        if self._skip:
+            self._skip = 0
+            return None
+        return self._line(data)
+
+    def _tls_resumed(self) -> None:
+        self._capabilities = None
         self._proceed()
-
-    def next_event(self) -> StartTls | LoggedIn | LoginRefused | None:
-        """The next event, or None until more bytes arrive. Raises ProtocolError (close=True)
-        when the backend breaks the protocol or closes early."""
-        while self._step in (_Step.GREETING, _Step.COMMANDS):
-            try:
-                data = self._reader.take(self._skip) if self._skip else self._reader.next_line()
-            except LineTooLong as exc:
-                raise ProtocolError(f"backend: {exc}", close=True) from None
-            if data is None:
-                if self._eof:
-                    raise ProtocolError("backend closed the connection during login", close=True)
-                return None
-            if self._skip:
-                self._skip = 0
-                continue
-            event = self._line(data)
-            if event is not None:
-                return event
-        return None
 
     # -- commands
 
     def _send(self, command: bytes, answer: _Answer) -> None:
         """Sends a command (CRLF included); `answer` takes its tagged status and text."""
         tag = b"M%d" % next(self._tags)
-        self._waiting[tag] = answer
+        self._waiting_for[tag] = answer
         self._out += tag + b" " + command
-
-    def _refused(self, reply: str, temporary: bool = True) -> LoginRefused:
-        self._step = _Step.DONE
-        return LoginRefused(reply, temporary)
 
     def _proceed(self) -> StartTls | LoginRefused | None:
         """The next command once capabilities are known (after the greeting or STARTTLS)."""
@@ -701,13 +549,13 @@ class ImapClient:
             return self._skip_literal(line)
         tag, _, rest = line.partition(b" ")
         if tag == b"+":
-            if self._step is _Step.GREETING or not self._continuations:
+            if not self._greeted or not self._continuations:
                 raise ProtocolError("backend sent an unexpected continuation", close=True)
             self._out += self._continuations.pop(0)
             return None
         if tag == b"*":
             return self._untagged(rest)
-        answer = self._waiting.pop(tag, None)
+        answer = self._waiting_for.pop(tag, None)
         if answer is None:
             raise ProtocolError("backend answered a command never sent", close=True)
         status, _, text = rest.partition(b" ")
@@ -718,10 +566,10 @@ class ImapClient:
         kind = kind.upper()
         if kind == b"BYE":
             return self._refused(_printable(text))
-        if self._step is _Step.GREETING:
+        if not self._greeted:
             if kind != b"OK":
                 raise ProtocolError("backend greeting is neither OK nor BYE", close=True)
-            self._step = _Step.COMMANDS
+            self._greeted = True
             self._read_code(text)
             return self._proceed()
         if kind == b"CAPABILITY":
@@ -751,8 +599,7 @@ class ImapClient:
     def _starttls_answer(self, status: bytes, text: bytes) -> StartTls | LoginRefused:
         if status != b"OK":
             return self._refused(f"STARTTLS: {_printable(text)}")
-        self._step = _Step.TLS_WAIT
-        return StartTls()
+        return self._start_tls()
 
     def _ignored(self, status: bytes, text: bytes) -> None:
         return None  # a backend that does not take the ID still serves the login
@@ -764,12 +611,11 @@ class ImapClient:
             return self._refused(_printable(text), status != b"NO" or code not in JUDGED)
         self._read_code(text)
         if self._capabilities is None:
-            self._send(b"CAPABILITY" + CRLF, ImapClient._logged_in)
+            self._send(b"CAPABILITY" + CRLF, ImapClient._capabilities_after_login)
             return None
-        return self._logged_in(b"OK", b"")
+        return self._capabilities_after_login(b"OK", b"")
 
-    def _logged_in(self, status: bytes, text: bytes) -> LoggedIn:
+    def _capabilities_after_login(self, status: bytes, text: bytes) -> LoggedIn:
         if status != b"OK" or self._capabilities is None:
             raise ProtocolError("backend lists no capabilities after login", close=True)
-        self._step = _Step.DONE
-        return LoggedIn()
+        return self._logged_in()

@@ -20,13 +20,13 @@ from .common import (
     Closed,
     Credentials,
     LineReader,
-    LineTooLong,
     LoggedIn,
+    LoginClient,
     LoginRefused,
+    LoginServer,
+    Phase,
     ProtocolError,
-    SaslCancelled,
     SaslError,
-    SaslExchange,
     StartTls,
     credential,
     sasl_plain_response,
@@ -42,21 +42,8 @@ MAX_REPLY_LINE = 512
 MAX_COMMAND_LINE = 255
 #: Most capability lines read from a backend's CAPA.
 MAX_CAPABILITIES = 64
-#: Bad commands answered before the session is ended.
-MAX_ERRORS = 10
-#: Failed logins before the session is ended.
-MAX_LOGIN_FAILURES = 3
 #: Commands of the TRANSACTION state, answered "log in first" rather than "unknown".
 _AFTER_LOGIN = frozenset({"STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL", "LAST", "UTF8"})
-
-
-class _Phase(enum.Enum):
-    COMMANDS = enum.auto()  # AUTHORIZATION state, reading commands
-    SASL = enum.auto()  # inside an AUTH exchange, reading responses
-    STARTTLS = enum.auto()  # +OK sent to STLS, waiting for tls_started()
-    LOGIN = enum.auto()  # Credentials handed out, waiting for accept/reject/unavailable
-    DONE = enum.auto()  # logged in: the rest is trailing data
-    CLOSED = enum.auto()
 
 
 def _text(text: str) -> bytes:
@@ -68,128 +55,60 @@ def _text(text: str) -> bytes:
 
 
 @attrs.define(eq=False)
-class Pop3Server:
+class Pop3Server(LoginServer):
     """The client side of a POP3 proxy before login. The greeting waits in data_to_send().
 
     `tls_available`: STLS may be offered (the driver has a certificate). `tls_active`: the
     connection is TLS already (port 995). `require_tls`: USER, PASS and AUTH are refused with
     `-ERR [AUTH]` until TLS is up, as Dovecot does ([AUTH] rather than [SYS/...], so clients
-    show the text instead of retrying), and CAPA lists neither USER nor SASL then.
+    show the text instead of retrying), and CAPA lists neither USER nor SASL then. After STLS
+    the client starts over (RFC 2595, section 4).
 
     Events: Credentials (answer with accept, reject or unavailable), StartTls (wrap the
-    stream, then call tls_started), Closed. Nothing a client sends is echoed back.
+    stream, then call tls_started), Closed. Nothing a client sends is echoed back. A line past
+    MAX_LINE is refused with `-ERR Line too long`; bad commands past max_errors end the session.
     """
 
-    hostname: str = "localhost"
-    tls_available: bool = False
-    tls_active: bool = False
-    require_tls: bool = True
-    max_errors: int = MAX_ERRORS
-    max_login_failures: int = MAX_LOGIN_FAILURES
-    _reader: LineReader = attrs.field(factory=lambda: LineReader(limit=MAX_LINE), init=False, repr=False)
-    _out: bytearray = attrs.field(factory=bytearray, init=False, repr=False)
-    _phase: _Phase = attrs.field(default=_Phase.COMMANDS, init=False)
-    _eof: bool = attrs.field(default=False, init=False)
+    _LINE_TOO_LONG = b"-ERR Line too long" + CRLF
+    _DATA_BEFORE_TLS = b"-ERR Data received before TLS" + CRLF
+    _TOO_MANY_ERRORS = b"-ERR Too many bad commands, closing." + CRLF
+    _TOO_MANY_FAILURES = b""  # the -ERR [AUTH] says it all; Closed follows
+    _CHALLENGE = b"+ "
+
     _user: str | None = attrs.field(default=None, init=False, repr=False)
-    _sasl: SaslExchange | None = attrs.field(default=None, init=False)
-    _errors: int = attrs.field(default=0, init=False)
-    _failures: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.require_tls and not (self.tls_available or self.tls_active):
-            raise ValueError("require_tls without TLS: no client could ever log in")
+        super().__attrs_post_init__()
         self._reply(b"+OK " + _text(f"{self.hostname} POP3 ready."))
-
-    # -- the driver's side
-
-    def receive_data(self, data: bytes) -> None:
-        """Bytes from the client; b"" means the client closed its side."""
-        if data:
-            self._reader.feed(data)
-        else:
-            self._eof = True
-
-    def data_to_send(self) -> bytes:
-        data, self._out = bytes(self._out), bytearray()
-        return data
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet handled (at most MAX_LINE + 1 before login)."""
-        return self._reader.pending
-
-    @property
-    def login_allowed(self) -> bool:
-        return self.tls_active or not self.require_tls
-
-    def next_event(self) -> Credentials | StartTls | Closed | None:
-        """The next event, or None until more bytes arrive or the driver answers the last
-        one. Raises ProtocolError (close=True) on a line past MAX_LINE, too many bad commands,
-        or commands pipelined after STLS."""
-        while self._phase in (_Phase.COMMANDS, _Phase.SASL):
-            try:
-                line = self._reader.next_line()
-            except LineTooLong as exc:
-                raise self._fatal(str(exc), "Line too long") from None
-            if line is None:
-                if not self._eof:
-                    return None
-                self._phase = _Phase.CLOSED
-                break
-            event = self._respond(line) if self._sasl else self._command(line)
-            if event is not None:
-                return event
-        return Closed() if self._phase is _Phase.CLOSED else None
-
-    def tls_started(self) -> None:
-        """The stream is now TLS: the client starts over (RFC 2595, section 4)."""
-        if self._phase is not _Phase.STARTTLS:
-            raise RuntimeError("tls_started without a StartTls event")
-        if self._reader.pending:
-            raise self._fatal("plaintext received before TLS started", "Data received before TLS")
-        self.tls_active, self._phase = True, _Phase.COMMANDS
 
     def accept(self, text: str = "Logged in.") -> None:
         """The backend took the credentials: `+OK`, then the driver takes trailing_data()."""
-        self._decided(b"+OK " + _text(text), _Phase.DONE)
+        self._decided(b"+OK " + _text(text) + CRLF, Phase.DONE)
 
     def reject(self, text: str = "Authentication failed.") -> None:
         """Wrong credentials: `-ERR [AUTH]`; after max_login_failures the session ends."""
-        self._failures += 1
-        done = self._failures >= self.max_login_failures
-        self._decided(b"-ERR [AUTH] " + _text(text), _Phase.CLOSED if done else _Phase.COMMANDS)
+        self._login_failed(b"-ERR [AUTH] " + _text(text) + CRLF)
 
     def unavailable(self, text: str = "Temporary server failure, try again later.") -> None:
         """The credentials could not be checked (no backend): `-ERR [SYS/TEMP]` (RFC 3206)."""
-        self._decided(b"-ERR [SYS/TEMP] " + _text(text), _Phase.COMMANDS)
-
-    def trailing_data(self) -> bytes:
-        """What the client sent after its credentials (pipelined commands), for the backend."""
-        if self._phase is not _Phase.DONE:
-            raise RuntimeError("trailing_data before accept")
-        return self._reader.rest()
+        self._decided(b"-ERR [SYS/TEMP] " + _text(text) + CRLF, Phase.COMMANDS)
 
     # -- replies
+
+    def _line_reader(self) -> LineReader:
+        return LineReader(limit=MAX_LINE)
 
     def _reply(self, line: bytes) -> None:
         self._out += line + CRLF
 
-    def _decided(self, line: bytes, phase: _Phase) -> None:
-        if self._phase is not _Phase.LOGIN:
-            raise RuntimeError("no login is waiting for an answer")
-        self._reply(line)
-        self._phase = phase
-
-    def _fatal(self, why: str, text: str) -> ProtocolError:
-        self._phase = _Phase.CLOSED
-        return ProtocolError(why, b"-ERR " + text.encode() + CRLF, close=True)
-
     def _error(self, text: str) -> None:
-        """Answers a bad command; past max_errors the session ends instead."""
-        self._errors += 1
-        if self._errors > self.max_errors:
-            raise self._fatal("too many bad commands", "Too many bad commands, closing.")
-        self._reply(b"-ERR " + text.encode())
+        self._refuse(b"-ERR " + text.encode() + CRLF)
+
+    def _sasl_cancelled(self) -> None:
+        self._reply(b"-ERR Authentication cancelled.")
+
+    def _sasl_malformed(self) -> None:
+        self._error("Malformed authentication response.")
 
     # -- commands
 
@@ -207,7 +126,7 @@ class Pop3Server:
             return self._error("CAPA takes no argument.")
         # TOP and UIDL are what every backend offers after login; clients read CAPA once.
         lines = [b"+OK Capability list follows", b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
-        if self.tls_available and not self.tls_active:
+        if self._tls_offered:
             lines.append(b"STLS")
         if self.login_allowed:
             lines += [b"USER", b"SASL " + " ".join(SASL_MECHANISMS).encode()]
@@ -216,14 +135,11 @@ class Pop3Server:
     def _stls(self, argument: bytes) -> StartTls | None:
         if argument:
             return self._error("STLS takes no argument.")
-        if self.tls_active or not self.tls_available:
+        if not self._tls_offered:
             return self._error("TLS is already active." if self.tls_active else "STLS is not available.")
-        if self._reader.pending:
-            # Whatever follows STLS before the handshake would run as if sent over TLS.
-            raise self._fatal("commands pipelined after STLS", "Commands pipelined after STLS.")
-        self._reply(b"+OK Begin TLS negotiation.")
-        self._user, self._phase = None, _Phase.STARTTLS
-        return StartTls()
+        self._user = None
+        pipelined = b"-ERR Commands pipelined after STLS." + CRLF
+        return self._start_tls("STLS", b"+OK Begin TLS negotiation." + CRLF, pipelined)
 
     def _login_refused(self) -> bool:
         if self.login_allowed:
@@ -256,7 +172,7 @@ class Pop3Server:
         user, self._user = self._user, None
         if not password:
             return self._error("PASS needs a valid password.")
-        self._phase = _Phase.LOGIN
+        self._phase = Phase.LOGIN
         return Credentials(user, password, "USER")
 
     def _auth(self, argument: bytes) -> Credentials | None:
@@ -269,33 +185,10 @@ class Pop3Server:
         name = mechanism.decode("ascii", "replace").upper()
         if name not in SASL_MECHANISMS or b" " in initial:
             return self._error("Unrecognized authentication type.")
-        self._sasl = SaslExchange(name)
-        return self._sasl_step(self._sasl.start, initial or None)
-
-    def _respond(self, line: bytes) -> Credentials | None:
-        assert self._sasl is not None
-        return self._sasl_step(self._sasl.respond, line)
-
-    def _sasl_step(self, step: Callable[[bytes | None], bytes | Credentials], data: bytes | None) -> Credentials | None:
-        try:
-            answer = step(data)
-        except SaslCancelled:
-            self._sasl = None
-            self._reply(b"-ERR Authentication cancelled.")
-            return None
-        except SaslError:
-            self._sasl = None
-            return self._error("Malformed authentication response.")
-        if isinstance(answer, Credentials):
-            self._sasl, self._phase = None, _Phase.LOGIN
-            return answer
-        self._reply(b"+ " + answer)
-        return None
+        return self._sasl_start(name, initial or None)
 
     def _quit(self, argument: bytes) -> Closed:
-        self._reply(b"+OK Bye.")
-        self._phase = _Phase.CLOSED
-        return Closed()
+        return self._close(b"+OK Bye." + CRLF)
 
 
 _COMMANDS: dict[str, Callable[[Pop3Server, bytes], Credentials | StartTls | Closed | None]] = {
@@ -345,97 +238,48 @@ class _Step(enum.Enum):
     CAPA = enum.auto()  # status line of CAPA
     CAPA_LIST = enum.auto()  # capability lines up to "."
     STLS = enum.auto()
-    TLS_WAIT = enum.auto()  # StartTls handed out, waiting for tls_started()
     AUTH_CONTINUE = enum.auto()  # AUTH PLAIN sent without initial response
     USER = enum.auto()  # USER sent
     LOGIN = enum.auto()  # the AUTH response or PASS sent
-    DONE = enum.auto()
 
 
 @attrs.define(eq=False)
-class Pop3Client:
+class Pop3Client(LoginClient):
     """Logs in at a backend POP3 server as `user`: greeting, CAPA, STLS when offered and
-    `starttls`, then AUTH PLAIN when the backend lists it, else USER and PASS.
+    `starttls` (then CAPA again), then AUTH PLAIN when the backend lists it, else USER and PASS.
 
     `require_tls`: a backend without STLS is refused (LoginRefused, temporary). The client's
     address goes first, as a PROXY v2 header the driver sends (see proxyv2.py).
     Events: StartTls (wrap the stream, then call tls_started), LoggedIn, LoginRefused.
     """
 
-    user: str
-    password: str = attrs.field(repr=False)
+    _STARTTLS = "STLS"
+    _CARRIER = "a POP3 command"
+    _QUIT = b"QUIT" + CRLF
+
     starttls: bool = True
     require_tls: bool = False
     tls_active: bool = False
-    _reader: LineReader = attrs.field(factory=lambda: LineReader(limit=MAX_REPLY_LINE - 2), init=False, repr=False)
-    _out: bytearray = attrs.field(factory=bytearray, init=False, repr=False)
     _step: _Step = attrs.field(default=_Step.GREETING, init=False)
     _capabilities: dict[str, list[str]] = attrs.field(factory=dict, init=False)
     _capa_lines: int = attrs.field(default=0, init=False)
-    _eof: bool = attrs.field(default=False, init=False)
-
-    def __attrs_post_init__(self) -> None:
-        for value, what in ((self.user, "user"), (self.password, "password")):
-            if not value or credential(value.encode(), what) != value:
-                raise ValueError(f"{what} unfit for a POP3 command")
-
-    def receive_data(self, data: bytes) -> None:
-        if data:
-            self._reader.feed(data)
-        else:
-            self._eof = True
-
-    def data_to_send(self) -> bytes:
-        data, self._out = bytes(self._out), bytearray()
-        return data
-
-    @property
-    def buffered(self) -> int:
-        return self._reader.pending
 
     @property
     def capabilities(self) -> dict[str, list[str]]:
         """CAPA of the backend as last read: keyword -> arguments."""
         return self._capabilities
 
-    def trailing_data(self) -> bytes:
-        """Bytes the backend sent after its login reply (none, from a well-behaved one)."""
-        if self._step is not _Step.DONE:
-            raise RuntimeError("trailing_data before the login ended")
-        return self._reader.rest()
+    def _line_reader(self) -> LineReader:
+        return LineReader(limit=MAX_REPLY_LINE - 2)
 
-    def tls_started(self) -> None:
-        if self._step is not _Step.TLS_WAIT:
-            raise RuntimeError("tls_started without a StartTls event")
-        if self._reader.pending:
-            raise ProtocolError("backend sent plaintext after STLS", close=True)
-        self.tls_active = True
+    def _input(self, line: bytes) -> StartTls | LoggedIn | LoginRefused | None:
+        return _STEPS[self._step](self, line)
+
+    def _tls_resumed(self) -> None:
         self._capa()
-
-    def next_event(self) -> StartTls | LoggedIn | LoginRefused | None:
-        """The next event, or None until more bytes arrive. Raises ProtocolError (close=True)
-        when the backend breaks the protocol or closes early."""
-        while self._step not in (_Step.TLS_WAIT, _Step.DONE):
-            try:
-                line = self._reader.next_line()
-            except LineTooLong as exc:
-                raise ProtocolError(f"backend: {exc}", close=True) from None
-            if line is None:
-                if self._eof:
-                    raise ProtocolError("backend closed the connection during login", close=True)
-                return None
-            event = _STEPS[self._step](self, line)
-            if event is not None:
-                return event
-        return None
 
     def _send(self, *parts: bytes) -> None:
         self._out += b" ".join(parts) + CRLF
-
-    def _refused(self, reply: str, temporary: bool = True) -> LoginRefused:
-        self._send(b"QUIT")
-        self._step = _Step.DONE
-        return LoginRefused(reply, temporary)
 
     def _capa(self) -> None:
         self._capabilities, self._capa_lines = {}, 0
@@ -492,8 +336,7 @@ class Pop3Client:
         reply = Pop3Reply.parse(line)
         if not reply.ok:
             return self._refused(f"STLS: {reply.text}")
-        self._step = _Step.TLS_WAIT
-        return StartTls()
+        return self._start_tls()
 
     def _auth_continue(self, line: bytes) -> LoginRefused | None:
         if line == b"+" or line.startswith(b"+ "):
@@ -514,8 +357,7 @@ class Pop3Client:
         reply = Pop3Reply.parse(line)
         if not reply.ok:
             return self._refused(reply.text, reply.temporary)
-        self._step = _Step.DONE
-        return LoggedIn()
+        return self._logged_in()
 
 
 _STEPS: dict[_Step, Callable[[Pop3Client, bytes], StartTls | LoggedIn | LoginRefused | None]] = {

@@ -23,16 +23,14 @@ from .common import (
     Closed,
     Credentials,
     LineReader,
-    LineTooLong,
     LoggedIn,
+    LoginClient,
     LoginRefused,
+    LoginServer,
+    Phase,
     ProtocolError,
-    SaslCancelled,
-    SaslError,
-    SaslExchange,
     StartTls,
     b64encode,
-    credential,
     sasl_plain_response,
 )
 
@@ -47,10 +45,6 @@ MAX_AUTH_LINE = len(b"AUTH PLAIN ") + MAX_SASL
 MAX_REPLY_LINE = 998
 #: Most lines in one reply read from a server (an EHLO reply has one per extension).
 MAX_REPLY_LINES = 64
-#: Bad commands answered before the session ends with 421 (aiosmtpd does the same).
-MAX_ERRORS = 10
-#: Failed logins before the session ends with 421.
-MAX_LOGIN_FAILURES = 3
 
 _REPLY = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?", re.DOTALL)
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
@@ -222,15 +216,6 @@ def _is_domain(argument: str) -> bool:
 # --- the client side ------------------------------------------------------------------------
 
 
-class _Phase(enum.Enum):
-    COMMANDS = enum.auto()
-    SASL = enum.auto()  # inside AUTH, reading responses
-    STARTTLS = enum.auto()  # 220 sent to STARTTLS, waiting for tls_started()
-    LOGIN = enum.auto()  # Credentials handed out, waiting for accept/reject/unavailable
-    DONE = enum.auto()  # authenticated: the rest is trailing data
-    CLOSED = enum.auto()
-
-
 #: Commands of a mail transaction or a lookup, answered AUTH_REQUIRED before the login.
 _AFTER_AUTH = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "VRFY", "EXPN", "ETRN", "BURL"})
 #: Extensions listed by EHLO besides STARTTLS and AUTH: all of them are what every backend
@@ -239,7 +224,7 @@ _EXTENSIONS = ("8BITMIME", "ENHANCEDSTATUSCODES", "PIPELINING")
 
 
 @attrs.define(eq=False)
-class SubmissionServer:
+class SubmissionServer(LoginServer):
     """The client side of a submission proxy up to AUTH. The greeting waits in data_to_send().
 
     `tls_available`: STARTTLS may be offered. `tls_active`: the connection is TLS already
@@ -247,121 +232,56 @@ class SubmissionServer:
     `ehlo_name` is the client's last EHLO argument: the driver replays it to the backend.
 
     Events: Credentials (answer with accept, reject or unavailable), StartTls (wrap the
-    stream, then call tls_started), Closed. Nothing a client sends is echoed back.
+    stream, then call tls_started), Closed. Nothing a client sends is echoed back. Fatal
+    errors carry a 421: a line past MAX_AUTH_LINE, bad commands past max_errors (as aiosmtpd),
+    commands pipelined after STARTTLS.
     """
 
-    hostname: str = "localhost"
-    tls_available: bool = False
-    tls_active: bool = False
-    require_tls: bool = True
-    max_errors: int = MAX_ERRORS
-    max_login_failures: int = MAX_LOGIN_FAILURES
+    _LINE_TOO_LONG = bytes(LINE_TOO_LONG_CLOSING)
+    _DATA_BEFORE_TLS = bytes(DATA_BEFORE_TLS)
+    _TOO_MANY_ERRORS = bytes(TOO_MANY_ERRORS)
+    _TOO_MANY_FAILURES = bytes(TOO_MANY_FAILURES)
+    _CHALLENGE = b"334 "
+
     ehlo_name: str | None = attrs.field(default=None, init=False)
-    _reader: LineReader = attrs.field(factory=lambda: LineReader(limit=MAX_AUTH_LINE), init=False, repr=False)
-    _out: bytearray = attrs.field(factory=bytearray, init=False, repr=False)
-    _phase: _Phase = attrs.field(default=_Phase.COMMANDS, init=False)
-    _eof: bool = attrs.field(default=False, init=False)
-    _sasl: SaslExchange | None = attrs.field(default=None, init=False)
-    _errors: int = attrs.field(default=0, init=False)
-    _failures: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.require_tls and not (self.tls_available or self.tls_active):
-            raise ValueError("require_tls without TLS: no client could ever log in")
+        super().__attrs_post_init__()
         self._reply(greeting(self.hostname))
-
-    # -- the driver's side
-
-    def receive_data(self, data: bytes) -> None:
-        """Bytes from the client; b"" means the client closed its side."""
-        if data:
-            self._reader.feed(data)
-        else:
-            self._eof = True
-
-    def data_to_send(self) -> bytes:
-        data, self._out = bytes(self._out), bytearray()
-        return data
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet handled (at most MAX_AUTH_LINE + 1 before AUTH)."""
-        return self._reader.pending
-
-    @property
-    def login_allowed(self) -> bool:
-        return self.tls_active or not self.require_tls
-
-    def next_event(self) -> Credentials | StartTls | Closed | None:
-        """The next event, or None until more bytes arrive or the driver answers the last
-        one. Raises ProtocolError (close=True, a 421 reply) on a line past MAX_AUTH_LINE, too
-        many bad commands, or commands pipelined after STARTTLS."""
-        while self._phase in (_Phase.COMMANDS, _Phase.SASL):
-            try:
-                line = self._reader.next_line()
-            except LineTooLong as exc:
-                raise self._fatal(str(exc), LINE_TOO_LONG_CLOSING) from None
-            if line is None:
-                if not self._eof:
-                    return None
-                self._phase = _Phase.CLOSED
-                break
-            event = self._respond(line) if self._sasl else self._command(line)
-            if event is not None:
-                return event
-        return Closed() if self._phase is _Phase.CLOSED else None
 
     def tls_started(self) -> None:
         """The stream is now TLS: the client starts over with EHLO (RFC 3207, section 4.2)."""
-        if self._phase is not _Phase.STARTTLS:
-            raise RuntimeError("tls_started without a StartTls event")
-        if self._reader.pending:
-            raise self._fatal("plaintext received before TLS started", DATA_BEFORE_TLS)
-        self.tls_active, self.ehlo_name, self._phase = True, None, _Phase.COMMANDS
+        super().tls_started()
+        self.ehlo_name = None
 
     def accept(self, reply: Reply = AUTH_SUCCEEDED) -> None:
         """The backend took the credentials: 235, then the driver takes trailing_data()."""
-        self._decided(reply, _Phase.DONE)
+        self._decided(bytes(reply), Phase.DONE)
 
     def reject(self, reply: Reply = AUTH_FAILED) -> None:
         """Wrong credentials: 535; after max_login_failures a 421 follows and the session ends."""
-        self._failures += 1
-        done = self._failures >= self.max_login_failures
-        self._decided(reply, _Phase.CLOSED if done else _Phase.COMMANDS)
-        if done:
-            self._reply(TOO_MANY_FAILURES)
+        self._login_failed(bytes(reply))
 
     def unavailable(self, reply: Reply = AUTH_UNAVAILABLE) -> None:
         """The credentials could not be checked (no backend): 454."""
-        self._decided(reply, _Phase.COMMANDS)
-
-    def trailing_data(self) -> bytes:
-        """What the client sent after AUTH (pipelined MAIL, RCPT...), for the backend."""
-        if self._phase is not _Phase.DONE:
-            raise RuntimeError("trailing_data before accept")
-        return self._reader.rest()
+        self._decided(bytes(reply), Phase.COMMANDS)
 
     # -- replies
+
+    def _line_reader(self) -> LineReader:
+        return LineReader(limit=MAX_AUTH_LINE)
 
     def _reply(self, reply: Reply) -> None:
         self._out += bytes(reply)
 
-    def _decided(self, reply: Reply, phase: _Phase) -> None:
-        if self._phase is not _Phase.LOGIN:
-            raise RuntimeError("no login is waiting for an answer")
-        self._reply(reply)
-        self._phase = phase
-
-    def _fatal(self, why: str, reply: Reply) -> ProtocolError:
-        self._phase = _Phase.CLOSED
-        return ProtocolError(why, bytes(reply), close=True)
-
     def _error(self, reply: Reply) -> None:
-        """Answers a bad command; past max_errors the session ends with 421 instead."""
-        self._errors += 1
-        if self._errors > self.max_errors:
-            raise self._fatal("too many bad commands", TOO_MANY_ERRORS)
-        self._reply(reply)
+        self._refuse(bytes(reply))
+
+    def _sasl_cancelled(self) -> None:
+        self._reply(AUTH_CANCELLED)
+
+    def _sasl_malformed(self) -> None:
+        self._error(AUTH_UNDECODABLE)
 
     # -- commands
 
@@ -382,7 +302,7 @@ class SubmissionServer:
             return self._error(SYNTAX_ERROR.with_text("Syntax: EHLO hostname"))
         self.ehlo_name = argument
         extensions = list(_EXTENSIONS)
-        if self.tls_available and not self.tls_active:
+        if self._tls_offered:
             extensions.append("STARTTLS")
         if self.login_allowed:
             extensions.append("AUTH " + " ".join(SASL_MECHANISMS))
@@ -400,17 +320,11 @@ class SubmissionServer:
     def _starttls(self, argument: str) -> StartTls | None:
         if argument:
             return self._error(SYNTAX_ERROR)
-        if self.tls_active or not self.tls_available:
+        if not self._tls_offered:
             return self._error(TLS_ACTIVE if self.tls_active else TLS_UNAVAILABLE)
         if self.ehlo_name is None:
             return self._error(EHLO_FIRST)
-        if self._reader.pending:
-            # Whatever follows STARTTLS before the handshake would run as if sent over TLS
-            # (CVE-2011-0411 and its kin).
-            raise self._fatal("commands pipelined after STARTTLS", PIPELINED_AFTER_STARTTLS)
-        self._reply(READY_FOR_TLS)
-        self._phase = _Phase.STARTTLS
-        return StartTls()
+        return self._start_tls("STARTTLS", bytes(READY_FOR_TLS), bytes(PIPELINED_AFTER_STARTTLS))
 
     def _auth(self, argument: str) -> Credentials | None:
         if self.ehlo_name is None:
@@ -422,28 +336,7 @@ class SubmissionServer:
             return self._error(AUTH_MECHANISM_UNKNOWN)
         if " " in initial:
             return self._error(SYNTAX_ERROR)
-        self._sasl = SaslExchange(mechanism.upper())
-        return self._sasl_step(self._sasl.start, initial.encode() or None)
-
-    def _respond(self, line: bytes) -> Credentials | None:
-        assert self._sasl is not None
-        return self._sasl_step(self._sasl.respond, line)
-
-    def _sasl_step(self, step: Callable[[bytes | None], bytes | Credentials], data: bytes | None) -> Credentials | None:
-        try:
-            answer = step(data)
-        except SaslCancelled:
-            self._sasl = None
-            self._reply(AUTH_CANCELLED)
-            return None
-        except SaslError:
-            self._sasl = None
-            return self._error(AUTH_UNDECODABLE)
-        if isinstance(answer, Credentials):
-            self._sasl, self._phase = None, _Phase.LOGIN
-            return answer
-        self._out += b"334 " + answer + CRLF
-        return None
+        return self._sasl_start(mechanism.upper(), initial.encode() or None)
 
     def _noop(self, argument: str) -> None:
         self._reply(OK)
@@ -455,9 +348,7 @@ class SubmissionServer:
         self._reply(HELP)
 
     def _quit(self, argument: str) -> Closed:
-        self._reply(BYE)
-        self._phase = _Phase.CLOSED
-        return Closed()
+        return self._close(bytes(BYE))
 
 
 _COMMANDS: dict[str, Callable[[SubmissionServer, str], Credentials | StartTls | Closed | None]] = {
@@ -511,17 +402,15 @@ class _Step(enum.Enum):
     GREETING = enum.auto()
     EHLO = enum.auto()
     STARTTLS = enum.auto()
-    TLS_WAIT = enum.auto()  # StartTls handed out, waiting for tls_started()
     XCLIENT = enum.auto()
     AUTH = enum.auto()
-    DONE = enum.auto()
 
 
 @attrs.define(eq=False)
-class SmtpClient:
+class SmtpClient(LoginClient):
     """Logs in at a backend SMTP server as `user`: greeting, EHLO `ehlo_name`, STARTTLS when
-    offered and `starttls`, XCLIENT when `xclient` is set (the server answers with a new
-    greeting, so EHLO again), then AUTH PLAIN, or LOGIN when PLAIN is not offered.
+    offered and `starttls` (then EHLO again), XCLIENT when `xclient` is set (the server answers
+    with a new greeting, so EHLO again), then AUTH PLAIN, or LOGIN when PLAIN is not offered.
 
     `require_tls`: a backend without STARTTLS is refused. `xclient` set and not offered (or
     refused) is a refusal too: the operator asked for the client's address to be passed.
@@ -529,82 +418,40 @@ class SmtpClient:
     Events: StartTls (wrap the stream, then call tls_started), LoggedIn, LoginRefused.
     """
 
-    user: str
-    password: str = attrs.field(repr=False)
+    _CARRIER = "SASL"
+    _QUIT = b"QUIT" + CRLF
+
     ehlo_name: str = "localhost"
     starttls: bool = True
     require_tls: bool = False
     tls_active: bool = False
     xclient: Xclient | None = None
     extensions: dict[str, list[str]] = attrs.field(factory=dict, init=False)
-    _reader: LineReader = attrs.field(factory=lambda: LineReader(limit=MAX_REPLY_LINE), init=False, repr=False)
     _replies: ReplyReader = attrs.field(factory=ReplyReader, init=False)
-    _out: bytearray = attrs.field(factory=bytearray, init=False, repr=False)
     _step: _Step = attrs.field(default=_Step.GREETING, init=False)
     _xclient_sent: bool = attrs.field(default=False, init=False)
     _responses: list[bytes] = attrs.field(factory=list, init=False, repr=False)
-    _eof: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
-        for value, what in ((self.user, "user"), (self.password, "password")):
-            if not value or credential(value.encode(), what) != value:
-                raise ValueError(f"{what} unfit for SASL")
+        super().__attrs_post_init__()
         if not _is_domain(self.ehlo_name):
             raise ValueError(f"EHLO name must be one word of visible ASCII: {self.ehlo_name!r}")
 
-    def receive_data(self, data: bytes) -> None:
-        if data:
-            self._reader.feed(data)
-        else:
-            self._eof = True
+    def _line_reader(self) -> LineReader:
+        return LineReader(limit=MAX_REPLY_LINE)
 
-    def data_to_send(self) -> bytes:
-        data, self._out = bytes(self._out), bytearray()
-        return data
+    def _input(self, line: bytes) -> StartTls | LoggedIn | LoginRefused | None:
+        reply = self._replies.line(line)
+        return None if reply is None else _STEPS[self._step](self, reply)
 
-    @property
-    def buffered(self) -> int:
-        return self._reader.pending
-
-    def trailing_data(self) -> bytes:
-        """Bytes the backend sent after its AUTH reply (none, from a well-behaved one)."""
-        if self._step is not _Step.DONE:
-            raise RuntimeError("trailing_data before the login ended")
-        return self._reader.rest()
-
-    def tls_started(self) -> None:
-        if self._step is not _Step.TLS_WAIT:
-            raise RuntimeError("tls_started without a StartTls event")
-        if self._reader.pending:
-            raise ProtocolError("backend sent plaintext after STARTTLS", close=True)
-        self.tls_active = True
+    def _tls_resumed(self) -> None:
         self._ehlo()
-
-    def next_event(self) -> StartTls | LoggedIn | LoginRefused | None:
-        """The next event, or None until more bytes arrive. Raises ProtocolError (close=True)
-        when the backend breaks the protocol or closes early."""
-        while self._step not in (_Step.TLS_WAIT, _Step.DONE):
-            try:
-                line = self._reader.next_line()
-            except LineTooLong as exc:
-                raise ProtocolError(f"backend: {exc}", close=True) from None
-            if line is None:
-                if self._eof:
-                    raise ProtocolError("backend closed the connection during login", close=True)
-                return None
-            reply = self._replies.line(line)
-            event = None if reply is None else _STEPS[self._step](self, reply)
-            if event is not None:
-                return event
-        return None
 
     def _send(self, line: bytes) -> None:
         self._out += line + CRLF
 
-    def _refused(self, what: str, reply: Reply | None = None, temporary: bool = True) -> LoginRefused:
-        self._send(b"QUIT")
-        self._step = _Step.DONE
-        return LoginRefused(f"{what}: {reply}" if reply else what, temporary)
+    def _refused_by(self, what: str, reply: Reply | None = None, temporary: bool = True) -> LoginRefused:
+        return self._refused(f"{what}: {reply}" if reply else what, temporary)
 
     def _ehlo(self) -> None:
         self._send(b"EHLO " + self.ehlo_name.encode())
@@ -612,13 +459,13 @@ class SmtpClient:
 
     def _greeting(self, reply: Reply) -> LoginRefused | None:
         if reply.code != 220:
-            return self._refused("greeting", reply)
+            return self._refused_by("greeting", reply)
         self._ehlo()
         return None
 
     def _ehlo_reply(self, reply: Reply) -> StartTls | LoginRefused | None:
         if reply.code != 250:
-            return self._refused("EHLO", reply)
+            return self._refused_by("EHLO", reply)
         self.extensions = {}
         for line in reply.lines[1:]:
             words = line.upper().split()
@@ -633,10 +480,10 @@ class SmtpClient:
             self._step = _Step.STARTTLS
             return None
         if self.require_tls and not self.tls_active:
-            return self._refused("backend offers no STARTTLS")
+            return self._refused_by("backend offers no STARTTLS")
         if self.xclient is not None and not self._xclient_sent:
             if "XCLIENT" not in self.extensions:
-                return self._refused("backend offers no XCLIENT")
+                return self._refused_by("backend offers no XCLIENT")
             self._send(self.xclient.command(self.extensions["XCLIENT"]))
             self._xclient_sent, self._step = True, _Step.XCLIENT
             return None
@@ -651,19 +498,18 @@ class SmtpClient:
             self._send(b"AUTH LOGIN")
             self._responses = [b64encode(self.user.encode()), b64encode(self.password.encode())]
         else:
-            return self._refused("backend offers neither AUTH PLAIN nor LOGIN")
+            return self._refused_by("backend offers neither AUTH PLAIN nor LOGIN")
         self._step = _Step.AUTH
         return None
 
     def _starttls_reply(self, reply: Reply) -> StartTls | LoginRefused:
         if reply.code != 220:
-            return self._refused("STARTTLS", reply)
-        self._step = _Step.TLS_WAIT
-        return StartTls()
+            return self._refused_by("STARTTLS", reply)
+        return self._start_tls()
 
     def _xclient_reply(self, reply: Reply) -> LoginRefused | None:
         if not reply.positive:
-            return self._refused("XCLIENT", reply)
+            return self._refused_by("XCLIENT", reply)
         self._ehlo()  # Postfix starts a new session with a 220 greeting: EHLO again
         return None
 
@@ -676,9 +522,8 @@ class SmtpClient:
             return None
         self._responses = []
         if reply.code == 235:
-            self._step = _Step.DONE
-            return LoggedIn()
-        return self._refused("AUTH", reply, temporary=reply.code != 535)
+            return self._logged_in()
+        return self._refused_by("AUTH", reply, temporary=reply.code != 535)
 
 
 _STEPS: dict[_Step, Callable[[SmtpClient, Reply], StartTls | LoggedIn | LoginRefused | None]] = {

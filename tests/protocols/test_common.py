@@ -74,6 +74,81 @@ def test_never_holds_more_than_its_limit(data, limit):
         pass
 
 
+class CountingBuffer(bytearray):
+    """A reader's buffer that counts the bytes its line-end searches look at."""
+
+    searched = 0
+
+    def find(self, sub, start=0, end=None):
+        stop = len(self) if end is None else min(end, len(self))
+        self.searched += max(0, stop - start)
+        return super().find(sub, start, end)
+
+
+def test_a_line_sent_byte_by_byte_is_searched_once():
+    limit = 10_000
+    buffer = CountingBuffer()
+    reader = LineReader(limit, buffer)
+    for byte in b"x" * limit + b"\r":
+        reader.feed(bytes([byte]))
+        assert reader.next_line() is None
+    reader.feed(b"\nnext\r\n")
+    assert lines_of(reader) == [b"x" * limit, b"next"]
+    # every byte is looked at about once, not once per byte received after it (~limit**2 / 2)
+    assert limit < buffer.searched <= 2 * limit
+
+
+def test_take_keeps_what_was_searched_in_step():
+    reader = LineReader(limit=100)
+    reader.feed(b"abcdef")
+    assert reader.next_line() is None
+    assert reader.take(4) == b"abcd"
+    reader.feed(b"\r\n")
+    assert reader.next_line() == b"ef"
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 10_000])
+def test_the_cap_holds_on_the_buffer_however_the_bytes_arrive(chunk):
+    reader = LineReader(limit=10)
+    data = b"a1\r\n" * 100 + b"x" * 5000
+    for i in range(0, len(data), chunk):
+        reader.feed(data[i : i + chunk])
+        assert reader.pending <= 4 * 100 + 11  # whole lines, then at most limit + 1 bytes
+    assert lines_of_until_refused(reader) == [b"a1"] * 100
+    reader.feed(b"\r\n")  # a line end after the cut does not make the line whole
+    with pytest.raises(LineTooLong):
+        reader.next_line()
+
+
+def lines_of_until_refused(reader: LineReader) -> list[bytes]:
+    found = []
+    with pytest.raises(LineTooLong) as info:
+        while (line := reader.next_line()) is not None:
+            found.append(line)
+    assert info.value.close
+    return found
+
+
+def test_a_literal_may_follow_a_line_and_is_cut_past_its_cap():
+    reader = LineReader(limit=10, literal=20)
+    reader.feed(b"a {20}\r\n" + b"L" * 20 + b" rest")  # 25 bytes after the line end
+    assert reader.next_line() == b"a {20}"
+    assert reader.take(20) == b"L" * 20
+    reader.feed(b"\r\n")
+    assert reader.next_line() == b" rest"
+    reader.feed(b"b {20}\r\n" + b"L" * 20 + b"y" * 12)  # 32 bytes: past 10 + 1 + 20
+    assert reader.next_line() == b"b {20}"
+    assert reader.take(20) == b"L" * 20
+    with pytest.raises(LineTooLong):
+        reader.next_line()
+    reader = LineReader(limit=10, literal=20)
+    reader.feed(b"L" * 40)
+    with pytest.raises(LineTooLong):
+        reader.take(40)
+    with pytest.raises(LineTooLong):
+        reader.rest()  # what follows a cut is no stream to hand on
+
+
 def test_sasl_plain_round_trip():
     response = b64decode(sasl_plain_response("user@example.com", "pässword", "admin"))
     creds = sasl_plain(response)
