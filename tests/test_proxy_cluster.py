@@ -24,10 +24,11 @@ USERS = {"ann@one.example": "secret-1", "bob@two.example": "secret-2"}
 @pytest.fixture
 def backends(tmp_path) -> Iterator[tuple[mailkit.Dovecot, mailkit.Dovecot]]:
     mailkit.require("dovecot")
+    trusted = ["127.0.0.0/8"]  # the masters' address: Dovecot takes the client's address by ID from it
     with (
-        mailkit.dovecot(tmp_path / "d1", {"ann@one.example": "secret-1"}, name="d1", trusted_networks=["127.0.0.0/8"]) as d1,
-        mailkit.dovecot(tmp_path / "d2", {"bob@two.example": "secret-2"}, name="d2", trusted_networks=["127.0.0.0/8"]) as d2,
-    ):  # fmt: skip
+        mailkit.dovecot(tmp_path / "d1", {"ann@one.example": "secret-1"}, name="d1", trusted_networks=trusted) as d1,
+        mailkit.dovecot(tmp_path / "d2", {"bob@two.example": "secret-2"}, name="d2", trusted_networks=trusted) as d2,
+    ):
         yield d1, d2
 
 
