@@ -16,11 +16,13 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-__all__ = ["ALL", "GOSSIP", "SERVICES", "STATE", "STATUS_GOSSIP", "STATUS_STATE", "Metrics", "Series", "exposition"]
+__all__ = [
+    "ALL", "GOSSIP", "PROXY", "SERVICES", "STATE", "STATUS_GOSSIP", "STATUS_STATE", "Metrics", "Series", "exposition"
+]  # fmt: skip
 
 
 @attrs.frozen
@@ -302,6 +304,29 @@ PUBLISH_FAILURES = Series(
     "slave.publish_failures",
 )
 
+PROXY_SESSIONS = Series(
+    "meshmail_proxy_sessions",
+    "Client sessions open on this master's proxy, by protocol (imap, pop3, submission).",
+    "proxy.sessions.{protocol}",
+    ("protocol",),
+    kind="gauge",
+)
+PROXY_LOGINS = Series(
+    "meshmail_proxy_logins_total",
+    "Logins through the proxy, by protocol and result (ok; refused: wrong credentials or no such domain; "
+    "unavailable: the slave could not be reached or could not judge them).",
+    "proxy.logins.{result}",
+    ("protocol", "result"),
+)
+PROXY_TURNED_AWAY = Series(
+    "meshmail_proxy_turned_away_total",
+    "Connections the proxy turned away at once: too many sessions on this master or from one client address.",
+    "proxy.turned_away",
+    ("protocol",),
+)
+#: The proxy's series: its /status block, not the state counters.
+PROXY: tuple[Series, ...] = (PROXY_SESSIONS, PROXY_LOGINS, PROXY_TURNED_AWAY)
+
 SERVICES: tuple[Series, ...] = (
     LOGINS,
     LOGIN_FAILURES,
@@ -321,7 +346,7 @@ SERVICES: tuple[Series, ...] = (
 )
 
 #: Every series a node exposes.
-ALL: tuple[Series, ...] = (*GOSSIP, GOSSIP_UNLISTED, *STATE, STATE_UNLISTED, *SERVICES)
+ALL: tuple[Series, ...] = (*GOSSIP, GOSSIP_UNLISTED, *STATE, STATE_UNLISTED, *SERVICES, *PROXY)
 #: The series of the /status "counters" (the gossip layer's) and of its "state" "counters".
 STATUS_GOSSIP: tuple[Series, ...] = (*GOSSIP, GOSSIP_UNLISTED)
 STATUS_STATE: tuple[Series, ...] = (*STATE, STATE_UNLISTED, *SERVICES)
@@ -361,6 +386,10 @@ class Metrics:
         self.skipped_lines = counter(SKIPPED_LINES)
         self.routes_written = counter(ROUTES_WRITTEN)
         self.publish_failures = counter(PUBLISH_FAILURES)
+        # proxy/
+        self.proxy_sessions = _gauge(self.registry, PROXY_SESSIONS)
+        self.proxy_logins = counter(PROXY_LOGINS)
+        self.proxy_turned_away = counter(PROXY_TURNED_AWAY)
 
     def status_counters(self, series: Iterable[Series]) -> dict[str, int]:
         """The values of `series` keyed by their status names, sorted by name.
@@ -389,6 +418,10 @@ def exposition(metrics: Metrics, accept: str) -> tuple[bytes, str]:
 
 def _counter(registry: CollectorRegistry, series: Series) -> Counter:
     return Counter(series.name, series.help, series.labels, registry=registry)
+
+
+def _gauge(registry: CollectorRegistry, series: Series) -> Gauge:
+    return Gauge(series.name, series.help, series.labels, registry=registry)
 
 
 @functools.cache

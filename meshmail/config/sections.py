@@ -9,6 +9,7 @@ GossipConfig: a named profile, and every field of it a key of [gossip] that over
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import typing
 from collections.abc import Iterator, Mapping
@@ -31,6 +32,7 @@ from .schema import (
     boolean,
     choice,
     cluster_name,
+    expect,
     gossip_key,
     group,
     integer,
@@ -412,6 +414,130 @@ class SlaveSection:
             raise BadValue("must be shorter than slave.probe_interval", "probe_timeout")
 
 
+# --- [proxy] --------------------------------------------------------------------------------
+
+#: The proxy's listeners: name -> (default port, whether TLS starts at the first byte).
+PROXY_LISTENERS: dict[str, tuple[int, bool]] = {
+    "imap": (143, False),
+    "imaps": (993, True),
+    "pop3": (110, False),
+    "pop3s": (995, True),
+    "submission": (587, False),
+    "submissions": (465, True),
+}
+
+
+_PROTOCOL_NAMES = {name: "submission" if "sub" in name else name.rstrip("s").upper() for name in PROXY_LISTENERS}
+
+
+def _ca_files(value: object) -> dict[str, str]:
+    expect(value, dict, "a table of node name = CA file")
+    return mapping_of(non_empty, what="node name")(value)
+
+
+def _listener(value: object) -> Address | None:
+    """A listen address, or off (false or "")."""
+    if value is False or value == "":
+        return None
+    return address(port_zero=True)(value)
+
+
+def _loopback(where: Address) -> bool:
+    try:
+        return ipaddress.ip_address(where.host).is_loopback
+    except ValueError:
+        return where.host == "localhost"
+
+
+def _proxy_settings() -> Iterator[Setting]:
+    for name, (port, tls) in PROXY_LISTENERS.items():
+        how = "TLS from the first byte" if tls else "STARTTLS offered when proxy.cert is set"
+        yield Setting(
+            name,
+            _listener,
+            Address("0.0.0.0", port),
+            doc=f"Where {_PROTOCOL_NAMES[name]} clients connect ({how}); false turns it off.",
+        )
+
+
+def _proxy_listeners(values: dict[str, Any]) -> Mapping[str, Address]:
+    merged = {name: values.get(name, Address("0.0.0.0", port)) for name, (port, _) in PROXY_LISTENERS.items()}
+    return {name: where for name, where in merged.items() if where is not None}
+
+
+@attrs.frozen
+class ProxySection:
+    """The IMAP, POP3 and submission proxy of a master: each login goes to the slave that hosts
+    the user's domain. Without proxy.cert and proxy.key nothing can be encrypted, so only the
+    plain listeners on loopback addresses may be on (for a local webmail or a TLS terminator)."""
+
+    listeners: Mapping[str, Address] = group(_proxy_settings(), _proxy_listeners, factory=dict)
+    cert: str | None = setting(
+        None,
+        non_empty,
+        doc="Certificate (PEM, with its chain) clients see, for STARTTLS and the TLS ports: one they trust, for"
+        " the names they connect to (not the cluster CA's).",
+        example="/etc/meshmail/mail.pem",
+    )
+    key: str | None = setting(None, non_empty, doc="Its private key (PEM).", example="/etc/meshmail/mail.key")
+    require_tls: bool = setting(
+        True,
+        boolean,
+        doc="Refuse a login before TLS from clients that are not on a loopback address.",
+    )
+    default_domain: str | None = setting(
+        None,
+        non_empty,
+        doc="Domain of users who log in with a bare name (no @domain); without it they are refused.",
+        example="example.com",
+    )
+    backend_ca: str | None = setting(
+        None,
+        non_empty,
+        doc="CA file the slaves' certificates are checked against (STARTTLS and TLS endpoints); by default"
+        " the cluster CA (tls.ca). proxy.backend_cas names one per slave.",
+        example="/etc/ssl/certs/ca-certificates.crt",
+    )
+    backend_cas: Mapping[str, str] = setting(
+        attrs.Factory(dict),
+        _ca_files,
+        doc="A CA file for the certificates of one slave, by node name (one whose mail server has its own"
+        " certificate).",
+        example={"s1": "/etc/meshmail/s1-dovecot.pem"},
+    )
+    tls_verify: bool = setting(
+        True,
+        boolean,
+        doc="Check the slaves' certificates. false encrypts without checking who answers (logged at start).",
+    )
+    max_sessions: int = setting(5000, integer, doc="Sessions open at once on this master, all protocols.")
+    max_sessions_per_client: int = setting(50, integer, doc="Sessions open at once from one client address.")
+    login_timeout: float = setting(60.0, seconds(1), doc="Time a client has to log in (seconds).")
+    imap_idle: float = setting(1860.0, seconds(1), doc="Silence after an IMAP login before the session ends.")
+    pop3_idle: float = setting(600.0, seconds(1), doc="Silence after a POP3 login before the session ends.")
+    smtp_idle: float = setting(300.0, seconds(1), doc="Silence after a submission login before the session ends.")
+
+    def __attrs_post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise BadValue("cert and key go together", "key" if self.key is None else "cert")
+        for name, where in self.listeners.items():
+            if self.cert is None and PROXY_LISTENERS[name][1]:
+                raise BadValue("needs proxy.cert and proxy.key (or false to turn it off)", name)
+            if self.cert is None and not _loopback(where):
+                raise BadValue(
+                    f"{where} is not a loopback address: without proxy.cert and proxy.key, passwords would cross"
+                    " the network in clear (set them, or listen on 127.0.0.1, or false to turn it off)",
+                    name,
+                )
+        for name in ("max_sessions", "max_sessions_per_client"):
+            if getattr(self, name) < 1:
+                raise BadValue("must be at least 1", name)
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None
+
+
 # --- the file -------------------------------------------------------------------------------
 
 
@@ -465,6 +591,13 @@ class Config:
         SlaveSection(),
         doc='What a slave (node.role = "slave") publishes, and how it watches it.',
         roles=("slave",),
+    )
+    proxy: ProxySection | None = section(
+        ProxySection,
+        None,
+        doc="The IMAP, POP3 and submission proxy of a master (without this table a master proxies nothing)."
+        " Relative paths are under node.data_dir.",
+        roles=("master",),
     )
 
     def __attrs_post_init__(self) -> None:
