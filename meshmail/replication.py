@@ -121,9 +121,8 @@ class Replication(Delegate):
         while True:
             await trio.sleep(interval)
             now = self._physical_ms()
-            dropped = self.state.gc(now)
-            if dropped:  # a name without labels shows in /status once above 0 (metrics.py)
-                self.counters["state.tombstones_dropped"] += dropped
+            self.state.gc(now)
+            self._count_dropped()
             if self.state.mark_stale_if_away(now):
                 self.counters["state.stale"] = 1
 
@@ -186,9 +185,15 @@ class Replication(Delegate):
         self.state.record_sync(peer, self._physical_ms())
         self.state.maybe_compact()
         self.counters["state.syncs"] += 1
+        self._count_dropped()
         self.synced.set()
         if replaced:
             self._changed(CONTROL_NAMESPACES)
+
+    def _count_dropped(self) -> None:
+        # Every exchange drops the tombstones past the grace too, so count them from the state.
+        if self.state.tombstones_dropped:  # a name without labels shows in /status once above 0 (metrics.py)
+            self.counters["state.tombstones_dropped"] = self.state.tombstones_dropped
 
     async def _send_chunks(self, conversation: Conversation, chunks: list[bytes]) -> None:
         for chunk in chunks:

@@ -7,6 +7,7 @@ payloads (see LWWMap for the exchange), the journal persists entries.
 
 from __future__ import annotations
 
+import heapq
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from hashlib import blake2b
@@ -132,7 +133,9 @@ class LWWMap:
     Tombstones. gc(horizon) drops tombstones older than the horizon and refuses older ones
     arriving later, so they do not bounce back. Live entries are always accepted, so a node
     away longer than the grace period must clear its map and resync from scratch, or it
-    would bring deleted keys back.
+    would bring deleted keys back. A tombstone refused for its age never enters a digest,
+    so two maps compare equal only once both collected up to the same horizon: collect
+    before comparing (cheap: gc visits only the tombstones it drops).
     """
 
     __slots__ = (
@@ -144,6 +147,7 @@ class LWWMap:
         "_live",
         "_tombstones",
         "_gc_horizon_ms",
+        "_expiring",
         "_index",
     )
 
@@ -163,6 +167,9 @@ class LWWMap:
         self._live = 0
         self._tombstones = 0
         self._gc_horizon_ms = 0
+        #: (wall_ms, key) of every tombstone merged, oldest first (a heap), for gc. An item
+        #: whose tombstone was replaced since stays until gc reaches it and skips it.
+        self._expiring: list[tuple[int, str]] = []
 
     def __len__(self) -> int:
         """The number of live (non-tombstone) keys."""
@@ -217,6 +224,8 @@ class LWWMap:
                 keys.add(entry.key)
         entries[entry.key] = entry
         self._account(bucket, entry, 1)
+        if entry.value is None:
+            heapq.heappush(self._expiring, (entry.wall_ms, entry.key))
         return True
 
     def _account(self, bucket: int, entry: Entry, sign: int) -> None:
@@ -252,19 +261,24 @@ class LWWMap:
     def gc(self, horizon_ms: int) -> int:
         """Drop tombstones with wall_ms < horizon_ms and refuse older ones from now on.
 
-        Call it with now - gc_grace. Returns how many were dropped. O(size of the map).
+        Call it with now - gc_grace. Returns how many were dropped. Visits only the
+        tombstones it drops (O(log n) each), so calling it before every exchange is cheap.
         """
         self._gc_horizon_ms = max(self._gc_horizon_ms, horizon_ms)
         dropped = 0
-        for bucket, entries in enumerate(self._maps):
-            old = [e for e in entries.values() if e.value is None and e.wall_ms < horizon_ms]
-            for entry in old:
-                del entries[entry.key]
-                keys = self._index.get(entry.key.partition("/")[0])
-                if keys is not None:
-                    keys.discard(entry.key)
-                self._account(bucket, entry, -1)
-            dropped += len(old)
+        expiring = self._expiring
+        while expiring and expiring[0][0] < horizon_ms:
+            wall_ms, key = heapq.heappop(expiring)
+            bucket = self.bucket_of(key)
+            entry = self._maps[bucket].get(key)
+            if entry is None or entry.value is not None or entry.wall_ms != wall_ms:
+                continue  # replaced since; a newer tombstone has its own item
+            del self._maps[bucket][key]
+            keys = self._index.get(key.partition("/")[0])
+            if keys is not None:
+                keys.discard(key)
+            self._account(bucket, entry, -1)
+            dropped += 1
         return dropped
 
     def group_digests(self) -> list[int]:

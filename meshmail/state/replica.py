@@ -151,6 +151,8 @@ class ClusterState:
         self.discarded = 0
         #: Journal records that could not be read on open (from a newer version, or a bug).
         self.unreadable_records = 0
+        #: Tombstones dropped by gc() since open, past the grace.
+        self.tombstones_dropped = 0
 
     @classmethod
     def open(
@@ -189,7 +191,8 @@ class ClusterState:
                 state.unreadable_records += 1
         state.clock = HybridClock(node_id, physical_ms, max_skew_ms, floor=Timestamp(*floor, clock.node))
         now = physical_ms()
-        state.map.gc(now - gc_grace_ms)
+        state.gc(now)
+        state.tombstones_dropped = 0  # dropped before the restart already; the journal kept them
         state.mark_stale_if_away(now)
         return state
 
@@ -418,7 +421,9 @@ class ClusterState:
         return self.map.tombstones
 
     def digest_summary(self) -> str:
-        """A short hex digest of the whole map: equal on replicas holding the same entries."""
+        """A short hex digest of the whole map: equal on replicas holding the same entries
+        (after dropping the tombstones past the grace, as an exchange does)."""
+        self._collect()
         packed = b"".join(d.to_bytes(8, "big") for d in self.map.group_digests())
         return blake2b(packed, digest_size=8).hexdigest()
 
@@ -455,11 +460,21 @@ class ClusterState:
 
     def gc(self, now_ms: int) -> int:
         """Drop tombstones older than now_ms - gc_grace; returns how many. The journal keeps
-        them until the next compaction (they are dropped again on open)."""
+        them until the next compaction (they are dropped again on open). Cheap when there is
+        nothing to drop: the exchange calls it every time."""
         horizon = now_ms - self.gc_grace_ms
         if self._replica is not self.map:
             self._replica.gc(horizon)
-        return self.map.gc(horizon)
+        dropped = self.map.gc(horizon)
+        self.tombstones_dropped += dropped
+        return dropped
+
+    def _collect(self) -> None:
+        # A tombstone past the grace is refused by a peer that collected it, so it cannot be
+        # sent across: both sides drop it before comparing digests, or the digests of a node
+        # that collected (at open, say) and of one that did not yet would differ until its
+        # next maintenance.
+        self.gc(self._physical_ms())
 
     def maybe_compact(self) -> bool:
         """Compact if the log outgrew compact_min_bytes and the snapshot; True if it did."""
@@ -514,11 +529,13 @@ class ClusterState:
 
     def sync_offer(self) -> bytes:
         """Exchange step 1, from A: our group digests."""
+        self._collect()
         return msgpack.packb({"v": SYNC_VERSION, "g": self._replica.group_digests()})
 
     def sync_answer(self, offer: bytes) -> bytes:
         """Exchange step 2, from B: the groups that differ from the offer and our bucket digests of them."""
         message = self._decode(offer)
+        self._collect()
         try:
             groups = self._replica.differing_groups(message.get("g"))
         except BadEntry as exc:
