@@ -244,6 +244,8 @@ class Memberlist:
             self._nursery.start_soon(self._prober.probe, member, trio.current_time() + self.config.probe_interval)
 
     def _publish(self, kind: EventKind, member: Member) -> None:
+        if kind in (EventKind.FAILED, EventKind.LEFT):
+            self._net.gone(member.name)
         event = MemberEvent(kind, member.snapshot())
         for channel in list(self._subscribers):
             try:

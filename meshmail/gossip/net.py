@@ -345,6 +345,11 @@ class Network:
     def _wants_recovery_push_pull(self, member: Member) -> bool:
         return member.state == State.ALIVE and not self._pushed_pulled_lately(member.name)
 
+    def gone(self, name: str) -> None:
+        """Member `name` failed or left: what it wrote since is in no exchange we had with it,
+        so the next time it turns alive it is pushed-pulled whenever we last exchanged."""
+        self._pushed_pulled.pop(name, None)
+
     def recovered(self, name: str) -> None:
         """Member `name` turned alive: push-pull with it soon, so replicated state agrees at
         once rather than at the next periodic push-pull. Not when a push-pull told us (that

@@ -20,6 +20,12 @@ log = logging.getLogger("meshmail.http")
 
 #: How long in-flight requests may take to finish once the node is leaving.
 HTTP_GRACE = 2.0
+#: How long a client may take over its TLS handshake (hypercorn's default is 60 s): until it
+#: is done, a connection holds a descriptor and some 30 KB of TLS state for nothing.
+TLS_HANDSHAKE_TIMEOUT = 10.0
+#: How long a request may go without a byte from its client, once it has started (hypercorn
+#: waits forever); between requests the keep-alive timeout (5 s) applies.
+READ_TIMEOUT = 30.0
 
 
 class AcceptShortage(logging.Filter):
@@ -64,6 +70,8 @@ def settings(ctx: Context, fd: int) -> HypercornConfig:
     config.accesslog = None
     config.errorlog = logging.getLogger("meshmail.http")
     config.graceful_timeout = HTTP_GRACE
+    config.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT
+    config.read_timeout = READ_TIMEOUT
     return config
 
 

@@ -70,6 +70,10 @@ class Node:
 
     def __init__(self, name: str, config: Path, run: list[str], log: Path, ca: Path | None = None) -> None:
         self.name = name
+        #: The address its config binds and the tests reach it at.
+        self.host = HOST
+        #: Words run before `meshmail run` (prlimit, ip netns exec), each taking the rest as its command.
+        self.prefix: list[str] = []
         self.config = config
         self.run = run
         self.log = log
@@ -90,7 +94,7 @@ class Node:
             out.write(f"----- meshmail run ({time.strftime('%H:%M:%S')})\n".encode())
             out.flush()
             self.process = subprocess.Popen(
-                [*MESHMAIL, "run", *self.run, "--ready-file", str(self.ready)],
+                [*self.prefix, *MESHMAIL, "run", *self.run, "--ready-file", str(self.ready)],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -137,7 +141,7 @@ class Node:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.ca else 'http'}://{HOST}:{self.http_port}"
+        return f"{'https' if self.ca else 'http'}://{self.host}:{self.http_port}"
 
     def get(self, path: str, token: str | None = None) -> Any:
         """GET `path` from the node and decode its JSON; raises OSError or ValueError."""
@@ -237,7 +241,7 @@ class Cluster:
             seed = self.nodes["n1"]
             assert seed.gossip_port is not None, "n1 is the seed of the other nodes: start it first"
             for node in later:
-                node.config.write_text(with_seeds(node.config.read_text(), [f"{HOST}:{seed.gossip_port}"]))
+                node.config.write_text(with_seeds(node.config.read_text(), [f"{seed.host}:{seed.gossip_port}"]))
                 self._unseeded.remove(node.name)
             _start_together(later)
 
