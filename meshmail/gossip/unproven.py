@@ -20,7 +20,8 @@ import attrs
 PROOF_DEADLINE = 2.0
 #: Streams waiting for their first frame at once, from all sources.
 MAX_UNPROVEN_STREAMS = 32
-#: Streams waiting for their first frame at once from one source.
+#: Streams waiting for their first frame at once from one source, once the pool is full
+#: (while it has room, one address may hold more: many nodes of one host join at once).
 MAX_UNPROVEN_PER_SOURCE = 4
 
 
@@ -69,10 +70,10 @@ class UnprovenPool:
         """(slot, evicted, refusal): a slot for a stream from `source` or None with the
         refusal's reason ("source_limit" or "unproven_busy"), and the slot evicted for it."""
         mine = len(self._by_source.get(source, ()))
-        if mine >= self.per_source:
-            return None, None, "source_limit"
         evicted = None
         if self._count >= self.size:
+            if mine >= self.per_source:
+                return None, None, "source_limit"
             evicted = self._fair_victim(mine)
             if evicted is None:
                 return None, None, "unproven_busy"

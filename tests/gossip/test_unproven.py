@@ -30,12 +30,14 @@ def test_source_of(host, source):
     assert source_of(host) == source
 
 
-def test_each_source_holds_a_few_slots_at_most():
-    pool = UnprovenPool(size=8, per_source=2)
-    assert pool.admit("a", 1)[0] is not None and pool.admit("a", 2)[0] is not None
-    assert pool.admit("a", 3) == (None, None, "source_limit")
-    assert pool.admit("b", 4)[0] is not None
-    assert len(pool) == 3
+def test_a_source_holds_more_slots_only_while_the_pool_has_room():
+    pool = UnprovenPool(size=4, per_source=2)
+    assert all(pool.admit("a", n)[0] is not None for n in range(3))  # room: one host, many nodes
+    slot, evicted, _ = pool.admit("b", 4)
+    assert slot is not None and evicted is None and len(pool) == 4
+    assert pool.admit("a", 5) == (None, None, "source_limit")  # full, and a holds its share
+    slot, evicted, _ = pool.admit("c", 6)  # full: c takes the oldest slot of a, the biggest holder
+    assert slot is not None and evicted.source == "a" and len(pool) == 4
 
 
 def test_a_full_pool_makes_room_by_taking_the_oldest_slot_of_the_biggest_holder():
@@ -58,7 +60,7 @@ def test_a_full_pool_makes_room_by_taking_the_oldest_slot_of_the_biggest_holder(
 
 
 def test_release_frees_the_slot():
-    pool = UnprovenPool(size=2, per_source=1)
+    pool = UnprovenPool(size=1, per_source=1)
     slot, _, _ = pool.admit("a", None)
     assert pool.admit("a", None) == (None, None, "source_limit")
     pool.release(slot)
@@ -94,8 +96,8 @@ def node(name: str) -> Memberlist:
 
 async def test_a_flood_of_idle_connections_does_not_stop_a_join():
     """500 connections that send nothing, from 10 addresses, reopened as soon as they are
-    closed: each address holds at most MAX_UNPROVEN_PER_SOURCE slots, each slot for at most
-    PROOF_DEADLINE, and a newcomer takes the slot of the biggest holder, so a real join
+    closed: once the pool is full each address holds at most MAX_UNPROVEN_PER_SOURCE slots,
+    each for at most PROOF_DEADLINE, and a newcomer takes the slot of the biggest holder, so a real join
     through the flooded node succeeds while the flood goes on (before, the flood held
     every stream slot for tcp_timeout, 10 s, and joins failed)."""
     seed, newcomer = node("seed"), node("newcomer")
