@@ -9,6 +9,7 @@ smtp.py). Every buffer has a cap; input past a cap is a ProtocolError, never a b
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import enum
@@ -269,7 +270,7 @@ MAX_LOGIN_FAILURES = 3
 
 
 @attrs.define(eq=False)
-class LineCodec:
+class LineCodec(abc.ABC):
     """The byte side of a codec: received bytes go to a LineReader, replies wait in an output
     buffer. A subclass names its reader's caps in _line_reader and the error a line past them
     raises in _too_long."""
@@ -297,11 +298,13 @@ class LineCodec:
         """Bytes received and not yet handled (at most the line cap + 1 while reading lines)."""
         return self._reader.pending
 
+    @abc.abstractmethod
     def _line_reader(self) -> LineReader:
-        raise NotImplementedError
+        """Each protocol's own."""
 
+    @abc.abstractmethod
     def _too_long(self, exc: LineTooLong) -> ProtocolError:
-        raise NotImplementedError
+        """Each protocol's own."""
 
     def _read(self, size: int | None = None) -> bytes | None:
         """The next line, or `size` raw bytes; None until they are complete."""
@@ -411,8 +414,9 @@ class LoginServer(LineCodec):
     def _input(self, data: bytes) -> Credentials | StartTls | Closed | None:
         return self._sasl_step(self._sasl.respond, data) if self._sasl else self._command(data)
 
+    @abc.abstractmethod
     def _command(self, line: bytes) -> Credentials | StartTls | Closed | None:
-        raise NotImplementedError
+        """Each protocol's own."""
 
     def _too_long(self, exc: LineTooLong) -> ProtocolError:
         return self._fatal(str(exc), self._LINE_TOO_LONG)
@@ -497,13 +501,13 @@ class LoginServer(LineCodec):
         self._phase = Phase.SASL
         return None
 
+    @abc.abstractmethod
     def _sasl_cancelled(self) -> None:
         """Answers a client that cancelled its exchange."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _sasl_malformed(self) -> None:
         """Refuses a response that cannot be used, as a bad command."""
-        raise NotImplementedError
 
 
 @attrs.define(eq=False)
@@ -561,11 +565,13 @@ class LoginClient(LineCodec):
     def _next_input(self) -> bytes | None:
         return self._read()
 
+    @abc.abstractmethod
     def _input(self, data: bytes) -> StartTls | LoggedIn | LoginRefused | None:
-        raise NotImplementedError
+        """Each protocol's own."""
 
+    @abc.abstractmethod
     def _tls_resumed(self) -> None:
-        raise NotImplementedError
+        """Each protocol's own."""
 
     def _too_long(self, exc: LineTooLong) -> ProtocolError:
         return ProtocolError(f"backend: {exc}", close=True)
