@@ -45,7 +45,7 @@ def _run(*argv: str) -> None:
 
 
 class Net:
-    """Namespaces mm-test-XXXXXX-NAME for `names`, on a bridge in mm-test-XXXXXX-br.
+    """Namespaces mm-test-<id>-NAME for `names`, on a bridge in mm-test-<id>-br.
 
     Call `create`, then `close` in a finally: it deletes whatever `create` got to make.
     """

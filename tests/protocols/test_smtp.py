@@ -8,6 +8,7 @@ import re
 import time
 
 import pytest
+from helpers.codecs import fuzz_session as shared_fuzz_session
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -518,27 +519,8 @@ def check_output(out: bytes) -> None:
     read_replies(out)  # multi-line replies hold together
 
 
-def fuzz_session(codec: SubmissionServer, data: bytes, chunk: int) -> None:
-    decisions = iter([SubmissionServer.accept, SubmissionServer.reject, SubmissionServer.unavailable] * 100)
-    try:
-        for i in range(0, len(data) + 1, chunk):
-            codec.receive_data(data[i : i + chunk])
-            while (event := codec.next_event()) is not None:
-                assert PASSWORD not in repr(event)
-                if isinstance(event, StartTls):
-                    codec.tls_started()
-                decide = next(decisions) if isinstance(event, Credentials) else None
-                if decide:
-                    decide(codec)
-                check_output(codec.data_to_send())
-                if isinstance(event, Closed) or decide is SubmissionServer.accept:
-                    return  # the rest is trailing data for the backend
-            assert codec.buffered <= MAX_AUTH_LINE + 1
-            check_output(codec.data_to_send())
-    except ProtocolError as exc:
-        assert exc.close and "\n" not in str(exc)
-        check_output(exc.reply)
-        assert PASSWORD.encode() not in exc.reply and PASSWORD not in str(exc)
+def fuzz_session(codec, data: bytes, chunk: int) -> None:
+    shared_fuzz_session(codec, data, chunk, check_output=check_output, cap=MAX_AUTH_LINE, password=PASSWORD)
 
 
 @settings(max_examples=4000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
