@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
@@ -35,14 +35,14 @@ class Series:
         status: its key among the /status counters, a template of its labels
             ("dropped.{reason}"); labels missing from it are summed there.
         labels: the label names.
-        kind: "counter" or "gauge".
+        kind: "counter", "gauge" or "histogram" (whose /status figures its owner computes).
     """
 
     name: str
     help: str
     status: str
     labels: tuple[str, ...] = ()
-    kind: str = attrs.field(default="counter", validator=attrs.validators.in_(("counter", "gauge")))
+    kind: str = attrs.field(default="counter", validator=attrs.validators.in_(("counter", "gauge", "histogram")))
 
 
 # --- read from Memberlist.counters ----------------------------------------------------------
@@ -324,8 +324,24 @@ PROXY_TURNED_AWAY = Series(
     "proxy.turned_away",
     ("protocol",),
 )
+PROXY_BYTES = Series(
+    "meshmail_proxy_bytes_total",
+    "Bytes spliced between logged-in clients and their slaves, by direction (from_clients, to_clients).",
+    "proxy.bytes.{direction}",
+    ("direction",),
+)
+PROXY_BACKEND_CONNECT = Series(
+    "meshmail_proxy_backend_connect_seconds",
+    "Time from a client's credentials to a connected backend (TCP, and TLS where the endpoint asks), seconds.",
+    "proxy.backend_connect",
+    kind="histogram",
+)
 #: The proxy's series: its /status block, not the state counters.
-PROXY: tuple[Series, ...] = (PROXY_SESSIONS, PROXY_LOGINS, PROXY_TURNED_AWAY)
+PROXY: tuple[Series, ...] = (PROXY_SESSIONS, PROXY_LOGINS, PROXY_TURNED_AWAY, PROXY_BYTES, PROXY_BACKEND_CONNECT)
+
+#: Buckets of PROXY_BACKEND_CONNECT: a LAN connect takes well under a millisecond, a TLS one a
+#: few, a retried one seconds.
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 SERVICES: tuple[Series, ...] = (
     LOGINS,
@@ -390,6 +406,10 @@ class Metrics:
         self.proxy_sessions = _gauge(self.registry, PROXY_SESSIONS)
         self.proxy_logins = counter(PROXY_LOGINS)
         self.proxy_turned_away = counter(PROXY_TURNED_AWAY)
+        self.proxy_bytes = counter(PROXY_BYTES)
+        self.proxy_backend_connect = Histogram(
+            PROXY_BACKEND_CONNECT.name, PROXY_BACKEND_CONNECT.help, registry=self.registry, buckets=CONNECT_BUCKETS
+        )
 
     def status_counters(self, series: Iterable[Series]) -> dict[str, int]:
         """The values of `series` keyed by their status names, sorted by name.

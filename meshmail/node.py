@@ -68,12 +68,13 @@ ROLE_SERVICES: dict[str, tuple[Service, ...]] = {
 
 
 def node_meta(ctx: Context) -> bytes:
-    """This node's gossiped metadata: the config's, its endpoints' health, its key ids and its
-    API address."""
+    """This node's gossiped metadata: the config's, its endpoints' health, its key ids, its
+    API address and whether it is draining (leaving, its sessions still ending)."""
     meta = ctx.config.node_meta
     endpoints = {s: attrs.evolve(e, up=ctx.endpoint_health.get(s, True)) for s, e in meta.endpoints.items()}
     api = "" if ctx.api_address is None else format_address(ctx.api_address)
-    return attrs.evolve(meta, endpoints=endpoints, api=api, keys=keyring_sync.ids(ctx.keyring)).encode()
+    keys = keyring_sync.ids(ctx.keyring)
+    return attrs.evolve(meta, endpoints=endpoints, api=api, keys=keys, draining=ctx.leaving).encode()
 
 
 def follow_state(ctx: Context) -> None:
@@ -226,11 +227,23 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
                 log.info("node %s (%s) in cluster %s: %s", ctx.name, ctx.role, config.gossip.cluster, shown)
                 task_status.started(bound)
                 await ctx.stopping.wait()
+                await drain(ctx)
                 log.info("leaving the cluster")
                 await ctx.members.leave(timeout=LEAVE_TIMEOUT)
                 services.cancel_scope.deadline = trio.current_time() + STOP_GRACE
             nursery.cancel_scope.cancel()
     log.info("node %s stopped", config.node.name)
+
+
+async def drain(ctx: Context) -> None:
+    """Tell the cluster this node is draining (its metadata) and wait until every service
+    that ends client sessions gracefully has done so."""
+    if not ctx.drains:
+        return
+    ctx.meta_changed()
+    log.info("draining before leaving the cluster")
+    for drained in ctx.drains:
+        await drained.wait()
 
 
 def removed_message(name: str) -> str:

@@ -80,6 +80,8 @@ class NodeMeta:
     )
     #: Where this node's HTTP API answers (host:port; TLS when the cluster has a CA).
     api: str = attrs.field(default="", validator=[v.instance_of(str), v.max_len(300)])
+    #: Leaving: its client sessions are ending, new clients should go to another master.
+    draining: bool = attrs.field(default=False, validator=v.instance_of(bool))
 
     def encode(self) -> bytes:
         """The wire form; raises ValueError when it is larger than 1 KiB."""
@@ -89,6 +91,8 @@ class NodeMeta:
             fields["keys"] = list(self.keys)
         if self.api:
             fields["api"] = self.api
+        if self.draining:
+            fields["draining"] = True
         data = msgpack.packb(fields, use_bin_type=True)
         if len(data) > MAX_META:
             raise ValueError(f"node metadata is {len(data)} bytes; the limit is {MAX_META}")
@@ -105,6 +109,7 @@ class NodeMeta:
                 tags=dict(obj.get("tags", {})),
                 keys=obj.get("keys", ()),
                 api=obj.get("api", ""),
+                draining=obj.get("draining", False) is True,
             )
         except Exception:
             return cls()

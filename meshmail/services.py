@@ -84,6 +84,9 @@ class Context:
     #: What services report by name: a short block for /status and a full document (the
     #: slave agent's "slave": its sources and service health).
     reports: dict[str, Report] = attrs.field(factory=dict)
+    #: Set by each service that ends client sessions gracefully (the proxy) once it has: a
+    #: leaving node stays in the cluster, marked draining, until all are set.
+    drains: list[trio.Event] = attrs.field(factory=list)
     #: Called after anything that changes this node's gossiped metadata.
     meta_changed: Callable[[], None] = lambda: None
     _sockets: dict[str, trio.socket.SocketType] = attrs.field(factory=dict)

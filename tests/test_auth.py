@@ -22,7 +22,12 @@ from hypothesis import strategies as st
 
 from meshmail.metrics import Metrics
 from meshmail.web import create_app
-from meshmail.web.auth import CSRF_HEADER, LOGIN_FAILURES_PER_ACCOUNT, LOGIN_FAILURES_PER_ADDRESS, SESSION_COOKIE
+from meshmail.web.auth import (
+    CSRF_HEADER,
+    LOGIN_FAILURES_PER_ACCOUNT,
+    LOGIN_FAILURES_PER_ADDRESS,
+    SESSION_COOKIE,
+)
 
 PASSWORD = "correct horse battery"
 #: A well-formed API token that no account has.

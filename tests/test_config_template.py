@@ -12,7 +12,15 @@ import attrs
 import pytest
 from helpers.config import new_key_b64
 
-from meshmail.config import Config, HttpSection, NodeSection, SlaveSection, TlsSection, loads, template
+from meshmail.config import (
+    Config,
+    HttpSection,
+    NodeSection,
+    SlaveSection,
+    TlsSection,
+    loads,
+    template,
+)
 from meshmail.config.schema import Setting, settings_of
 from meshmail.config.sections import SOURCES
 from meshmail.core.address import Address

@@ -14,12 +14,21 @@ import trio
 from helpers.config import minimal_config, new_key_b64
 from helpers.http import fetch, login_json
 from helpers.served import request, start
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 import meshmail
 from meshmail.config import loads
-from meshmail.metrics import ALL, SERVICES, STATUS_GOSSIP, STATUS_STATE, Metrics, exposition
+from meshmail.metrics import (
+    ALL,
+    SERVICES,
+    STATUS_GOSSIP,
+    STATUS_STATE,
+    Metrics,
+    exposition,
+)
 
 SOURCES = Path(meshmail.__file__).parent
 
@@ -29,8 +38,9 @@ def test_every_series_is_named_and_documented():
     assert len(set(names)) == len(names), "a series is declared twice"
     for series in ALL:
         assert re.fullmatch(r"meshmail_[a-z0-9_]+", series.name), series.name
-        assert series.kind in ("counter", "gauge"), series.name
+        assert series.kind in ("counter", "gauge", "histogram"), series.name
         assert series.name.endswith("_total") == (series.kind == "counter"), series.name
+        assert series.name.endswith("_seconds") or series.kind != "histogram", series.name
         assert len(series.help) > 20 and series.help.endswith("."), series.name
         fields = {field for _, field, _, _ in string.Formatter().parse(series.status) if field}
         assert fields <= set(series.labels), series.name

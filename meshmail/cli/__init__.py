@@ -29,7 +29,10 @@ class CommandError(MeshmailError):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
-    from .parser import build_parser, load_handler  # here: its modules import CommandError from this one
+    from .parser import (  # here: its modules import CommandError from this one
+        build_parser,
+        load_handler,
+    )
 
     args = build_parser().parse_args(argv)
     try:

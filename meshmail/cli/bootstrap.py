@@ -10,7 +10,13 @@ from ..core.address import Address
 from ..core.clock import wall_ms
 from ..core.nodes import NodeNameError, check_cluster_name, check_node_name
 from ..security import ca
-from ..security.bootstrap import Placement, check_free, init_cluster, join_cluster, placement
+from ..security.bootstrap import (
+    Placement,
+    check_free,
+    init_cluster,
+    join_cluster,
+    placement,
+)
 from ..security.tokens import parse_join_token
 from . import CommandError
 from .local import data_dir

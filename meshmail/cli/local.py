@@ -39,6 +39,8 @@ def config_path(args: argparse.Namespace, hint: str) -> str:
 
 def load_config(args: argparse.Namespace, hint: str):
     """The Config of config_path(args, hint); raises MeshmailError."""
-    from ..config import load  # here, not above: the parser imports this module, and --help needs no config
+    from ..config import (
+        load,  # here, not above: the parser imports this module, and --help needs no config
+    )
 
     return load(config_path(args, hint))

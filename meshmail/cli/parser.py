@@ -12,7 +12,13 @@ import importlib
 from collections.abc import Callable
 
 from .. import __version__
-from ..core.nodes import DEFAULT_DATA_DIR, DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT, ROLES, SERVICES
+from ..core.nodes import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_GOSSIP_PORT,
+    DEFAULT_HTTP_PORT,
+    ROLES,
+    SERVICES,
+)
 from . import DATA_DIR_ENV, TOKEN_ENV
 
 DEFAULT_DATA_DIR_HELP = f"${DATA_DIR_ENV}, else {DEFAULT_DATA_DIR}"

@@ -46,7 +46,9 @@ def revoke(args: argparse.Namespace) -> int:
 
 def parse_duration(text: str) -> float:
     """Seconds in ``90``, ``30s``, ``15m``, ``24h`` or ``7d``; raises CommandError."""
-    from ..security.admission import MAX_TTL_S  # here: admission loads the state machinery and cryptography
+    from ..security.admission import (
+        MAX_TTL_S,  # here: admission loads the state machinery and cryptography
+    )
 
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")

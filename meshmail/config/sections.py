@@ -516,6 +516,31 @@ class ProxySection:
     imap_idle: float = setting(1860.0, seconds(1), doc="Silence after an IMAP login before the session ends.")
     pop3_idle: float = setting(600.0, seconds(1), doc="Silence after a POP3 login before the session ends.")
     smtp_idle: float = setting(300.0, seconds(1), doc="Silence after a submission login before the session ends.")
+    failure_delay: float = setting(
+        3.0,
+        seconds(0),
+        doc="Seconds from a client's credentials to a \"wrong credentials\" answer, whether the password or the"
+        " domain was wrong; doubled for each recent failure from the client address or on the account (up to"
+        " 15 s). Keep it above the slaves' own delay (Dovecot's auth_failure_delay, 2 s), so both take as long.",
+    )
+    failures_per_client: int = setting(
+        20,
+        integer,
+        doc="Failed logins from one client address within failure_window; more are refused for a while.",
+    )
+    failures_per_account: int = setting(
+        10,
+        integer,
+        doc="Failed logins on one account from addresses it never logged in from, within failure_window; more"
+        " are refused for a while (an address it logged in from has a budget of its own).",
+    )
+    failure_window: float = setting(300.0, seconds(1), doc="The window failed logins are counted in (seconds).")
+    drain_timeout: float = setting(
+        30.0,
+        seconds(0),
+        doc="When the node leaves (SIGTERM, meshmail leave): how long open sessions may go on before they are"
+        " ended (IMAP BYE, POP3 -ERR, SMTP 421) so that clients reconnect through another master.",
+    )
 
     def __attrs_post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -529,7 +554,7 @@ class ProxySection:
                     " the network in clear (set them, or listen on 127.0.0.1, or false to turn it off)",
                     name,
                 )
-        for name in ("max_sessions", "max_sessions_per_client"):
+        for name in ("max_sessions", "max_sessions_per_client", "failures_per_client", "failures_per_account"):
             if getattr(self, name) < 1:
                 raise BadValue("must be at least 1", name)
 

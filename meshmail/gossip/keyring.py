@@ -133,7 +133,9 @@ class Keyring:
             raise EnvelopeError("truncated")
         if envelope[0] != ENVELOPE_VERSION:
             raise EnvelopeError("bad_version")
-        from cryptography.exceptions import InvalidTag  # loaded already: the keyring made ciphers
+        from cryptography.exceptions import (
+            InvalidTag,  # loaded already: the keyring made ciphers
+        )
 
         nonce = envelope[1 : 1 + NONCE_SIZE]
         body = envelope[1 + NONCE_SIZE :]

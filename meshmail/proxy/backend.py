@@ -87,6 +87,8 @@ class Connector:
     """Opens backend connections; `contexts(slave)` is the TLS context that checks a slave."""
 
     contexts: Callable[[str], ssl.SSLContext]
+    #: Told the seconds each successful connect took (tries included), for the metrics.
+    connected: Callable[[float], None] = lambda seconds: None
     tries: int = CONNECT_TRIES
     retry_delay: float = CONNECT_RETRY_DELAY
     connect_deadline: float = CONNECT_DEADLINE
@@ -98,7 +100,9 @@ class Connector:
             codec = client_codec(protocol, route, login)
         except ValueError as exc:  # credentials a backend command cannot carry
             raise Refused(str(exc)) from None
+        began = trio.current_time()
         stream = await self._connect(route)
+        self.connected(trio.current_time() - began)
         try:
             with trio.fail_after(self.login_deadline):
                 return await self._login(stream, codec, route, login)

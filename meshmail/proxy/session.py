@@ -4,7 +4,13 @@ credentials resolve the account to its slave, log in there (backend.py) and answ
 client with the codec's accept, reject or unavailable; then splice (splice.py).
 
 An unknown domain and a wrong password get the same reply at the same time after the
-credentials arrived (FAILURE_DELAY), so replies never tell which accounts exist.
+credentials arrived (proxy.failure_delay, doubled for each recent failure of the client
+address or on the account), so replies never tell which accounts exist. Past the failure
+budgets (security/throttle.py) a login is refused as "try later" without asking the slave.
+
+When the node leaves, the proxy drains: sessions may go on for proxy.drain_timeout, then each
+gets its protocol's goodbye (IMAP BYE, POP3 -ERR, SMTP 421) so that its client reconnects
+through another master.
 """
 
 from __future__ import annotations
@@ -23,13 +29,19 @@ from ..metrics import Metrics
 from ..protocols import imap, pop3, smtp
 from ..protocols.common import Closed, Credentials, ProtocolError, StartTls
 from ..routing import INVALID_ADDRESS, UNKNOWN_DOMAIN, NoRoute, Router
+from ..security.throttle import LoginThrottle
 from .backend import READ_SIZE, Backend, Connector, Login, Refused, Unavailable
+from .certs import ServerCertificate
 from .splice import Splice
 
 log = logging.getLogger("meshmail.proxy")
 
-#: Seconds from the credentials to a "wrong credentials" reply, whatever made it wrong.
-FAILURE_DELAY = 2.0
+#: The longest a "wrong credentials" reply waits, however many failures came before.
+MAX_FAILURE_DELAY = 15.0
+#: Sessions ended by a drain get this long to take their goodbye line.
+GOODBYE_TIMEOUT = 1.0
+#: Backend connect times kept for the /status percentiles.
+CONNECT_SAMPLES = 1000
 #: NoRoute reasons that mean "no such account" to the client (answered as a wrong password);
 #: the others mean "try later".
 _NO_ACCOUNT = frozenset({INVALID_ADDRESS, UNKNOWN_DOMAIN})
@@ -40,17 +52,33 @@ ServerCodec = imap.ImapServer | pop3.Pop3Server | smtp.SubmissionServer
 @attrs.frozen
 class Kind:
     """What differs between the protocols: the route protocol, the codec's server side, the
-    idle timeout's key in [proxy], and the line that turns a client away when the proxy is full."""
+    idle timeout's key in [proxy], the line that turns a client away when the proxy is full
+    and the one that ends a session when the proxy drains."""
 
     protocol: str
     server: type
     idle: str
     busy: bytes
+    goodbye: bytes
 
 
-IMAP = Kind("imap", imap.ImapServer, "imap_idle", b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n")
-POP3 = Kind("pop3", pop3.Pop3Server, "pop3_idle", b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
-SUBMISSION = Kind("submission", smtp.SubmissionServer, "smtp_idle", b"421 4.7.0 Too many connections\r\n")
+IMAP = Kind(
+    "imap", imap.ImapServer, "imap_idle",
+    b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n",
+    b"* BYE Server shutting down, reconnect to continue.\r\n",
+)  # fmt: skip
+POP3 = Kind(
+    "pop3", pop3.Pop3Server, "pop3_idle",
+    b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n",
+    b"-ERR [SYS/TEMP] Server shutting down, reconnect to continue.\r\n",
+)  # fmt: skip
+SUBMISSION = Kind(
+    "submission", smtp.SubmissionServer, "smtp_idle",
+    b"421 4.7.0 Too many connections\r\n",
+    b"421 4.3.2 Service shutting down, reconnect to continue\r\n",
+)  # fmt: skip
+#: How often a drain looks whether sessions are left.
+DRAIN_POLL = 0.1
 #: Listener name -> (its protocol, whether TLS starts at the first byte).
 LISTENERS: dict[str, tuple[Kind, bool]] = {
     "imap": (IMAP, False),
@@ -72,17 +100,46 @@ def loopback(host: str) -> bool:
 @attrs.define(eq=False)
 class Proxy:
     """What every session shares: the [proxy] settings, the router, the backend connector, the
-    client-facing TLS context (None without proxy.cert), the metrics and the session counts."""
+    certificate clients see (None without proxy.cert), the metrics, the open sessions and
+    the failed-login budgets."""
 
     section: ProxySection
     router: Router
     connector: Connector
-    server_tls: ssl.SSLContext | None
+    certificate: ServerCertificate | None
     metrics: Metrics
     hostname: str = "localhost"
     open: int = 0
     by_client: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    failure_delay: float = FAILURE_DELAY
+    sessions: set[Session] = attrs.field(factory=set)
+    throttle: LoginThrottle = attrs.field(init=False)
+    #: The latest backend connect times (seconds), for the /status percentiles.
+    connect_times: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=CONNECT_SAMPLES))
+
+    def __attrs_post_init__(self) -> None:
+        section = self.section
+        self.throttle = LoginThrottle(section.failures_per_client, section.failures_per_account, section.failure_window)
+
+    def connected(self, seconds: float) -> None:
+        """Count a backend connect that took `seconds` (the connector calls it)."""
+        self.connect_times.append(seconds)
+        self.metrics.proxy_backend_connect.observe(seconds)
+
+    def failure_delay(self, failures: int) -> float:
+        """Seconds from the credentials to a refusal after `failures` recent ones."""
+        delay = self.section.failure_delay
+        return min(delay * 2 ** min(failures, 16), max(delay, MAX_FAILURE_DELAY))
+
+    async def drain(self, timeout: float) -> None:
+        """Let open sessions go on for up to `timeout` seconds, then end the rest with their
+        protocol's goodbye; returns once all have ended."""
+        with trio.move_on_after(timeout):
+            while self.sessions:
+                await trio.sleep(DRAIN_POLL)
+        for session in list(self.sessions):
+            session.end()
+        while self.sessions:
+            await trio.sleep(DRAIN_POLL)
 
     async def handle(self, stream: trio.SocketStream, listener: str) -> None:
         """Serve one client connected to `listener` (a key of LISTENERS), then close it."""
@@ -97,10 +154,12 @@ class Proxy:
         self.open += 1
         self.by_client[client[0]] += 1
         self.metrics.proxy_sessions.labels(kind.protocol).inc()
+        session = Session(self, kind, stream, client, _address(stream.socket.getsockname()))
+        self.sessions.add(session)
         try:
-            session = Session(self, kind, stream, client, _address(stream.socket.getsockname()))
             await session.run(tls_first)
         finally:
+            self.sessions.discard(session)
             self.open -= 1
             self.by_client[client[0]] -= 1
             if not self.by_client[client[0]]:
@@ -123,27 +182,35 @@ class Session:
     client: tuple[str, int]
     local: tuple[str, int]
     id: str = attrs.field(factory=lambda: secrets.token_hex(8))
+    #: Cancelled to end the session early (a drain); the session then says its goodbye.
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
     @property
     def name(self) -> str:
         return f"{self.kind.protocol} {self.id} from {self.client[0]}:{self.client[1]}"
 
+    def end(self) -> None:
+        """End the session now with the protocol's goodbye (from another task)."""
+        self.scope.cancel()
+
     async def run(self, tls_first: bool) -> None:
         backend: Backend | None = None
-        account = ""
         try:
-            with trio.move_on_after(self.proxy.section.login_timeout):
-                if tls_first:
-                    await self._start_tls()
-                server = self._server(tls_first)
-                found = await self._until_login(server)
-                if found is None:
+            with self.scope:
+                with trio.move_on_after(self.proxy.section.login_timeout):
+                    if tls_first:
+                        await self._start_tls()
+                    server = self._server(tls_first)
+                    found = await self._until_login(server)
+                    if found is None:
+                        return
+                    backend, account = found
+                if backend is None:
+                    log.info("%s: no login within %g s", self.name, self.proxy.section.login_timeout)
                     return
-                backend, account = found
-            if backend is None:
-                log.info("%s: no login within %g s", self.name, self.proxy.section.login_timeout)
-                return
-            await self._splice(backend, account)
+                await self._splice(backend, account)
+            if self.scope.cancelled_caught:
+                await self._goodbye()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
             log.debug("%s: connection lost: %s", self.name, exc)
         finally:
@@ -151,16 +218,25 @@ class Session:
                 await trio.aclose_forcefully(backend.stream)
             await trio.aclose_forcefully(self.stream)
 
+    async def _goodbye(self) -> None:
+        """Tell the client the session ends (a TLS stream cut mid-write can no longer say it)."""
+        log.info("%s: ended by the drain", self.name)
+        with trio.move_on_after(GOODBYE_TIMEOUT):
+            try:
+                await self.stream.send_all(self.kind.goodbye)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+                pass
+
     def _server(self, tls_active: bool) -> ServerCodec:
-        tls_available = self.proxy.server_tls is not None
+        tls_available = self.proxy.certificate is not None
         require = self.proxy.section.require_tls and tls_available and not loopback(self.client[0])
         return self.kind.server(
             hostname=self.proxy.hostname, tls_available=tls_available, tls_active=tls_active, require_tls=require
         )
 
     async def _start_tls(self) -> None:
-        assert self.proxy.server_tls is not None
-        self.stream = trio.SSLStream(self.stream, self.proxy.server_tls, server_side=True)
+        assert self.proxy.certificate is not None
+        self.stream = trio.SSLStream(self.stream, self.proxy.certificate.context, server_side=True)
         await self.stream.do_handshake()
 
     async def _until_login(self, server: ServerCodec) -> tuple[Backend, str] | None:
@@ -188,10 +264,21 @@ class Session:
                     return found
 
     async def _login(self, server: ServerCodec, credentials: Credentials) -> tuple[Backend, str] | None:
-        """Resolve, log in at the backend, answer the client; the backend and account on success."""
-        started = trio.current_time()
-        account = _account(credentials.user, self.proxy.section.default_domain)
-        route = self.proxy.router.resolve(account, self.kind.protocol) if account else NoRoute(UNKNOWN_DOMAIN, "")
+        """Resolve, log in at the backend, answer the client; the backend and account on success.
+
+        A login counts as failed from the start and is forgiven unless refused, so that
+        parallel attempts cannot all slip under the budget while the first are being checked."""
+        proxy, started, host = self.proxy, trio.current_time(), self.client[0]
+        account = _account(credentials.user, proxy.section.default_domain)
+        key = (account or credentials.user).lower()
+        if proxy.throttle.retry_after(key, host, started) > 0:
+            await trio.sleep_until(started + proxy.failure_delay(proxy.throttle.failures(key, host, started)))
+            self._log_login(credentials.user, "-", "limited (too many failed logins)", started)
+            server.unavailable()
+            return None
+        failures = proxy.throttle.failures(key, host, started)
+        proxy.throttle.fail(key, host, started)
+        route = proxy.router.resolve(account, self.kind.protocol) if account else NoRoute(UNKNOWN_DOMAIN, "")
         slave = "-"
         try:
             if isinstance(route, NoRoute):
@@ -201,16 +288,19 @@ class Session:
                 account, credentials.password, credentials.authzid, self.client, self.local, self.id,
                 getattr(server, "ehlo_name", None) or "localhost",
             )  # fmt: skip
-            backend = await self.proxy.connector.login(self.kind.protocol, route, login)
+            backend = await proxy.connector.login(self.kind.protocol, route, login)
         except Refused as exc:
-            await trio.sleep_until(started + self.proxy.failure_delay)
+            await trio.sleep_until(started + proxy.failure_delay(failures))
             self._log_login(credentials.user, slave, f"refused ({exc})", started)
             server.reject()
             return None
         except Unavailable as exc:
+            proxy.throttle.forgive(key, host, started)
             self._log_login(credentials.user, slave, f"unavailable ({exc})", started)
             server.unavailable()
             return None
+        proxy.throttle.forgive(key, host, started)
+        proxy.throttle.remember(key, host)
         self._log_login(credentials.user, slave, "ok", started)
         if isinstance(server, imap.ImapServer):
             server.accept(backend.codec.capabilities or ("IMAP4rev1",))
@@ -230,12 +320,16 @@ class Session:
     async def _splice(self, backend: Backend, account: str) -> None:
         splice = Splice()
         began = trio.current_time()
-        await splice.run(self.stream, backend.stream, getattr(self.proxy.section, self.kind.idle))
-        log.info(
-            "%s session of %r from %s:%d ended%s: %d bytes from the client, %d to it, %.1f s",
-            self.kind.protocol, account, *self.client, " (idle)" if splice.idled_out else "",
-            splice.up, splice.down, trio.current_time() - began,
-        )  # fmt: skip
+        try:
+            await splice.run(self.stream, backend.stream, getattr(self.proxy.section, self.kind.idle))
+        finally:
+            self.proxy.metrics.proxy_bytes.labels("from_clients").inc(splice.up)
+            self.proxy.metrics.proxy_bytes.labels("to_clients").inc(splice.down)
+            log.info(
+                "%s session of %r from %s:%d ended%s: %d bytes from the client, %d to it, %.1f s",
+                self.kind.protocol, account, *self.client, " (idle)" if splice.idled_out else "",
+                splice.up, splice.down, trio.current_time() - began,
+            )  # fmt: skip
 
 
 def _account(user: str, default_domain: str | None) -> str | None:

@@ -13,7 +13,15 @@ from ..core.errors import MeshmailError
 from ..state.records import AdminAccount, ApiToken
 from ..state.replica import ClusterState
 from .passwords import dummy_hash, hash_password, verify_password
-from .tokens import ApiTokenText, TokenError, check_note, hash_secret, new_api_token, parse_api_token, secret_matches
+from .tokens import (
+    ApiTokenText,
+    TokenError,
+    check_note,
+    hash_secret,
+    new_api_token,
+    parse_api_token,
+    secret_matches,
+)
 
 ACCOUNT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 

@@ -28,7 +28,14 @@ from ..state.records import JoinToken, Redemption, RemovedNode
 from ..state.replica import ClusterState
 from . import ca
 from .accounts import revoke_api_tokens
-from .tokens import JoinTokenText, check_note, hash_secret, new_id, new_secret, secret_matches
+from .tokens import (
+    JoinTokenText,
+    check_note,
+    hash_secret,
+    new_id,
+    new_secret,
+    secret_matches,
+)
 
 NONCE = re.compile(r"[0-9a-f]{32}")
 TOKEN_ID = re.compile(r"[0-9a-f]{16}")

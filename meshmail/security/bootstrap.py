@@ -29,7 +29,12 @@ import attrs
 from ..config import template
 from ..core.address import Address
 from ..core.errors import MeshmailError
-from ..core.nodes import DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT, check_cluster_name, check_node_name
+from ..core.nodes import (
+    DEFAULT_GOSSIP_PORT,
+    DEFAULT_HTTP_PORT,
+    check_cluster_name,
+    check_node_name,
+)
 from ..gossip.keyring import KEY_SIZE, decode_key, new_key
 from ..state.records import GossipKey
 from ..state.replica import ClusterState

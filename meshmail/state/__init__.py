@@ -5,7 +5,14 @@ the journal persists them, routing reads them.
 """
 
 from meshmail.state.hlc import ClockSkewError, HybridClock, Timestamp
-from meshmail.state.lww import DecodedEntries, Entry, LWWMap, chunks, decode_entries, encode_entries
+from meshmail.state.lww import (
+    DecodedEntries,
+    Entry,
+    LWWMap,
+    chunks,
+    decode_entries,
+    encode_entries,
+)
 from meshmail.state.records import (
     NAMESPACES,
     AddressOverride,

@@ -13,7 +13,6 @@ same time, whether or not the account exists.
 
 from __future__ import annotations
 
-import collections
 import hmac
 import html
 import ipaddress
@@ -29,6 +28,7 @@ from ..metrics import Metrics
 from ..security import accounts
 from ..security.accounts import api_token_account
 from ..security.passwords import MAX_PASSWORD
+from ..security.throttle import LoginThrottle, RateLimiter
 from ..state.records import AdminAccount
 
 SESSION_COOKIE = "meshmail_session"
@@ -37,14 +37,10 @@ CSRF_HEADER = "X-CSRF-Token"
 SESSION_IDLE = 2 * 3600.0
 SESSION_MAX = 12 * 3600.0
 MAX_SESSIONS = 10_000
-#: Failed logins allowed per window, per client address and per account name. The account's
-#: budget is shared by addresses it never logged in from; an address it logged in from
-#: before has a budget of its own, so strangers cannot lock the owner out.
+#: Failed logins allowed per window, per client address and per account name (the account's
+#: budget as security/throttle.py shares it).
 LOGIN_FAILURES_PER_ADDRESS = 10
 LOGIN_FAILURES_PER_ACCOUNT = 5
-#: Addresses remembered per account as ones it logged in from, and accounts remembered.
-KNOWN_ADDRESSES = 16
-KNOWN_ACCOUNTS = 10_000
 LOGIN_WINDOW = 300.0
 #: Refused join requests allowed per client address per LOGIN_WINDOW.
 JOIN_FAILURES_PER_ADDRESS = 20
@@ -77,48 +73,6 @@ class Session:
 
 
 @attrs.define
-class RateLimiter:
-    """Failures per key within a sliding window; a key with `limit` of them is blocked until
-    the oldest leaves the window. At most `max_keys` keys are tracked (oldest forgotten)."""
-
-    limit: int
-    window: float
-    max_keys: int = 100_000
-    _failures: collections.OrderedDict[str, collections.deque] = attrs.field(factory=collections.OrderedDict)
-
-    def retry_after(self, key: str, now: float) -> float:
-        """Seconds until `key` may try again; 0 when it may now."""
-        times = self._failures.get(key)
-        if not times:
-            return 0.0
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        if not times:
-            del self._failures[key]
-            return 0.0
-        return max(0.0, times[0] + self.window - now) if len(times) >= self.limit else 0.0
-
-    def forgive(self, key: str, when: float) -> None:
-        """Take back one failure recorded at `when` (a check that turned out good)."""
-        times = self._failures.get(key)
-        if times is not None:
-            try:
-                times.remove(when)
-            except ValueError:
-                pass
-
-    def fail(self, key: str, now: float) -> None:
-        times = self._failures.get(key)
-        if times is None:
-            times = self._failures[key] = collections.deque(maxlen=self.limit)
-            if len(self._failures) > self.max_keys:
-                self._failures.popitem(last=False)
-        else:
-            self._failures.move_to_end(key)
-        times.append(now)
-
-
-@attrs.define
 class Auth:
     """The authentication state of one node's HTTP API."""
 
@@ -126,13 +80,12 @@ class Auth:
     metrics: Metrics
     clock: Callable[[], float] = time.monotonic
     sessions: dict[str, Session] = attrs.Factory(dict)
-    by_address: RateLimiter = attrs.Factory(lambda: RateLimiter(LOGIN_FAILURES_PER_ADDRESS, LOGIN_WINDOW))
-    by_account: RateLimiter = attrs.Factory(lambda: RateLimiter(LOGIN_FAILURES_PER_ACCOUNT, LOGIN_WINDOW))
+    logins: LoginThrottle = attrs.Factory(
+        lambda: LoginThrottle(LOGIN_FAILURES_PER_ADDRESS, LOGIN_FAILURES_PER_ACCOUNT, LOGIN_WINDOW)
+    )
     #: Refused join requests per client address (a token secret is 256 bits: this only keeps
     #: a flood of them from costing CPU).
     joins: RateLimiter = attrs.Factory(lambda: RateLimiter(JOIN_FAILURES_PER_ADDRESS, LOGIN_WINDOW))
-    #: account -> the addresses it logged in from lately (most recent last).
-    known: collections.OrderedDict[str, list[str]] = attrs.Factory(collections.OrderedDict)
     checks: trio.Semaphore = attrs.Factory(lambda: trio.Semaphore(PASSWORD_CHECKS))
 
     # --- requests ---------------------------------------------------------------------
@@ -184,8 +137,7 @@ class Auth:
         now = self.clock()
         address = client_address()
         name = account if isinstance(account, str) and len(account) <= 64 else ""
-        budget = self.account_budget(name, address)
-        wait = max(self.by_address.retry_after(address, now), self.by_account.retry_after(budget, now))
+        wait = self.logins.retry_after(name, address, now)
         if wait > 0:
             self.metrics.logins_limited.inc()
             return None, wait
@@ -193,29 +145,16 @@ class Auth:
         given = password if isinstance(password, str) and len(password) <= MAX_PASSWORD else ""
         # Counted as a failure before the (slow) check, so that parallel attempts cannot all
         # pass the limit while the first ones are still being checked; forgiven if good.
-        self.by_address.fail(address, now)
-        self.by_account.fail(budget, now)
+        self.logins.fail(name, address, now)
         async with self.checks:
             matches = await trio.to_thread.run_sync(accounts.password_matches, record, given)
         if not matches:
             self.metrics.login_failures.inc()
             return None, 0.0
-        self.by_address.forgive(address, now)
-        self.by_account.forgive(budget, now)
-        self.remember(name, address)
+        self.logins.forgive(name, address, now)
+        self.logins.remember(name, address)
         self.metrics.logins.inc()
         return self.new_session(name, record.password), 0.0
-
-    def account_budget(self, account: str, address: str) -> str:
-        """The key whose failures limit logins to `account` from `address`."""
-        known = address in self.known.get(account, ())
-        return f"account:{account}@{address}" if known else f"account:{account}"
-
-    def remember(self, account: str, address: str) -> None:
-        addresses = self.known.pop(account, [])
-        self.known[account] = [a for a in addresses if a != address][-(KNOWN_ADDRESSES - 1) :] + [address]
-        if len(self.known) > KNOWN_ACCOUNTS:
-            self.known.popitem(last=False)
 
     def new_session(self, account: str, password_hash: str) -> str:
         now = self.clock()

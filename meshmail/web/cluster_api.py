@@ -8,7 +8,13 @@ from typing import Any
 
 import trio
 from quart import Blueprint, Response, request
-from werkzeug.exceptions import BadRequest, Forbidden, NotFound, RequestEntityTooLarge, TooManyRequests
+from werkzeug.exceptions import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    RequestEntityTooLarge,
+    TooManyRequests,
+)
 
 from ..core.address import format_address
 from ..core.clock import wall_ms

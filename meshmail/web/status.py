@@ -36,6 +36,7 @@ def member_document(member: MemberInfo) -> dict[str, Any]:
         "tags": dict(sorted(meta.tags.items())),
         "api": meta.api,
         "keys": list(meta.keys),
+        "draining": meta.draining,
         "changed": iso_ms(round(member.changed_wall * 1000)),
         "changed_unix": member.changed_wall,
     }
@@ -54,6 +55,7 @@ def status_document(ctx) -> dict[str, Any]:
         "cluster": ctx.config.gossip.cluster,
         "cluster_id": ctx.cluster_id,
         "removed": ctx.removed,
+        "draining": bool(ctx.drains) and ctx.leaving,
         "keys": list(keyring_ids(ctx.keyring)),
         "members": [member_document(m) for m in sorted(memberlist.members(), key=lambda m: m.name)],
         "clock_offsets": {name: round(offset, 3) for name, offset in sorted(memberlist.clock_offsets.items())},

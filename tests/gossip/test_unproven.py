@@ -13,7 +13,12 @@ from meshmail.gossip.keyring import Keyring
 from meshmail.gossip.memberlist import Memberlist
 from meshmail.gossip.messages import State
 from meshmail.gossip.transport import NetTransport
-from meshmail.gossip.unproven import MAX_UNPROVEN_PER_SOURCE, PROOF_DEADLINE, UnprovenPool, source_of
+from meshmail.gossip.unproven import (
+    MAX_UNPROVEN_PER_SOURCE,
+    PROOF_DEADLINE,
+    UnprovenPool,
+    source_of,
+)
 
 
 @pytest.mark.parametrize(

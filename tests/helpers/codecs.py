@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from meshmail.protocols.common import Closed, Credentials, LoginServer, ProtocolError, StartTls
+from meshmail.protocols.common import (
+    Closed,
+    Credentials,
+    LoginServer,
+    ProtocolError,
+    StartTls,
+)
 
 
 def fuzz_session(

@@ -23,7 +23,13 @@ from meshmail.protocols.common import (
     b64encode,
     sasl_plain_response,
 )
-from meshmail.protocols.imap import MAX_LINE, MAX_LITERAL, ImapClient, ImapServer, forwarding_id
+from meshmail.protocols.imap import (
+    MAX_LINE,
+    MAX_LITERAL,
+    ImapClient,
+    ImapServer,
+    forwarding_id,
+)
 
 GREETING_CAPS = b"IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN"
 BACKEND_CAPS = ["IMAP4rev1", "IDLE", "UIDPLUS"]

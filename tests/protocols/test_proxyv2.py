@@ -10,7 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshmail.protocols.common import ProtocolError
-from meshmail.protocols.proxyv2 import HEADER_SIZE, MAX_BODY, SIGNATURE, ProxyHeader, build, build_local, parse
+from meshmail.protocols.proxyv2 import (
+    HEADER_SIZE,
+    MAX_BODY,
+    SIGNATURE,
+    ProxyHeader,
+    build,
+    build_local,
+    parse,
+)
 
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address

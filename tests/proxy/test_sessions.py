@@ -25,6 +25,7 @@ from meshmail.gossip.messages import State
 from meshmail.metrics import Metrics
 from meshmail.nodemeta import Endpoint, NodeMeta
 from meshmail.proxy.backend import Connector, backend_contexts
+from meshmail.proxy.certs import ServerCertificate
 from meshmail.proxy.service import ProxyReport
 from meshmail.proxy.session import LISTENERS, Proxy
 from meshmail.routing import Router
@@ -75,10 +76,9 @@ def proxy_ports(dovecot, certificate) -> Iterator[dict[str, int]]:
     """The proxy's six listeners on 127.0.0.1, served by a trio loop in a thread."""
     cert, key = certificate
     extra = f'[proxy]\ncert = "{cert}"\nkey = "{key}"\ndefault_domain = "one.example"\n'
-    extra += f'backend_cas = {{ s1 = "{dovecot.cafile}" }}\nmax_sessions_per_client = 8\n'
+    extra += f'backend_cas = {{ s1 = "{dovecot.cafile}" }}\nmax_sessions_per_client = 8\nfailure_delay = 0.2\n'
     section = loads(minimal_config(extra=extra)).proxy
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
+    certificate = ServerCertificate(cert, key)
     closed = MemberInfo("s2", "127.0.0.1", 7946, NodeMeta(role="slave", endpoints={
         "imap": Endpoint(f"127.0.0.1:{mailkit.free_ports(1)[0]}", "starttls")
     }).encode(), 1, State.ALIVE, 0)  # fmt: skip
@@ -86,7 +86,7 @@ def proxy_ports(dovecot, certificate) -> Iterator[dict[str, int]]:
     router = Router(domains, {"s1": slave_member(dovecot), "s2": closed})
     connector = Connector(backend_contexts(section, None, "/"), retry_delay=0.1)
     metrics = Metrics()
-    proxy = Proxy(section, router, connector, server_tls, metrics, hostname="m1", failure_delay=0.2)
+    proxy = Proxy(section, router, connector, certificate, metrics, hostname="m1")
     ports: dict[str, int] = {}
     ready = threading.Event()
     loop: dict[str, object] = {}
@@ -105,7 +105,7 @@ def proxy_ports(dovecot, certificate) -> Iterator[dict[str, int]]:
     thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
     thread.start()
     assert ready.wait(10)
-    ports["_report"] = ProxyReport(metrics)  # type: ignore[assignment]
+    ports["_report"] = ProxyReport(proxy, metrics)  # type: ignore[assignment]
     yield ports
     trio.from_thread.run_sync(loop["stop"].set, trio_token=loop["token"])
     thread.join(5)

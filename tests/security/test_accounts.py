@@ -10,7 +10,12 @@ import pytest
 from helpers.security import START_MS, snapshot
 
 from meshmail.security import accounts
-from meshmail.security.accounts import AccountError, api_token_account, create_api_token, revoke_api_tokens
+from meshmail.security.accounts import (
+    AccountError,
+    api_token_account,
+    create_api_token,
+    revoke_api_tokens,
+)
 from meshmail.security.passwords import PasswordError, hash_password
 from meshmail.security.tokens import ApiTokenText, TokenError
 from meshmail.state.records import AdminAccount

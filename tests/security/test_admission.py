@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 from meshmail.gossip.messages import State
 from meshmail.security import admission, ca
 from meshmail.security.accounts import api_token_account, create_api_token
-from meshmail.security.admission import JoinRefused, admit, create_token, read_request, remove_node
+from meshmail.security.admission import (
+    JoinRefused,
+    admit,
+    create_token,
+    read_request,
+    remove_node,
+)
 from meshmail.security.tokens import parse_join_token
 
 MASTERS = ["m1.example.org:7946"]

@@ -11,7 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshmail.security import passwords as p
-from meshmail.security.passwords import PasswordError, check_password, hash_password, verify_password
+from meshmail.security.passwords import (
+    PasswordError,
+    check_password,
+    hash_password,
+    verify_password,
+)
 
 #: Cost for the tests: N = 16, about 50 µs a hash.
 FAST = 4

@@ -23,7 +23,12 @@ from meshmail.gossip.messages import State
 from meshmail.metrics import Metrics
 from meshmail.replication import Replication
 from meshmail.security.admission import remove_node
-from meshmail.slave.agent import PUBLISH_DELAY, REPUBLISH_INTERVAL, SlaveAgent, SourceError
+from meshmail.slave.agent import (
+    PUBLISH_DELAY,
+    REPUBLISH_INTERVAL,
+    SlaveAgent,
+    SourceError,
+)
 from meshmail.slave.health import GREETINGS, judge
 from meshmail.state.hlc import Timestamp
 from meshmail.state.lww import Entry, encode_entries

@@ -14,7 +14,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meshmail.state import names
-from meshmail.state.names import InvalidName, MailAddress, display_domain, normalize_address, normalize_domain
+from meshmail.state.names import (
+    InvalidName,
+    MailAddress,
+    display_domain,
+    normalize_address,
+    normalize_domain,
+)
 
 LABEL63 = "a" * 63
 NAME253 = ".".join([LABEL63, LABEL63, LABEL63, "a" * 61])  # 63*3 + 61 + 3 dots

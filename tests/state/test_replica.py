@@ -10,7 +10,12 @@ from meshmail.state.hlc import Timestamp
 from meshmail.state.journal import LOG_NAME
 from meshmail.state.lww import Entry, chunks, encode_entries
 from meshmail.state.names import InvalidName
-from meshmail.state.records import AddressOverride, DomainClaim, DomainRoute, RemovedNode
+from meshmail.state.records import (
+    AddressOverride,
+    DomainClaim,
+    DomainRoute,
+    RemovedNode,
+)
 from meshmail.state.replica import DAY_MS, MAX_MESSAGE_BYTES, ClusterState, SyncError
 
 START_MS = 1_700_000_000_000
