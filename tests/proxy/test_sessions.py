@@ -5,17 +5,14 @@ gives UNAVAILABLE, and bad input ends a session while the proxy keeps serving.""
 
 from __future__ import annotations
 
-import functools
 import imaplib
 import poplib
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
-import trio
 from helpers import mailkit
 from helpers.config import minimal_config
 
@@ -26,25 +23,10 @@ from meshmail.metrics import Metrics
 from meshmail.nodemeta import Endpoint, NodeMeta
 from meshmail.proxy.backend import Connector, backend_contexts
 from meshmail.proxy.service import ProxyReport
-from meshmail.proxy.session import LISTENERS, Proxy
+from meshmail.proxy.session import Proxy
 from meshmail.routing import Router
-from meshmail.state.records import DomainRoute
 
-#: Clients connect from this address, the proxy from 127.0.0.1: Dovecot's log tells them apart.
-CLIENT_HOST = "127.0.0.2"
-
-
-class DomainMap:
-    """A StateView of fixed domains (the state itself is tested elsewhere)."""
-
-    def __init__(self, domains: dict[str, str]) -> None:
-        self.domains = {domain: DomainRoute(slave=slave, source="slave") for domain, slave in domains.items()}
-
-    def domain(self, name: str) -> DomainRoute | None:
-        return self.domains.get(name)
-
-    def override(self, address: str) -> None:
-        return None
+from .harness import CLIENT_HOST, DomainMap, Imap, ImapTls, serving
 
 
 @pytest.fixture(scope="module")
@@ -87,43 +69,13 @@ def proxy_ports(dovecot, certificate) -> Iterator[dict[str, int]]:
     connector = Connector(backend_contexts(section, None, "/"), retry_delay=0.1)
     metrics = Metrics()
     proxy = Proxy(section, router, connector, server_tls, metrics, hostname="m1", failure_delay=0.2)
-    ports: dict[str, int] = {}
-    ready = threading.Event()
-    loop: dict[str, object] = {}
-
-    async def main() -> None:
-        loop["token"], loop["stop"] = trio.lowlevel.current_trio_token(), trio.Event()
-        async with trio.open_nursery() as nursery:
-            for name in LISTENERS:
-                [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
-                ports[name] = listener.socket.getsockname()[1]
-                nursery.start_soon(trio.serve_listeners, functools.partial(proxy.handle, listener=name), [listener])
-            ready.set()
-            await loop["stop"].wait()
-            nursery.cancel_scope.cancel()
-
-    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    ports["_report"] = ProxyReport(metrics)  # type: ignore[assignment]
-    yield ports
-    trio.from_thread.run_sync(loop["stop"].set, trio_token=loop["token"])
-    thread.join(5)
+    with serving(proxy) as ports:
+        ports["_report"] = ProxyReport(metrics)  # type: ignore[assignment]
+        yield ports
 
 
 def client_context(certificate) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certificate[0])
-
-
-class Imap(imaplib.IMAP4):
-    def _create_socket(self, timeout):
-        return socket.create_connection((self.host, self.port), timeout, source_address=(CLIENT_HOST, 0))
-
-
-class ImapTls(imaplib.IMAP4_SSL):
-    def _create_socket(self, timeout):
-        sock = socket.create_connection((self.host, self.port), timeout, source_address=(CLIENT_HOST, 0))
-        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
 
 
 def test_imap_starttls_session_select_fetch_append(proxy_ports, certificate, dovecot):
