@@ -39,11 +39,13 @@ HOST = "127.0.0.1"
 PACKAGES = {
     "dovecot": "dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-submissiond",
     "postfix": "postfix",
+    "curl": "curl",
 }
 #: Files that must exist besides the binary on PATH (the protocol servers are separate packages).
 _PARTS = {
     "dovecot": [f"/usr/lib/dovecot/{server}" for server in ("imap", "pop3", "lmtp", "submission")],
     "postfix": ["/usr/lib/postfix/sbin/master"],
+    "curl": [],
 }
 POSTFIX_MASTER = "/usr/lib/postfix/sbin/master"
 #: Owner of every Maildir: a numeric uid/gid with no account is enough for Dovecot, and
@@ -144,9 +146,14 @@ def _tail(*logs: Path) -> str:
 
 def write_certificate(folder: Path, host: str = HOST) -> tuple[Path, Path]:
     """A self-signed certificate for `host`, 127.0.0.1 and localhost (EC P-256, valid one day),
-    written as cert.pem and key.pem (0600) in `folder`; returns their paths."""
+    written as cert.pem and key.pem (0600) in `folder`; returns their paths.
+
+    Each has a name of its own, so several can share one CA file: OpenSSL looks an issuer up
+    by name and tries no other certificate of the same name.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailkit test")])
+    serial = x509.random_serial_number()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mailkit test {serial:x}")])
     now = datetime.datetime.now(datetime.UTC)
     addresses = sorted({host, HOST})
     cert = (
@@ -154,7 +161,7 @@ def write_certificate(folder: Path, host: str = HOST) -> tuple[Path, Path]:
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
+        .serial_number(serial)
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
