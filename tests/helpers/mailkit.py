@@ -39,11 +39,13 @@ HOST = "127.0.0.1"
 PACKAGES = {
     "dovecot": "dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-submissiond",
     "postfix": "postfix",
+    "curl": "curl",
 }
 #: Files that must exist besides the binary on PATH (the protocol servers are separate packages).
 _PARTS = {
     "dovecot": [f"/usr/lib/dovecot/{server}" for server in ("imap", "pop3", "lmtp", "submission")],
     "postfix": ["/usr/lib/postfix/sbin/master"],
+    "curl": [],
 }
 POSTFIX_MASTER = "/usr/lib/postfix/sbin/master"
 #: Owner of every Maildir: a numeric uid/gid with no account is enough for Dovecot, and
@@ -144,9 +146,14 @@ def _tail(*logs: Path) -> str:
 
 def write_certificate(folder: Path, host: str = HOST) -> tuple[Path, Path]:
     """A self-signed certificate for `host`, 127.0.0.1 and localhost (EC P-256, valid one day),
-    written as cert.pem and key.pem (0600) in `folder`; returns their paths."""
+    written as cert.pem and key.pem (0600) in `folder`; returns their paths.
+
+    Each has a name of its own, so several can share one CA file: OpenSSL looks an issuer up
+    by name and tries no other certificate of the same name.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailkit test")])
+    serial = x509.random_serial_number()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mailkit test {serial:x}")])
     now = datetime.datetime.now(datetime.UTC)
     addresses = sorted({host, HOST})
     cert = (
@@ -154,7 +161,7 @@ def write_certificate(folder: Path, host: str = HOST) -> tuple[Path, Path]:
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
+        .serial_number(serial)
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
@@ -319,7 +326,8 @@ class Dovecot(_Daemon):
     `users` maps address -> password (stored as {PLAIN}). Mail goes to
     root/mail/<domain>/<local part>/Maildir, owned by MAIL_UID. `trusted_networks` sets
     login_trusted_networks (IMAP ID x-originating-ip, XCLIENT); `haproxy` makes the imap and
-    pop3 listeners require a PROXY protocol header from `haproxy_networks`.
+    pop3 listeners require a PROXY protocol header from `haproxy_networks`. `auth_listener`
+    opens the auth service on a TCP port (`auth_port`): a Postfix checks passwords there (SASL).
     Nothing runs until `start`; `close` (or the `dovecot` context manager) cleans up.
     """
 
@@ -334,6 +342,7 @@ class Dovecot(_Daemon):
         trusted_networks: list[str] | None = None,
         haproxy: bool = False,
         haproxy_networks: list[str] | None = None,
+        auth_listener: bool = False,
     ) -> None:
         super().__init__(root, host, output="dovecot.out", log="dovecot.log")
         self.name = name or re.sub(r"[^A-Za-z0-9-]", "-", self.root.name)
@@ -341,7 +350,9 @@ class Dovecot(_Daemon):
         self.trusted_networks = list(trusted_networks or [])
         self.haproxy = haproxy
         self.haproxy_networks = list(haproxy_networks or ["127.0.0.0/8"])
-        self.ports = dict(zip(["imap", "imaps", "pop3", "lmtp", "submission"], free_ports(5), strict=True))
+        *mail_ports, auth_port = free_ports(6)
+        self.ports = dict(zip(["imap", "imaps", "pop3", "lmtp", "submission"], mail_ports, strict=True))
+        self.auth_port = auth_port if auth_listener else None
         self._users = dict(users)
         self._users_stamp = 0.0
         self.config = self.root / "dovecot.conf"
@@ -364,6 +375,13 @@ class Dovecot(_Daemon):
     def client_context(self) -> ssl.SSLContext:
         """A client TLS context that trusts only this instance's certificate (host names checked)."""
         return ssl.create_default_context(cafile=str(self.cafile))
+
+    @property
+    def auth_endpoint(self) -> str:
+        """The auth service's "host:port" (the `auth_listener` option); ValueError without it."""
+        if self.auth_port is None:
+            raise ValueError(f"mailkit: Dovecot {self.name} has no auth listener (auth_listener=True)")
+        return f"{self.host}:{self.auth_port}"
 
     def add_user(self, address: str, password: str) -> None:
         """Add (or change) a user; effective for every login after this returns, no restart.
@@ -392,6 +410,8 @@ class Dovecot(_Daemon):
     def _config_text(self) -> str:
         protocols = "imap pop3 lmtp" + (" submission" if self.relay else "")
         haproxy = "\n    haproxy = yes" if self.haproxy else ""
+        # Postfix's smtpd asks over TCP (smtpd_sasl_path = inet:...): no unix socket to share.
+        auth = f"service auth {{\n  inet_listener auth {{\n    port = {self.auth_port}\n  }}\n}}\n"
         lines = [
             f"instance_name = mailkit-{self.name}-{self.ports['imap']}",
             f"hostname = {self.name}.mailkit.test",
@@ -476,6 +496,7 @@ service lmtp {{
   }}
 }}
 """
+            + (auth if self.auth_port is not None else "")
         )
 
     # -- process
@@ -491,7 +512,7 @@ service lmtp {{
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        ports = [self.ports[s] for s in self.endpoints()]
+        ports = [self.ports[s] for s in self.endpoints()] + ([self.auth_port] if self.auth_port else [])
         preamble = PROXY_V2_LOCAL if self.haproxy else b""
 
         def ready() -> bool:
@@ -520,7 +541,7 @@ service lmtp {{
             self._wait_closed([self.ports["submission"]])
 
     def _listening_ports(self) -> list[int]:
-        return list(self.ports.values())
+        return list(self.ports.values()) + ([self.auth_port] if self.auth_port else [])
 
     # -- mail
 
@@ -548,8 +569,12 @@ class Postfix(_Daemon):
     every other recipient is refused (no relaying, nothing leaves the machine). An unknown
     user of a hosted domain is accepted, then refused by Dovecot's LMTP and bounced.
 
-    `xclient` lets 127.0.0.0/8 use XCLIENT. Runs `master -d` on its own config_directory,
-    queue_directory and data_directory; logs to root/postfix.log through postlogd.
+    `xclient` lets 127.0.0.0/8 use XCLIENT. `submission` adds a second smtpd on
+    host:`submission_port`: STARTTLS with the kit certificate in root/tls (`cafile`), AUTH only
+    over TLS with passwords checked by `dovecot`'s auth listener (Dovecot(auth_listener=True)),
+    XCLIENT from 127.0.0.0/8, and relaying for authenticated users, which still delivers to
+    the kit's own domains only. Runs `master -d` on its own config_directory, queue_directory
+    and data_directory; logs to root/postfix.log through postlogd.
     """
 
     def __init__(
@@ -561,11 +586,15 @@ class Postfix(_Daemon):
         routes: Mapping[str, Dovecot] | None = None,
         host: str = HOST,
         xclient: bool = False,
+        submission: bool = False,
     ) -> None:
         super().__init__(root, host, output="master.out", log="postfix.log")
         self.routes = {domain: dovecot for domain in domains} | dict(routes or {})
         self.xclient = xclient
-        (self.port,) = free_ports(1)
+        self.port, submission_port = free_ports(2)
+        self.submission_port = submission_port if submission else None
+        self._sasl = dovecot.auth_endpoint if submission else None
+        self.cafile, self._key = write_certificate(self.root / "tls", host) if submission else (None, None)
         self.config_dir = self.root / "conf"
         self.config_dir.mkdir(exist_ok=True)
         self.data_dir = self.root / "data"
@@ -577,6 +606,33 @@ class Postfix(_Daemon):
     def endpoint(self) -> str:
         """smtpd's "host:port"."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def submission_endpoint(self) -> str:
+        """The submission smtpd's "host:port"; ValueError without the `submission` option."""
+        if self.submission_port is None:
+            raise ValueError(f"mailkit: Postfix {self.endpoint} has no submission listener (submission=True)")
+        return f"{self.host}:{self.submission_port}"
+
+    def _submission_service(self) -> list[str]:
+        """master.cf lines of the submission smtpd (the -o settings apply to it alone)."""
+        settings = {
+            "syslog_name": "postfix/submission",
+            "smtpd_tls_security_level": "encrypt",
+            "smtpd_tls_cert_file": self.cafile,
+            "smtpd_tls_key_file": self._key,
+            "smtpd_tls_auth_only": "yes",
+            "smtpd_sasl_auth_enable": "yes",
+            "smtpd_sasl_type": "dovecot",
+            "smtpd_sasl_path": f"inet:{self._sasl}",
+            "smtpd_relay_restrictions": "permit_sasl_authenticated,reject",
+            "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+        }
+        return [
+            f"{self.host}:{self.submission_port} inet n - n - - smtpd",
+            *(f"  -o {name}={value}" for name, value in settings.items()),
+            "tlsmgr unix - - n 1000? 1 tlsmgr",
+        ]
 
     def _write_config(self) -> None:
         def lmtp(d: Dovecot) -> str:
@@ -635,11 +691,13 @@ class Postfix(_Daemon):
             "scache unix - - n - 1 scache",
             "postlog unix-dgram n - n - 1 postlogd",
         ]
+        if self.submission_port is not None:
+            services += self._submission_service()
         (self.config_dir / "master.cf").write_text("\n".join(services) + "\n")
 
     def start(self) -> None:
         """Write the config, let `postfix check` create the queue folders, run `master -d`
-        and return once smtpd greets with 220. Raises RuntimeError with the log tail on failure."""
+        and return once every smtpd greets with 220. Raises RuntimeError with the log tail on failure."""
         if self.running:
             raise RuntimeError(f"mailkit: Postfix {self.endpoint} already running")
         self._write_config()
@@ -649,10 +707,11 @@ class Postfix(_Daemon):
         if check.returncode != 0:
             raise RuntimeError(f"mailkit: postfix check failed:\n{check.stdout}{check.stderr}\n{self.log_tail()}")
         self._spawn([POSTFIX_MASTER, "-d", "-c", str(self.config_dir)])
-        self._wait(f"Postfix {self.endpoint}", lambda: _greeting(self.host, self.port, b"220"), [self.port])
+        ports = self._listening_ports()
+        self._wait(f"Postfix {self.endpoint}", lambda: all(_greeting(self.host, p, b"220") for p in ports), ports)
 
     def _listening_ports(self) -> list[int]:
-        return [self.port]
+        return [self.port] + ([self.submission_port] if self.submission_port else [])
 
 
 @contextmanager

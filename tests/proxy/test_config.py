@@ -38,11 +38,18 @@ def test_every_listener_on_by_default_with_a_certificate():
         "submissions": Address("0.0.0.0", 465),
     }
     assert section.require_tls and section.tls_verify and section.tls
-    assert (section.login_timeout, section.imap_idle, section.pop3_idle, section.smtp_idle) == (60, 1860, 600, 300)
+    assert (
+        section.login_timeout,
+        section.imap_idle,
+        section.pop3_idle,
+        section.smtp_idle,
+    ) == (60, 1860, 600, 300)
 
 
 def test_listeners_turned_off_and_moved():
-    section = proxy(CERT + 'imaps = false\npop3 = ""\npop3s = false\nsubmission = "127.0.0.1:0"\n')
+    section = proxy(
+        CERT + 'imaps = false\npop3 = ""\npop3s = false\nsubmission = "127.0.0.1:0"\n'
+    )
     assert section.listeners == {
         "imap": Address("0.0.0.0", 143),
         "submission": Address("127.0.0.1", 0),
@@ -52,11 +59,13 @@ def test_listeners_turned_off_and_moved():
 
 def test_without_a_certificate_only_plain_loopback_listeners():
     off = "imaps = false\npop3s = false\nsubmissions = false\n"
-    section = proxy(off + 'imap = "127.0.0.1:0"\npop3 = "[::1]:0"\nsubmission = "localhost:0"\n')
-    assert not section.tls and set(section.listeners) == {"imap", "pop3", "submission"}
-    assert refused('imap = "127.0.0.1:0"\npop3 = false\nsubmission = false\n').startswith(
-        "proxy.imaps: needs proxy.cert and proxy.key"
+    section = proxy(
+        off + 'imap = "127.0.0.1:0"\npop3 = "[::1]:0"\nsubmission = "localhost:0"\n'
     )
+    assert not section.tls and set(section.listeners) == {"imap", "pop3", "submission"}
+    assert refused(
+        'imap = "127.0.0.1:0"\npop3 = false\nsubmission = false\n'
+    ).startswith("proxy.imaps: needs proxy.cert and proxy.key")
     assert refused(off + 'pop3 = "127.0.0.1:0"\nsubmission = false\n').startswith(
         "proxy.imap: 0.0.0.0:143 is not a loopback address"
     )
@@ -67,10 +76,19 @@ def test_without_a_certificate_only_plain_loopback_listeners():
     [
         ('cert = "/etc/mail.pem"\n', "proxy.key: cert and key go together"),
         (CERT + "max_sessions = 0\n", "proxy.max_sessions: must be at least 1"),
-        (CERT + "login_timeout = 0\n", "proxy.login_timeout: must be 1 to 86400 seconds"),
+        (
+            CERT + "login_timeout = 0\n",
+            "proxy.login_timeout: must be 1 to 86400 seconds",
+        ),
         (CERT + 'imap = "nowhere"\n', "proxy.imap: 'nowhere' is not host:port"),
-        (CERT + 'backend_cas = "x"\n', "proxy.backend_cas: expected a table of node name = CA file, got a string"),
-        (CERT + "imapp = false\n", "proxy.imapp: unknown key (did you mean proxy.imap?)"),
+        (
+            CERT + 'backend_cas = "x"\n',
+            "proxy.backend_cas: expected a table of node name = CA file, got a string",
+        ),
+        (
+            CERT + "imapp = false\n",
+            "proxy.imapp: unknown key (did you mean proxy.imap?)",
+        ),
     ],
 )
 def test_bad_values_name_their_key(text, error):
@@ -78,11 +96,22 @@ def test_bad_values_name_their_key(text, error):
 
 
 def test_backend_cas_by_slave():
-    assert proxy(CERT + 'backend_cas = { s1 = "/ca/s1.pem" }\n').backend_cas == {"s1": "/ca/s1.pem"}
+    assert proxy(CERT + 'backend_cas = { s1 = "/ca/s1.pem" }\n').backend_cas == {
+        "s1": "/ca/s1.pem"
+    }
 
 
 def test_the_template_documents_every_key():
     text = example()
-    for key in ("imap", "imaps", "pop3s", "submissions", "cert", "require_tls", "default_domain", "tls_verify"):
+    for key in (
+        "imap",
+        "imaps",
+        "pop3s",
+        "submissions",
+        "cert",
+        "require_tls",
+        "default_domain",
+        "tls_verify",
+    ):
         assert f"# {key} = " in text
     assert "# [proxy]" in text

@@ -5,17 +5,14 @@ gives UNAVAILABLE, and bad input ends a session while the proxy keeps serving.""
 
 from __future__ import annotations
 
-import functools
 import imaplib
 import poplib
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
-import trio
 from helpers import mailkit
 from helpers.config import minimal_config
 
@@ -27,32 +24,19 @@ from meshmail.nodemeta import Endpoint, NodeMeta
 from meshmail.proxy.backend import Connector, backend_contexts
 from meshmail.proxy.certs import ServerCertificate
 from meshmail.proxy.service import ProxyReport
-from meshmail.proxy.session import LISTENERS, Proxy
+from meshmail.proxy.session import Proxy
 from meshmail.routing import Router
-from meshmail.state.records import DomainRoute
 
-#: Clients connect from this address, the proxy from 127.0.0.1: Dovecot's log tells them apart.
-CLIENT_HOST = "127.0.0.2"
-
-
-class DomainMap:
-    """A StateView of fixed domains (the state itself is tested elsewhere)."""
-
-    def __init__(self, domains: dict[str, str]) -> None:
-        self.domains = {domain: DomainRoute(slave=slave, source="slave") for domain, slave in domains.items()}
-
-    def domain(self, name: str) -> DomainRoute | None:
-        return self.domains.get(name)
-
-    def override(self, address: str) -> None:
-        return None
+from .harness import CLIENT_HOST, DomainMap, Imap, ImapTls, serving
 
 
 @pytest.fixture(scope="module")
 def dovecot(tmp_path_factory) -> Iterator[mailkit.Dovecot]:
     root = tmp_path_factory.mktemp("proxy")
     users = {"ann@one.example": "secret-1", "zed@one.example": "secret-z"}
-    with mailkit.dovecot(root / "d1", users, name="d1", trusted_networks=["127.0.0.0/8"]) as instance:
+    with mailkit.dovecot(
+        root / "d1", users, name="d1", trusted_networks=["127.0.0.0/8"]
+    ) as instance:
         yield instance
 
 
@@ -68,7 +52,15 @@ def slave_member(dovecot: mailkit.Dovecot) -> MemberInfo:
         "imap": Endpoint(found["imap"], "starttls", "id"),
         "pop3": Endpoint(found["pop3"], "starttls"),
     }
-    return MemberInfo("s1", "127.0.0.1", 7946, NodeMeta(role="slave", endpoints=endpoints).encode(), 1, State.ALIVE, 0)
+    return MemberInfo(
+        "s1",
+        "127.0.0.1",
+        7946,
+        NodeMeta(role="slave", endpoints=endpoints).encode(),
+        1,
+        State.ALIVE,
+        0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,69 +74,53 @@ def proxy_ports(dovecot, certificate) -> Iterator[dict[str, int]]:
     closed = MemberInfo("s2", "127.0.0.1", 7946, NodeMeta(role="slave", endpoints={
         "imap": Endpoint(f"127.0.0.1:{mailkit.free_ports(1)[0]}", "starttls")
     }).encode(), 1, State.ALIVE, 0)  # fmt: skip
-    domains = DomainMap({"one.example": "s1", "gone.example": "s9", "closed.example": "s2"})
+    domains = DomainMap(
+        {"one.example": "s1", "gone.example": "s9", "closed.example": "s2"}
+    )
     router = Router(domains, {"s1": slave_member(dovecot), "s2": closed})
     connector = Connector(backend_contexts(section, None, "/"), retry_delay=0.1)
     metrics = Metrics()
     proxy = Proxy(section, router, connector, certificate, metrics, hostname="m1")
-    ports: dict[str, int] = {}
-    ready = threading.Event()
-    loop: dict[str, object] = {}
-
-    async def main() -> None:
-        loop["token"], loop["stop"] = trio.lowlevel.current_trio_token(), trio.Event()
-        async with trio.open_nursery() as nursery:
-            for name in LISTENERS:
-                [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
-                ports[name] = listener.socket.getsockname()[1]
-                nursery.start_soon(trio.serve_listeners, functools.partial(proxy.handle, listener=name), [listener])
-            ready.set()
-            await loop["stop"].wait()
-            nursery.cancel_scope.cancel()
-
-    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    ports["_report"] = ProxyReport(proxy, metrics)  # type: ignore[assignment]
-    yield ports
-    trio.from_thread.run_sync(loop["stop"].set, trio_token=loop["token"])
-    thread.join(5)
+    with serving(proxy) as ports:
+        ports["_report"] = ProxyReport(proxy, metrics)  # type: ignore[assignment]
+        yield ports
 
 
 def client_context(certificate) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certificate[0])
 
 
-class Imap(imaplib.IMAP4):
-    def _create_socket(self, timeout):
-        return socket.create_connection((self.host, self.port), timeout, source_address=(CLIENT_HOST, 0))
-
-
-class ImapTls(imaplib.IMAP4_SSL):
-    def _create_socket(self, timeout):
-        sock = socket.create_connection((self.host, self.port), timeout, source_address=(CLIENT_HOST, 0))
-        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
-
-
 def test_imap_starttls_session_select_fetch_append(proxy_ports, certificate, dovecot):
     client = Imap("127.0.0.1", proxy_ports["imap"], timeout=10)
     client.starttls(client_context(certificate))
     assert client.login("ann@one.example", "secret-1")[0] == "OK"
-    message = b"From: x@y.example\r\nSubject: through the proxy\r\n\r\n" + b"body line\r\n" * 2000
-    assert client.append("INBOX", None, None, message)[0] == "OK"  # a literal of about 22 kB
+    message = (
+        b"From: x@y.example\r\nSubject: through the proxy\r\n\r\n"
+        + b"body line\r\n" * 2000
+    )
+    assert (
+        client.append("INBOX", None, None, message)[0] == "OK"
+    )  # a literal of about 22 kB
     status, data = client.select("INBOX")
     assert status == "OK" and int(data[0]) >= 1
     status, fetched = client.fetch(data[0], "(BODY[HEADER.FIELDS (SUBJECT)])")
     assert status == "OK" and b"through the proxy" in fetched[0][1]
     assert client.logout()[0] == "BYE"
     deadline = time.monotonic() + 5
-    while f"rip={CLIENT_HOST}" not in dovecot.log_tail():  # the ID fields reached Dovecot
+    while (
+        f"rip={CLIENT_HOST}" not in dovecot.log_tail()
+    ):  # the ID fields reached Dovecot
         assert time.monotonic() < deadline, dovecot.log_tail()
         time.sleep(0.05)
 
 
 def test_imaps_and_a_bare_user_name_with_the_default_domain(proxy_ports, certificate):
-    client = ImapTls("127.0.0.1", proxy_ports["imaps"], ssl_context=client_context(certificate), timeout=10)
+    client = ImapTls(
+        "127.0.0.1",
+        proxy_ports["imaps"],
+        ssl_context=client_context(certificate),
+        timeout=10,
+    )
     assert client.login("zed", "secret-z")[0] == "OK"
     assert client.select("INBOX")[0] == "OK"
     client.logout()
@@ -164,12 +140,16 @@ def login_reply(port: int, certificate, user: str, password: str) -> str:
 
 def test_unknown_domain_and_wrong_password_answer_alike(proxy_ports, certificate):
     wrong = login_reply(proxy_ports["imap"], certificate, "ann@one.example", "wrong")
-    unknown = login_reply(proxy_ports["imap"], certificate, "ann@nowhere.example", "secret-1")
+    unknown = login_reply(
+        proxy_ports["imap"], certificate, "ann@nowhere.example", "secret-1"
+    )
     assert wrong == unknown == "b'[AUTHENTICATIONFAILED] Authentication failed.'"
 
 
 @pytest.mark.parametrize("user", ["x@gone.example", "x@closed.example"])
-def test_a_slave_not_in_the_cluster_or_not_listening_is_unavailable(proxy_ports, certificate, user):
+def test_a_slave_not_in_the_cluster_or_not_listening_is_unavailable(
+    proxy_ports, certificate, user
+):
     assert login_reply(proxy_ports["imap"], certificate, user, "pw") == (
         "b'[UNAVAILABLE] Temporary server failure, try again later.'"
     )
@@ -193,7 +173,12 @@ def test_pop3_over_stls_and_pop3s(proxy_ports, certificate):
     assert answer.startswith(b"+OK")
     assert client.stat()[0] >= 1  # the message appended over IMAP
     client.quit()
-    secure = poplib.POP3_SSL("127.0.0.1", proxy_ports["pop3s"], context=client_context(certificate), timeout=10)
+    secure = poplib.POP3_SSL(
+        "127.0.0.1",
+        proxy_ports["pop3s"],
+        context=client_context(certificate),
+        timeout=10,
+    )
     secure.user("zed@one.example")
     with pytest.raises(poplib.error_proto, match=r"\[AUTH\] Authentication failed"):
         secure.pass_("wrong")
@@ -229,12 +214,18 @@ ERRORS = {"imap": (b"BAD", b"BYE"), "pop3": (b"-ERR",), "submission": (b"500", b
 
 @pytest.mark.parametrize("what", BAD_INPUT)
 @pytest.mark.parametrize("listener", ["imap", "pop3", "submission"])
-def test_bad_input_ends_the_session_and_the_proxy_keeps_serving(proxy_ports, listener, what):
+def test_bad_input_ends_the_session_and_the_proxy_keeps_serving(
+    proxy_ports, listener, what
+):
     port = proxy_ports[listener]
-    reply, closed = exchange(port, BAD_INPUT[what], 1 if what == "a huge literal" else 10)
+    reply, closed = exchange(
+        port, BAD_INPUT[what], 1 if what == "a huge literal" else 10
+    )
     assert closed == (what != "a huge literal")
     assert any(error in reply for error in ERRORS[listener]), reply
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # still greeting
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=10
+    ) as sock:  # still greeting
         assert sock.recv(4096)[:4] in (b"* OK", b"+OK ", b"220 ")
 
 
