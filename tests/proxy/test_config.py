@@ -9,6 +9,8 @@ from helpers.config import minimal_config
 from meshmail.config import ConfigError, loads
 from meshmail.config.template import example
 from meshmail.core.address import Address
+from meshmail.metrics import Metrics
+from meshmail.proxy.session import MAX_FAILURE_DELAY, Proxy
 
 CERT = 'cert = "/etc/mail.pem"\nkey = "/etc/mail.key"\n'
 
@@ -115,3 +117,11 @@ def test_the_template_documents_every_key():
     ):
         assert f"# {key} = " in text
     assert "# [proxy]" in text
+
+
+def test_the_failure_delay_doubles_with_each_recent_failure_up_to_a_ceiling():
+    section = proxy(CERT + "failure_delay = 2\nfailures_per_client = 4\nfailures_per_account = 2\n")
+    limits = Proxy(section, router=None, connector=None, certificate=None, metrics=Metrics())
+    assert [limits.failure_delay(n) for n in range(5)] == [2.0, 4.0, 8.0, MAX_FAILURE_DELAY, MAX_FAILURE_DELAY]
+    assert (limits.throttle.per_address, limits.throttle.per_account) == (4, 2)
+    assert refused(CERT + "failures_per_client = 0\n") == "proxy.failures_per_client: must be at least 1"
