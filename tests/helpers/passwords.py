@@ -1,8 +1,9 @@
 """A pytest plugin that fails the session when a test password shows up in a log, plain or in
 base64. Tests register the passwords they use (`register`; the kit's Dovecot registers its
-users); at the end of the session every log file under the session's base temporary folder
-(*.log, *.out, *.err: the nodes' output, Dovecot's and Postfix's logs) and every logging record
-of the session (written to RECORDS there by a handler on the root logger at DEBUG) is searched.
+users, Cluster.init the admin password); at the end of the session every log file under the
+session's base temporary folder (*.log, *.out, *.err: the nodes' output, Dovecot's and Postfix's
+logs) and every logging record of the session (written to RECORDS there by a handler on the
+root logger at DEBUG) is searched. A hit is listed in the terminal summary and fails the session.
 
 Only passwords of at least MIN_LENGTH characters are registered: shorter ones ("wrong", "x")
 turn up in unrelated text. Found passwords are named by their number and the test that
