@@ -13,6 +13,8 @@ from helpers.served import ENDPOINTS, Served, start
 
 from meshmail.config import loads
 
+pytest_plugins = ["helpers.passwords"]  # fails the session when a test password is in a log
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _remove_data_dirs():

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from helpers import passwords
 from helpers.cli import cli, ok
 from helpers.config import MESHMAIL, bound_to, minimal_config, new_key_b64, with_seeds
 from meshmail.core.address import Address
@@ -202,6 +203,7 @@ class Cluster:
     def init(self, name: str, cluster: str = "prod") -> None:
         password_file = self.root / "admin-password"
         password_file.write_text(PASSWORD + "\n")
+        passwords.register(PASSWORD)
         ok("init", "--name", cluster, "--node-name", name, *self.placement(name), "--admin-password-file",
            str(password_file))  # fmt: skip
         self._node(name)

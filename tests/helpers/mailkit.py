@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from helpers import passwords
 from helpers.cluster import kill_group
 
 HOST = "127.0.0.1"
@@ -398,6 +399,7 @@ class Dovecot(_Daemon):
         for address in self._users:
             if ":" in address or "\n" in address or "\n" in self._users[address]:
                 raise ValueError(f"mailkit: address or password not fit for a passwd-file: {address!r}")
+            passwords.register(self._users[address])
         text = "".join(f"{a}:{{PLAIN}}{p}::::::\n" for a, p in self._users.items())
         temporary = self.passwd.with_suffix(".new")
         temporary.write_text(text)
