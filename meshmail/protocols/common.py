@@ -176,13 +176,18 @@ class SaslCancelled(SaslError):
 
 
 def b64decode(text: bytes | str) -> bytes:
-    """Strict base64 (RFC 4648, padding required); raises SaslError."""
+    """Strict base64 (RFC 4648): the canonical form only (padding required, none in excess,
+    no stray bits); raises SaslError."""
     if len(text) > MAX_SASL:
         raise SaslError(f"base64 response longer than {MAX_SASL} characters")
     try:
-        return base64.b64decode(text, validate=True)
+        encoded = text.encode("ascii") if isinstance(text, str) else bytes(text)
+        decoded = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise SaslError("not valid base64") from None
+    if base64.b64encode(decoded) != encoded:
+        raise SaslError("not valid base64")
+    return decoded
 
 
 def b64encode(data: bytes) -> bytes:

@@ -38,7 +38,7 @@ log = logging.getLogger("meshmail.proxy")
 
 #: The longest a "wrong credentials" reply waits, however many failures came before.
 MAX_FAILURE_DELAY = 15.0
-#: Sessions ended by a drain get this long to take their goodbye line.
+#: A session that ends gets this long to take its last line.
 GOODBYE_TIMEOUT = 1.0
 #: Backend connect times kept for the /status percentiles.
 CONNECT_SAMPLES = 1000
@@ -52,29 +52,33 @@ ServerCodec = imap.ImapServer | pop3.Pop3Server | smtp.SubmissionServer
 @attrs.frozen
 class Kind:
     """What differs between the protocols: the route protocol, the codec's server side, the
-    idle timeout's key in [proxy], the line that turns a client away when the proxy is full
-    and the one that ends a session when the proxy drains."""
+    idle timeout's key in [proxy], and the lines that turn a client away when the proxy is
+    full, end a session with no login in time, and end one when the proxy drains."""
 
     protocol: str
     server: type
     idle: str
     busy: bytes
+    timed_out: bytes
     goodbye: bytes
 
 
 IMAP = Kind(
     "imap", imap.ImapServer, "imap_idle",
     b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n",
+    b"* BYE Disconnected for inactivity.\r\n",
     b"* BYE Server shutting down, reconnect to continue.\r\n",
 )  # fmt: skip
 POP3 = Kind(
     "pop3", pop3.Pop3Server, "pop3_idle",
     b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n",
+    b"-ERR Disconnected for inactivity.\r\n",
     b"-ERR [SYS/TEMP] Server shutting down, reconnect to continue.\r\n",
 )  # fmt: skip
 SUBMISSION = Kind(
     "submission", smtp.SubmissionServer, "smtp_idle",
     b"421 4.7.0 Too many connections\r\n",
+    b"421 4.4.2 Timeout exceeded, closing connection\r\n",
     b"421 4.3.2 Service shutting down, reconnect to continue\r\n",
 )  # fmt: skip
 #: How often a drain looks whether sessions are left.
@@ -207,10 +211,12 @@ class Session:
                     backend, account = found
                 if backend is None:
                     log.info("%s: no login within %g s", self.name, self.proxy.section.login_timeout)
+                    await self._say_last(self.kind.timed_out)
                     return
                 await self._splice(backend, account)
             if self.scope.cancelled_caught:
-                await self._goodbye()
+                log.info("%s: ended by the drain", self.name)
+                await self._say_last(self.kind.goodbye)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
             log.debug("%s: connection lost: %s", self.name, exc)
         finally:
@@ -218,12 +224,12 @@ class Session:
                 await trio.aclose_forcefully(backend.stream)
             await trio.aclose_forcefully(self.stream)
 
-    async def _goodbye(self) -> None:
-        """Tell the client the session ends (a TLS stream cut mid-write can no longer say it)."""
-        log.info("%s: ended by the drain", self.name)
+    async def _say_last(self, line: bytes) -> None:
+        """Tell the client why the session ends, if it listens (a TLS stream cut mid-write
+        can no longer say anything)."""
         with trio.move_on_after(GOODBYE_TIMEOUT):
             try:
-                await self.stream.send_all(self.kind.goodbye)
+                await self.stream.send_all(line)
             except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
                 pass
 

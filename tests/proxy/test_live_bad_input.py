@@ -468,12 +468,12 @@ def read_until(socks: list[socket.socket], done: Callable[[bytes], bool], timeou
 
 
 def closed_by_proxy(socks: list[socket.socket], dialect: Dialect) -> None:
-    """Every idle connection is closed by the proxy (its login timeout), with nothing or an
-    error before the close."""
+    """Every idle connection is closed by the proxy (its login timeout), after an error line
+    that says so."""
     for heard in read_until(socks, lambda data: False, CLOSE_DEADLINE).values():
         assert heard.endswith(b"<closed>")
-        for line in heard.removesuffix(b"<closed>").splitlines():
-            assert dialect.error.match(line), heard
+        lines = heard.removesuffix(b"<closed>").splitlines()
+        assert lines and all(dialect.error.match(line) for line in lines), heard
 
 
 # --- the test -------------------------------------------------------------------------------
