@@ -56,11 +56,12 @@ class Splice:
                         await self._splice(source, sink, index)
                     except _NoSplice:
                         await self._copy(source, sink, index)
-                    done[index] = True
-                    if all(done) or not isinstance(sink, trio.abc.HalfCloseableStream):
-                        nursery.cancel_scope.cancel()
-                    else:
+                    half_closeable = isinstance(sink, trio.abc.HalfCloseableStream)
+                    if half_closeable:
                         await sink.send_eof()
+                    done[index] = True  # only now: the other side ending must not cancel this EOF
+                    if all(done) or not half_closeable:
+                        nursery.cancel_scope.cancel()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     nursery.cancel_scope.cancel()
 
