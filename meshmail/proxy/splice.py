@@ -1,8 +1,9 @@
 """Splicing a logged-in client to its backend: bytes both ways until both sides have closed,
 either breaks, or nothing moved for the idle timeout; half-close passed on where the stream
 allows it. Between two plain sockets on Linux the bytes stay in the kernel (os.splice through
-a pipe per direction); otherwise large reads and send_all. Either way a slow reader slows its
-writer down: a direction holds at most one pipe's or one read's worth. Counts the bytes each way.
+a pipe per direction, held while bytes flow); otherwise large reads and send_all. Either way a
+slow reader slows its writer down: a direction holds at most one pipe's or one read's worth.
+Counts the bytes each way.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
 class _NoSplice(Exception):
     """The kernel path is out for this direction while it holds no bytes: no os.splice (not
-    Linux), no fd left for a pipe, or EINVAL on the first call (a socket it cannot splice from)."""
+    Linux), no fd left for a pipe, or EINVAL (a socket the kernel cannot splice from, which
+    the first call finds out)."""
 
 
 @attrs.define(eq=False)
@@ -95,32 +97,27 @@ class Splice:
         if not hasattr(os, "splice"):
             raise _NoSplice
         src, dst = source.socket.fileno(), sink.socket.fileno()
-        first = True
         while True:
             await trio.lowlevel.wait_readable(src)
             with _pipe() as (read_end, write_end, size):
-                if await self._burst(src, dst, read_end, write_end, size, index, first):
+                if await self._burst(src, dst, read_end, write_end, size, index):
                     return
-            first = False
 
-    async def _burst(
-        self, src: int, dst: int, read_end: int, write_end: int, size: int, index: int, first: bool
-    ) -> bool:
+    async def _burst(self, src: int, dst: int, read_end: int, write_end: int, size: int, index: int) -> bool:
         """Fill the pipe from `src` and empty it into `dst` until `src` has nothing more for now
         (False) or has ended (True); the pipe is empty either way, so a half-close passed on next
-        loses nothing. Raises _NoSplice on EINVAL from the first call of the `first` burst."""
+        loses nothing. Raises _NoSplice on EINVAL from a fill, which finds the pipe empty."""
         while True:
             try:
                 held = os.splice(src, write_end, size, flags=_FLAGS)
             except BlockingIOError:
                 return False
             except OSError as exc:
-                if first and exc.errno == errno.EINVAL:
+                if exc.errno == errno.EINVAL:
                     raise _NoSplice from exc
                 raise
             if not held:
                 return True
-            first = False
             self._last = trio.current_time()
             while held:
                 try:
