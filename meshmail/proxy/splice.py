@@ -1,14 +1,36 @@
-"""Splicing a logged-in client to its backend: bytes both ways, large reads, backpressure from
-send_all (a slow reader slows its writer down, nothing piles up here), half-close passed on
-where the stream allows it, and an idle timeout. Counts the bytes each way.
+"""Splicing a logged-in client to its backend: bytes both ways until both sides have closed,
+either breaks, or nothing moved for the idle timeout; half-close passed on where the stream
+allows it. Between two plain sockets on Linux the bytes stay in the kernel (os.splice through
+a pipe per direction, held while bytes flow); otherwise large reads and send_all. Either way a
+slow reader slows its writer down: a direction holds at most one pipe's or one read's worth.
+Counts the bytes each way.
 """
 
 from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
 
 import attrs
 import trio
 
 from .backend import READ_SIZE
+
+#: Bytes a pipe of the kernel path holds at most. Raising a pipe past the kernel's 64 KiB can
+#: fail (above /proc/sys/fs/pipe-max-size, or past the user's pipe-user-pages-soft with many
+#: sessions open); the pipe then keeps the size it has, which only costs throughput.
+PIPE_SIZE = 1 << 18
+#: Move pages rather than copy them where the kernel can; never block (the fds are polled by trio).
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+class _NoSplice(Exception):
+    """The kernel path is out for this direction while it holds no bytes: no os.splice (not
+    Linux), no fd left for a pipe, or EINVAL (a socket the kernel cannot splice from, which
+    the first call finds out)."""
 
 
 @attrs.define(eq=False)
@@ -21,26 +43,27 @@ class Splice:
     _last: float = attrs.field(factory=trio.current_time)
 
     async def run(self, client: trio.abc.Stream, backend: trio.abc.Stream, idle: float) -> None:
-        """Copy both ways until both sides have closed, either breaks, or nothing moved for
-        `idle` seconds. A side that ends is passed on as a half-close when the other stream
-        can send EOF (plain TCP); TLS cannot, so the session ends there."""
+        """Move bytes both ways until both sides have closed, either breaks, or nothing moved
+        for `idle` seconds. A side that ends is passed on as a half-close when the other stream
+        can send EOF (plain TCP); TLS cannot, so the session ends there. Closes neither stream."""
+        in_kernel = isinstance(client, trio.SocketStream) and isinstance(backend, trio.SocketStream)
         async with trio.open_nursery() as nursery:
             done = [False, False]
 
             async def pump(source: trio.abc.Stream, sink: trio.abc.Stream, index: int) -> None:
                 try:
-                    while data := await source.receive_some(READ_SIZE):
-                        self._last = trio.current_time()
-                        await sink.send_all(data)
-                        if index == 0:
-                            self.up += len(data)
-                        else:
-                            self.down += len(data)
-                    done[index] = True
-                    if all(done) or not isinstance(sink, trio.abc.HalfCloseableStream):
-                        nursery.cancel_scope.cancel()
-                    else:
+                    try:
+                        if not in_kernel:
+                            raise _NoSplice
+                        await self._splice(source, sink, index)
+                    except _NoSplice:
+                        await self._copy(source, sink, index)
+                    half_closeable = isinstance(sink, trio.abc.HalfCloseableStream)
+                    if half_closeable:
                         await sink.send_eof()
+                    done[index] = True  # only now: the other side ending must not cancel this EOF
+                    if all(done) or not half_closeable:
+                        nursery.cancel_scope.cancel()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     nursery.cancel_scope.cancel()
 
@@ -52,3 +75,76 @@ class Splice:
                     self.idled_out = True
                     nursery.cancel_scope.cancel()
                     return
+
+    def _moved(self, index: int, count: int) -> None:
+        if index == 0:
+            self.up += count
+        else:
+            self.down += count
+
+    async def _copy(self, source: trio.abc.Stream, sink: trio.abc.Stream, index: int) -> None:
+        """Copy from `source` to `sink` until `source` ends, one read at a time."""
+        while data := await source.receive_some(READ_SIZE):
+            self._last = trio.current_time()
+            await sink.send_all(data)
+            self._moved(index, len(data))
+
+    async def _splice(self, source: trio.SocketStream, sink: trio.SocketStream, index: int) -> None:
+        """Move bytes from `source` to `sink` in the kernel until `source` ends. A pipe is held
+        only while bytes flow (a burst), so an idle session holds no pipe fds and none of the
+        user's pipe pages. Raises _NoSplice when the kernel path is out while no bytes are held
+        (the caller copies on from there), OSError when a socket breaks."""
+        if not hasattr(os, "splice"):
+            raise _NoSplice
+        src, dst = source.socket.fileno(), sink.socket.fileno()
+        while True:
+            await trio.lowlevel.wait_readable(src)
+            with _pipe() as (read_end, write_end, size):
+                if await self._burst(src, dst, read_end, write_end, size, index):
+                    return
+
+    async def _burst(self, src: int, dst: int, read_end: int, write_end: int, size: int, index: int) -> bool:
+        """Fill the pipe from `src` and empty it into `dst` until `src` has nothing more for now
+        (False) or has ended (True); the pipe is empty either way, so a half-close passed on next
+        loses nothing. Raises _NoSplice on EINVAL from a fill, which finds the pipe empty."""
+        while True:
+            try:
+                held = os.splice(src, write_end, size, flags=_FLAGS)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    raise _NoSplice from exc
+                raise
+            if not held:
+                return True
+            self._last = trio.current_time()
+            while held:
+                try:
+                    sent = os.splice(read_end, dst, held, flags=_FLAGS)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(dst)
+                    continue
+                held -= sent
+                self._moved(index, sent)
+            # A fast pair of sockets may never make a call wait: let the loop's other tasks run.
+            await trio.lowlevel.checkpoint()
+
+
+@contextlib.contextmanager
+def _pipe() -> Iterator[tuple[int, int, int]]:
+    """A non-blocking pipe raised to PIPE_SIZE where the kernel allows: its read end, write end
+    and capacity, closed on exit. Raises _NoSplice when no fd is left (copying needs none)."""
+    try:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _NoSplice from exc
+    try:
+        try:
+            size = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        yield read_end, write_end, size
+    finally:
+        os.close(read_end)
+        os.close(write_end)
