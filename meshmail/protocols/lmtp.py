@@ -157,7 +157,7 @@ class DeliveryClient(LineCodec):
     _sent: set[str] = attrs.field(factory=set, init=False)  # XCLIENT, XFORWARD
     _transaction: Transaction | None = attrs.field(default=None, init=False)
     _next: int = attrs.field(default=0, init=False)  # the recipient whose RCPT reply comes next
-    _accepted: list[int] = attrs.field(factory=list, init=False)  # recipients taken at RCPT
+    _accepted: dict[int, Reply] = attrs.field(factory=dict, init=False)  # recipient -> its RCPT reply
     _final: int = attrs.field(default=0, init=False)  # replies after the body so far
     _line_start: bool = attrs.field(default=True, init=False)  # of the body, for dot-stuffing
     _tail: bytes = attrs.field(default=b"", init=False)  # the body's last two bytes
@@ -200,7 +200,7 @@ class DeliveryClient(LineCodec):
         if self._step is not _Step.READY or self._events:
             raise RuntimeError("send while the session is not ready")
         self._transaction, self.results = transaction, [None] * len(transaction.recipients)
-        self._next, self._accepted, self._final = 0, [], 0
+        self._next, self._accepted, self._final = 0, {}, 0
         if transaction.smtputf8 and "SMTPUTF8" not in self.extensions:
             self._done([NO_SMTPUTF8] * len(transaction.recipients))
             return
@@ -353,13 +353,16 @@ class DeliveryClient(LineCodec):
 
     def _rcpt_reply(self, reply: Reply) -> None:
         assert self._transaction is not None
-        self.results[self._next] = reply
         if reply.positive:
-            self._accepted.append(self._next)
+            self._accepted[self._next] = reply  # its result is the reply after the body
+        else:
+            self.results[self._next] = reply
         self._next += 1
         if self._next < len(self.results):
             return self._rcpt()
         if self._transaction.verify or not self._accepted:
+            for index, accepted in self._accepted.items():
+                self.results[index] = accepted
             return self._send("RSET", _Step.RSET)
         return self._send("DATA", _Step.DATA)
 
@@ -376,7 +379,7 @@ class DeliveryClient(LineCodec):
     def _final_reply(self, reply: Reply) -> None:
         if not self.lmtp:
             return self._done([reply if i in self._accepted else result for i, result in enumerate(self.results)])
-        self.results[self._accepted[self._final]] = reply
+        self.results[list(self._accepted)[self._final]] = reply
         self._final += 1
         if self._final == len(self._accepted):
             return self._done(self.results)
