@@ -100,12 +100,11 @@ class Connector:
             codec = client_codec(protocol, route, login)
         except ValueError as exc:  # credentials a backend command cannot carry
             raise Refused(str(exc)) from None
-        began = trio.current_time()
-        stream = await self._connect(route)
-        self.connected(trio.current_time() - began)
+        stream = await self.connect(route)
         try:
             with trio.fail_after(self.login_deadline):
-                return await self._login(stream, codec, route, login)
+                stream = await self.prepare(stream, route, login.client, login.local)
+                return await self._login(stream, codec, route)
         except (Refused, Unavailable):
             await trio.aclose_forcefully(stream)
             raise
@@ -116,24 +115,36 @@ class Connector:
             await trio.aclose_forcefully(stream)
             raise Unavailable(f"login broke off: {exc}") from None
 
-    async def _connect(self, route: Route) -> trio.abc.Stream:
+    async def connect(self, route: Route) -> trio.SocketStream:
+        """A TCP connection to the route's endpoint (a few tries); raises Unavailable."""
         host, port = route.endpoint
         why = ""
+        began = trio.current_time()
         with trio.move_on_after(self.connect_deadline):
             for attempt in range(self.tries):
                 if attempt:
                     await trio.sleep(self.retry_delay)
                 try:
-                    return await trio.open_tcp_stream(host, port)
+                    stream = await trio.open_tcp_stream(host, port)
                 except OSError as exc:
                     why = exc.strerror or str(exc)
+                else:
+                    self.connected(trio.current_time() - began)
+                    return stream
         raise Unavailable(f"cannot connect to {route.slave} at {host}:{port}: {why or 'timed out'}")
 
-    async def _login(self, stream: trio.abc.Stream, codec: BackendCodec, route: Route, login: Login) -> Backend:
+    async def prepare(
+        self, stream: trio.abc.Stream, route: Route, client: tuple[str, int], local: tuple[str, int]
+    ) -> trio.abc.Stream:
+        """`stream` made ready for the protocol: the PROXY v2 header sent where the endpoint
+        asks for it, TLS started on a TLS endpoint."""
         if route.client_address == "proxy":
-            await stream.send_all(proxyv2.build(login.client, login.local))
+            await stream.send_all(proxyv2.build(client, local))
         if route.transport == "tls":
-            stream = await self._tls(stream, route)
+            stream = await self.start_tls(stream, route)
+        return stream
+
+    async def _login(self, stream: trio.abc.Stream, codec: BackendCodec, route: Route) -> Backend:
         while True:
             event = codec.next_event()
             if out := codec.data_to_send():
@@ -141,14 +152,15 @@ class Connector:
             if event is None:
                 codec.receive_data(await stream.receive_some(READ_SIZE))
             elif isinstance(event, StartTls):
-                stream = await self._tls(stream, route)
+                stream = await self.start_tls(stream, route)
                 codec.tls_started()
             elif isinstance(event, LoggedIn):
                 return Backend(stream, codec, codec.trailing_data())
             elif isinstance(event, LoginRefused):
                 raise (Unavailable if event.temporary else Refused)(event.reply)
 
-    async def _tls(self, stream: trio.abc.Stream, route: Route) -> trio.SSLStream:
+    async def start_tls(self, stream: trio.abc.Stream, route: Route) -> trio.SSLStream:
+        """TLS over `stream` with the slave's certificate checked (as `contexts` says)."""
         wrapped = trio.SSLStream(stream, self.contexts(route.slave), server_hostname=route.endpoint[0])
         await wrapped.do_handshake()
         return wrapped
