@@ -319,7 +319,13 @@ class Queue:
             heapq.heappush(queue.heap, (entry.next_ms, entry.id))
 
     def settle(
-        self, envelope: Envelope, slave: str, replies: Mapping[str, Reply], now_ms: int, *, fallback: Reply | None = None
+        self,
+        envelope: Envelope,
+        slave: str,
+        replies: Mapping[str, Reply],
+        now_ms: int,
+        *,
+        fallback: Reply | None = None,
     ) -> Settlement:
         """`settle` (the function) with this queue's policy and rng; the index follows the
         result. The caller stores the settlement's envelope (or removes the message)."""

@@ -390,4 +390,3 @@ def test_a_process_killed_while_it_stores_leaves_whole_messages_or_nothing(tmp_p
         finally:
             spool.close()
     assert len(acknowledged) > 100  # the kills landed among many writes
-
