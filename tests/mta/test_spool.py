@@ -233,7 +233,9 @@ async def test_a_write_cancelled_before_its_round_leaves_nothing(spool, monkeypa
     assert scope.cancelled_caught
     assert [e.id for e in spool.scan().envelopes] == [envelope(1).id]
     assert not any(spool.temp_folder.iterdir())
-    assert recorder.count("fsync-file") == 1
+    assert [path for event, path in recorder.events if event == "rename"] == [
+        f"{spool.temp_folder}/{envelope(1).id}.msg.0 -> {spool.message_path(envelope(1).id)}"
+    ]
 
 
 async def test_a_failed_file_fsync_fails_that_store_only(spool, monkeypatch):
