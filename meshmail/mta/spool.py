@@ -247,7 +247,7 @@ def _read_head(fd: int, kind: int) -> _Head:
     return _Head(decode_envelope(envelope), data_length, data_crc, end)
 
 
-def _read_file_head(path: Path, kind: int) -> _Head:
+def _read_file_head(path: str | Path, kind: int) -> _Head:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return _read_head(fd, kind)
@@ -594,7 +594,8 @@ class Spool:
         for entry in os.scandir(self.temp_folder):
             os.unlink(entry.path)
             temp_files += 1
-        names = set(os.listdir(self.folder))
+        folder = str(self.folder)
+        names = set(os.listdir(folder))
         envelopes: list[Envelope] = []
         corrupt: list[tuple[str, str]] = []
         corrupt_updates = orphans = 0
@@ -606,7 +607,7 @@ class Spool:
             if suffix != MESSAGE_SUFFIX:
                 continue
             try:
-                envelope = _read_file_head(self.folder / name, _KIND_MESSAGE).envelope
+                envelope = _read_file_head(os.path.join(folder, name), _KIND_MESSAGE).envelope
                 if envelope.id != queue_id:
                     raise CorruptMessage(f"holds the envelope of {envelope.id}")
             except CorruptMessage as exc:
