@@ -1,0 +1,116 @@
+"""Figures for the queue, run by hand (python tests/mta/bench_queue.py [count]): fsyncs per
+message when 50 stores run at once, the time a rescan of 100,000 queued messages takes, and
+the index's memory per entry. Prints them; asserts nothing about time."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import trio
+
+from meshmail.mta import spool as spool_module
+from meshmail.mta.queue import Queue, RetryPolicy
+from meshmail.mta.spool import Envelope, Recipient, Spool, new_queue_id
+
+T0 = 1_700_000_000_000
+DATA = b"Subject: bench\r\n\r\n" + b"x" * 1000 + b"\r\n"
+
+
+def envelope(number: int, rng: random.Random) -> Envelope:
+    slave = f"s{number % 4}"
+    return Envelope(
+        id=new_queue_id(T0 + number, rng.getrandbits(32)),
+        sender=f"sender{number}@example.net",
+        recipients=[Recipient(f"user{number}@{slave}.example", slave)],
+        received_ms=T0 + number,
+        client_address="192.0.2.7",
+        helo="mx.example.net",
+        size=len(DATA),
+        origin="m1",
+    )
+
+
+async def group_commit(folder: Path, concurrent: int, rounds: int) -> None:
+    counts = {"file": 0, "folder": 0}
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        counts["folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"] += 1
+        real_fsync(fd)
+
+    os.fsync = fsync
+    spool = Spool.open(folder)
+    rng = random.Random(1)
+    started = time.perf_counter()
+    try:
+        for round_ in range(rounds):
+            async with trio.open_nursery() as nursery:
+                for number in range(concurrent):
+                    nursery.start_soon(spool.store, envelope(round_ * concurrent + number, rng), DATA)
+    finally:
+        os.fsync = real_fsync
+        spool.close()
+    elapsed = time.perf_counter() - started
+    messages = concurrent * rounds
+    print(
+        f"group commit: {rounds} x {concurrent} concurrent stores: {counts['file']} file fsyncs, "
+        f"{counts['folder']} folder fsyncs ({spool.commit_rounds} rounds); "
+        f"{(counts['file'] + counts['folder']) / messages:.3f} fsyncs per message "
+        f"({counts['folder'] / messages:.3f} folder fsyncs per message, 1.000 without group commit: 2 per message); "
+        f"{messages / elapsed:.0f} stores/s"
+    )
+
+
+def fill(folder: Path, count: int) -> None:
+    """Writes `count` message files straight into the folder (no fsync: this is setup)."""
+    rng = random.Random(2)
+    for number in range(count):
+        env = envelope(number, rng)
+        packed = spool_module.encode_envelope(env)
+        header = spool_module._header(spool_module._KIND_MESSAGE, packed, len(DATA), spool_module.zlib.crc32(DATA))
+        with open(folder / f"{env.id}.msg", "wb") as file:
+            file.write(header + packed + DATA)
+
+
+def rescan_and_index(folder: Path, count: int) -> None:
+    spool = Spool.open(folder)
+    started = time.perf_counter()
+    result = spool.scan()
+    scanned = time.perf_counter() - started
+    assert len(result.envelopes) == count and not result.corrupt
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    queue = Queue(RetryPolicy(), random.Random(3))
+    queue.load(result.envelopes)
+    indexed = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    started = time.perf_counter()
+    due = sum(len(queue.due(slave, T0 + 10**9)) for slave in queue.slaves())
+    taken = time.perf_counter() - started
+    spool.close()
+    print(f"rescan: {count} messages in {scanned:.2f} s ({scanned / count * 1e6:.0f} us each, warm page cache)")
+    print(f"index: {indexed / count:.0f} bytes per entry ({indexed / 2**20:.1f} MiB for {count} messages)")
+    print(f"due: {due} entries taken in {taken * 1000:.0f} ms")
+
+
+def main() -> None:
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as temporary:
+        trio.run(group_commit, Path(temporary) / "commit", 50, 10)
+        folder = Path(temporary) / "queue"
+        Spool.open(folder).close()
+        started = time.perf_counter()
+        fill(folder, count)
+        print(f"setup: {count} files written in {time.perf_counter() - started:.1f} s")
+        rescan_and_index(folder, count)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""The spool on a real filesystem: round trips, the order of fsyncs and renames before store
+returns, group commit sharing folder fsyncs, corrupt files quarantined on rescan, and a child
+process SIGKILLed while it stores, updates and removes, leaving only whole messages."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import attrs
+import msgpack
+import pytest
+import trio
+
+from meshmail.mta.spool import (
+    CorruptMessage,
+    Envelope,
+    Recipient,
+    RecipientState,
+    Spool,
+    SpoolError,
+    decode_envelope,
+    encode_envelope,
+    new_queue_id,
+)
+from meshmail.protocols.smtp import Reply
+
+REPO = Path(__file__).resolve().parents[2]
+START_MS = 1_700_000_000_000
+MESSAGE = b"DKIM-Signature: v=1; a=rsa-sha256; b=abc\r\nSubject: hello\r\n\r\nbody line \xc3\xa9\r\n.\r\n"
+
+
+def envelope(number: int = 0, **changes) -> Envelope:
+    values = dict(
+        id=new_queue_id(START_MS + number, number),
+        sender="alice@example.net",
+        recipients=(Recipient("bob@example.org", "s1"), Recipient("carol@example.com", "s2")),
+        received_ms=START_MS + number,
+        client_address="192.0.2.7",
+        helo="mx.example.net",
+        origin="m1",
+    )
+    values.update(changes)
+    return Envelope(**values)
+
+
+@pytest.fixture
+def spool(tmp_path):
+    opened = Spool.open(tmp_path / "queue")
+    yield opened
+    opened.close()
+
+
+def test_queue_ids_sort_by_arrival_and_fit_a_file_name():
+    ids = [new_queue_id(START_MS + step, random.Random(step).getrandbits(32)) for step in range(100)]
+    assert ids == sorted(ids)
+    assert all(re.fullmatch("[0-9a-v]{16}", i) for i in ids)
+    assert len(set(ids)) == 100
+
+
+async def test_a_stored_message_reads_back_byte_for_byte_with_its_envelope(spool):
+    stored = await spool.store(envelope(), MESSAGE)
+    assert stored.size == len(MESSAGE)
+    assert await spool.read_message(stored.id) == (stored, MESSAGE)
+    assert spool.message_path(stored.id).exists()
+    assert not any(spool.temp_folder.iterdir())
+    assert stat.S_IMODE(spool.message_path(stored.id).stat().st_mode) == 0o600
+
+
+async def test_a_message_is_copied_from_a_file_from_its_position(spool):
+    source = io.BytesIO(b"SKIP" + MESSAGE * 40_000)  # several copy chunks
+    source.seek(4)
+    stored = await spool.store(envelope(), source)
+    assert stored.size == len(MESSAGE) * 40_000
+    assert (await spool.read_message(stored.id))[1] == MESSAGE * 40_000
+
+
+async def test_an_update_replaces_the_envelope_and_a_rescan_sees_it(spool):
+    stored = await spool.store(envelope(), MESSAGE)
+    first, second = stored.recipients
+    changed = attrs.evolve(
+        stored,
+        recipients=(
+            attrs.evolve(first, state=RecipientState.DELIVERED, attempts=1, reply=Reply(250, "2.0.0", "queued as X")),
+            attrs.evolve(second, attempts=1, next_attempt_ms=START_MS + 60_000, reply=Reply(451, "4.3.0", ("a", "b"))),
+        ),
+        warned=True,
+    )
+    await spool.update(changed)
+    assert await spool.read_envelope(stored.id) == changed
+    assert await spool.read_message(stored.id) == (changed, MESSAGE)
+    assert spool.scan().envelopes == [changed]
+
+
+async def test_an_update_of_a_message_not_queued_is_refused(spool):
+    with pytest.raises(FileNotFoundError):
+        await spool.update(envelope())
+    assert not any(spool.temp_folder.iterdir())
+
+
+async def test_a_second_store_under_the_same_id_is_refused(spool):
+    stored = await spool.store(envelope(), MESSAGE)
+    with pytest.raises(FileExistsError):
+        await spool.store(stored, b"other")
+    assert (await spool.read_message(stored.id))[1] == MESSAGE
+
+
+async def test_remove_takes_the_message_and_its_update_away(spool):
+    stored = await spool.store(envelope(), MESSAGE)
+    await spool.update(attrs.evolve(stored, warned=True))
+    await spool.remove(stored.id)
+    assert sorted(p.name for p in spool.folder.iterdir()) == ["corrupt", "failed", "queue.lock", "tmp"]
+    assert spool.scan().envelopes == []
+    with pytest.raises(FileNotFoundError):
+        await spool.read_message(stored.id)
+
+
+async def test_an_expired_message_moves_to_failed_with_its_final_envelope(spool):
+    stored = await spool.store(envelope(), MESSAGE)
+    final = attrs.evolve(stored, recipients=[attrs.evolve(r, state=RecipientState.FAILED) for r in stored.recipients])
+    path = await spool.move_to_failed(final)
+    assert path == spool.failed_folder / f"{stored.id}.msg"
+    assert spool.scan().envelopes == []
+    assert (spool.failed_folder / f"{stored.id}.env").exists()
+
+
+def test_one_process_at_a_time_uses_the_folder(spool):
+    with pytest.raises(SpoolError, match="in use by another process"):
+        Spool.open(spool.folder)
+
+
+def test_the_envelope_codec_ignores_fields_it_does_not_know():
+    original = envelope(recipients=(Recipient("b@example.org", "s1", reply=Reply(550, "5.1.1", "no such user")),))
+    obj = msgpack.unpackb(encode_envelope(original))
+    obj["future"] = [1, 2]
+    obj["recipients"][0]["future"] = "x"
+    assert decode_envelope(msgpack.packb(obj)) == original
+    for bad in (b"\xc1", msgpack.packb([1]), msgpack.packb({"v": 1, "id": "x"}), msgpack.packb({**obj, "id": "../x"})):
+        with pytest.raises(CorruptMessage):
+            decode_envelope(bad)
+
+
+# --- durability: what happens before store returns ---------------------------------------
+
+
+class Recorder:
+    """Wraps os.fsync and os.rename to log what each did, in order, with the file's kind."""
+
+    def __init__(self, monkeypatch, delay_folder_sync: float = 0.0) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.delay = delay_folder_sync
+        real_fsync, real_rename = os.fsync, os.rename
+
+        def fsync(fd):
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            kind = "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+            if kind == "folder" and self.delay:
+                time.sleep(self.delay)  # a slow disk: writers pile up behind the round
+            real_fsync(fd)
+            self.events.append((f"fsync-{kind}", path))
+
+        def rename(source, destination):
+            real_rename(source, destination)
+            self.events.append(("rename", f"{source} -> {destination}"))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "rename", rename)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for event, _ in self.events if event == kind)
+
+
+async def test_the_file_is_synced_then_renamed_then_the_folder_synced_before_store_returns(spool, monkeypatch):
+    recorder = Recorder(monkeypatch)
+    stored = await spool.store(envelope(), MESSAGE)
+    recorder.events.append(("returned", ""))
+    final = str(spool.message_path(stored.id))
+    kinds = [event for event, _ in recorder.events]
+    assert kinds == ["fsync-file", "rename", "fsync-folder", "returned"]
+    assert recorder.events[0][1].startswith(str(spool.temp_folder))
+    assert recorder.events[1][1].endswith(f"-> {final}")
+    assert recorder.events[2][1] == str(spool.folder)
+
+    recorder.events.clear()
+    await spool.update(attrs.evolve(stored, warned=True))
+    recorder.events.append(("returned", ""))
+    assert [event for event, _ in recorder.events] == ["fsync-file", "rename", "fsync-folder", "returned"]
+    assert recorder.events[1][1].endswith(f"-> {spool.envelope_path(stored.id)}")
+
+    recorder.events.clear()
+    await spool.remove(stored.id)
+    recorder.events.append(("returned", ""))
+    assert recorder.events == [("fsync-folder", str(spool.folder)), ("returned", "")]
+
+
+async def test_fifty_concurrent_stores_share_folder_fsyncs(spool, monkeypatch):
+    recorder = Recorder(monkeypatch, delay_folder_sync=0.05)
+    stored: list[Envelope] = []
+
+    async def store(number: int) -> None:
+        stored.append(await spool.store(envelope(number), MESSAGE + b"%d" % number))
+        names = {os.path.basename(path) for event, path in recorder.events if event == "rename"}
+        assert any(name.endswith(f"{stored[-1].id}.msg") for name in names)  # renamed before it returned
+
+    async with trio.open_nursery() as nursery:
+        for number in range(50):
+            nursery.start_soon(store, number)
+    assert recorder.count("fsync-file") == 50
+    # One round for the first writer, then a few for everyone who arrived while it synced.
+    assert recorder.count("fsync-folder") <= 5, recorder.count("fsync-folder")
+    assert spool.commit_rounds == recorder.count("fsync-folder")
+    # Every folder fsync follows the renames of its round: the last event of all is one.
+    assert recorder.events[-1][0] == "fsync-folder"
+    assert sorted(e.id for e in spool.scan().envelopes) == sorted(e.id for e in stored)
+
+
+async def test_a_write_cancelled_before_its_round_leaves_nothing(spool, monkeypatch):
+    recorder = Recorder(monkeypatch, delay_folder_sync=0.2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spool.store, envelope(1), MESSAGE)  # its round holds the next writer back
+        await trio.sleep(0.05)
+        with trio.move_on_after(0.05) as scope:
+            await spool.store(envelope(2), MESSAGE)
+    assert scope.cancelled_caught
+    assert [e.id for e in spool.scan().envelopes] == [envelope(1).id]
+    assert not any(spool.temp_folder.iterdir())
+    assert [path for event, path in recorder.events if event == "rename"] == [
+        f"{spool.temp_folder}/{envelope(1).id}.msg.0 -> {spool.message_path(envelope(1).id)}"
+    ]
+
+
+async def test_a_failed_file_fsync_fails_that_store_only(spool, monkeypatch):
+    real_fsync = os.fsync
+    victim = envelope(7).id
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(spool.temp_folder / victim)):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    errors = []
+
+    async def store(number):
+        try:
+            await spool.store(envelope(number), MESSAGE)
+        except OSError as exc:
+            errors.append((number, exc.errno))
+
+    async with trio.open_nursery() as nursery:
+        for number in range(5, 10):
+            nursery.start_soon(store, number)
+    assert errors == [(7, 5)]
+    assert sorted(e.id for e in spool.scan().envelopes) == sorted(envelope(n).id for n in (5, 6, 8, 9))
+    assert not any(spool.temp_folder.iterdir())
+
+
+# --- rescan -------------------------------------------------------------------------------
+
+
+async def test_a_rescan_quarantines_corrupt_files_and_keeps_the_rest(spool, caplog):
+    good = [await spool.store(envelope(n), MESSAGE) for n in range(3)]
+    whole = spool.message_path(good[0].id).read_bytes()
+    damaged = {
+        "0000000000000001": whole[: len(whole) - 5],  # truncated data
+        "0000000000000002": whole[:20],  # truncated header
+        "0000000000000003": b"garbage" * 10,
+        "0000000000000004": whole[:40] + bytes([whole[40] ^ 1]) + whole[41:],  # a flipped envelope bit
+        "0000000000000005": whole,  # another message's envelope under this name
+    }
+    for name, data in damaged.items():
+        (spool.folder / f"{name}.msg").write_bytes(data)
+    (spool.temp_folder / "half-written.msg.3").write_bytes(whole[:100])
+    (spool.folder / "0000000000000009.env").write_bytes(b"orphan")
+    with caplog.at_level(logging.ERROR, logger="meshmail.mta"):
+        result = spool.scan()
+    assert sorted(e.id for e in result.envelopes) == sorted(e.id for e in good)
+    assert sorted(queue_id for queue_id, _ in result.corrupt) == sorted(damaged)
+    assert (result.temp_files, result.orphans) == (1, 1)
+    assert sorted(p.name for p in spool.corrupt_folder.iterdir()) == sorted(f"{n}.msg" for n in damaged)
+    assert sum("is corrupt" in record.getMessage() for record in caplog.records) == len(damaged)
+    assert spool.scan() == attrs.evolve(result, corrupt=[], temp_files=0, orphans=0)  # nothing left to clean
+
+
+async def test_a_corrupt_envelope_update_falls_back_to_the_first_envelope(spool):
+    stored = await spool.store(envelope(), MESSAGE)
+    spool.envelope_path(stored.id).write_bytes(b"\x89MMQUE\r\n" + b"\0" * 40)
+    result = spool.scan()
+    assert result.envelopes == [stored]
+    assert result.corrupt_updates == 1
+    assert not spool.envelope_path(stored.id).exists()
+
+
+async def test_damaged_data_is_caught_on_read_and_quarantined(spool):
+    stored = await spool.store(envelope(), MESSAGE)
+    path = spool.message_path(stored.id)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x20
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptMessage, match="data checksum"):
+        await spool.read_message(stored.id)
+    await spool.quarantine(stored.id, "data checksum mismatch")
+    assert (spool.corrupt_folder / path.name).exists()
+    assert spool.scan().envelopes == []
+
+
+# --- a real process killed while it writes -------------------------------------------------
+
+CHILD = r"""
+import random, sys, trio
+from meshmail.mta.spool import Envelope, Recipient, RecipientState, Spool, new_queue_id
+import attrs
+
+folder, seed = sys.argv[1], int(sys.argv[2])
+rng = random.Random(seed)
+
+async def writer(spool, worker):
+    number = 0
+    while True:
+        number += 1
+        data = (b"Subject: %d/%d\r\n\r\n" % (worker, number)) + rng.randbytes(rng.randrange(50_000))
+        env = Envelope(id=new_queue_id(seed * 1000 + worker, number * 64 + worker), sender="a@example.net",
+                       recipients=[Recipient("b@example.org", "s1")], received_ms=seed)
+        env = await spool.store(env, data)
+        print("stored", env.id, env.size, flush=True)
+        if number % 3 == 0:
+            env = attrs.evolve(env, recipients=[attrs.evolve(env.recipients[0], attempts=number)])
+            await spool.update(env)
+            print("updated", env.id, number, flush=True)
+        if number % 5 == 0:
+            print("removing", env.id, flush=True)  # from here on it may be gone
+            await spool.remove(env.id)
+
+async def main():
+    spool = Spool.open(folder)
+    print("ready", flush=True)
+    async with trio.open_nursery() as nursery:
+        for worker in range(8):
+            nursery.start_soon(writer, spool, worker)
+
+trio.run(main)
+"""
+
+
+def test_a_process_killed_while_it_stores_leaves_whole_messages_or_nothing(tmp_path):
+    rng = random.Random(7)
+    folder = tmp_path / "queue"
+    acknowledged: dict[str, int] = {}  # id -> size, for every store that returned
+    attempts: dict[str, int] = {}
+    removing: set[str] = set()
+    for round_ in range(20):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(folder), str(round_)], stdout=subprocess.PIPE, cwd=REPO
+        )
+        assert child.stdout.readline() == b"ready\n"
+        time.sleep(rng.uniform(0.0, 0.4))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        for line in child.stdout.read().decode().splitlines():
+            verb, queue_id, *rest = line.split()
+            if verb == "stored":
+                acknowledged[queue_id] = int(rest[0])
+            elif verb == "updated":
+                attempts[queue_id] = int(rest[0])
+            else:
+                removing.add(queue_id)
+        child.stdout.close()
+
+        spool = Spool.open(folder)
+        try:
+            result = spool.scan()
+            assert result.corrupt == [] and result.corrupt_updates == 0, f"round {round_}"
+            found = {e.id: e for e in result.envelopes}
+            assert set(acknowledged) - removing <= set(found), f"round {round_}: an acknowledged message is missing"
+            for queue_id, env in found.items():
+                got, data = trio.run(spool.read_message, queue_id)  # data checksum verified
+                assert len(data) == env.size == got.size
+                if queue_id in acknowledged:
+                    assert env.size == acknowledged[queue_id]
+                if queue_id in attempts and queue_id not in removing:
+                    assert env.recipients[0].attempts == attempts[queue_id], f"round {round_}: update lost"
+            assert not any(spool.temp_folder.iterdir())
+        finally:
+            spool.close()
+    assert len(acknowledged) > 100  # the kills landed among many writes
