@@ -29,6 +29,7 @@ from .gossip.memberlist import Memberlist
 from .gossip.messages import State
 from .gossip.transport import NetTransport
 from .metrics import Metrics
+from .mta import service as mta_service
 from .proxy import service as proxy_service
 from .replication import Replication
 from .routing import Router
@@ -62,7 +63,11 @@ class NodeError(MeshmailError):
 #: The services each role runs, in start order, after gossip. A new service is a package
 #: with a `serve(ctx, *, task_status)` and one entry here.
 ROLE_SERVICES: dict[str, tuple[Service, ...]] = {
-    "master": (Service("http", web_server.serve), Service("proxy", proxy_service.serve)),
+    "master": (
+        Service("http", web_server.serve),
+        Service("proxy", proxy_service.serve),
+        Service("mx", mta_service.serve),
+    ),
     "slave": (Service("slave", slave_service.serve), Service("http", web_server.serve)),
 }
 

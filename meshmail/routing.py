@@ -65,10 +65,12 @@ class Route:
 
 @attrs.frozen
 class NoRoute:
-    """Why an address cannot be routed: `reason` is one of REASONS, `detail` is for people."""
+    """Why an address cannot be routed: `reason` is one of REASONS, `detail` is for people,
+    `slave` the slave the address belongs to when the state names one (mail for it can wait)."""
 
     reason: str
     detail: str
+    slave: str = ""
 
 
 class Router:
@@ -106,23 +108,34 @@ class Router:
             if entry is None:
                 return NoRoute(UNKNOWN_DOMAIN, f"no slave hosts {domain}")
             slave = entry.slave
+        return self._to(slave, protocol, f"slave {slave} of {key}")
+
+    def route_to(self, slave: str, protocol: str) -> Route | NoRoute:
+        """The Route to `slave` over `protocol` (for mail kept for it), or why there is none."""
+        if protocol not in _SERVICES:
+            raise ValueError(f"unknown protocol {protocol!r} (known: {', '.join(SERVICES)})")
+        return self._to(slave, protocol, f"slave {slave}")
+
+    def _to(self, slave: str, protocol: str, who: str) -> Route | NoRoute:
         member = self._member(slave)
         if member is None:
             self._endpoints.pop(slave, None)
-            return NoRoute(SLAVE_UNKNOWN, f"slave {slave} of {key} is not a member of the cluster")
+            return NoRoute(SLAVE_UNKNOWN, f"{who} is not a member of the cluster", slave)
         state = member.state
         if state in _DOWN:
-            return NoRoute(SLAVE_DOWN, f"slave {slave} of {key} is {state.name.lower()}")
+            return NoRoute(SLAVE_DOWN, f"{who} is {state.name.lower()}", slave)
         cached = self._endpoints.get(slave)
         if cached is None or cached[0] != member.incarnation or cached[1] != member.meta:
             cached = self._parse(member)
         found = cached[2].get(protocol)
         if type(found) is not tuple:
             why = found or "publishes none"
-            return NoRoute(NO_ENDPOINT, f"slave {slave} has no {protocol} endpoint: {why}")
+            return NoRoute(NO_ENDPOINT, f"slave {slave} has no {protocol} endpoint: {why}", slave)
         endpoint, address = found
         if not endpoint.up:
-            return NoRoute(SERVICE_DOWN, f"the {protocol} service of slave {slave} does not answer its health probe")
+            return NoRoute(
+                SERVICE_DOWN, f"the {protocol} service of slave {slave} does not answer its health probe", slave
+            )
         return Route(slave, address, state, endpoint.transport, endpoint.client_address)
 
     def _parse(self, member: MemberInfo) -> tuple[int, bytes, dict[str, tuple[Endpoint, tuple[str, int]] | str]]:

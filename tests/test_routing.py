@@ -129,7 +129,7 @@ def test_only_alive_and_suspect_route(world, state):
     if state in (State.ALIVE, State.SUSPECT):
         assert result == Route("s1", ("imap1.example", 143), state)
     else:
-        assert result == NoRoute(SLAVE_DOWN, f"slave s1 of a@example.com is {state.name.lower()}")
+        assert result == NoRoute(SLAVE_DOWN, f"slave s1 of a@example.com is {state.name.lower()}", "s1")
 
 
 def test_members_as_a_function(world):

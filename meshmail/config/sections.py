@@ -563,6 +563,99 @@ class ProxySection:
         return self.cert is not None
 
 
+# --- [mx] -----------------------------------------------------------------------------------
+
+
+def _mx_listener(value: object) -> Address | None:
+    if value is False:
+        return None
+    return address(port_zero=True)(value)
+
+
+def _optional_address(value: object) -> Address | None:
+    if value is False or value == "":
+        return None
+    return address()(value)
+
+
+@attrs.frozen
+class MxSection:
+    """The MX of a master: inbound mail for the cluster's domains. Mail for a slave that answers
+    goes straight through (the 250 comes after the slave took it); mail for a slave that is down
+    is kept on disk (fsync'd before the 250) and delivered when it is back. Mail for any other
+    domain is refused: no master is an open relay. STARTTLS uses the [proxy] certificate."""
+
+    listen: Address | None = setting(
+        Address("0.0.0.0", 25), _mx_listener, doc="Where other mail servers connect (SMTP); false turns the MX off."
+    )
+    hostname: str | None = setting(
+        None,
+        non_empty,
+        doc="The name in the greeting and the Received header; by default the machine's fully qualified name.",
+        example="mx1.example.net",
+    )
+    max_message_size: int = setting(
+        25 * 1024 * 1024, integer, doc="Largest message accepted, in bytes (announced with SIZE)."
+    )
+    max_recipients: int = setting(100, integer, doc="Recipients accepted per message (452 past it).")
+    max_sessions: int = setting(1000, integer, doc="SMTP sessions open at once on this master.")
+    max_sessions_per_client: int = setting(20, integer, doc="SMTP sessions open at once from one client address.")
+    connections_per_minute: int = setting(
+        120, integer, doc="New connections one client address may open per minute; more get 421."
+    )
+    messages_per_minute: int = setting(
+        240, integer, doc="Messages one client address may send per minute; more get 451 at MAIL."
+    )
+    greeting_delay: float = setting(
+        0.0,
+        seconds(0),
+        doc="Seconds to wait before the greeting; a client that talks first is refused (spam software often"
+        " does). 0 greets at once.",
+    )
+    command_timeout: float = setting(300.0, seconds(1), doc="Silence allowed between commands (RFC 5321: 5 min).")
+    data_timeout: float = setting(600.0, seconds(1), doc="Silence allowed inside DATA (RFC 5321: 10 min).")
+    memory: int = setting(
+        256 * 1024 * 1024,
+        integer,
+        doc="Bytes of messages held in memory at once across sessions while they are received; a message past"
+        " it gets 452 (try later).",
+    )
+    verify_recipients: bool = setting(
+        True,
+        boolean,
+        doc="Ask the slave about each recipient at RCPT (answers kept for a minute), so unknown users are refused"
+        " there and no bounce goes to forged senders. A slave that is down cannot be asked: its mail is accepted.",
+    )
+    delivery_timeout: float = setting(
+        120.0, seconds(1), doc="Time a slave has to take one message, from connect to its last reply (seconds)."
+    )
+    retry_min: float = setting(60.0, seconds(1), doc="First wait before a queued message is tried again (seconds).")
+    retry_max: float = setting(3600.0, seconds(1), doc="Longest wait between tries; the wait doubles up to it.")
+    queue_lifetime: float = setting(
+        5 * 86400.0, seconds(60), doc="Time a message may wait in the queue before it is bounced (seconds)."
+    )
+    delay_warning: float = setting(
+        4 * 3600.0,
+        seconds(0),
+        doc="After this long in the queue the sender is told the message is delayed (once); 0 never tells.",
+    )
+    smarthost: Address | None = setting(
+        None,
+        _optional_address,
+        doc="Where bounces to senders outside the cluster go (host:port, SMTP); without it they are kept in"
+        " DATA_DIR/queue/failed/ and logged.",
+        example="192.0.2.25:25",
+    )
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("max_message_size", "max_recipients", "max_sessions", "max_sessions_per_client",
+                     "connections_per_minute", "messages_per_minute", "memory"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise BadValue("must be at least 1", name)
+        if self.retry_max < self.retry_min:
+            raise BadValue("must be at least retry_min", "retry_max")
+
+
 # --- the file -------------------------------------------------------------------------------
 
 
@@ -622,6 +715,14 @@ class Config:
         None,
         doc="The IMAP, POP3 and submission proxy of a master (without this table a master proxies nothing)."
         " Relative paths are under node.data_dir.",
+        roles=("master",),
+    )
+
+    mx: MxSection = section(
+        MxSection,
+        MxSection(),
+        doc="The MX of a master: inbound mail for the cluster's domains, straight to the slave or kept on disk"
+        " until it is back. On by default on masters (port 25).",
         roles=("master",),
     )
 

@@ -166,17 +166,21 @@ class Connector:
         return wrapped
 
 
-def backend_contexts(section: ProxySection, tls: TlsSection | None, data_dir: str) -> Callable[[str], ssl.SSLContext]:
+def backend_contexts(
+    section: ProxySection | None, tls: TlsSection | None, data_dir: str
+) -> Callable[[str], ssl.SSLContext]:
     """The TLS context for each slave: its proxy.backend_cas file, else proxy.backend_ca, else the
-    cluster CA, else the system's CAs; none checks anything with tls_verify = false. Contexts
-    are built once per file (a bad file raises OSError or ssl.SSLError at once)."""
-    if not section.tls_verify:
+    cluster CA, else the system's CAs; none checks anything with tls_verify = false (without
+    [proxy]: the cluster CA checks all). Contexts are built once per file (a bad file raises
+    OSError or ssl.SSLError at once). The MX's deliveries use the same."""
+    if section is not None and not section.tls_verify:
         unchecked = ssl.create_default_context()
         unchecked.check_hostname = False
         unchecked.verify_mode = ssl.CERT_NONE
         log.warning("proxy.tls_verify is false: the slaves' certificates are not checked")
         return lambda slave: unchecked
-    default_file = section.backend_ca or (tls.ca if tls is not None else None)
+    per_slave = section.backend_cas if section is not None else {}
+    default_file = (section.backend_ca if section is not None else None) or (tls.ca if tls is not None else None)
     built: dict[str | None, ssl.SSLContext] = {}
 
     def context_for(path: str | None) -> ssl.SSLContext:
@@ -184,6 +188,6 @@ def backend_contexts(section: ProxySection, tls: TlsSection | None, data_dir: st
             built[path] = ssl.create_default_context(cafile=None if path is None else os.path.join(data_dir, path))
         return built[path]
 
-    for path in {default_file, *section.backend_cas.values()}:
+    for path in {default_file, *per_slave.values()}:
         context_for(path)
-    return lambda slave: context_for(section.backend_cas.get(slave, default_file))
+    return lambda slave: context_for(per_slave.get(slave, default_file))

@@ -16,6 +16,11 @@ MESHMAIL = [sys.executable, "-m", "meshmail"]
 DATA_DIRS: list[str] = []
 
 
+#: The MX of a test master: on loopback, a port from the kernel (the default, 0.0.0.0:25, is
+#: one per machine).
+MX_LOOPBACK = '[mx]\nlisten = "127.0.0.1:0"\n'
+
+
 def new_key_b64() -> str:
     return base64.b64encode(os.urandom(32)).decode("ascii")
 
@@ -40,7 +45,7 @@ profile = "local"
 [http]
 bind = "127.0.0.1:0"
 {extra}
-"""
+{"" if "[mx]" in extra else MX_LOOPBACK}"""
 
 
 def set_key(text: str, section: str, key: str, value: str | None) -> str:
@@ -62,11 +67,14 @@ def set_key(text: str, section: str, key: str, value: str | None) -> str:
 
 def bound_to(text: str, gossip: int, http: int) -> str:
     """`text` with [gossip] and [http] bound to these ports (on their bind hosts) and without
-    advertise addresses: a node the tests start advertises what it bound."""
+    advertise addresses: a node the tests start advertises what it bound. Its MX, unless the
+    config places it, listens on loopback at a port from the kernel."""
     for section, port in (("gossip", gossip), ("http", http)):
         host = _value(text, section, "bind").rsplit(":", 1)[0]
         text = set_key(text, section, "bind", json.dumps(f"{host}:{port}"))
         text = set_key(text, section, "advertise", None)
+    if "\n[mx]" not in text:
+        text = text.rstrip("\n") + "\n\n" + MX_LOOPBACK
     return text
 
 

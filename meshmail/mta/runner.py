@@ -1,0 +1,328 @@
+"""The MX's queue at work: taking a finished message from a session (in-line delivery to the
+slaves that answer, the rest kept on disk before the 250), and the delivery loop that retries
+what waits (per slave, backoff with jitter, at once when a slave comes back), bounces what a
+slave refuses for good or what waited past the queue lifetime (RFC 3464 DSNs).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+from collections.abc import Iterable
+
+import attrs
+import trio
+
+from ..core.clock import wall_ms
+from ..protocols.lmtp import Transaction
+from ..protocols.mx import MailFrom
+from ..protocols.smtp import Reply
+from ..routing import NoRoute, Route, Router
+from . import dsn
+from .deliver import UNREACHABLE, Client, Deliverer, resolve, route_to
+from .queue import Queue, Settlement, expire
+from .spool import (
+    CorruptMessage,
+    Envelope,
+    Recipient,
+    RecipientState,
+    Spool,
+    new_queue_id,
+)
+
+log = logging.getLogger("meshmail.mta")
+
+NOT_QUEUED = Reply(451, "4.3.0", "Cannot keep the message now, try again later")
+#: How often the loop looks for due messages and returning slaves without being woken.
+TICK = 1.0
+#: Messages one delivery round takes from a slave's queue.
+BATCH = 50
+#: How often messages past the queue lifetime are looked for (seconds).
+SWEEP = 300.0
+
+
+@attrs.define(eq=False)
+class Runner:
+    """The spool and its index, and what delivers from them. `origin` is this node's name."""
+
+    spool: Spool
+    queue: Queue
+    deliverer: Deliverer
+    router: Router
+    hostname: str
+    origin: str
+    rng: random.Random = attrs.field(factory=random.SystemRandom)
+    #: Deliveries and bounces by result, for /status.
+    results: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+    _up: dict[str, bool] = attrs.field(factory=dict)
+    _busy: set[str] = attrs.field(factory=set)
+    _locks: dict[str, trio.Lock] = attrs.field(factory=dict)
+
+    def new_id(self) -> str:
+        return new_queue_id(wall_ms(), self.rng.getrandbits(32))
+
+    # --- a message from a session ----------------------------------------------------------
+
+    async def accept(
+        self, queue_id: str, sender: MailFrom, recipients: list[tuple[str, Route | NoRoute, str]], data: bytes,
+        client: Client,
+    ) -> Reply:  # fmt: skip
+        """Deliver `data` to the recipients' slaves that answer and keep the rest; the reply to
+        the end of DATA (the slave's refusal when every recipient was refused for good)."""
+        replies: dict[int, Reply] = {}
+        by_slave: dict[str, list[int]] = collections.defaultdict(list)
+        for index, (_, route, _) in enumerate(recipients):
+            if isinstance(route, Route):
+                by_slave[route.slave].append(index)
+
+        async def deliver(indices: list[int]) -> None:
+            _, route, protocol = recipients[indices[0]]
+            assert isinstance(route, Route)
+            transaction = _transaction(
+                sender, [recipients[i][0] for i in indices], len(data)
+            )
+            answers = await self.deliverer.deliver(
+                route, protocol, transaction, data, client
+            )
+            replies.update(zip(indices, answers, strict=True))
+
+        async with trio.open_nursery() as nursery:
+            for indices in by_slave.values():
+                nursery.start_soon(deliver, indices)
+        now = wall_ms()
+        records = [
+            _record(address, route, replies.get(i), now, self.queue)
+            for i, (address, route, _) in enumerate(recipients)
+        ]
+        envelope = Envelope(
+            queue_id,
+            sender.reverse_path,
+            records,
+            now,
+            client.address[0],
+            client.helo,
+            len(data),
+            self.origin,
+        )
+        delivered = [r for r in records if r.state is RecipientState.DELIVERED]
+        failed = [r for r in records if r.state is RecipientState.FAILED]
+        self.results["delivered"] += len(delivered)
+        if envelope.queued():
+            try:
+                envelope = await self.spool.store(envelope, data)
+            except OSError as exc:
+                log.error("message %s not queued: %s", queue_id, exc)
+                return NOT_QUEUED
+            self.queue.add(envelope)
+            self.results["queued"] += len(envelope.queued())
+        elif not delivered:
+            self.results["refused"] += len(failed)
+            return failed[0].reply or NOT_QUEUED
+        log.info(
+            "message %s from <%s> via %s: %d delivered, %d queued, %d failed",
+            queue_id, sender.reverse_path, client.address[0], len(delivered), len(envelope.queued()), len(failed),
+        )  # fmt: skip
+        if failed:
+            await self._bounce(envelope, failed, data)
+        what = "queued" if envelope.queued() else "delivered"
+        return Reply(250, "2.0.0", f"Ok: {what} as {queue_id}")
+
+    # --- the delivery loop --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Deliver what is due, slave by slave, until cancelled."""
+        next_sweep = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = wall_ms()
+                self._kick_returned(now)
+                for slave in self.queue.slaves():
+                    if slave not in self._busy and (
+                        entries := self.queue.due(slave, now, BATCH)
+                    ):
+                        self._busy.add(slave)
+                        nursery.start_soon(
+                            self._round, slave, [entry.id for entry in entries]
+                        )
+                if trio.current_time() >= next_sweep:
+                    next_sweep = trio.current_time() + SWEEP
+                    nursery.start_soon(self._sweep, now)
+                with trio.move_on_after(TICK):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    def _kick_returned(self, now: int) -> None:
+        """Make a slave's waiting messages due at once when it answers again."""
+        for slave in self.queue.slaves():
+            up = isinstance(route_to(self.router, slave)[0], Route)
+            if up and self._up.get(slave) is False:
+                log.info(
+                    "slave %s is back: delivering its %d queued message(s)",
+                    slave,
+                    self.queue.kick(slave, now),
+                )
+            self._up[slave] = up
+
+    async def _round(self, slave: str, ids: list[str]) -> None:
+        try:
+            for queue_id in ids:
+                async with self._lock(queue_id):
+                    await self._attempt(slave, queue_id)
+        finally:
+            self._busy.discard(slave)
+            self._wake.set()
+
+    async def _attempt(self, slave: str, queue_id: str) -> None:
+        try:
+            envelope, data = await self.spool.read_message(queue_id)
+        except (CorruptMessage, OSError) as exc:
+            log.error(
+                "queued message %s cannot be read (%s): moved aside", queue_id, exc
+            )
+            self.queue.remove(queue_id)
+            await self.spool.quarantine(queue_id, str(exc))
+            return
+        recipients = envelope.queued(slave)
+        if not recipients:
+            self.queue.release(queue_id, slave)
+            return
+        route, protocol = route_to(self.router, slave)
+        addresses = [r.address for r in recipients]
+        if isinstance(route, Route):
+            transaction = _transaction(MailFrom(envelope.sender), addresses, len(data))
+            client = (
+                Client((envelope.client_address, 0), ("0.0.0.0", 0), envelope.helo)
+                if envelope.client_address
+                else None
+            )
+            replies = await self.deliverer.deliver(
+                route, protocol, transaction, data, client
+            )
+        else:
+            replies = [UNREACHABLE] * len(addresses)
+        await self._settle(
+            self.queue.settle(
+                envelope, slave, dict(zip(addresses, replies, strict=True)), wall_ms()
+            ),
+            data,
+        )
+
+    async def _settle(self, result: Settlement, data: bytes) -> None:
+        envelope = result.envelope
+        self.results["delivered"] += len(result.delivered)
+        self.results["deferred"] += len(envelope.queued(result.slave))
+        if result.done:
+            await self.spool.remove(envelope.id)
+        else:
+            await self.spool.update(envelope)
+        if result.delivered:
+            log.info(
+                "queued message %s delivered to %d recipient(s) at %s",
+                envelope.id,
+                len(result.delivered),
+                result.slave,
+            )
+        if result.failed:
+            await self._bounce(envelope, list(result.failed), data)
+        if result.delayed:
+            await self._bounce(envelope, list(result.delayed), data, dsn.DELAYED)
+
+    async def _sweep(self, now: int) -> None:
+        """Bounce the messages past the queue lifetime whose slave never got to try them."""
+        for queue_id in self.queue.expired(now):
+            async with self._lock(queue_id):
+                try:
+                    envelope, data = await self.spool.read_message(queue_id)
+                except (CorruptMessage, OSError):
+                    continue
+                result = expire(envelope, now, self.queue.policy)
+                if result is not None:
+                    self.queue.apply(result)
+                    await self._settle(result, data)
+
+    def _lock(self, queue_id: str) -> _HeldLock:
+        return _HeldLock(self._locks, queue_id)
+
+    # --- bounces -----------------------------------------------------------------------------
+
+    async def _bounce(
+        self,
+        envelope: Envelope,
+        recipients: list[Recipient],
+        data: bytes,
+        action: str = dsn.FAILED,
+    ) -> None:
+        """Tell the sender about `recipients` (failed, or delayed): a DSN kept in the queue for
+        the sender's slave. Never to the null sender; a sender outside the cluster gets it only
+        through a smarthost (not yet: logged and counted)."""
+        notification = dsn.build(envelope, recipients, data, hostname=self.hostname, now_ms=wall_ms(), action=action,
+                                 retry_until_ms=envelope.received_ms + self.queue.policy.lifetime_ms)  # fmt: skip
+        if notification is None:
+            return
+        route, _ = resolve(self.router, notification.recipient)
+        slave = route.slave
+        if not slave:
+            self.results["bounces_unsent"] += 1
+            log.warning("%s notice for message %s to <%s> not sent: the sender is outside the cluster",
+                        action, envelope.id, notification.recipient)  # fmt: skip
+            return
+        now = wall_ms()
+        notice = Envelope(self.new_id(), "", [Recipient(notification.recipient, slave, next_attempt_ms=now)], now,
+                          origin=self.origin)  # fmt: skip
+        try:
+            notice = await self.spool.store(notice, notification.data)
+        except OSError as exc:
+            log.error(
+                "%s notice for message %s not queued: %s", action, envelope.id, exc
+            )
+            return
+        self.queue.add(notice)
+        self.results["bounces" if action == dsn.FAILED else "delay_warnings"] += 1
+        self._wake.set()
+
+
+@attrs.define
+class _HeldLock:
+    """A lock per queue id, dropped when nobody holds or waits for it."""
+
+    locks: dict[str, trio.Lock]
+    key: str
+
+    async def __aenter__(self) -> None:
+        await self.locks.setdefault(self.key, trio.Lock()).acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        lock = self.locks[self.key]
+        lock.release()
+        if not lock.statistics().tasks_waiting:
+            del self.locks[self.key]
+
+
+def _transaction(sender: MailFrom, addresses: Iterable[str], size: int) -> Transaction:
+    return Transaction(
+        sender.reverse_path,
+        tuple(addresses),
+        size=size,
+        body="8BITMIME",
+        smtputf8=sender.smtputf8,
+    )
+
+
+def _record(
+    address: str, route: Route | NoRoute, reply: Reply | None, now: int, queue: Queue
+) -> Recipient:
+    """The spool record of one recipient after the in-line attempt (`reply`; None: not tried)."""
+    if reply is not None and reply.positive:
+        return Recipient(address, route.slave, RecipientState.DELIVERED, 1, 0, reply)
+    if reply is not None and reply.code >= 500:
+        return Recipient(address, route.slave, RecipientState.FAILED, 1, 0, reply)
+    attempts = 0 if reply is None else 1
+    return Recipient(
+        address,
+        route.slave,
+        attempts=attempts,
+        next_attempt_ms=now + queue.policy.delay_ms(max(attempts, 1), queue.rng),
+        reply=reply,
+    )
