@@ -69,8 +69,8 @@ class Deliverer:
     connector: Connector
     hostname: str
     timeout: float = 120.0
-    _verified: collections.OrderedDict[tuple[str, str], tuple[float, Reply]] = (
-        attrs.field(factory=collections.OrderedDict)
+    _verified: collections.OrderedDict[tuple[str, str], tuple[float, Reply]] = attrs.field(
+        factory=collections.OrderedDict
     )
 
     async def deliver(
@@ -90,9 +90,7 @@ class Deliverer:
                 ssl.SSLError, ProtocolError):  # fmt: skip
             return [UNREACHABLE] * len(transaction.recipients)
 
-    async def verify(
-        self, route: Route, protocol: str, sender: str, address: str
-    ) -> Reply:
+    async def verify(self, route: Route, protocol: str, sender: str, address: str) -> Reply:
         """The slave's answer to RCPT for `address` (cached for VERIFY_TTL); UNREACHABLE when
         it cannot say."""
         key = (route.slave, address.lower())
@@ -121,9 +119,7 @@ class Deliverer:
         try:
             local = stream.socket.getsockname()[:2]
             origin = client.address if client is not None else local
-            stream = await self.connector.prepare(
-                stream, route, origin, client.local if client else local
-            )
+            stream = await self.connector.prepare(stream, route, origin, client.local if client else local)
             codec = lmtp.DeliveryClient(
                 lmtp=protocol == "lmtp",
                 ehlo_name=self.hostname,
@@ -168,11 +164,7 @@ class Deliverer:
             elif isinstance(event, lmtp.Failed):
                 if out := codec.data_to_send():
                     await stream.send_all(out)
-                reply = (
-                    event.reply
-                    if event.reply is not None and not event.reply.positive
-                    else UNREACHABLE
-                )
+                reply = event.reply if event.reply is not None and not event.reply.positive else UNREACHABLE
                 return results or [reply] * len(transaction.recipients)
             elif isinstance(event, Closed):
                 if results is None:
@@ -189,6 +181,4 @@ def _xclient(route: Route, client: Client | None) -> Xclient | None:
 def _xforward(client: Client | None) -> lmtp.Xforward | None:
     if client is None:
         return None
-    return lmtp.Xforward(
-        client.address[0], client.address[1], helo=client.helo or None, proto="ESMTP"
-    )
+    return lmtp.Xforward(client.address[0], client.address[1], helo=client.helo or None, proto="ESMTP")

@@ -33,9 +33,7 @@ class Notification:
 
 
 def _date(ms: int) -> str:
-    return email.utils.format_datetime(
-        datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
-    )
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC))
 
 
 def _status(reply: Reply | None, action: str) -> str:
@@ -62,9 +60,7 @@ def original_headers(data: bytes) -> bytes:
     return b"".join(lines)
 
 
-def _recipient_fields(
-    recipient: Recipient, action: str, now_ms: int, retry_until_ms: int | None
-) -> list[str]:
+def _recipient_fields(recipient: Recipient, action: str, now_ms: int, retry_until_ms: int | None) -> list[str]:
     fields = [
         f"Final-Recipient: rfc822; {recipient.address}",
         f"Action: {action}",
@@ -92,10 +88,7 @@ def _explanation(action: str, recipients: Sequence[Recipient], hostname: str) ->
             "Your message has not been delivered yet to one or more recipients. It is still\r\n"
             "queued and will be retried; you do not need to send it again.\r\n"
         )
-    listed = "".join(
-        f"\r\n<{r.address}>: {r.reply if r.reply is not None else 'no reply'}"
-        for r in recipients
-    )
+    listed = "".join(f"\r\n<{r.address}>: {r.reply if r.reply is not None else 'no reply'}" for r in recipients)
     return opening + listed + "\r\n"
 
 
@@ -123,11 +116,7 @@ def build(
     rng = rng or random.SystemRandom()
     token = f"{rng.getrandbits(64):016x}"
     boundary = f"{envelope.id}.{token}/{hostname}"
-    subject = (
-        "Undelivered Mail Returned to Sender"
-        if action == FAILED
-        else "Delayed Mail (still being retried)"
-    )
+    subject = "Undelivered Mail Returned to Sender" if action == FAILED else "Delayed Mail (still being retried)"
     headers = original_headers(data)
     eight_bit = any(byte > 0x7F for byte in headers)
     per_message = [
@@ -138,10 +127,7 @@ def build(
         per_message.append(f"Received-From-MTA: dns; {envelope.helo}")
     per_message.append(f"Arrival-Date: {_date(envelope.received_ms)}")
     blocks = ["\r\n".join(per_message)]
-    blocks += [
-        "\r\n".join(_recipient_fields(r, action, now_ms, retry_until_ms))
-        for r in recipients
-    ]
+    blocks += ["\r\n".join(_recipient_fields(r, action, now_ms, retry_until_ms)) for r in recipients]
     status = "\r\n\r\n".join(blocks) + "\r\n"
     top = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
@@ -168,13 +154,9 @@ def build(
         f"--{boundary}",
         "Content-Type: text/rfc822-headers",
         f"Content-Transfer-Encoding: {'8bit' if eight_bit else '7bit'}",
-        "Content-Description: Undelivered message headers"
-        if action == FAILED
-        else "Content-Description: Headers",
+        "Content-Description: Undelivered message headers" if action == FAILED else "Content-Description: Headers",
         "",
         "",
     ]
-    body = (
-        "\r\n".join(top).encode("utf-8") + headers + f"\r\n--{boundary}--\r\n".encode()
-    )
+    body = "\r\n".join(top).encode("utf-8") + headers + f"\r\n--{boundary}--\r\n".encode()
     return Notification(envelope.sender, body)

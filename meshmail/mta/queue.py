@@ -135,26 +135,18 @@ def settle(
     ):
         delayed = envelope.queued()
         envelope = attrs.evolve(envelope, warned=True)
-    expired_failures = expired and any(
-        r.reply is None or r.reply.temporary for r in failed
-    )
-    return Settlement(
-        envelope, slave, tuple(delivered), tuple(failed), expired_failures, delayed
-    )
+    expired_failures = expired and any(r.reply is None or r.reply.temporary for r in failed)
+    return Settlement(envelope, slave, tuple(delivered), tuple(failed), expired_failures, delayed)
 
 
-def _after(
-    recipient: Recipient, reply: Reply, attempts: int, retry_at: int, expired: bool
-) -> Recipient:
+def _after(recipient: Recipient, reply: Reply, attempts: int, retry_at: int, expired: bool) -> Recipient:
     if reply.positive:
         state, retry_at = RecipientState.DELIVERED, 0
     elif reply.temporary and not expired:
         state = RecipientState.QUEUED
     else:
         state, retry_at = RecipientState.FAILED, 0
-    return attrs.evolve(
-        recipient, state=state, attempts=attempts, next_attempt_ms=retry_at, reply=reply
-    )
+    return attrs.evolve(recipient, state=state, attempts=attempts, next_attempt_ms=retry_at, reply=reply)
 
 
 def expire(envelope: Envelope, now_ms: int, policy: RetryPolicy) -> Settlement | None:
@@ -164,16 +156,11 @@ def expire(envelope: Envelope, now_ms: int, policy: RetryPolicy) -> Settlement |
     if now_ms - envelope.received_ms < policy.lifetime_ms:
         return None
     failed = [
-        attrs.evolve(
-            r, state=RecipientState.FAILED, next_attempt_ms=0, reply=r.reply or EXPIRED
-        )
+        attrs.evolve(r, state=RecipientState.FAILED, next_attempt_ms=0, reply=r.reply or EXPIRED)
         for r in envelope.queued()
     ]
     by_address = {(r.address, r.slave): r for r in failed}
-    recipients = [
-        by_address.get((r.address, r.slave), r) if r.queued else r
-        for r in envelope.recipients
-    ]
+    recipients = [by_address.get((r.address, r.slave), r) if r.queued else r for r in envelope.recipients]
     slaves = envelope.slaves()
     return Settlement(
         attrs.evolve(envelope, recipients=recipients),
@@ -304,12 +291,7 @@ class Queue:
         flight (not due again) until settle or release."""
         queue = self._slaves.get(slave)
         taken: list[Entry] = []
-        while (
-            queue
-            and queue.heap
-            and queue.heap[0][0] <= now_ms
-            and (limit is None or len(taken) < limit)
-        ):
+        while queue and queue.heap and queue.heap[0][0] <= now_ms and (limit is None or len(taken) < limit):
             entry = queue.live(heapq.heappop(queue.heap))
             if entry is not None:
                 entry.in_flight = True
@@ -357,9 +339,7 @@ class Queue:
     ) -> Settlement:
         """`settle` (the function) with this queue's policy and rng; the index follows the
         result. The caller stores the settlement's envelope (or removes the message)."""
-        result = settle(
-            envelope, slave, replies, now_ms, self.policy, self.rng, fallback=fallback
-        )
+        result = settle(envelope, slave, replies, now_ms, self.policy, self.rng, fallback=fallback)
         self.apply(result)
         return result
 
@@ -405,9 +385,7 @@ class Queue:
         for slave, queue in self._slaves.items():
             per_slave[slave] = SlaveStats(len(queue.entries), queue.bytes)
             ids.update(queue.entries)
-            oldest = min(
-                [oldest, *(entry.received_ms for entry in queue.entries.values())]
-            )
+            oldest = min([oldest, *(entry.received_ms for entry in queue.entries.values())])
         shadows = [entry for held in self._shadows.values() for entry in held.values()]
         return QueueStats(
             slaves=per_slave,

@@ -80,12 +80,8 @@ class Runner:
         async def deliver(indices: list[int]) -> None:
             _, route, protocol = recipients[indices[0]]
             assert isinstance(route, Route)
-            transaction = _transaction(
-                sender, [recipients[i][0] for i in indices], len(data)
-            )
-            answers = await self.deliverer.deliver(
-                route, protocol, transaction, data, client
-            )
+            transaction = _transaction(sender, [recipients[i][0] for i in indices], len(data))
+            answers = await self.deliverer.deliver(route, protocol, transaction, data, client)
             replies.update(zip(indices, answers, strict=True))
 
         async with trio.open_nursery() as nursery:
@@ -93,8 +89,7 @@ class Runner:
                 nursery.start_soon(deliver, indices)
         now = wall_ms()
         records = [
-            _record(address, route, replies.get(i), now, self.queue)
-            for i, (address, route, _) in enumerate(recipients)
+            _record(address, route, replies.get(i), now, self.queue) for i, (address, route, _) in enumerate(recipients)
         ]
         envelope = Envelope(
             queue_id,
@@ -139,13 +134,9 @@ class Runner:
                 now = wall_ms()
                 self._kick_returned(now)
                 for slave in self.queue.slaves():
-                    if slave not in self._busy and (
-                        entries := self.queue.due(slave, now, BATCH)
-                    ):
+                    if slave not in self._busy and (entries := self.queue.due(slave, now, BATCH)):
                         self._busy.add(slave)
-                        nursery.start_soon(
-                            self._round, slave, [entry.id for entry in entries]
-                        )
+                        nursery.start_soon(self._round, slave, [entry.id for entry in entries])
                 if trio.current_time() >= next_sweep:
                     next_sweep = trio.current_time() + SWEEP
                     nursery.start_soon(self._sweep, now)
@@ -178,9 +169,7 @@ class Runner:
         try:
             envelope, data = await self.spool.read_message(queue_id)
         except (CorruptMessage, OSError) as exc:
-            log.error(
-                "queued message %s cannot be read (%s): moved aside", queue_id, exc
-            )
+            log.error("queued message %s cannot be read (%s): moved aside", queue_id, exc)
             self.queue.remove(queue_id)
             await self.spool.quarantine(queue_id, str(exc))
             return
@@ -193,19 +182,13 @@ class Runner:
         if isinstance(route, Route):
             transaction = _transaction(MailFrom(envelope.sender), addresses, len(data))
             client = (
-                Client((envelope.client_address, 0), ("0.0.0.0", 0), envelope.helo)
-                if envelope.client_address
-                else None
+                Client((envelope.client_address, 0), ("0.0.0.0", 0), envelope.helo) if envelope.client_address else None
             )
-            replies = await self.deliverer.deliver(
-                route, protocol, transaction, data, client
-            )
+            replies = await self.deliverer.deliver(route, protocol, transaction, data, client)
         else:
             replies = [UNREACHABLE] * len(addresses)
         await self._settle(
-            self.queue.settle(
-                envelope, slave, dict(zip(addresses, replies, strict=True)), wall_ms()
-            ),
+            self.queue.settle(envelope, slave, dict(zip(addresses, replies, strict=True)), wall_ms()),
             data,
         )
 
@@ -274,9 +257,7 @@ class Runner:
         try:
             notice = await self.spool.store(notice, notification.data)
         except OSError as exc:
-            log.error(
-                "%s notice for message %s not queued: %s", action, envelope.id, exc
-            )
+            log.error("%s notice for message %s not queued: %s", action, envelope.id, exc)
             return
         self.queue.add(notice)
         self.results["bounces" if action == dsn.FAILED else "delay_warnings"] += 1
@@ -310,9 +291,7 @@ def _transaction(sender: MailFrom, addresses: Iterable[str], size: int) -> Trans
     )
 
 
-def _record(
-    address: str, route: Route | NoRoute, reply: Reply | None, now: int, queue: Queue
-) -> Recipient:
+def _record(address: str, route: Route | NoRoute, reply: Reply | None, now: int, queue: Queue) -> Recipient:
     """The spool record of one recipient after the in-line attempt (`reply`; None: not tried)."""
     if reply is not None and reply.positive:
         return Recipient(address, route.slave, RecipientState.DELIVERED, 1, 0, reply)

@@ -48,10 +48,7 @@ class MxReport:
             "queued": stats.messages,
             "queued_bytes": sum(slave.bytes for slave in stats.slaves.values()),
             "oldest_age_s": round(stats.oldest_age_ms / 1000, 1),
-            "slaves": {
-                name: {"messages": s.messages, "bytes": s.bytes}
-                for name, s in sorted(stats.slaves.items())
-            },
+            "slaves": {name: {"messages": s.messages, "bytes": s.bytes} for name, s in sorted(stats.slaves.items())},
             "shadows": stats.shadows,
             "recipients": dict(sorted(self.runner.results.items())),
             "rejections": dict(sorted(self.mx.rejections.items())),
@@ -68,9 +65,7 @@ def policy(section) -> RetryPolicy:
                        round(section.queue_lifetime * 1000), warn)  # fmt: skip
 
 
-async def serve(
-    ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
-) -> None:
+async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the MX until the node leaves. A queue folder in use by another process, or a
     certificate that cannot be read, stops the start (MeshmailError, OSError, ssl.SSLError)."""
     section = ctx.config.mx
@@ -101,15 +96,9 @@ async def serve(
         proxy = ctx.config.proxy
         certificate = None
         if proxy is not None and proxy.cert is not None and proxy.key is not None:
-            certificate = ServerCertificate(
-                os.path.join(data_dir, proxy.cert), os.path.join(data_dir, proxy.key)
-            )
-        mx = Mx(
-            section, ctx.router, deliverer, runner, certificate, ctx.metrics, hostname
-        )
-        listener = ResilientListener(
-            trio.SocketListener(await ctx.listen("mx", section.listen)), name="mx"
-        )
+            certificate = ServerCertificate(os.path.join(data_dir, proxy.cert), os.path.join(data_dir, proxy.key))
+        mx = Mx(section, ctx.router, deliverer, runner, certificate, ctx.metrics, hostname)
+        listener = ResilientListener(trio.SocketListener(await ctx.listen("mx", section.listen)), name="mx")
         ctx.reports["mx"] = MxReport(mx, runner)
         try:
             async with trio.open_nursery() as nursery:
@@ -119,9 +108,7 @@ async def serve(
                 async with trio.open_nursery() as sessions:
                     async with trio.open_nursery() as accepting:
                         accepting.start_soon(_accept, listener, mx, sessions)
-                        task_status.started(
-                            {"mx": Address(*listener.listener.socket.getsockname()[:2])}
-                        )
+                        task_status.started({"mx": Address(*listener.listener.socket.getsockname()[:2])})
                         await ctx.stopping.wait()
                         accepting.cancel_scope.cancel()
                     await listener.aclose()

@@ -48,9 +48,7 @@ RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied: not a domain of this cluste
 CANNOT_ROUTE = Reply(451, "4.4.0", "Cannot route this recipient now, try again later")
 BUSY = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_FAST = Reply(421, "4.7.0", "Too many connections from your address, slow down")
-MESSAGES_TOO_FAST = Reply(
-    451, "4.7.1", "Too many messages from your address, slow down"
-)
+MESSAGES_TOO_FAST = Reply(451, "4.7.1", "Too many messages from your address, slow down")
 NO_MEMORY = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 NOT_QUEUED = Reply(451, "4.3.0", "Cannot keep the message now, try again later")
 EARLY_TALKER = Reply(554, "5.5.0", "Talking before the greeting, goodbye")
@@ -62,9 +60,7 @@ LAST_LINE_TIMEOUT = 1.0
 _WAITS = frozenset({SLAVE_DOWN, SERVICE_DOWN})
 
 
-def received_header(
-    client: Client, hostname: str, tls: bool, queue_id: str, recipients: list[str]
-) -> bytes:
+def received_header(client: Client, hostname: str, tls: bool, queue_id: str, recipients: list[str]) -> bytes:
     """The Received line this master adds in front of the message (RFC 5321 section 4.4)."""
     protocol = "ESMTPS" if tls else "ESMTP"
     helo = client.helo or "unknown"
@@ -109,10 +105,7 @@ class Mx:
         client = _address(stream.socket.getpeername())
         now = trio.current_time()
         refusal = None
-        if (
-            self.open >= self.section.max_sessions
-            or self.by_client[client[0]] >= self.section.max_sessions_per_client
-        ):
+        if self.open >= self.section.max_sessions or self.by_client[client[0]] >= self.section.max_sessions_per_client:
             refusal, reason = BUSY, "too_many_sessions"
         elif self.connections.retry_after(client[0], now) > 0:
             refusal, reason = TOO_FAST, "connection_rate"
@@ -128,9 +121,7 @@ class Mx:
             return
         self.open += 1
         self.by_client[client[0]] += 1
-        session = Session(
-            self, stream, Client(client, _address(stream.socket.getsockname()))
-        )
+        session = Session(self, stream, Client(client, _address(stream.socket.getsockname())))
         self.sessions.add(session)
         try:
             await session.run()
@@ -227,11 +218,7 @@ class Session:
             if out := codec.data_to_send():
                 await self.stream.send_all(out)
             if event is None:
-                timeout = (
-                    section.data_timeout
-                    if self.pending and self.pending.body
-                    else section.command_timeout
-                )
+                timeout = section.data_timeout if self.pending and self.pending.body else section.command_timeout
                 with trio.move_on_after(timeout):
                     codec.receive_data(await self.stream.receive_some(READ_SIZE))
                     continue
@@ -245,9 +232,7 @@ class Session:
     async def _event(self, codec: mx.MxServer, event: mx.Event) -> None:
         if isinstance(event, StartTls):
             assert self.mx.certificate is not None
-            self.stream = trio.SSLStream(
-                self.stream, self.mx.certificate.context, server_side=True
-            )
+            self.stream = trio.SSLStream(self.stream, self.mx.certificate.context, server_side=True)
             await self.stream.do_handshake()
             self.tls = True
             codec.tls_started()
@@ -290,9 +275,7 @@ class Session:
                 self.mx.reject("no_route")
                 return CANNOT_ROUTE
         elif self.mx.section.verify_recipients:
-            reply = await self.mx.deliverer.verify(
-                route, protocol, self.pending.sender.reverse_path, address
-            )
+            reply = await self.mx.deliverer.verify(route, protocol, self.pending.sender.reverse_path, address)
             if reply.code >= 500:
                 self.mx.reject("unknown_recipient")
                 return reply
@@ -326,12 +309,8 @@ class Session:
                 return NO_MEMORY
             queue_id = self.mx.runner.new_id()
             addresses = [address for address, _, _ in pending.recipients]
-            data = received_header(
-                self.client, self.mx.hostname, self.tls, queue_id, addresses
-            ) + bytes(pending.body)
-            return await self.mx.runner.accept(
-                queue_id, pending.sender, pending.recipients, data, self.client
-            )
+            data = received_header(self.client, self.mx.hostname, self.tls, queue_id, addresses) + bytes(pending.body)
+            return await self.mx.runner.accept(queue_id, pending.sender, pending.recipients, data, self.client)
         finally:
             self._drop()
 

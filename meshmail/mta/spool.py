@@ -103,9 +103,7 @@ class Recipient:
 
     address: str = attrs.field(validator=_str)
     slave: str = attrs.field(validator=_str)
-    state: RecipientState = attrs.field(
-        default=RecipientState.QUEUED, converter=RecipientState
-    )
+    state: RecipientState = attrs.field(default=RecipientState.QUEUED, converter=RecipientState)
     attempts: int = attrs.field(default=0, validator=_int)
     next_attempt_ms: int = attrs.field(default=0, validator=_int)
     reply: Reply | None = None
@@ -129,12 +127,8 @@ class Envelope:
     helo: str = attrs.field(default="", validator=_str)
     size: int = attrs.field(default=0, validator=_int)
     origin: str = attrs.field(default="", validator=_str)
-    shadow: bool = attrs.field(
-        default=False, validator=attrs.validators.instance_of(bool)
-    )
-    warned: bool = attrs.field(
-        default=False, validator=attrs.validators.instance_of(bool)
-    )
+    shadow: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    warned: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def slaves(self) -> tuple[str, ...]:
         """The slaves with recipients still queued, in recipient order."""
@@ -142,11 +136,7 @@ class Envelope:
 
     def queued(self, slave: str | None = None) -> tuple[Recipient, ...]:
         """The recipients still queued (at `slave`, when given)."""
-        return tuple(
-            r
-            for r in self.recipients
-            if r.queued and (slave is None or r.slave == slave)
-        )
+        return tuple(r for r in self.recipients if r.queued and (slave is None or r.slave == slave))
 
 
 # --- the envelope codec (lenient: unknown fields are ignored, so a newer node's files load) ---
@@ -186,9 +176,7 @@ def encode_envelope(envelope: Envelope) -> bytes:
     )
 
 
-_ENVELOPE_FIELDS = tuple(
-    f.name for f in attrs.fields(Envelope) if f.name != "recipients"
-)
+_ENVELOPE_FIELDS = tuple(f.name for f in attrs.fields(Envelope) if f.name != "recipients")
 _RECIPIENT_FIELDS = tuple(f.name for f in attrs.fields(Recipient) if f.name != "reply")
 
 
@@ -199,9 +187,7 @@ def _recipient(obj: object) -> Recipient:
     if reply is not None:
         code, enhanced, lines = reply
         reply = Reply(code, enhanced, tuple(lines))
-    return Recipient(
-        **{name: obj[name] for name in _RECIPIENT_FIELDS if name in obj}, reply=reply
-    )
+    return Recipient(**{name: obj[name] for name in _RECIPIENT_FIELDS if name in obj}, reply=reply)
 
 
 def decode_envelope(data: bytes) -> Envelope:
@@ -211,11 +197,7 @@ def decode_envelope(data: bytes) -> Envelope:
     except Exception as exc:  # msgpack raises a handful of unrelated types
         raise CorruptMessage(f"bad envelope: {type(exc).__name__}") from None
     try:
-        if (
-            not isinstance(obj, dict)
-            or not isinstance(obj.get("v"), int)
-            or obj["v"] < 1
-        ):
+        if not isinstance(obj, dict) or not isinstance(obj.get("v"), int) or obj["v"] < 1:
             raise TypeError("not a versioned map")
         recipients = tuple(_recipient(item) for item in obj["recipients"])
         return Envelope(
@@ -248,16 +230,12 @@ def _read_head(fd: int, kind: int) -> _Head:
     first = os.pread(fd, HEAD_READ, 0)
     if len(first) < HEADER_SIZE:
         raise CorruptMessage(f"short header ({len(first)} bytes)")
-    magic, version, found_kind, envelope_length, data_length, data_crc = (
-        _HEAD.unpack_from(first)
-    )
+    magic, version, found_kind, envelope_length, data_length, data_crc = _HEAD.unpack_from(first)
     (crc,) = _CRC.unpack_from(first, _HEAD.size)
     if magic != MAGIC:
         raise CorruptMessage("not a spool file (bad magic)")
     if version != FORMAT_VERSION or found_kind != kind:
-        raise CorruptMessage(
-            f"format {version} kind {found_kind}, expected {FORMAT_VERSION} kind {kind}"
-        )
+        raise CorruptMessage(f"format {version} kind {found_kind}, expected {FORMAT_VERSION} kind {kind}")
     if envelope_length > MAX_ENVELOPE_SIZE:
         raise CorruptMessage(f"envelope length {envelope_length} is too large")
     end = HEADER_SIZE + envelope_length
@@ -463,20 +441,14 @@ class Spool:
                 folder / FAILED_FOLDER,
             ):
                 path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            lock_fd = os.open(
-                folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
+            lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise SpoolError(
-                f"cannot use the queue folder {folder}: {exc.strerror}"
-            ) from None
+            raise SpoolError(f"cannot use the queue folder {folder}: {exc.strerror}") from None
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(lock_fd)
-            raise SpoolError(
-                f"the queue folder {folder} is in use by another process"
-            ) from None
+            raise SpoolError(f"the queue folder {folder} is in use by another process") from None
         return cls(folder, lock_fd)
 
     def close(self) -> None:
@@ -510,15 +482,11 @@ class Spool:
         await self._write(envelope, None)
 
     async def _write(self, envelope: Envelope, data: Data | None) -> Envelope:
-        change, envelope = await trio.to_thread.run_sync(
-            self._write_temp, envelope, data
-        )
+        change, envelope = await trio.to_thread.run_sync(self._write_temp, envelope, data)
         await self._commit.commit(change)
         return envelope
 
-    def _write_temp(
-        self, envelope: Envelope, data: Data | None
-    ) -> tuple[_Pending, Envelope]:
+    def _write_temp(self, envelope: Envelope, data: Data | None) -> tuple[_Pending, Envelope]:
         if data is not None:
             envelope = attrs.evolve(envelope, size=_data_length(data))
             final, kind = self.message_path(envelope.id), _KIND_MESSAGE
@@ -540,9 +508,7 @@ class Spool:
                 write_all(fd, chunk)
                 length, crc = length + len(chunk), zlib.crc32(chunk, crc)
             if length != envelope.size and data is not None:
-                raise OSError(
-                    f"message data changed while it was written ({length} of {envelope.size} bytes)"
-                )
+                raise OSError(f"message data changed while it was written ({length} of {envelope.size} bytes)")
             os.pwrite(fd, _header(kind, packed, length, crc), 0)
             # Each writer syncs its own file in its own thread: the kernel folds concurrent
             # fsyncs into shared journal commits (3.5 times the stores per second of one
@@ -558,17 +524,13 @@ class Spool:
     async def remove(self, queue_id: str) -> None:
         """Removes a delivered (or deleted) message durably. The message file goes first: a
         crash between the two unlinks leaves an orphan envelope update, which a rescan drops."""
-        await self._commit.commit(
-            _Pending(remove=(self.message_path(queue_id), self.envelope_path(queue_id)))
-        )
+        await self._commit.commit(_Pending(remove=(self.message_path(queue_id), self.envelope_path(queue_id))))
 
     async def move_to_failed(self, envelope: Envelope) -> Path:
         """Moves an expired message whose DSN cannot be sent to failed/, with `envelope` (its
         final state) beside it; returns the message's new path."""
         await self.update(envelope)
-        return await trio.to_thread.run_sync(
-            self._move, envelope.id, self.failed_folder
-        )
+        return await trio.to_thread.run_sync(self._move, envelope.id, self.failed_folder)
 
     async def quarantine(self, queue_id: str, reason: str) -> None:
         """Moves a message found unreadable (CorruptMessage from read_message) to corrupt/."""
@@ -607,15 +569,11 @@ class Spool:
 
     def _newest(self, queue_id: str, first: Envelope) -> Envelope:
         try:
-            envelope = _read_file_head(
-                self.envelope_path(queue_id), _KIND_ENVELOPE
-            ).envelope
+            envelope = _read_file_head(self.envelope_path(queue_id), _KIND_ENVELOPE).envelope
         except FileNotFoundError:
             envelope = first
         if envelope.id != queue_id:
-            raise CorruptMessage(
-                f"file of {queue_id} holds the envelope of {envelope.id}"
-            )
+            raise CorruptMessage(f"file of {queue_id} holds the envelope of {envelope.id}")
         return envelope
 
     async def read_message(self, queue_id: str) -> tuple[Envelope, bytes]:
@@ -662,9 +620,7 @@ class Spool:
             if suffix != MESSAGE_SUFFIX:
                 continue
             try:
-                envelope = _read_file_head(
-                    os.path.join(folder, name), _KIND_MESSAGE
-                ).envelope
+                envelope = _read_file_head(os.path.join(folder, name), _KIND_MESSAGE).envelope
                 if envelope.id != queue_id:
                     raise CorruptMessage(f"holds the envelope of {envelope.id}")
             except CorruptMessage as exc:

@@ -12,44 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import trio
+from helpers.routes import DomainMap, slave  # noqa: F401  (re-exported for the proxy tests)
 
-from meshmail.gossip.member import MemberInfo
-from meshmail.gossip.messages import State
-from meshmail.nodemeta import Endpoint, NodeMeta
 from meshmail.proxy.session import LISTENERS, Proxy
-from meshmail.state.records import DomainRoute
 
 #: Clients connect from this address, the proxy from 127.0.0.1: the backends' logs tell them apart.
 CLIENT_HOST = "127.0.0.2"
-
-
-class DomainMap:
-    """A StateView of fixed domains (the state itself is tested elsewhere)."""
-
-    def __init__(self, domains: dict[str, str]) -> None:
-        self.domains = {
-            domain: DomainRoute(slave=slave, source="slave")
-            for domain, slave in domains.items()
-        }
-
-    def domain(self, name: str) -> DomainRoute | None:
-        return self.domains.get(name)
-
-    def override(self, address: str) -> None:
-        return None
-
-
-def slave(name: str, endpoints: dict[str, Endpoint]) -> MemberInfo:
-    """An alive slave member `name` publishing `endpoints` (service -> Endpoint)."""
-    return MemberInfo(
-        name,
-        "127.0.0.1",
-        7946,
-        NodeMeta(role="slave", endpoints=endpoints).encode(),
-        1,
-        State.ALIVE,
-        0,
-    )
 
 
 @contextmanager
@@ -87,14 +55,10 @@ def serving(proxy: Proxy) -> Iterator[dict[str, int]]:
 
 class Imap(imaplib.IMAP4):
     def _create_socket(self, timeout):
-        return socket.create_connection(
-            (self.host, self.port), timeout, source_address=(CLIENT_HOST, 0)
-        )
+        return socket.create_connection((self.host, self.port), timeout, source_address=(CLIENT_HOST, 0))
 
 
 class ImapTls(imaplib.IMAP4_SSL):
     def _create_socket(self, timeout):
-        sock = socket.create_connection(
-            (self.host, self.port), timeout, source_address=(CLIENT_HOST, 0)
-        )
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(CLIENT_HOST, 0))
         return self.ssl_context.wrap_socket(sock, server_hostname=self.host)

@@ -1,0 +1,262 @@
+"""The MX in one process in front of a real Dovecot (LMTP): mail for a live slave is in the
+mailbox before the 250; an unknown user is refused at RCPT with Dovecot's reply; no relaying
+to domains outside the cluster, however the address is dressed; mail for a slave that is down
+is kept on disk, delivered when it is back, and still delivered after a restart; smuggling,
+VRFY and EXPN are refused."""
+
+from __future__ import annotations
+
+import random
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+import trio
+from helpers import mailkit
+from helpers.config import minimal_config
+from helpers.routes import DomainMap
+
+from meshmail.config import loads
+from meshmail.gossip.member import MemberInfo
+from meshmail.gossip.messages import State
+from meshmail.metrics import Metrics
+from meshmail.mta.deliver import Deliverer
+from meshmail.mta.queue import Queue
+from meshmail.mta.runner import Runner
+from meshmail.mta.service import MxReport, policy
+from meshmail.mta.session import Mx
+from meshmail.mta.spool import Spool
+from meshmail.nodemeta import Endpoint, NodeMeta
+from meshmail.proxy.backend import Connector, backend_contexts
+from meshmail.routing import Router
+
+USERS = {"alice@one.example": "alice-secret-1", "bob@one.example": "bob-secret-1"}
+
+
+@pytest.fixture(scope="module")
+def dovecot(tmp_path_factory) -> Iterator[mailkit.Dovecot]:
+    mailkit.require("dovecot")
+    with mailkit.dovecot(tmp_path_factory.mktemp("mx") / "d1", USERS, name="d1") as instance:
+        yield instance
+
+
+class Harness:
+    """An MX on 127.0.0.1 in a trio loop in a thread, over a spool in `folder`; `members` is
+    the members view the router reads (change a member's state to take a slave down)."""
+
+    def __init__(self, dovecot: mailkit.Dovecot, folder: Path) -> None:
+        self.members = {"s1": self.member(dovecot, State.ALIVE)}
+        self.dovecot = dovecot
+        self.folder = folder
+        self.section = loads(minimal_config(extra='[mx]\nlisten = "127.0.0.1:0"\nretry_min = 1\nretry_max = 2\n')).mx
+        self.port = 0
+        self.report: MxReport | None = None
+
+    @staticmethod
+    def member(dovecot: mailkit.Dovecot, state: State, incarnation: int = 1) -> MemberInfo:
+        endpoints = {"lmtp": Endpoint(f"127.0.0.1:{dovecot.ports['lmtp']}")}
+        meta = NodeMeta(role="slave", endpoints=endpoints).encode()
+        return MemberInfo("s1", "127.0.0.1", 7946, meta, incarnation, state, 0)
+
+    def set_slave(self, state: State) -> None:
+        self.members["s1"] = self.member(self.dovecot, state, self.members["s1"].incarnation + 1)
+
+    def __enter__(self) -> Harness:
+        ready = threading.Event()
+        self.loop: dict = {}
+
+        async def main() -> None:
+            self.loop["token"], self.loop["stop"] = (
+                trio.lowlevel.current_trio_token(),
+                trio.Event(),
+            )
+            spool = Spool.open(self.folder)
+            try:
+                queue = Queue(policy(self.section), random.Random(7))
+                queue.load((await spool.rescan()).envelopes)
+                router = Router(DomainMap({"one.example": "s1"}), self.members)
+                deliverer = Deliverer(Connector(backend_contexts(None, None, "/")), "mx.test")
+                runner = Runner(spool, queue, deliverer, router, "mx.test", "m1")
+                mx = Mx(self.section, router, deliverer, runner, None, Metrics(), "mx.test")
+                self.report = MxReport(mx, runner)
+                [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+                self.port = listener.socket.getsockname()[1]
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(runner.run)
+                    nursery.start_soon(trio.serve_listeners, mx.handle, [listener])
+                    ready.set()
+                    await self.loop["stop"].wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                spool.close()
+
+        self.thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        trio.from_thread.run_sync(self.loop["stop"].set, trio_token=self.loop["token"])
+        self.thread.join(10)
+
+    def status(self) -> dict:
+        assert self.report is not None
+        return trio.from_thread.run_sync(self.report.summary, trio_token=self.loop["token"])
+
+
+def message(subject: str, recipient: str) -> EmailMessage:
+    mail = EmailMessage()
+    mail["From"] = "sender@outside.example"
+    mail["To"] = recipient
+    mail["Subject"] = subject
+    mail["Message-ID"] = f"<{subject}@outside.example>"
+    mail.set_content(f"{subject}\n.leading dot\n")
+    return mail
+
+
+def delivered_ids(dovecot: mailkit.Dovecot, address: str) -> list[str]:
+    return [line.split(b"<", 1)[1].split(b"@", 1)[0].decode() for mail in dovecot.mailbox(address)
+            for line in mail.splitlines() if line.lower().startswith(b"message-id:")]  # fmt: skip
+
+
+def wait_for(what: str, condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_live_slave_gets_the_message_before_the_250_and_unknown_users_are_refused(dovecot, tmp_path):
+    with (
+        Harness(dovecot, tmp_path / "queue") as mx,
+        smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client,
+    ):
+        refused = client.send_message(message("inline-1", "alice@one.example"), to_addrs=["alice@one.example"])
+        assert refused == {}
+        assert "inline-1" in delivered_ids(dovecot, "alice@one.example")  # there when the 250 came
+        body = [m for m in dovecot.mailbox("alice@one.example") if b"inline-1" in m][0]
+        assert b"Received: from" in body and b"by mx.test (meshmail) with ESMTP" in body
+        assert b"\n.leading dot\n" in body  # dot-stuffing undone, body otherwise untouched
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as caught:
+            client.send_message(message("ghost", "ghost@one.example"), to_addrs=["ghost@one.example"])
+        code, text = caught.value.recipients["ghost@one.example"]
+        assert code == 550 and text.startswith(b"5.1.1"), text
+        # One known and one unknown recipient: the known one gets it, the other is refused at RCPT.
+        refused = client.send_message(
+            message("mixed", "bob@one.example"),
+            to_addrs=["bob@one.example", "nobody@one.example"],
+        )
+        assert list(refused) == ["nobody@one.example"] and "mixed" in delivered_ids(dovecot, "bob@one.example")
+        assert mx.status()["recipients"]["delivered"] >= 2
+        assert mx.status()["rejections"]["unknown_recipient"] == 2
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        "someone@outside.example",
+        "<@one.example:someone@outside.example>",  # a source route: the mailbox is what counts
+        "someone@outside.example@one.example",
+        "someone@[192.0.2.1]",
+        "postmaster@outside.example",
+    ],
+)
+def test_no_relaying_to_domains_outside_the_cluster(dovecot, tmp_path, recipient):
+    with (
+        Harness(dovecot, tmp_path / "queue") as mx,
+        smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client,
+    ):
+        client.ehlo("relay-test.example")
+        assert client.mail("spammer@outside.example")[0] == 250
+        code, text = client.rcpt(recipient if recipient.startswith("<") else f"<{recipient}>")
+        assert code in (550, 501) and (text.startswith(b"5.7.1") or code == 501), (
+            code,
+            text,
+        )
+        assert client.docmd("DATA")[0] in (503, 554)  # no valid recipient: nothing to send
+
+
+def test_percent_hack_and_bang_paths_are_local_parts_the_slave_does_not_know(dovecot, tmp_path):
+    with (
+        Harness(dovecot, tmp_path / "queue") as mx,
+        smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client,
+    ):
+        client.ehlo("relay-test.example")
+        client.mail("spammer@outside.example")
+        for recipient in (
+            "victim%outside.example@one.example",
+            "outside.example!victim@one.example",
+        ):
+            code, text = client.rcpt(f"<{recipient}>")
+            assert code == 550 and text.startswith(b"5.1.1"), (recipient, code, text)
+
+
+def test_mail_for_a_slave_that_is_down_waits_on_disk_and_goes_when_it_is_back(dovecot, tmp_path):
+    folder = tmp_path / "queue"
+    with Harness(dovecot, folder) as mx:
+        mx.set_slave(State.DEAD)
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+            for n in range(5):
+                reply = client.send_message(
+                    message(f"queued-{n}", "bob@one.example"),
+                    to_addrs=["bob@one.example"],
+                )
+                assert reply == {}
+        assert len(list(folder.glob("*.msg"))) == 5  # on disk before each 250
+        assert mx.status()["queued"] == 5 and mx.status()["slaves"]["s1"]["messages"] == 5
+        assert not {f"queued-{n}" for n in range(5)} & set(delivered_ids(dovecot, "bob@one.example"))
+        mx.set_slave(State.ALIVE)
+        wait_for(
+            "the queue delivered",
+            lambda: {f"queued-{n}" for n in range(5)} <= set(delivered_ids(dovecot, "bob@one.example")),
+        )
+        wait_for("the spool emptied", lambda: not list(folder.glob("*.msg")))
+        assert mx.status()["queued"] == 0
+    ids = delivered_ids(dovecot, "bob@one.example")
+    assert all(ids.count(f"queued-{n}") == 1 for n in range(5))
+
+
+def test_a_restarted_mx_delivers_what_its_queue_holds(dovecot, tmp_path):
+    folder = tmp_path / "queue"
+    with Harness(dovecot, folder) as mx:
+        mx.set_slave(State.DEAD)
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+            client.send_message(
+                message("restart-1", "alice@one.example"),
+                to_addrs=["alice@one.example"],
+            )
+    assert len(list(folder.glob("*.msg"))) == 1
+    with Harness(dovecot, folder) as mx:  # a new process: the rescan finds it, the slave is up
+        wait_for(
+            "delivered after the restart",
+            lambda: "restart-1" in delivered_ids(dovecot, "alice@one.example"),
+        )
+        wait_for("the spool emptied", lambda: not list(folder.glob("*.msg")))
+
+
+def raw_session(port: int, lines: list[bytes]) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.recv(4096)
+        sock.sendall(b"".join(lines))
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+def test_smuggling_vrfy_and_expn_are_refused(dovecot, tmp_path):
+    with Harness(dovecot, tmp_path / "queue") as mx:
+        answer = raw_session(mx.port, [
+            b"EHLO smuggler.example\r\n", b"MAIL FROM:<a@outside.example>\r\n", b"RCPT TO:<alice@one.example>\r\n",
+            b"DATA\r\n", b"Subject: x\r\n\r\nbody\n.\nMAIL FROM:<b@outside.example>\r\n.\r\n",
+            b"VRFY alice\r\n", b"EXPN staff\r\n", b"QUIT\r\n",
+        ])  # fmt: skip
+    assert b"554 5.6.0" in answer and b"502 5.5.1 VRFY" in answer and b"502 5.5.1 EXPN" in answer
+    assert b"250 2.0.0" not in answer  # no message accepted, the smuggled one least of all
+    assert not any(b"smuggler.example" in mail for mail in dovecot.mailbox("alice@one.example"))
