@@ -181,13 +181,14 @@ class Replication(Delegate):
 
     async def _flush_deltas(self) -> None:
         while self._unpersisted:
+            # Taken off the queue once written, so that a cancellation before the write keeps them for the final flush.
             batch = self._unpersisted[:PERSIST_BATCH]
-            del self._unpersisted[:PERSIST_BATCH]
             try:
                 await self._in_thread(self.state.persist, batch)
             except (OSError, JournalError) as exc:
                 # Merged but not on disk: after a restart anti-entropy brings them back.
                 log.error("cannot persist %d received entries: %s", len(batch), exc)
+            del self._unpersisted[: len(batch)]
 
     async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run a journal write or compaction in a worker thread, after those before it."""
