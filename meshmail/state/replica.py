@@ -227,6 +227,11 @@ class ClusterState:
             self._synced_at = int(record["ms"])
         return high
 
+    @property
+    def fsyncs(self) -> bool:
+        """Whether journal writes are fsynced (False only when opened with fsync=False)."""
+        return self._journal.fsyncs
+
     def close(self) -> None:
         """Close the journal. Idempotent."""
         self._journal.close()
