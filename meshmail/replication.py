@@ -3,7 +3,9 @@
 Local writes go to disk, then out as small deltas through the gossip broadcast queue.
 Anti-entropy rides on every push-pull: the two sides exchange group digests, then only the
 entries of the buckets that differ, on the same encrypted stream. Bad input is counted in
-`counters` (under "state.*"; meshmail.metrics exposes them) and never raised.
+`counters` (under "state.*"; meshmail.metrics exposes them) and never raised. The journal's
+fsyncs of deltas, syncs, slave publishing and compaction run in worker threads, one at a
+time, so the event loop the proxy shares never waits on the disk for them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import trio
 
 from .gossip.memberlist import Conversation, Delegate, FrameError, Memberlist
+from .state.journal import JournalError
 from .state.lww import Entry, encode_entries
 from .state.records import CONTROL_NAMESPACES, DomainRoute
 from .state.replica import ApplyResult, ClusterState, SyncError
@@ -32,6 +35,8 @@ RECENT_DELTAS = 65_536
 MAX_DELTAS = 256
 #: How often tombstones past gc_grace are dropped and a long-isolated node turns stale.
 MAINTENANCE_INTERVAL = 3600.0
+#: Most received delta entries persisted in one journal record.
+PERSIST_BATCH = 4096
 
 
 class Replication(Delegate):
@@ -53,12 +58,19 @@ class Replication(Delegate):
         #: on the map holds what the cluster held then (what a slave agent waits for, so that
         #: it never claims a domain as unrouted because its own map was behind).
         self.synced = trio.Event()
+        #: Held by whoever runs a journal write or compaction in a worker thread: one at a time, in order.
+        self._writing = trio.Lock()
+        #: Entries of received deltas, merged and not yet persisted (maintain() persists them).
+        self._unpersisted: list[Entry] = []
+        self._delta_arrived = trio.Event()
 
     def attach(self, memberlist: Memberlist) -> None:
         """Broadcast deltas through `memberlist` (whose delegate this is)."""
         self.memberlist = memberlist
 
-    # Local writes: durable first, then gossiped.
+    # Local writes: durable first, then gossiped. The methods that are not async (admin
+    # actions, rare and small) write on the caller's thread; publish_domains, the bulk of a
+    # slave's writes, persists in a worker thread.
 
     def assign_domain(self, name: str, slave: str, source: str = "admin") -> Entry:
         """Route `name` to `slave`; raises InvalidName with the reason."""
@@ -75,6 +87,30 @@ class Replication(Delegate):
         (ClusterState.write_domains). Up to MAX_DELTAS of them go out as deltas; a larger batch
         (a slave's first publish) spreads by anti-entropy, which carries bulk far better than gossip."""
         entries = self.state.write_domains(routes, claims)
+        if len(entries) <= MAX_DELTAS:
+            for entry in entries:
+                self._publish(entry)
+        else:
+            self.counters["state.bulk_writes"] += 1
+        return entries
+
+    async def publish_domains(
+        self, routes: list[tuple[str, DomainRoute | None]], claims: Iterable[tuple[str, str, bool]] = ()
+    ) -> list[Entry]:
+        """write_domains with the journal append and any compaction in a worker thread; the
+        entries are durable, in the map and gossiped when it returns. Raises OSError or
+        JournalError if the journal cannot be written (nothing is then in the map)."""
+        async with self._writing:
+            entries = self.state.stage_domains(routes, claims)
+            if not entries:
+                return []
+            try:
+                await self._disk(self.state.persist, entries)
+            except BaseException:
+                self.state.unstage()
+                raise
+            self.state.merge_staged(entries)
+            await self._disk(self.state.compact_if_due)
         if len(entries) <= MAX_DELTAS:
             for entry in entries:
                 self._publish(entry)
@@ -116,8 +152,14 @@ class Replication(Delegate):
         return entry
 
     async def maintain(self, interval: float = MAINTENANCE_INTERVAL) -> None:
-        """Every `interval` seconds until cancelled: drop tombstones older than gc_grace,
-        and turn stale if no peer synced with us for longer than that (see ClusterState)."""
+        """Until cancelled: persist the entries of received deltas as they arrive (in worker
+        threads), and every `interval` seconds drop tombstones older than gc_grace and turn
+        stale if no peer synced with us for longer than that (see ClusterState)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._persist_deltas)
+            await self._collect_garbage(interval)
+
+    async def _collect_garbage(self, interval: float) -> None:
         while True:
             await trio.sleep(interval)
             now = self._physical_ms()
@@ -125,6 +167,42 @@ class Replication(Delegate):
             self._count_dropped()
             if self.state.mark_stale_if_away(now):
                 self.counters["state.stale"] = 1
+
+    async def _persist_deltas(self) -> None:
+        try:
+            while True:
+                await self._delta_arrived.wait()
+                self._delta_arrived = trio.Event()
+                await self._flush_deltas()
+                await self._in_thread(self.state.compact_if_due)
+        finally:
+            with trio.CancelScope(shield=True):  # a node stopping keeps what it received
+                await self._flush_deltas()
+
+    async def _flush_deltas(self) -> None:
+        while self._unpersisted:
+            # Taken off the queue once written, so that a cancellation before the write keeps them for the final flush.
+            batch = self._unpersisted[:PERSIST_BATCH]
+            try:
+                await self._in_thread(self.state.persist, batch)
+            except (OSError, JournalError) as exc:
+                # Merged but not on disk: after a restart anti-entropy brings them back.
+                log.error("cannot persist %d received entries: %s", len(batch), exc)
+            del self._unpersisted[: len(batch)]
+
+    async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run a journal write or compaction in a worker thread, after those before it."""
+        async with self._writing:
+            return await self._disk(function, *args)
+
+    async def _disk(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` in a worker thread; inline when the journal skips fsync (tests and
+        benchmarks), where a write is a copy to the page cache: cheaper than a thread, and it
+        keeps simulated time (MockClock) from running on while a thread works."""
+        if not self.state.fsyncs:
+            await trio.lowlevel.checkpoint()
+            return function(*args)
+        return await trio.to_thread.run_sync(function, *args)
 
     # Gossip hooks.
 
@@ -138,7 +216,10 @@ class Replication(Delegate):
         self._recent[key] = payload
         if len(self._recent) > RECENT_DELTAS:
             self._recent.popitem(last=False)
-        result = self.state.apply(payload)
+        result, applied = self.state.receive(payload)
+        if applied:
+            self._unpersisted += applied
+            self._delta_arrived.set()
         self._count(result, "delta")
         if result.applied and self.memberlist is not None:
             # News to us is news to pass on: deltas spread as an epidemic, like membership.
@@ -159,7 +240,7 @@ class Replication(Delegate):
         await conversation.send(request)
         await self._send_chunks(conversation, ours)
         await self._receive_chunks(peer, conversation)
-        self._synced(peer)
+        await self._synced(peer)
 
     async def sync_server(self, peer: str, conversation: Conversation) -> None:
         state = self.state
@@ -178,12 +259,15 @@ class Replication(Delegate):
             self._bad(peer, exc)
             return
         await self._send_chunks(conversation, theirs)
-        self._synced(peer)
+        await self._synced(peer)
 
-    def _synced(self, peer: str) -> None:
+    async def _synced(self, peer: str) -> None:
         replaced = self.state.stale  # a stale map is replaced by the fresh replica now
-        self.state.record_sync(peer, self._physical_ms())
-        self.state.maybe_compact()
+        now = self._physical_ms()
+        async with self._writing:  # replacing a stale map compacts: not while a write is staged
+            if self.state.record_sync(peer, now, persist=False):
+                await self._disk(self.state.persist_sync, now)
+            await self._disk(self.state.compact_if_due)
         self.counters["state.syncs"] += 1
         self._count_dropped()
         self.synced.set()
@@ -205,8 +289,12 @@ class Replication(Delegate):
             chunk = await conversation.receive()
             if chunk == END:
                 return
-            self._count(self.state.apply(chunk, compact=False), "sync")
-            await trio.lowlevel.checkpoint()
+            result, applied = self.state.receive(chunk)
+            self._count(result, "sync")
+            if applied:
+                await self._in_thread(self.state.persist, applied)
+            else:
+                await trio.lowlevel.checkpoint()
         raise FrameError("oversize")
 
     def _count(self, result: ApplyResult, how: str) -> None:

@@ -41,7 +41,7 @@ def exchange(a: ClusterState, b: ClusterState) -> None:
         a.apply(batch)
 
 
-def test_two_claimants_of_a_left_slaves_domain_one_wins_the_other_claims(tmp_path):
+async def test_two_claimants_of_a_left_slaves_domain_one_wins_the_other_claims(tmp_path):
     """s3 routed shared.example and left; s1 and s2 both list it and take it at once. The
     later write wins on both replicas; the other slave then claims it, a conflict both list."""
     members = {name: member(name) for name in ("s1", "s2")} | {"s3": member("s3", State.LEFT)}
@@ -56,12 +56,12 @@ def test_two_claimants_of_a_left_slaves_domain_one_wins_the_other_claims(tmp_pat
         agents.append(agent)
         states.append(state)
     try:
-        assert [agent.publish() for agent in agents] == [1, 1]  # both take it
+        assert [await agent.publish() for agent in agents] == [1, 1]  # both take it
         exchange(*states)
         winner = states[0].domain("shared.example")
         assert winner == states[1].domain("shared.example") and winner.slave in ("s1", "s2")
         loser = "s2" if winner.slave == "s1" else "s1"
-        assert [agent.publish() for agent in agents] == [int(loser == "s1"), int(loser == "s2")]
+        assert [await agent.publish() for agent in agents] == [int(loser == "s1"), int(loser == "s2")]
         exchange(*states)
         for state in states:
             assert state.domain("shared.example") == winner

@@ -55,7 +55,9 @@ class Cluster:
 
         async def run(task_status=trio.TASK_STATUS_IGNORED):
             with scope:
-                await memberlist.run(task_status=task_status)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(replication.maintain)  # persists the deltas received
+                    await memberlist.run(task_status=task_status)
             state.close()
 
         await self.nursery.start(run)

@@ -25,6 +25,7 @@ a change of up/down goes out in the node's metadata at once.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import stat
 import subprocess
@@ -167,6 +168,8 @@ class SlaveAgent:
         #: knows (see publish).
         self._routed_here: set[str] | None = None
         self._claimed_here: set[str] = set()
+        #: One publish at a time: its plan, made in a worker thread, reads the sets above.
+        self._publishing = trio.Lock()
         self.metrics = metrics
 
     # --- reading sources --------------------------------------------------------------
@@ -188,11 +191,13 @@ class SlaveAgent:
     async def watch_files(self) -> None:
         """Poll the file sources; read one once its files have settled after a change."""
         watched = [source for source in self.sources if source.files and not source.runs_command]
+        paths = sorted({path for source in watched for path in source.files.values()})
         while True:
             await trio.sleep(self.settings.poll_interval)
+            found = await trio.to_thread.run_sync(_signatures, paths)
             now = trio.current_time()
             for source in watched:
-                signatures = {path: _signature(path) for path in source.files.values()}
+                signatures = {path: found[path] for path in source.files.values()}
                 if signatures != source.seen:
                     source.seen, source.changed_at = signatures, now
                     continue
@@ -226,7 +231,7 @@ class SlaveAgent:
         if not domains and source.domains:
             self._stale(source, f"it lists no domain now (it had {len(source.domains)}); keeping them")
             return
-        changed = domains != source.domains
+        changed = await trio.to_thread.run_sync(operator.ne, domains, source.domains)  # O(domains)
         if source.status != "ok":
             log.info("source %s reads again", source.name)
         source.domains, source.problems, source.listed = domains, problems, listed
@@ -263,20 +268,40 @@ class SlaveAgent:
                 wanted.setdefault(domain, []).append(source.name)
         return wanted
 
-    def publish(self, *, rescan: bool = False) -> int:
+    async def publish(self, *, rescan: bool = False) -> int:
         """Bring the routes and claims in line with the sources (see the module docstring);
         the number of routes and claims written.
 
         The domains routed here and claimed by this slave are found by a scan of the whole map
         on the first call and with `rescan` (keep_published does one every RESCAN_INTERVAL);
-        in between, from what this agent wrote: a scan of a million-domain map would stall the
-        event loop. Per listed domain it costs two dict lookups; members are looked up once
-        per slave that routes something."""
+        in between, from what this agent wrote. Per listed domain it costs two dict lookups;
+        members are looked up once per slave that routes something. That work, O(domains),
+        runs in a worker thread (see _plan), the writes through Replication.publish_domains:
+        the event loop never waits for either."""
+        async with self._publishing:
+            writes, claims, routed, claimed = await trio.to_thread.run_sync(self._plan, rescan)
+            self._routed_here, self._claimed_here = routed, claimed
+            if writes or claims:
+                await self._write(writes, claims)
+            return len(writes) + len(claims)
+
+    def _plan(
+        self, rescan: bool
+    ) -> tuple[list[tuple[str, DomainRoute | None]], list[tuple[str, str, bool]], set[str], set[str]]:
+        """The routes and claims to write, and the domains routed here and claimed before they
+        are written (scanned anew on the first call and with `rescan`).
+
+        Runs in a worker thread while the loop merges into the map: it reads the map only by
+        key lookups and by entries_in(), which copies a bucket at a time, so a merge meanwhile
+        is seen or not, never half; the sets of this agent are only changed under _publishing."""
         state = self.replication.state
         mine = DomainRoute(self.name, "slave")
-        if rescan or self._routed_here is None:
-            self._routed_here = {domain for domain, route in state.domains(self.name) if route == mine}
-            self._claimed_here = {domain for domain, _ in state.claims(self.name)}
+        routed, claimed = self._routed_here, self._claimed_here
+        if rescan or routed is None:
+            prefix = "domain/"
+            entries = state.map.entries_in()
+            routed = {e.key[len(prefix) :] for e in entries if e.key.startswith(prefix) and e.value == mine}
+            claimed = {domain for domain, _ in state.claims(self.name)}
         holds: dict[str, bool] = {}
         writes: list[tuple[str, DomainRoute | None]] = []
         claims: list[tuple[str, str, bool]] = []
@@ -294,19 +319,17 @@ class SlaveAgent:
                     claim = True
                 else:
                     writes.append((domain, mine))
-            if claim != (domain in self._claimed_here):
+            if claim != (domain in claimed):
                 claims.append((domain, self.name, claim))
-        for domain in self._routed_here:
+        for domain in routed:
             if domain not in wanted and state.domain(domain) == mine:
                 writes.append((domain, None))
-        claims += [(domain, self.name, False) for domain in self._claimed_here if domain not in wanted]
-        if writes or claims:
-            self._write(writes, claims)
-        return len(writes) + len(claims)
+        claims += [(domain, self.name, False) for domain in claimed if domain not in wanted]
+        return writes, claims, routed, claimed
 
-    def _write(self, writes: list[tuple[str, DomainRoute | None]], claims: list[tuple[str, str, bool]]) -> None:
+    async def _write(self, writes: list[tuple[str, DomainRoute | None]], claims: list[tuple[str, str, bool]]) -> None:
         assert self._routed_here is not None
-        self.replication.write_domains(writes, claims)
+        await self.replication.publish_domains(writes, claims)
         for domain, route in writes:
             (self._routed_here.add if route is not None else self._routed_here.discard)(domain)
         for domain, _, claim in claims:
@@ -344,7 +367,7 @@ class SlaveAgent:
         rescan = False
         while True:
             try:
-                self.publish(rescan=rescan)
+                await self.publish(rescan=rescan)
             except (OSError, JournalError) as exc:
                 # The journal cannot be written (a full disk...): nothing was applied; the
                 # next round tries again. The node stays up and keeps routing.
@@ -440,7 +463,7 @@ async def read_source(source: Source, *, strict: bool = True) -> Reading:
     if source.runs_command:
         output = await _run(config.command)
         if kind == "plesk":
-            return _result(sources.parse_domain_list(output))
+            return await trio.to_thread.run_sync(lambda: _result(sources.parse_domain_list(output)))
         return await trio.to_thread.run_sync(_postconf, output, strict)
     return await trio.to_thread.run_sync(_read_files, kind, source.files, strict)
 
@@ -453,6 +476,10 @@ async def check_sources(settings: SlaveSection) -> None:
             await read_source(source, strict=False)
         except SourceError as exc:
             raise SourceError(f"slave source {source.name}: {exc}") from None
+
+
+def _signatures(paths: Sequence[str]) -> dict[str, Signature]:
+    return {path: _signature(path) for path in paths}
 
 
 def _signature(path: str) -> Signature:

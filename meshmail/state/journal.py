@@ -188,6 +188,11 @@ class Journal:
         return self._dir
 
     @property
+    def fsyncs(self) -> bool:
+        """Whether writes are fsynced (False only when opened with fsync=False)."""
+        return self._fsync
+
+    @property
     def generation(self) -> int:
         """Generation of the current snapshot: the number of compactions so far."""
         return self._generation

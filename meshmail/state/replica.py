@@ -2,12 +2,14 @@
 
 Local writes, remote deltas, reads for routing, conflicts, tombstone GC, compaction and the
 anti-entropy messages. Sans-IO apart from the journal's synchronous file I/O: no sockets, no
-trio; the caller moves the bytes and runs it in a thread if it must not block.
+trio; the caller moves the bytes, and splits a write so that its disk part runs in a worker
+thread when it must not block (see "Off the caller's thread" in ClusterState).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from hashlib import blake2b
 from typing import Any
@@ -119,7 +121,15 @@ class ClusterState:
     exchange is the offer (about 600 bytes) and an answer of a few bytes. Every message is
     at most MAX_MESSAGE_BYTES; bad input raises SyncError.
 
-    Not thread-safe: one caller at a time.
+    Off the caller's thread. A trio caller must not block its loop on an fsync, so each write
+    also comes in steps: local writes are stage_domains() on the loop, persist() in a worker
+    thread, then merge_staged() (or unstage() if persist failed) on the loop; a peer's batch
+    is receive() on the loop (merged at once, as apply() does), then persist() in a thread;
+    compaction is compact_if_due() in a thread. persist() and compaction take a lock that the
+    inline writes hold across their append and merge, so the log is never folded into a
+    snapshot while it holds an entry the map does not, and a staged write holds compaction
+    off until it is merged or unstaged. Everything else is for one thread: the caller's loop.
+    The caller runs one staged write or compaction at a time (replication.Replication does).
     """
 
     def __init__(
@@ -153,6 +163,10 @@ class ClusterState:
         self.unreadable_records = 0
         #: Tombstones dropped by gc() since open, past the grace.
         self.tombstones_dropped = 0
+        #: Held across every journal write and the merge that goes with it (see the class docstring).
+        self._disk = threading.Lock()
+        #: Local writes staged and not yet merged or unstaged: compaction waits for them.
+        self._staged = 0
 
     @classmethod
     def open(
@@ -212,6 +226,11 @@ class ClusterState:
         elif kind == "synced":
             self._synced_at = int(record["ms"])
         return high
+
+    @property
+    def fsyncs(self) -> bool:
+        """Whether journal writes are fsynced (False only when opened with fsync=False)."""
+        return self._journal.fsyncs
 
     def close(self) -> None:
         """Close the journal. Idempotent."""
@@ -288,9 +307,7 @@ class ClusterState:
         append: what a slave publishing thousands of domains needs. `claims` are (domain, slave,
         whether it claims the domain). Names must be in normal form (normalize_domain); returns
         the entries written (unchanged routes and claims write nothing)."""
-        items = [(make_key("domain", name), route) for name, route in routes]
-        items += [(make_key("claim", f"{name}/{slave}"), DomainClaim() if on else None) for name, slave, on in claims]
-        return self._write_many(items)
+        return self._write_many(_domain_items(routes, claims))
 
     def _write(self, key: str, value: Any) -> Entry | None:
         written = self._write_many([(key, value)])
@@ -302,6 +319,19 @@ class ClusterState:
         return None if held is None or held.value is None else held
 
     def _write_many(self, items: list[tuple[str, Any]]) -> list[Entry]:
+        entries = self._stage(items)
+        if not entries:
+            return []
+        # Journal first: if the disk fails, the map does not hold what was never persisted.
+        with self._disk:
+            self._append(entries)
+            for entry in entries:
+                self._merge(entry)
+        self.maybe_compact()
+        return entries
+
+    def _stage(self, items: list[tuple[str, Any]]) -> list[Entry]:
+        """The entries writing `items` takes: none for a value held already or a tombstone of an absent key."""
         entries: list[Entry] = []
         pending: dict[str, Entry] = {}
         for key, value in items:
@@ -314,14 +344,35 @@ class ClusterState:
             entry = Entry(key, value, self.clock.now())
             pending[key] = entry
             entries.append(entry)
-        if not entries:
-            return []
-        # Journal first: if the disk fails, the map does not hold what was never persisted.
-        self._append(entries)
+        return entries
+
+    # Local writes in steps, for a caller that persists in a worker thread (see the class docstring).
+
+    def stage_domains(
+        self, routes: Iterable[tuple[str, DomainRoute | None]], claims: Iterable[tuple[str, str, bool]] = ()
+    ) -> list[Entry]:
+        """The entries write_domains would write, with their timestamps, neither persisted nor
+        merged. Unless the list is empty, persist() it, then merge_staged() it or unstage()."""
+        entries = self._stage(_domain_items(routes, claims))
+        if entries:
+            self._staged += 1
+        return entries
+
+    def merge_staged(self, entries: list[Entry]) -> None:
+        """Merge staged entries once persist() returned; the caller then runs compact_if_due."""
+        self._staged -= 1
         for entry in entries:
             self._merge(entry)
-        self.maybe_compact()
-        return entries
+
+    def unstage(self) -> None:
+        """Give up staged entries whose persist() failed: the map never holds them."""
+        self._staged -= 1
+
+    def persist(self, entries: list[Entry]) -> None:
+        """Append `entries` (staged, or applied by receive) to the journal in one record; durable
+        when this returns. Blocking file I/O, safe in a worker thread. Raises OSError or JournalError."""
+        with self._disk:
+            self._append(entries)
 
     # Remote input.
 
@@ -337,12 +388,22 @@ class ClusterState:
         Applied entries are persisted in one journal append. Never raises for bad input;
         raises OSError or JournalError if the journal cannot be written.
         """
+        result, applied = self.receive(data)
+        if applied:
+            self.persist(applied)
+            if compact:
+                self.maybe_compact()
+        return result
+
+    def receive(self, data: bytes) -> tuple[ApplyResult, list[Entry]]:
+        """apply() without the disk: merge the batch, and return what was applied for the
+        caller to persist() (in a worker thread if it likes) before it counts as durable."""
         try:
             if not isinstance(data, bytes | bytearray | memoryview) or len(data) > MAX_MESSAGE_BYTES:
                 raise BadEntry(f"batch must be bytes of at most {MAX_MESSAGE_BYTES}")
             decoded = decode_entries(data, MAX_BATCH_ENTRIES)
         except BadEntry as exc:
-            return ApplyResult(rejected={"bad_batch": 1}, error=str(exc))
+            return ApplyResult(rejected={"bad_batch": 1}, error=str(exc)), []
         rejected: dict[str, int] = {}
         applied: list[Entry] = []
         stale = 0
@@ -366,12 +427,8 @@ class ClusterState:
                 applied.append(entry)
             else:
                 stale += 1
-        if applied:
-            self._append(applied)
-            if compact:
-                self.maybe_compact()
         namespaces = frozenset(namespace_of(entry.key) for entry in applied)
-        return ApplyResult(len(applied), stale, rejected, decoded.skipped, namespaces=namespaces)
+        return ApplyResult(len(applied), stale, rejected, decoded.skipped, namespaces=namespaces), applied
 
     def _merge(self, entry: Entry) -> bool:
         """Merge into the routing map and, while stale, into the fresh replica too."""
@@ -478,15 +535,22 @@ class ClusterState:
 
     def maybe_compact(self) -> bool:
         """Compact if the log outgrew compact_min_bytes and the snapshot; True if it did."""
-        log = self._journal.log_size()
-        if log > self.compact_min_bytes and log > self._journal.size() - log:
-            self.compact()
+        return self.compact_if_due()
+
+    def compact_if_due(self) -> bool:
+        """maybe_compact, safe in a worker thread while the caller's thread merges (the map is
+        copied a bucket at a time); it waits while a staged write is neither merged nor unstaged."""
+        with self._disk:
+            log = self._journal.log_size()
+            if self._staged or log <= self.compact_min_bytes or log <= self._journal.size() - log:
+                return False
+            self._journal.compact(self._snapshot_records())
             return True
-        return False
 
     def compact(self) -> None:
         """Replace the journal by a snapshot of the whole map, the clock and the sync time."""
-        self._journal.compact(self._snapshot_records())
+        with self._disk:
+            self._journal.compact(self._snapshot_records())
 
     def _snapshot_records(self) -> Iterator[bytes]:
         yield _record("hlc", h=_hlc_field(self.clock.high_water))
@@ -510,9 +574,13 @@ class ClusterState:
         self._replica = LWWMap(indexed=_INDEXED)
         return True
 
-    def record_sync(self, peer: str, now_ms: int) -> None:
+    def record_sync(self, peer: str, now_ms: int, *, persist: bool = True) -> bool:
         """Note a completed anti-entropy exchange with `peer` at now_ms (persisted, at most
-        every SYNC_PERSIST_INTERVAL_MS). A stale node now routes from the fresh replica."""
+        every SYNC_PERSIST_INTERVAL_MS). A stale node now routes from the fresh replica, and
+        compacts here: once in the life of a node away too long.
+
+        Returns whether the sync time was due to be persisted; with persist=False the caller
+        then does it (persist_sync, in a worker thread if it likes)."""
         if self.stale:
             self.discarded = sum(1 for e in self.map.entries_in() if self._replica.entry(e.key) is None)
             self.map = self._replica
@@ -521,7 +589,14 @@ class ClusterState:
             self._synced_at = None
             self.compact()
         self._last_sync[peer] = now_ms
-        if self._synced_at is None or now_ms - self._synced_at >= SYNC_PERSIST_INTERVAL_MS:
+        due = self._synced_at is None or now_ms - self._synced_at >= SYNC_PERSIST_INTERVAL_MS
+        if due and persist:
+            self.persist_sync(now_ms)
+        return due
+
+    def persist_sync(self, now_ms: int) -> None:
+        """Persist now_ms as the time of the last sync (record_sync does when due); safe in a worker thread."""
+        with self._disk:
             self._journal.append(_record("synced", ms=now_ms))
             self._synced_at = now_ms
 
@@ -584,6 +659,14 @@ class ClusterState:
         if not isinstance(message, dict) or message.get("v") != SYNC_VERSION:
             raise SyncError(f"not a sync message of version {SYNC_VERSION}")
         return message
+
+
+def _domain_items(
+    routes: Iterable[tuple[str, DomainRoute | None]], claims: Iterable[tuple[str, str, bool]]
+) -> list[tuple[str, Any]]:
+    items = [(make_key("domain", name), route) for name, route in routes]
+    items += [(make_key("claim", f"{name}/{slave}"), DomainClaim() if on else None) for name, slave, on in claims]
+    return items
 
 
 def _normal_key(key: str) -> bool:

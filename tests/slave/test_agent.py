@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def replace(path: Path, text: str) -> None:
 
 async def run_agent(nursery, agent: SlaveAgent) -> None:
     await agent.load()
-    agent.publish()
+    await agent.publish()
     for loop in agent.loops:
         nursery.start_soon(loop)
 
@@ -215,7 +216,7 @@ async def test_postconf_output_and_the_files_it_names(replication, tmp_path):
     postfix = SourceConfig("postfix", "postfix", command=(sys.executable, "-c", script))
     agent = agent_for(replication, postfix)
     await agent.load()
-    agent.publish()
+    await agent.publish()
     assert published(replication) == {"direct.example", "mail.example", "other.example"}
 
 
@@ -226,7 +227,7 @@ async def test_cpanel_files(replication, tmp_path):
     paths = {name: str(tmp_path / name) for name in ("userdomains", "localdomains", "remotedomains")}
     agent = agent_for(replication, SourceConfig("cpanel", "cpanel", paths=paths))
     await agent.load()
-    agent.publish()
+    await agent.publish()
     # remote.example gets its mail elsewhere (remote MX): not hosted here.
     assert published(replication) == {"shop.example", "host.example"}
 
@@ -262,7 +263,7 @@ async def test_a_domain_an_admin_routes_is_left_alone_and_not_claimed(replicatio
     replication.assign_domain("admin.example", "s9", source="admin")
     agent = agent_for(replication, SourceConfig("static", "static", domains=("admin.example",)))
     await agent.load()
-    assert agent.publish() == 0
+    assert await agent.publish() == 0
     assert state.domain("admin.example") == DomainRoute("s9", "admin") and list(state.claims()) == []
     assert agent.document()["domains"][0]["status"] == "routed to s9 by an admin"
 
@@ -282,15 +283,15 @@ async def test_a_domain_another_slave_routes_stays_there_and_is_claimed(replicat
     static = SourceConfig("static", "static", domains=("theirs.example", "own.example"))
     agent = agent_for(replication, static, members=members)
     await agent.load()
-    assert agent.publish() == 2  # own.example's route and theirs.example's claim
+    assert await agent.publish() == 2  # own.example's route and theirs.example's claim
     assert state.domain("theirs.example") == DomainRoute("s2", "slave")
     assert state.domain("own.example") == DomainRoute("s1", "slave")
     assert state.conflicts() == [("theirs.example", "s2", ["s1"])]
-    assert agent.publish() == 0 and agent.publish(rescan=True) == 0
+    assert await agent.publish() == 0 and await agent.publish(rescan=True) == 0
     statuses = {d["domain"]: d["status"] for d in agent.document()["domains"]}
     assert statuses == {"own.example": "published", "theirs.example": "conflict: routed to s2"}
     agent.sources[0].domains = frozenset({"own.example"})
-    assert agent.publish() == 1
+    assert await agent.publish() == 1
     assert state.conflicts() == [] and list(state.claims()) == []
 
 
@@ -305,7 +306,7 @@ async def test_a_domain_of_a_slave_that_is_gone_is_taken_over(replication, gone)
     static = SourceConfig("static", "static", domains=("shared.example", "admin.example"))
     agent = agent_for(replication, static, members=members)
     await agent.load()
-    assert agent.publish() == 1 and state.conflicts() == [("shared.example", "s2", ["s1"])]
+    assert await agent.publish() == 1 and state.conflicts() == [("shared.example", "s2", ["s1"])]
     if gone == "left":
         members["s2"] = member("s2", State.LEFT)
     elif gone == "removed":
@@ -313,7 +314,7 @@ async def test_a_domain_of_a_slave_that_is_gone_is_taken_over(replication, gone)
         assert state.domain("shared.example") is None  # s2's own publication is gone
     else:
         del members["s2"]
-    assert agent.publish() == 2  # the route, and the claim dropped
+    assert await agent.publish() == 2  # the route, and the claim dropped
     assert state.domain("shared.example") == DomainRoute("s1", "slave")
     assert state.domain("admin.example") == DomainRoute("s2", "admin")  # an admin's decision stays
     assert state.conflicts() == [] and list(state.claims()) == []
@@ -452,6 +453,35 @@ async def test_the_publish_log_counts_every_domain_routed_here(replication, capl
     agent = agent_for(replication, SourceConfig("static", "static", domains=names))
     await agent.load()
     with caplog.at_level(logging.INFO, logger="meshmail.slave"):
-        agent.publish(rescan=True)
+        await agent.publish(rescan=True)
     [line] = [r.getMessage() for r in caplog.records if "route here" in r.getMessage()]
     assert line.startswith("6 domain(s) route here (4 written now, 0 unpublished)")
+
+
+async def test_the_map_comparison_and_the_file_polls_run_off_the_loop(replication, tmp_path, monkeypatch, clock):
+    """publish() looks the listed domains up in the map, and the poll stats the files, in
+    worker threads; the routes written are the same."""
+    path = tmp_path / "domains"
+    path.write_text("a.example\nb.example\n")
+    agent = agent_for(replication, file_source(path))
+    await agent.load()
+    threads: dict[str, set[int]] = {"domain": set(), "stat": set()}
+    state, real_domain, real_stat = replication.state, replication.state.domain, os.stat
+
+    def domain(name):
+        threads["domain"].add(threading.get_ident())
+        return real_domain(name)
+
+    def stat_(path, *args, **kwargs):
+        threads["stat"].add(threading.get_ident())
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(state, "domain", domain)
+    assert await agent.publish(rescan=True) == 2
+    assert published(replication) == {"a.example", "b.example"}
+    monkeypatch.setattr(os, "stat", stat_)
+    with trio.move_on_after(SETTINGS.poll_interval * 1.5):
+        await agent.watch_files()
+    monkeypatch.undo()
+    assert threads["domain"] and threading.get_ident() not in threads["domain"]
+    assert threads["stat"] and threading.get_ident() not in threads["stat"]
