@@ -216,6 +216,7 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
                 bound = {"gossip": Address(*await nursery.start(ctx.members.run))}
             nursery.start_soon(_log_events, events)
             nursery.start_soon(ctx.replication.maintain)
+            nursery.start_soon(ctx.stall.run)
             async with trio.open_nursery() as services:
                 for service in ROLE_SERVICES[config.node.role]:
                     with _start_errors(service.name):

@@ -19,6 +19,7 @@ import trio
 
 from .core.address import Address
 from .core.errors import MeshmailError
+from .core.stall import StallWatch
 
 if TYPE_CHECKING:
     from .config import Config
@@ -87,6 +88,8 @@ class Context:
     #: Set by each service that ends client sessions gracefully (the proxy) once it has: a
     #: leaving node stays in the cluster, marked draining, until all are set.
     drains: list[trio.Event] = attrs.field(factory=list)
+    #: How late the event loop runs (node.py runs its task; /status shows the longest stall).
+    stall: StallWatch = attrs.field(factory=StallWatch)
     #: Called after anything that changes this node's gossiped metadata.
     meta_changed: Callable[[], None] = lambda: None
     _sockets: dict[str, trio.socket.SocketType] = attrs.field(factory=dict)

@@ -154,10 +154,7 @@ class Deliverer:
             elif isinstance(event, lmtp.Ready):
                 codec.send(transaction)
             elif isinstance(event, lmtp.SendBody):
-                for start in range(0, len(data), CHUNK):
-                    codec.body(data[start : start + CHUNK])
-                    await stream.send_all(codec.data_to_send())
-                codec.end_body()
+                await _send_body(stream, codec, data)
             elif isinstance(event, lmtp.Done):
                 results = list(event.results)
                 codec.quit()
@@ -170,6 +167,13 @@ class Deliverer:
                 if results is None:
                     return [UNREACHABLE] * len(transaction.recipients)
                 return results
+
+
+async def _send_body(stream: trio.abc.Stream, codec: lmtp.DeliveryClient, data: bytes) -> None:
+    for start in range(0, len(data), CHUNK):
+        codec.body(data[start : start + CHUNK])
+        await stream.send_all(codec.data_to_send())
+    codec.end_body()
 
 
 def _xclient(route: Route, client: Client | None) -> Xclient | None:

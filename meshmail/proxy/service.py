@@ -17,6 +17,7 @@ import trio
 
 from ..core.accept import ResilientListener
 from ..core.address import Address
+from ..core.stall import StallWatch
 from ..metrics import PROXY, Metrics
 from ..services import Context
 from .backend import Connector, backend_contexts
@@ -28,11 +29,13 @@ log = logging.getLogger("meshmail.proxy")
 
 class ProxyReport:
     """The /status "proxy" block: sessions open by protocol, logins by result, bytes each way,
-    and the backend connect time's median and 99th percentile over the latest connects."""
+    the backend connect time's median and 99th percentile over the latest connects, and the
+    event loop's longest stall in the last minute (sessions share the loop with gossip)."""
 
-    def __init__(self, proxy: Proxy, metrics: Metrics) -> None:
+    def __init__(self, proxy: Proxy, metrics: Metrics, stall: StallWatch | None = None) -> None:
         self.proxy = proxy
         self.metrics = metrics
+        self.stall = stall
 
     def summary(self) -> dict[str, Any]:
         block: dict[str, Any] = {"sessions": {}, "logins": {}, "bytes": {}}
@@ -48,6 +51,8 @@ class ProxyReport:
             "p99": percentile(times, 0.99) * 1000,
             "samples": len(times),
         }
+        if self.stall is not None:
+            block["loop_stall_ms"] = round(self.stall.longest(trio.current_time()) * 1000, 1)
         return block
 
     def document(self) -> dict[str, Any]:
@@ -81,7 +86,7 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
         listeners[name] = ResilientListener(trio.SocketListener(sock), name=name)
     drained = trio.Event()
     ctx.drains.append(drained)
-    ctx.reports["proxy"] = ProxyReport(proxy, ctx.metrics)
+    ctx.reports["proxy"] = ProxyReport(proxy, ctx.metrics, ctx.stall)
     try:
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
