@@ -260,3 +260,27 @@ def test_smuggling_vrfy_and_expn_are_refused(dovecot, tmp_path):
     assert b"554 5.6.0" in answer and b"502 5.5.1 VRFY" in answer and b"502 5.5.1 EXPN" in answer
     assert b"250 2.0.0" not in answer  # no message accepted, the smuggled one least of all
     assert not any(b"smuggler.example" in mail for mail in dovecot.mailbox("alice@one.example"))
+
+
+def test_connection_and_message_rates_per_client_address_are_bounded(dovecot, tmp_path):
+    harness = Harness(dovecot, tmp_path / "queue")
+    harness.section = loads(
+        minimal_config(extra='[mx]\nlisten = "127.0.0.1:0"\nmessages_per_minute = 2\nconnections_per_minute = 3\n')
+    ).mx
+    with harness as mx:
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+            for n in range(2):
+                assert (
+                    client.send_message(message(f"rate-{n}", "alice@one.example"), to_addrs=["alice@one.example"]) == {}
+                )
+            client.ehlo("rate.example")
+            code, text = client.mail("sender@outside.example")
+            assert (code, text[:5]) == (451, b"4.7.1"), text
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=20):
+            pass
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=20):
+            pass
+        with pytest.raises(smtplib.SMTPConnectError) as caught:  # the fourth connection this minute
+            smtplib.SMTP("127.0.0.1", mx.port, timeout=20)
+        assert caught.value.smtp_code == 421
+        assert mx.status()["rejections"] == {"message_rate": 1, "connection_rate": 1}
