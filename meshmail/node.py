@@ -74,12 +74,15 @@ ROLE_SERVICES: dict[str, tuple[Service, ...]] = {
 
 def node_meta(ctx: Context) -> bytes:
     """This node's gossiped metadata: the config's, its endpoints' health, its key ids, its
-    API address and whether it is draining (leaving, its sessions still ending)."""
+    API and shadow store addresses and whether it is draining (leaving, sessions still ending)."""
     meta = ctx.config.node_meta
     endpoints = {s: attrs.evolve(e, up=ctx.endpoint_health.get(s, True)) for s, e in meta.endpoints.items()}
     api = "" if ctx.api_address is None else format_address(ctx.api_address)
     keys = keyring_sync.ids(ctx.keyring)
-    return attrs.evolve(meta, endpoints=endpoints, api=api, keys=keys, draining=ctx.leaving).encode()
+    shadow = "" if ctx.shadow_address is None else format_address(ctx.shadow_address)
+    return attrs.evolve(
+        meta, endpoints=endpoints, api=api, keys=keys, shadow=shadow, draining=bool(ctx.drains) and ctx.leaving
+    ).encode()
 
 
 def follow_state(ctx: Context) -> None:
@@ -223,6 +226,8 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
                         bound.update(await services.start(supervise, service, ctx, _count_restart(ctx)))
                 if "http" in bound:
                     ctx.api_address = api_address(config, bound["http"], ctx.members.address)
+                if "shadow" in bound:
+                    ctx.shadow_address = reachable(bound["shadow"], ctx.members.address)
                 ctx.meta_changed()
                 if leave_on_signals:
                     await nursery.start(_leave_on_signals, ctx, nursery.cancel_scope)
@@ -315,10 +320,15 @@ def _start_errors(what: str, address: Address | None = None) -> Iterator[None]:
 
 
 def api_address(config: Config, bound: Address, gossip: Address) -> Address:
-    """Where other nodes reach the HTTP API: [http] advertise, else the bound address, with
-    the gossip address's host when bound to all interfaces."""
+    """Where other nodes reach the HTTP API: [http] advertise, else where it is bound."""
     if config.http.advertise is not None:
         return config.http.advertise
+    return reachable(bound, gossip)
+
+
+def reachable(bound: Address, gossip: Address) -> Address:
+    """Where other nodes reach a listener bound at `bound`: that address, with the gossip
+    address's host when bound to all interfaces."""
     bound = Address(*bound)
     return Address(gossip[0], bound.port) if bound.unspecified else bound
 

@@ -80,6 +80,8 @@ class NodeMeta:
     )
     #: Where this node's HTTP API answers (host:port; TLS when the cluster has a CA).
     api: str = attrs.field(default="", validator=[v.instance_of(str), v.max_len(300)])
+    #: Where this master keeps shadow copies of other masters' queued mail (host:port).
+    shadow: str = attrs.field(default="", validator=[v.instance_of(str), v.max_len(300)])
     #: Leaving: its client sessions are ending, new clients should go to another master.
     draining: bool = attrs.field(default=False, validator=v.instance_of(bool))
 
@@ -91,6 +93,8 @@ class NodeMeta:
             fields["keys"] = list(self.keys)
         if self.api:
             fields["api"] = self.api
+        if self.shadow:
+            fields["shadow"] = self.shadow
         if self.draining:
             fields["draining"] = True
         data = msgpack.packb(fields, use_bin_type=True)
@@ -109,6 +113,7 @@ class NodeMeta:
                 tags=dict(obj.get("tags", {})),
                 keys=obj.get("keys", ()),
                 api=obj.get("api", ""),
+                shadow=obj.get("shadow", ""),
                 draining=obj.get("draining", False) is True,
             )
         except Exception:

@@ -80,6 +80,8 @@ class Context:
     stopping: trio.Event = attrs.field(factory=trio.Event)
     #: Where other nodes reach this node's HTTP API, once the http service listens.
     api_address: Address | None = None
+    #: Where other masters reach this master's shadow store, once the MX listens for it.
+    shadow_address: Address | None = None
     #: Up/down of this node's endpoints, as its health probes last found them (slaves).
     endpoint_health: dict[str, bool] = attrs.field(factory=dict)
     #: What services report by name: a short block for /status and a full document (the

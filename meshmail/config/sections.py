@@ -639,6 +639,24 @@ class MxSection:
         seconds(0),
         doc="After this long in the queue the sender is told the message is delayed (once); 0 never tells.",
     )
+    shadow: bool = setting(
+        True,
+        boolean,
+        doc="Before the 250 for a message it queues, store a copy on one other master (over the nodes' mutual"
+        " TLS), which delivers it if this master stays dead for shadow_takeover. Needs [tls].",
+    )
+    shadow_listen: Address | None = setting(
+        Address("0.0.0.0", 7947),
+        _mx_listener,
+        doc="Where other masters store their shadow copies here (TCP, mutual TLS with the cluster's node"
+        " certificates); false keeps none here.",
+    )
+    shadow_takeover: float = setting(
+        600.0,
+        seconds(1),
+        doc="How long the master that queued a message must stay dead before the master holding its shadow"
+        " copy delivers it (seconds).",
+    )
     smarthost: Address | None = setting(
         None,
         _optional_address,

@@ -280,6 +280,10 @@ class Queue:
         queue = self._slaves.get(slave)
         return list(queue.entries.values()) if queue else []
 
+    def shadow_origins(self) -> list[str]:
+        """The masters whose shadow copies this master holds."""
+        return list(self._shadows)
+
     def shadows(self, origin: str) -> list[str]:
         """The ids of the shadow copies held for master `origin`."""
         return list(self._shadows.get(origin, ()))

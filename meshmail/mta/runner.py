@@ -1,7 +1,8 @@
 """The MX's queue at work: taking a finished message from a session (in-line delivery to the
-slaves that answer, the rest kept on disk before the 250), and the delivery loop that retries
-what waits (per slave, backoff with jitter, at once when a slave comes back), bounces what a
-slave refuses for good or what waited past the queue lifetime (RFC 3464 DSNs).
+slaves that answer, the rest kept on disk, here and as a shadow copy on another master, before
+the 250), and the delivery loop that retries what waits (per slave, backoff with jitter, at
+once when a slave comes back), bounces what a slave refuses for good or what waited past the
+queue lifetime (RFC 3464 DSNs), and keeps the shadow copies of other masters (shadow.py).
 """
 
 from __future__ import annotations
@@ -22,14 +23,8 @@ from ..routing import NoRoute, Route, Router
 from . import dsn
 from .deliver import UNREACHABLE, Client, Deliverer, resolve, route_to
 from .queue import Queue, Settlement, expire
-from .spool import (
-    CorruptMessage,
-    Envelope,
-    Recipient,
-    RecipientState,
-    Spool,
-    new_queue_id,
-)
+from .shadow import MAX_IDS, Links, ShadowError, TakenLog
+from .spool import CorruptMessage, Envelope, Recipient, RecipientState, Spool, encode_envelope, new_queue_id
 
 log = logging.getLogger("meshmail.mta")
 
@@ -40,6 +35,9 @@ TICK = 1.0
 BATCH = 50
 #: How often messages past the queue lifetime are looked for (seconds).
 SWEEP = 300.0
+#: A master this node does not know yet is not taken for dead before this many seconds after
+#: the start (the node may still be joining).
+UNKNOWN_GRACE = 60.0
 
 
 @attrs.define(eq=False)
@@ -53,12 +51,36 @@ class Runner:
     hostname: str
     origin: str
     rng: random.Random = attrs.field(factory=random.SystemRandom)
+    #: Shadow copies: links to the holders (None: none are kept), the ids taken over, and the
+    #: time an owner must stay dead before its copies here are taken over (seconds).
+    links: Links | None = None
+    taken: TakenLog | None = None
+    takeover_after: float = 600.0
     #: Deliveries and bounces by result, for /status.
     results: collections.Counter[str] = attrs.field(factory=collections.Counter)
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _up: dict[str, bool] = attrs.field(factory=dict)
     _busy: set[str] = attrs.field(factory=set)
     _locks: dict[str, trio.Lock] = attrs.field(factory=dict)
+    #: Holder -> ids of messages delivered here whose copy there is not dropped yet.
+    _undropped: dict[str, set[str]] = attrs.field(factory=dict)
+    #: Holder -> queued messages held back until it says which ones it took over.
+    _unconfirmed: dict[str, list[Envelope]] = attrs.field(factory=dict)
+    #: Owner or holder -> since when (trio time) it has been seen dead.
+    _down_since: dict[str, float] = attrs.field(factory=dict)
+    _started: float = attrs.field(factory=trio.current_time)
+
+    def load(self, envelopes: list[Envelope]) -> None:
+        """Take the envelopes a rescan found: queued ones and shadow copies into the index,
+        except messages with a shadow copy elsewhere (held back until that master says what
+        it took over); delivered ones whose copy is not dropped yet, to drop."""
+        for envelope in envelopes:
+            if envelope.shadow or (envelope.queued() and not envelope.copy_at):
+                self.queue.add(envelope)
+            elif envelope.queued():
+                self._unconfirmed.setdefault(envelope.copy_at, []).append(envelope)
+            elif envelope.copy_at:
+                self._undropped.setdefault(envelope.copy_at, set()).add(envelope.id)
 
     def new_id(self) -> str:
         return new_queue_id(wall_ms(), self.rng.getrandbits(32))
@@ -87,6 +109,9 @@ class Runner:
         async with trio.open_nursery() as nursery:
             for indices in by_slave.values():
                 nursery.start_soon(deliver, indices)
+        for _, route, _ in recipients:
+            if isinstance(route, NoRoute):
+                self._up[route.slave] = False  # so its return is noticed, however soon it comes
         now = wall_ms()
         records = [
             _record(address, route, replies.get(i), now, self.queue) for i, (address, route, _) in enumerate(recipients)
@@ -106,7 +131,7 @@ class Runner:
         self.results["delivered"] += len(delivered)
         if envelope.queued():
             try:
-                envelope = await self.spool.store(envelope, data)
+                envelope = await self._keep(envelope, data)
             except OSError as exc:
                 log.error("message %s not queued: %s", queue_id, exc)
                 return NOT_QUEUED
@@ -124,6 +149,43 @@ class Runner:
         what = "queued" if envelope.queued() else "delivered"
         return Reply(250, "2.0.0", f"Ok: {what} as {queue_id}")
 
+    async def _keep(self, envelope: Envelope, data: bytes) -> Envelope:
+        """Store a message to queue here and, while another master lives, a shadow copy there,
+        both before returning (at once: the two fsyncs overlap). Raises OSError."""
+        links = self.links
+        holders = links.holders() if links is not None else []
+        if links is None or not holders:
+            return await self.spool.store(envelope, data)
+        envelope = attrs.evolve(envelope, copy_at=holders[0])
+        copied: list[str] = []
+        stored: list[Envelope] = []
+
+        async def copy() -> None:
+            request = {"op": "store", "envelope": encode_envelope(envelope), "data": data}
+            for holder in holders[:2]:
+                try:
+                    await links.call(holder, request)
+                except ShadowError as exc:
+                    log.warning("message %s: %s", envelope.id, exc)
+                else:
+                    copied.append(holder)
+                    return
+
+        async def store() -> None:
+            stored.append(await self.spool.store(envelope, data))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(copy)
+            nursery.start_soon(store)
+        kept = stored[0]
+        if copied != [kept.copy_at]:
+            kept = attrs.evolve(kept, copy_at=copied[0] if copied else "")
+            await self.spool.update(kept)
+            if not copied:
+                self.results["unshadowed"] += 1
+                log.warning("message %s is queued on this master only: no other master took a copy", envelope.id)
+        return kept
+
     # --- the delivery loop --------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -140,6 +202,9 @@ class Runner:
                 if trio.current_time() >= next_sweep:
                     next_sweep = trio.current_time() + SWEEP
                     nursery.start_soon(self._sweep, now)
+                if self.links is not None and "shadows" not in self._busy:
+                    self._busy.add("shadows")
+                    nursery.start_soon(self._shadow_round)
                 with trio.move_on_after(TICK):
                     await self._wake.wait()
                 self._wake = trio.Event()
@@ -197,7 +262,7 @@ class Runner:
         self.results["delivered"] += len(result.delivered)
         self.results["deferred"] += len(envelope.queued(result.slave))
         if result.done:
-            await self.spool.remove(envelope.id)
+            await self._finish(envelope)
         else:
             await self.spool.update(envelope)
         if result.delivered:
@@ -224,6 +289,126 @@ class Runner:
                 if result is not None:
                     self.queue.apply(result)
                     await self._settle(result, data)
+
+    async def _finish(self, envelope: Envelope) -> None:
+        """A message with nothing left to deliver: gone from the spool, once its shadow copy
+        is dropped (until then its file stays, so a restart still knows to drop it)."""
+        if envelope.copy_at and self.links is not None:
+            try:
+                await self.links.call(envelope.copy_at, {"op": "drop", "ids": [envelope.id]})
+            except ShadowError:
+                await self.spool.update(envelope)
+                self._undropped.setdefault(envelope.copy_at, set()).add(envelope.id)
+                return
+        await self.spool.remove(envelope.id)
+
+    # --- shadow copies -------------------------------------------------------------------------
+
+    async def hold(self, origin: str, envelope: Envelope, data: bytes) -> None:
+        """Keep the shadow copy of `origin`'s message (durably, before the answer)."""
+        envelope = attrs.evolve(envelope, shadow=True, origin=origin, copy_at="")
+        try:
+            envelope = await self.spool.store(envelope, data)
+        except FileExistsError:
+            return  # a copy sent again after a lost answer: the first one stands
+        self.queue.add(envelope)
+
+    async def drop(self, origin: str, ids: list[str]) -> None:
+        """`origin` delivered these: forget their shadow copies here."""
+        held = set(self.queue.shadows(origin))
+        for queue_id in ids:
+            if queue_id in held:
+                async with self._lock(queue_id):
+                    self.queue.remove(queue_id)
+                    await self.spool.remove(queue_id)
+
+    def taken_from(self, origin: str) -> list[str]:
+        """Ids of `origin`'s messages this master took over."""
+        return sorted(self.taken.taken.get(origin, ())) if self.taken is not None else []
+
+    async def _shadow_round(self) -> None:
+        """Take over the copies of owners dead too long, confirm held-back messages with their
+        holders, and tell holders about deliveries they have not heard of."""
+        try:
+            now = trio.current_time()
+            for origin in self.queue.shadow_origins():
+                if self._dead_for(origin, now) >= self.takeover_after:
+                    await self._take_over(origin)
+            for holder in list(self._unconfirmed):
+                await self._confirm(holder, now)
+            for holder, ids in list(self._undropped.items()):
+                await self._drop_at(holder, ids)
+        finally:
+            self._busy.discard("shadows")
+
+    def _dead_for(self, name: str, now: float) -> float:
+        """How long master `name` has been seen dead. One this node does not know yet (it may
+        still be joining the cluster) counts only after UNKNOWN_GRACE from this runner's start."""
+        assert self.links is not None
+        alive = self.links.alive(name)
+        if alive:
+            self._down_since.pop(name, None)
+            return 0.0
+        since = self._down_since.setdefault(name, now)
+        if alive is None and now - self._started < UNKNOWN_GRACE:
+            return 0.0
+        return now - since
+
+    async def _take_over(self, origin: str) -> None:
+        ids = self.queue.shadows(origin)
+        if self.taken is not None:
+            await self.taken.add(origin, ids)
+        for queue_id in ids:
+            async with self._lock(queue_id):
+                try:
+                    envelope = await self.spool.read_envelope(queue_id)
+                except (CorruptMessage, OSError):
+                    continue
+                envelope = attrs.evolve(envelope, shadow=False, copy_at="")
+                await self.spool.update(envelope)
+                self.queue.add(envelope)
+        self.results["taken_over"] += len(ids)
+        log.warning("master %s stayed dead: this master delivers its %d queued message(s) now", origin, len(ids))
+        self._wake.set()
+
+    async def _confirm(self, holder: str, now: float) -> None:
+        """Release the messages held back for `holder` once it says which it took over (or
+        once it has been dead long enough that it can hold none it would deliver)."""
+        assert self.links is not None
+        held = self._unconfirmed[holder]
+        if self.links.alive(holder):
+            try:
+                taken = set((await self.links.call(holder, {"op": "taken"})).get("ids", []))
+            except ShadowError:
+                return
+        elif self._dead_for(holder, now) >= self.takeover_after:
+            taken = set()
+        else:
+            return
+        del self._unconfirmed[holder]
+        for envelope in held:
+            if envelope.id in taken:
+                await self.spool.remove(envelope.id)
+            else:
+                self.queue.add(envelope)
+        if taken:
+            log.warning("%d queued message(s) were taken over by %s while this master was dead", len(taken), holder)
+        self._wake.set()
+
+    async def _drop_at(self, holder: str, ids: set[str]) -> None:
+        assert self.links is not None
+        done = sorted(ids)[:MAX_IDS]
+        gone = self.links.alive(holder) is None and self._dead_for(holder, trio.current_time()) >= self.takeover_after
+        if not gone:  # tell it; one no longer in the cluster holds nothing to drop
+            try:
+                await self.links.call(holder, {"op": "drop", "ids": done})
+            except ShadowError:
+                return
+        for queue_id in done:
+            await self.spool.remove(queue_id)
+            ids.discard(queue_id)
+        if not ids:
+            del self._undropped[holder]
 
     def _lock(self, queue_id: str) -> _HeldLock:
         return _HeldLock(self._locks, queue_id)

@@ -6,10 +6,12 @@ sending server simply tries again, here or at another master); queued mail stays
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from ..core.clock import wall_ms
 from ..proxy.backend import Connector, backend_contexts
 from ..proxy.certs import ServerCertificate
 from ..services import Context
+from . import shadow
 from .deliver import Deliverer
 from .queue import Queue, RetryPolicy
 from .runner import Runner
@@ -72,51 +75,29 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
     if section.listen is None:
         task_status.started({})
         return
-    data_dir = ctx.config.node.data_dir
-    spool = await trio.to_thread.run_sync(Spool.open, Path(data_dir) / "queue")
+    spool = await trio.to_thread.run_sync(Spool.open, Path(ctx.config.node.data_dir) / "queue")
     try:
-        scan = await spool.rescan()
-        for queue_id, why in scan.corrupt:
-            log.error(
-                "queued message %s is damaged (%s): moved to queue/corrupt/",
-                queue_id,
-                why,
-            )
-        queue = Queue(policy(section), random.SystemRandom())
-        queue.load(scan.envelopes)
-        if scan.envelopes:
-            log.info("queue: %d message(s) waiting", len(scan.envelopes))
-        hostname = section.hostname or socket.getfqdn()
-        deliverer = Deliverer(
-            Connector(backend_contexts(ctx.config.proxy, ctx.config.tls, data_dir)),
-            hostname,
-            section.delivery_timeout,
-        )
-        runner = Runner(spool, queue, deliverer, ctx.router, hostname, ctx.name)
-        proxy = ctx.config.proxy
-        certificate = None
-        if proxy is not None and proxy.cert is not None and proxy.key is not None:
-            certificate = ServerCertificate(os.path.join(data_dir, proxy.cert), os.path.join(data_dir, proxy.key))
-        mx = Mx(section, ctx.router, deliverer, runner, certificate, ctx.metrics, hostname)
+        mx, holder_context = await _build(ctx, spool)
         listener = ResilientListener(trio.SocketListener(await ctx.listen("mx", section.listen)), name="mx")
-        ctx.reports["mx"] = MxReport(mx, runner)
+        holders = None
+        if holder_context is not None and section.shadow_listen is not None:
+            sock = await ctx.listen("shadow", section.shadow_listen)
+            holders = ResilientListener(trio.SocketListener(sock), name="shadow")
+        ctx.reports["mx"] = MxReport(mx, mx.runner)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(runner.run)
-                if certificate is not None:
-                    nursery.start_soon(certificate.watch)
-                async with trio.open_nursery() as sessions:
-                    async with trio.open_nursery() as accepting:
-                        accepting.start_soon(_accept, listener, mx, sessions)
-                        task_status.started({"mx": Address(*listener.listener.socket.getsockname()[:2])})
-                        await ctx.stopping.wait()
-                        accepting.cancel_scope.cancel()
-                    await listener.aclose()
-                    with trio.move_on_after(STOP_GRACE):
-                        while mx.sessions:
-                            await trio.sleep(0.1)
-                    for session in list(mx.sessions):
-                        session.end()
+                nursery.start_soon(mx.runner.run)
+                if mx.certificate is not None:
+                    nursery.start_soon(mx.certificate.watch)
+                bound = {"mx": _bound(listener)}
+                if holders is not None:
+                    serve_one = functools.partial(
+                        shadow.serve_holder,
+                        runner=mx.runner, context=holder_context, limit=frame_limit(section), name=ctx.name,
+                    )  # fmt: skip
+                    nursery.start_soon(_accept, holders, serve_one, nursery)
+                    bound["shadow"] = _bound(holders)
+                await _serve_sessions(ctx, mx, listener, bound, task_status)
                 nursery.cancel_scope.cancel()
         finally:
             ctx.reports.pop("mx", None)
@@ -124,7 +105,65 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
         spool.close()
 
 
-async def _accept(listener: ResilientListener, mx: Mx, sessions: trio.Nursery) -> None:
+async def _build(ctx: Context, spool: Spool) -> tuple[Mx, ssl.SSLContext | None]:
+    """The MX over `spool` (rescanned): its runner with the shadow links, and the TLS context
+    of the shadow store (None without [tls])."""
+    section, data_dir = ctx.config.mx, ctx.config.node.data_dir
+    scan = await spool.rescan()
+    for queue_id, why in scan.corrupt:
+        log.error("queued message %s is damaged (%s): moved to queue/corrupt/", queue_id, why)
+    hostname = section.hostname or socket.getfqdn()
+    connector = Connector(backend_contexts(ctx.config.proxy, ctx.config.tls, data_dir))
+    deliverer = Deliverer(connector, hostname, section.delivery_timeout)
+    queue = Queue(policy(section), random.SystemRandom())
+    runner = Runner(spool, queue, deliverer, ctx.router, hostname, ctx.name, takeover_after=section.shadow_takeover)
+    holder_context = None
+    if ctx.config.tls is not None:
+        holder_context, client_context = shadow.contexts(ctx.config.tls.under(data_dir))
+        if section.shadow:
+            runner.links = shadow.Links(ctx.name, ctx.members.members, client_context, frame_limit(section))
+        runner.taken = await trio.to_thread.run_sync(shadow.TakenLog, Path(data_dir) / "queue" / "taken.log")
+    elif section.shadow:
+        log.warning("mx.shadow needs [tls] (the nodes' certificates): queued mail is kept on this master only")
+    runner.load(scan.envelopes)
+    if scan.envelopes:
+        log.info("queue: %d message(s) on disk", len(scan.envelopes))
+    proxy = ctx.config.proxy
+    certificate = None
+    if proxy is not None and proxy.cert is not None and proxy.key is not None:
+        certificate = ServerCertificate(os.path.join(data_dir, proxy.cert), os.path.join(data_dir, proxy.key))
+    return Mx(section, ctx.router, deliverer, runner, certificate, ctx.metrics, hostname), holder_context
+
+
+async def _serve_sessions(ctx: Context, mx: Mx, listener: ResilientListener, bound: dict, task_status) -> None:
+    """Accept sessions until the node leaves; then stop accepting, give open sessions
+    STOP_GRACE to finish and end the rest with 421."""
+    async with trio.open_nursery() as sessions:
+        async with trio.open_nursery() as accepting:
+            accepting.start_soon(_accept, listener, mx.handle, sessions)
+            task_status.started(bound)
+            await ctx.stopping.wait()
+            accepting.cancel_scope.cancel()
+        await listener.aclose()
+        with trio.move_on_after(STOP_GRACE):
+            while mx.sessions:
+                await trio.sleep(0.1)
+        for session in list(mx.sessions):
+            session.end()
+
+
+def frame_limit(section) -> int:
+    """The largest shadow request: a message of the largest size and its envelope."""
+    return section.max_message_size + 4 * 1024 * 1024
+
+
+def _bound(listener: ResilientListener) -> Address:
+    inner = listener.listener
+    assert isinstance(inner, trio.SocketListener)
+    return Address(*inner.socket.getsockname()[:2])
+
+
+async def _accept(listener: ResilientListener, handle, sessions: trio.Nursery) -> None:
     while True:
         stream = await listener.accept()
-        sessions.start_soon(mx.handle, stream)
+        sessions.start_soon(handle, stream)

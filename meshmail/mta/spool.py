@@ -117,7 +117,8 @@ class Recipient:
 class Envelope:
     """What the spool keeps about a message besides its bytes. `sender` is "" for the null
     sender. `origin` is the master that accepted it; `shadow` says this master holds a copy
-    for that owner. `warned` says a delay warning went out. `size` is the data's length."""
+    for that owner. `warned` says a delay warning went out. `size` is the data's length.
+    `copy_at` names the master that holds a shadow copy for us (told when it can drop it)."""
 
     id: str = attrs.field(validator=_check_id)
     sender: str = attrs.field(validator=_str)
@@ -129,6 +130,8 @@ class Envelope:
     origin: str = attrs.field(default="", validator=_str)
     shadow: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     warned: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    #: The master holding a shadow copy of this message for us ("" when none does).
+    copy_at: str = attrs.field(default="", validator=_str)
 
     def slaves(self) -> tuple[str, ...]:
         """The slaves with recipients still queued, in recipient order."""
@@ -171,6 +174,7 @@ def encode_envelope(envelope: Envelope) -> bytes:
             "origin": envelope.origin,
             "shadow": envelope.shadow,
             "warned": envelope.warned,
+            "copy_at": envelope.copy_at,
         },
         use_bin_type=True,
     )

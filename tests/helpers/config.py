@@ -18,7 +18,7 @@ DATA_DIRS: list[str] = []
 
 #: The MX of a test master: on loopback, a port from the kernel (the default, 0.0.0.0:25, is
 #: one per machine).
-MX_LOOPBACK = '[mx]\nlisten = "127.0.0.1:0"\n'
+MX_LOOPBACK = '[mx]\nlisten = "127.0.0.1:0"\nshadow_listen = "127.0.0.1:0"\n'
 
 
 def new_key_b64() -> str:

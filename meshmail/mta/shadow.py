@@ -1,0 +1,261 @@
+"""Shadow copies of queued mail on a second master, so that mail that got a 250 survives the
+loss of the master that queued it, disk and all.
+
+Before a master answers 250 for a message it queues, it also stores the message on one other
+live master (the next one after itself in name order) and notes that master in the envelope
+(`copy_at`). The master that queued it delivers; once it has, it tells the holder to drop its
+copy. If the owner stays dead for `shadow_takeover`, the holder takes the copies over and
+delivers them itself, noting each one taken (queue/taken.log). An owner that comes back asks
+its holders what they took before delivering anything they hold a copy of, and drops those.
+
+The masters talk over TCP with mutual TLS: each side shows its node certificate from the
+cluster CA, and only masters are served. A request or an answer is one frame: a 4-byte length,
+then a msgpack map. Requests: {"op": "store", "envelope", "data"}, {"op": "drop", "ids"},
+{"op": "taken"}; answers: {"ok": true, ...} or {"error": text}.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import msgpack
+import trio
+from cryptography import x509
+
+from ..config.sections import TlsSection
+from ..core.address import Address
+from ..core.errors import MeshmailError
+from ..gossip.messages import State
+from ..nodemeta import NodeMeta
+from ..security import ca
+from .spool import CorruptMessage, decode_envelope
+
+log = logging.getLogger("meshmail.mta")
+
+_LENGTH = struct.Struct("!I")
+#: Seconds one request may take (connect, TLS, the other side's fsync) before it fails.
+REQUEST_TIMEOUT = 10.0
+#: Seconds a shadow connection may sit idle on the holder's side.
+IDLE_TIMEOUT = 120.0
+#: Idle connections kept per holder.
+POOL = 4
+#: Ids in one drop request.
+MAX_IDS = 10_000
+
+
+class ShadowError(MeshmailError):
+    """A shadow request that failed; str() says why."""
+
+
+def contexts(tls: TlsSection) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) TLS contexts with this node's certificate, each requiring the other
+    side's from the cluster CA. Names are checked against the certificate's subject, not DNS."""
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca)
+    server.verify_mode = ssl.CERT_REQUIRED
+    server.load_cert_chain(tls.cert, tls.key)
+    client = ssl.create_default_context(cafile=tls.ca)
+    client.check_hostname = False
+    client.load_cert_chain(tls.cert, tls.key)
+    return server, client
+
+
+def peer_node(stream: trio.SSLStream) -> tuple[str, str]:
+    """(node name, role) of the other side's certificate."""
+    der = stream.getpeercert(binary_form=True)
+    if not der:
+        return "", ""
+    return ca.subject_role(x509.load_der_x509_certificate(der))
+
+
+class Frames:
+    """Frames over a stream: write one, read one (at most `limit` bytes)."""
+
+    def __init__(self, stream: trio.abc.Stream, limit: int) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.buffer = bytearray()
+
+    async def write(self, obj: dict[str, Any]) -> None:
+        body = msgpack.packb(obj, use_bin_type=True)
+        await self.stream.send_all(_LENGTH.pack(len(body)) + body)
+
+    async def read(self) -> dict[str, Any] | None:
+        """The next frame; None at a clean end of stream. Raises ShadowError on a bad one."""
+        if not await self._fill(_LENGTH.size):
+            return None
+        (length,) = _LENGTH.unpack(self.buffer[: _LENGTH.size])
+        if length > self.limit:
+            raise ShadowError(f"frame of {length} bytes (limit {self.limit})")
+        if not await self._fill(_LENGTH.size + length):
+            raise ShadowError("stream ended inside a frame")
+        body = bytes(self.buffer[_LENGTH.size : _LENGTH.size + length])
+        del self.buffer[: _LENGTH.size + length]
+        try:
+            obj = msgpack.unpackb(body, raw=False, strict_map_key=True, max_map_len=16)
+        except Exception:
+            raise ShadowError("frame is not msgpack") from None
+        if not isinstance(obj, dict):
+            raise ShadowError("frame is not a map")
+        return obj
+
+    async def _fill(self, size: int) -> bool:
+        while len(self.buffer) < size:
+            data = await self.stream.receive_some(max(65536, size - len(self.buffer)))
+            if not data:
+                if self.buffer:
+                    raise ShadowError("stream ended inside a frame")
+                return False
+            self.buffer += data
+        return True
+
+
+@attrs.define(eq=False)
+class Links:
+    """The owner's side: connections to holders, kept open for reuse.
+
+    `members` gives the current member list (MemberInfo); `name` is this node's."""
+
+    name: str
+    members: Callable[[], list]
+    context: ssl.SSLContext
+    limit: int
+    _idle: dict[str, list[Frames]] = attrs.field(factory=dict)
+
+    def holders(self) -> list[str]:
+        """The live masters that keep shadows, in the order to try them: the next after this
+        node in name order first (so copies spread over the masters)."""
+        found = sorted(
+            m.name for m in self.members()
+            if m.name != self.name and m.state == State.ALIVE and _meta(m).role == "master" and _meta(m).shadow
+        )  # fmt: skip
+        after = [n for n in found if n > self.name]
+        return after + [n for n in found if n < self.name]
+
+    def alive(self, holder: str) -> bool | None:
+        """Whether `holder` is alive (None: not a member at all)."""
+        member = next((m for m in self.members() if m.name == holder), None)
+        return None if member is None else member.state in (State.ALIVE, State.SUSPECT)
+
+    async def call(self, holder: str, request: dict[str, Any]) -> dict[str, Any]:
+        """Send `request` to `holder`; its answer. Raises ShadowError."""
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                frames = self._idle.get(holder, []).pop() if self._idle.get(holder) else await self._open(holder)
+                await frames.write(request)
+                answer = await frames.read()
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
+            raise ShadowError(f"shadow request to {holder} failed: {exc or type(exc).__name__}") from None
+        if answer is None:
+            raise ShadowError(f"{holder} closed the shadow connection")
+        if "error" in answer:
+            await trio.aclose_forcefully(frames.stream)
+            raise ShadowError(f"{holder} refused: {answer['error']}")
+        pool = self._idle.setdefault(holder, [])
+        if len(pool) < POOL:
+            pool.append(frames)
+        else:
+            await trio.aclose_forcefully(frames.stream)
+        return answer
+
+    async def _open(self, holder: str) -> Frames:
+        member = next((m for m in self.members() if m.name == holder), None)
+        if member is None or not _meta(member).shadow:
+            raise ShadowError(f"{holder} keeps no shadows")
+        address = Address.parse(_meta(member).shadow)
+        stream = await trio.open_tcp_stream(address.host, address.port)
+        tls = trio.SSLStream(stream, self.context, server_hostname=address.host)
+        await tls.do_handshake()
+        if peer_node(tls) != (holder, "master"):
+            await trio.aclose_forcefully(tls)
+            raise ShadowError(f"the shadow store at {address} is not master {holder}")
+        return Frames(tls, self.limit)
+
+
+def _meta(member) -> NodeMeta:
+    return NodeMeta.decode(member.meta)
+
+
+class TakenLog:
+    """The ids of shadow copies this master took over, by owner: queue/taken.log, one line
+    "owner id" each, appended and fsync'd before the message is delivered."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.taken: dict[str, set[str]] = {}
+        if path.exists():
+            for line in path.read_text(errors="replace").splitlines():
+                owner, _, queue_id = line.partition(" ")
+                if owner and queue_id:
+                    self.taken.setdefault(owner, set()).add(queue_id)
+
+    async def add(self, owner: str, ids: list[str]) -> None:
+        text = "".join(f"{owner} {queue_id}\n" for queue_id in ids).encode()
+        await trio.to_thread.run_sync(self._append, text)
+        self.taken.setdefault(owner, set()).update(ids)
+
+    def _append(self, text: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, text)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+async def serve_holder(stream: trio.SocketStream, runner, context: ssl.SSLContext, limit: int, name: str) -> None:
+    """Answer one master's shadow requests (`runner` keeps the copies: Runner.hold, drop,
+    taken_from). Only another master with a cluster certificate is served."""
+    tls = trio.SSLStream(stream, context, server_side=True)
+    try:
+        with trio.fail_after(REQUEST_TIMEOUT):
+            await tls.do_handshake()
+        origin, role = peer_node(tls)
+        if role != "master" or not origin or origin == name:
+            log.warning("shadow store: refused %s (%s)", origin or "a peer without a node certificate", role or "-")
+            return
+        frames = Frames(tls, limit)
+        while True:
+            with trio.move_on_after(IDLE_TIMEOUT):
+                request = await frames.read()
+                if request is None:
+                    return
+                await frames.write(await _answer(runner, origin, request))
+                continue
+            return
+    except (ShadowError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+            ssl.SSLError) as exc:  # fmt: skip
+        log.info("shadow store: connection ended: %s", exc or type(exc).__name__)
+    finally:
+        await trio.aclose_forcefully(tls)
+
+
+async def _answer(runner, origin: str, request: dict[str, Any]) -> dict[str, Any]:
+    op = request.get("op")
+    try:
+        if op == "store":
+            envelope, data = decode_envelope(request.get("envelope", b"")), request.get("data")
+            if not isinstance(data, bytes) or len(data) != envelope.size:
+                return {"error": "data does not match the envelope"}
+            await runner.hold(origin, envelope, data)
+            return {"ok": True}
+        if op == "drop":
+            ids = request.get("ids")
+            if not isinstance(ids, list) or len(ids) > MAX_IDS or not all(isinstance(i, str) for i in ids):
+                return {"error": "ids must be a list of queue ids"}
+            await runner.drop(origin, ids)
+            return {"ok": True}
+        if op == "taken":
+            return {"ok": True, "ids": runner.taken_from(origin)}
+    except CorruptMessage as exc:
+        return {"error": str(exc)}
+    except OSError as exc:
+        log.error("shadow store: cannot keep a copy for %s: %s", origin, exc)
+        return {"error": "cannot store now"}
+    return {"error": f"unknown op {op!r}"}
