@@ -18,6 +18,7 @@ import trio
 from ..core.accept import ResilientListener
 from ..core.address import Address
 from ..core.clock import wall_ms
+from ..metrics import MX_RECIPIENTS, MX_REJECTIONS
 from ..proxy.backend import Connector, backend_contexts
 from ..proxy.certs import ServerCertificate
 from ..services import Context
@@ -35,7 +36,8 @@ STOP_GRACE = 5.0
 
 class MxReport:
     """The /status "mx" block: sessions open, the queue per slave (messages, bytes), the oldest
-    message's age, shadows held, recipients by result, refusals by reason."""
+    message's age, shadows held, recipients by result and refusals by reason (as counted on the
+    MX_RECIPIENTS and MX_REJECTIONS series)."""
 
     def __init__(self, mx: Mx, runner: Runner) -> None:
         self.mx = mx
@@ -43,6 +45,8 @@ class MxReport:
 
     def summary(self) -> dict[str, Any]:
         stats = self.runner.queue.stats(wall_ms())
+        recipients = self.runner.metrics.status_counters([MX_RECIPIENTS])
+        rejections = self.mx.metrics.status_counters([MX_REJECTIONS])
         return {
             "sessions": self.mx.open,
             "queued": stats.messages,
@@ -50,8 +54,8 @@ class MxReport:
             "oldest_age_s": round(stats.oldest_age_ms / 1000, 1),
             "slaves": {name: {"messages": s.messages, "bytes": s.bytes} for name, s in sorted(stats.slaves.items())},
             "shadows": stats.shadows,
-            "recipients": dict(sorted(self.runner.results.items())),
-            "rejections": dict(sorted(self.mx.rejections.items())),
+            "recipients": {name.removeprefix("mx.recipients."): n for name, n in recipients.items()},
+            "rejections": {name.removeprefix("mx.rejections."): n for name, n in rejections.items()},
         }
 
     def document(self) -> dict[str, Any]:
@@ -92,7 +96,7 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
             hostname,
             section.delivery_timeout,
         )
-        runner = Runner(spool, queue, deliverer, ctx.router, hostname, ctx.name)
+        runner = Runner(spool, queue, deliverer, ctx.router, hostname, ctx.name, metrics=ctx.metrics)
         proxy = ctx.config.proxy
         certificate = None
         if proxy is not None and proxy.cert is not None and proxy.key is not None:
@@ -100,6 +104,7 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
         mx = Mx(section, ctx.router, deliverer, runner, certificate, ctx.metrics, hostname)
         listener = ResilientListener(trio.SocketListener(await ctx.listen("mx", section.listen)), name="mx")
         ctx.reports["mx"] = MxReport(mx, runner)
+        ctx.mta = runner
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(runner.run)
@@ -120,6 +125,7 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
                 nursery.cancel_scope.cancel()
         finally:
             ctx.reports.pop("mx", None)
+            ctx.mta = None
     finally:
         spool.close()
 
