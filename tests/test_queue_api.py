@@ -214,8 +214,12 @@ async def test_a_damaged_message_answers_409_and_is_left_out_of_the_list(queued)
     path.write_bytes(bytes(damaged))
     status, answer = await call(ctx, headers, "GET", f"/queue/{c.id}")
     assert status == 409 and "cannot be read (header checksum mismatch)" in answer["error"], answer
+    status, answer = await call(ctx, headers, "POST", f"/queue/{c.id}/retry")
+    assert status == 409 and "cannot be read" in answer["error"], answer
     _, listed = await call(ctx, headers, "GET", "/queue")
     assert [m["id"] for m in listed["messages"]] == [a.id, b.id]
+    assert (await call(ctx, headers, "DELETE", f"/queue/{c.id}"))[0] == 200  # an operator may drop it
+    assert not runner.spool.message_path(c.id).exists()
 
 
 @pytest.mark.parametrize(

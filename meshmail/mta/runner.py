@@ -294,6 +294,8 @@ class Runner:
                 envelope = await self.spool.read_envelope(queue_id)
             except FileNotFoundError:
                 return False
+            if not self._owned(queue_id):  # the loop may have taken it meanwhile
+                return False
             now = wall_ms()
             due = [attrs.evolve(r, next_attempt_ms=min(r.next_attempt_ms, now)) if r.queued else r
                    for r in envelope.recipients]  # fmt: skip
@@ -302,15 +304,15 @@ class Runner:
         self._wake.set()
         return True
 
-    async def delete(self, queue_id: str, by: str) -> Envelope | None:
-        """Removes message `queue_id` from the index and the spool, no notice sent to anyone,
-        and logs that `by` did; returns its last envelope, None when it is not queued here.
+    async def delete(self, queue_id: str, by: str) -> bool:
+        """Removes message `queue_id` (readable or not) from the index and the spool, no notice
+        sent to anyone, and logs that `by` did; False when it is not queued here.
         Raises Busy while it is being delivered (a delete never races a delivery: both hold
         the message's lock) or when this master holds only a shadow copy."""
         self._owned(queue_id)  # refuse at once rather than wait for a delivery under way
         async with self._lock(queue_id):
             if not self._owned(queue_id):
-                return None
+                return False
             try:
                 envelope = await self.spool.read_envelope(queue_id)
             except (CorruptMessage, FileNotFoundError):
@@ -322,7 +324,7 @@ class Runner:
         else:
             log.warning("queued message %s from <%s> to %s deleted by %s, undelivered", queue_id, envelope.sender,
                         ", ".join(f"<{r.address}>" for r in envelope.queued()), by)  # fmt: skip
-        return envelope
+        return True
 
     def _owned(self, queue_id: str) -> dict[str, Entry]:
         """The entries of a message this master delivers; raises Busy for one in flight or a

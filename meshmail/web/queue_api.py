@@ -36,9 +36,7 @@ async def show_message(queue_id: str):
     try:
         queued = await _runner().message(queue_id)
     except CorruptMessage as exc:
-        raise Conflict(
-            f"message {queue_id} cannot be read ({exc}): it is moved to queue/corrupt/ at its next attempt"
-        ) from None
+        raise _unreadable(queue_id, exc) from None
     if queued is None:
         raise NotFound(f"no message {queue_id} in this master's queue")
     return _document(queued)
@@ -60,6 +58,8 @@ async def retry(queue_id: str):
             raise NotFound(f"no message {queue_id} in this master's queue")
     except Busy as exc:
         raise Conflict(str(exc)) from None
+    except CorruptMessage as exc:
+        raise _unreadable(queue_id, exc) from None
     return {"id": queue_id, "due": True}
 
 
@@ -68,10 +68,10 @@ async def delete(queue_id: str):
     queue_id = _queue_id(queue_id)
     principal = request.principal
     try:
-        envelope = await _runner().delete(queue_id, f"{principal.account} ({principal.via})")
+        deleted = await _runner().delete(queue_id, f"{principal.account} ({principal.via})")
     except Busy as exc:
         raise Conflict(str(exc)) from None
-    if envelope is None:
+    if not deleted:
         raise NotFound(f"no message {queue_id} in this master's queue")
     return {"id": queue_id, "deleted": True}
 
@@ -81,6 +81,10 @@ def _runner() -> Runner:
     if runner is None:
         raise NotFound("this node runs no MX, so it has no queue (only masters do, with [mx] listen set)")
     return runner
+
+
+def _unreadable(queue_id: str, exc: CorruptMessage) -> Conflict:
+    return Conflict(f"message {queue_id} cannot be read ({exc}): it is moved to queue/corrupt/ at its next attempt")
 
 
 def _queue_id(text: str) -> str:
