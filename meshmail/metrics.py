@@ -21,7 +21,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 __all__ = [
-    "ALL", "GOSSIP", "PROXY", "SERVICES", "STATE", "STATUS_GOSSIP", "STATUS_STATE", "Metrics", "Series", "exposition"
+    "ALL", "GOSSIP", "MX", "PROXY", "SERVICES", "STATE", "STATUS_GOSSIP", "STATUS_STATE", "Metrics", "Series",
+    "exposition",
 ]  # fmt: skip
 
 
@@ -339,6 +340,32 @@ PROXY_BACKEND_CONNECT = Series(
 #: The proxy's series: its /status block, not the state counters.
 PROXY: tuple[Series, ...] = (PROXY_SESSIONS, PROXY_LOGINS, PROXY_TURNED_AWAY, PROXY_BYTES, PROXY_BACKEND_CONNECT)
 
+MX_SESSIONS = Series("meshmail_mx_sessions", "SMTP sessions open on this master's MX.", "mx.sessions", kind="gauge")
+MX_REJECTIONS = Series(
+    "meshmail_mx_rejections_total",
+    "SMTP connections, commands and messages the MX refused, by reason (relay_denied, unknown_recipient, "
+    "no_route, connection_rate, message_rate, too_many_sessions, protocol, timeout, memory, early_talker...).",
+    "mx.rejections.{reason}",
+    ("reason",),
+)
+MX_RECIPIENTS = Series(
+    "meshmail_mx_recipients_total",
+    "Recipients of inbound mail by result (delivered, queued, deferred: tried again later, refused: the slave "
+    "refused them all at once), and notices sent to senders (bounces, delay_warnings; bounces_unsent: the "
+    "sender is outside the cluster; taken_over: shadow copies of a dead master delivered here; unshadowed: "
+    "queued here only, no other master took a copy).",
+    "mx.recipients.{result}",
+    ("result",),
+)
+MX_QUEUED = Series(
+    "meshmail_mx_queued_messages",
+    "Messages in this master's queue waiting for their slave (shadow copies held for other masters not counted).",
+    "mx.queued",
+    kind="gauge",
+)
+#: The MX's series: its /status block.
+MX: tuple[Series, ...] = (MX_SESSIONS, MX_REJECTIONS, MX_RECIPIENTS, MX_QUEUED)
+
 #: Buckets of PROXY_BACKEND_CONNECT: a LAN connect takes well under a millisecond, a TLS one a
 #: few, a retried one seconds.
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -362,7 +389,7 @@ SERVICES: tuple[Series, ...] = (
 )
 
 #: Every series a node exposes.
-ALL: tuple[Series, ...] = (*GOSSIP, GOSSIP_UNLISTED, *STATE, STATE_UNLISTED, *SERVICES, *PROXY)
+ALL: tuple[Series, ...] = (*GOSSIP, GOSSIP_UNLISTED, *STATE, STATE_UNLISTED, *SERVICES, *PROXY, *MX)
 #: The series of the /status "counters" (the gossip layer's) and of its "state" "counters".
 STATUS_GOSSIP: tuple[Series, ...] = (*GOSSIP, GOSSIP_UNLISTED)
 STATUS_STATE: tuple[Series, ...] = (*STATE, STATE_UNLISTED, *SERVICES)
@@ -410,6 +437,11 @@ class Metrics:
         self.proxy_backend_connect = Histogram(
             PROXY_BACKEND_CONNECT.name, PROXY_BACKEND_CONNECT.help, registry=self.registry, buckets=CONNECT_BUCKETS
         )
+        # mta/
+        self.mx_sessions = _gauge(self.registry, MX_SESSIONS)
+        self.mx_rejections = counter(MX_REJECTIONS)
+        self.mx_recipients = counter(MX_RECIPIENTS)
+        self.mx_queued = _gauge(self.registry, MX_QUEUED)
 
     def status_counters(self, series: Iterable[Series]) -> dict[str, int]:
         """The values of `series` keyed by their status names, sorted by name.

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .gossip.keyring import Keyring
     from .gossip.memberlist import Memberlist
     from .metrics import Metrics
+    from .mta.runner import Runner
     from .replication import Replication
     from .routing import Router
     from .security.ca import Authority
@@ -92,6 +93,9 @@ class Context:
     drains: list[trio.Event] = attrs.field(factory=list)
     #: How late the event loop runs (node.py runs its task; /status shows the longest stall).
     stall: StallWatch = attrs.field(factory=StallWatch)
+    #: The MX's queue and what delivers from it, while the MX serves (the admin API's queue
+    #: routes reach it here); None on a node without one.
+    mta: Runner | None = None
     #: Called after anything that changes this node's gossiped metadata.
     meta_changed: Callable[[], None] = lambda: None
     _sockets: dict[str, trio.socket.SocketType] = attrs.field(factory=dict)

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import collections
 import json
+import random
 import re
+import smtplib
 import string
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 from helpers.config import minimal_config, new_key_b64
 from helpers.http import fetch, login_json
+from helpers.routes import DomainMap, slave
 from helpers.served import request, start
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
@@ -21,14 +25,25 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import meshmail
 from meshmail.config import loads
+from meshmail.gossip.messages import State
 from meshmail.metrics import (
     ALL,
+    MX,
     SERVICES,
     STATUS_GOSSIP,
     STATUS_STATE,
     Metrics,
     exposition,
 )
+from meshmail.mta.deliver import Deliverer
+from meshmail.mta.queue import Queue, RetryPolicy
+from meshmail.mta.runner import Runner
+from meshmail.mta.service import MxReport
+from meshmail.mta.session import Mx
+from meshmail.mta.spool import Spool
+from meshmail.nodemeta import Endpoint
+from meshmail.proxy.backend import Connector, backend_contexts
+from meshmail.routing import Router
 
 SOURCES = Path(meshmail.__file__).parent
 
@@ -189,3 +204,53 @@ async def test_metrics_of_two_nodes_in_one_process(nursery):
     assert content_type.startswith("application/openmetrics-text") and text.endswith("# EOF\n")
     names = {family.name for family in openmetrics_families(text)}
     assert {"meshmail_gossip_packets_received", "meshmail_state_syncs", "meshmail_slave_routes_written"} <= names
+
+
+async def test_the_mx_counts_on_its_series_and_its_status_block_reads_them(tmp_path):
+    """A real SMTP session with a real MX (the slave is dead, so the mail is queued on a real
+    spool): the session gauge while it is open, the refusal and the queued recipient counted
+    on the MX series, and /status's "mx" block showing the same numbers."""
+    metrics = Metrics()
+    value = metrics.registry.get_sample_value
+    dead = attrs.evolve(slave("s1", {"lmtp": Endpoint("127.0.0.1:1")}), state=State.DEAD)
+    router = Router(DomainMap({"one.example": "s1"}), {"s1": dead})
+    section = loads(minimal_config()).mx
+    spool = Spool.open(tmp_path / "queue")
+    try:
+        deliverer = Deliverer(Connector(backend_contexts(None, None, "/")), "mx.test")
+        runner = Runner(spool, Queue(RetryPolicy(), random.Random(1)), deliverer, router, "mx.test", "m1",
+                        metrics=metrics)  # fmt: skip
+        mx = Mx(section, router, deliverer, runner, None, metrics, "mx.test")
+        report = MxReport(mx, runner)
+        assert value("meshmail_mx_sessions") == 0 and value("meshmail_mx_queued_messages") == 0
+        [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listener.socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, mx.handle, [listener])
+            client = await trio.to_thread.run_sync(lambda: smtplib.SMTP("127.0.0.1", port, timeout=20))
+            assert value("meshmail_mx_sessions") == 1 and report.summary()["sessions"] == 1
+
+            def send() -> tuple[int, dict]:
+                client.ehlo("client.test")
+                client.mail("x@outside.example")
+                relay = client.rcpt("<someone@outside.example>")[0]
+                client.rset()
+                return relay, client.sendmail("x@outside.example", ["ann@one.example"], b"Subject: hi\r\n\r\nhi\r\n")
+
+            assert await trio.to_thread.run_sync(send) == (550, {})
+            await trio.to_thread.run_sync(client.quit)
+            with trio.fail_after(10):
+                while value("meshmail_mx_sessions"):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        spool.close()
+    assert value("meshmail_mx_rejections_total", {"reason": "relay_denied"}) == 1
+    assert value("meshmail_mx_recipients_total", {"result": "queued"}) == 1
+    assert value("meshmail_mx_recipients_total", {"result": "delivered"}) == 0  # counted (none), so shown
+    assert value("meshmail_mx_queued_messages") == 1  # read from the queue at each scrape
+    block = report.summary()
+    assert block["recipients"] == {"delivered": 0, "queued": 1}
+    assert block["rejections"] == {"relay_denied": 1}
+    assert (block["sessions"], block["queued"], block["slaves"]["s1"]["messages"]) == (0, 1, 1)
+    assert metrics.status_counters(MX)["mx.recipients.queued"] == 1

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_keyring,
         _add_slave,
         _add_admin,
+        _add_queue,
     ):
         add_group(commands)
     return parser
@@ -378,3 +379,33 @@ def _add_admin(commands: Commands) -> None:
     _action(tokens, "list", "admin:list_api_tokens", listing, json=True)
     revoke = _action(tokens, "revoke", "admin:revoke_api_token", "revoke an API token (DELETE /api-tokens/ID)")
     revoke.add_argument("id", help="the token's id, or a prefix of it that only it has (api-token list shows them)")
+
+
+def _add_queue(commands: Commands) -> None:
+    queue = _command(
+        commands,
+        "queue",
+        None,
+        "list and act on a master's queue of inbound mail",
+        "The messages a master's MX keeps until their slave takes them: that master's own queue, every action"
+        f" {ADMIN_ONLY}.",
+    )
+    actions = _actions(queue)
+    slave_help = "only the messages waiting for this slave"
+    listing = _action(actions, "list", "queue:list_queue", "list the queued messages, oldest first (GET /queue)",
+                      json=True)  # fmt: skip
+    listing.add_argument("--slave", metavar="NODE", help=slave_help)
+    show = _action(actions, "show", "queue:show_message", "show one queued message (GET /queue/ID)", json=True)
+    show.add_argument("id", help="the queue id (queue list shows them; the 250 reply named it)")
+    flush = _action(actions, "flush", "queue:flush", "try the queued messages now (POST /queue/flush)", json=True)
+    flush.add_argument("--slave", metavar="NODE", help=slave_help)
+    retry = _action(actions, "retry", "queue:retry", "try one queued message now (POST /queue/ID/retry)", json=True)
+    retry.add_argument("id", help="the queue id")
+    delete = _action(
+        actions,
+        "delete",
+        "queue:delete",
+        "delete a queued message, undelivered and with no notice to its sender (DELETE /queue/ID)",
+        json=True,
+    )
+    delete.add_argument("id", help="the queue id")

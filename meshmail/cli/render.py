@@ -147,6 +147,56 @@ def format_keyring(document: dict[str, Any]) -> str:
     return "\n".join(_columns(rows))
 
 
+def format_queue(document: dict[str, Any]) -> str:
+    """GET /queue as a table, oldest first, and a line for what it left out."""
+    messages, more = document["messages"], document["more"]
+    if not messages:
+        return "(no queued messages)"
+    rows = [("ID", "RECEIVED", "SIZE", "FROM", "TO", "TRIES", "NEXT TRY", "LAST REPLY")]
+    for m in messages:
+        to = [f"{r['address']} ({r['slave']})" for r in m["recipients"]]
+        rows.append(
+            (
+                m["id"],
+                human_ms(m["received_ms"]),
+                str(m["size"]),
+                f"<{m['sender']}>",
+                to[0] + (f" +{len(to) - 1}" if len(to) > 1 else "") if to else "-",
+                str(m["attempts"]),
+                "in flight" if m["in_flight"] else human_ms(m["next_attempt_ms"]),
+                m["last_reply"] or "-",
+            )
+        )
+    lines = _columns(rows)
+    if more:
+        lines.append(f"... and {more} more (the oldest are shown)")
+    return "\n".join(lines)
+
+
+def format_message(document: dict[str, Any]) -> str:
+    """GET /queue/ID: the envelope, then each recipient's state."""
+    client = document["client_address"] or "this cluster"
+    helo = f" (HELO {document['helo']})" if document["helo"] else ""
+    lines = [
+        f"message {document['id']} from <{document['sender']}>, {document['size']} bytes",
+        f"received {human_ms(document['received_ms'])} from {client}{helo} by {document['origin'] or '?'}",
+    ]
+    if document["shadow"]:
+        lines.append(f"a shadow copy held for {document['origin']}, which delivers it")
+    if document["delay_warning_sent"]:
+        lines.append("the sender was told it is delayed")
+    lines.append("recipients:")
+    for r in document["recipients"]:
+        state = r["state"]
+        if r["next_attempt_ms"] is not None:
+            state += f", next try {human_ms(r['next_attempt_ms'])}"
+        tried = f", {r['attempts']} tries" if r["attempts"] else ""
+        reply = f": {r['reply']}" if r["reply"] else ""
+        lines.append(f"  {r['address']} at {r['slave']}: {state}{tried}{reply}")
+    lines += [f"being delivered to {name} now" for name, at in document["slaves"].items() if at["in_flight"]]
+    return "\n".join(lines)
+
+
 def _domain_name(document: dict[str, str]) -> str:
     name, display = document["domain"], document["display"]
     return name if display == name else f"{name} ({display})"

@@ -284,6 +284,11 @@ class Queue:
         """The masters whose shadow copies this master holds."""
         return list(self._shadows)
 
+    def held(self, queue_id: str) -> dict[str, Entry]:
+        """The entries of message `queue_id` by slave; empty when none is queued here (a
+        shadow copy has none)."""
+        return {slave: queue.entries[queue_id] for slave, queue in self._slaves.items() if queue_id in queue.entries}
+
     def shadows(self, origin: str) -> list[str]:
         """The ids of the shadow copies held for master `origin`."""
         return list(self._shadows.get(origin, ()))

@@ -8,23 +8,34 @@ queue lifetime (RFC 3464 DSNs), and keeps the shadow copies of other masters (sh
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import attrs
 import trio
 
 from ..core.clock import wall_ms
+from ..core.errors import MeshmailError
+from ..metrics import Metrics
 from ..protocols.lmtp import Transaction
 from ..protocols.mx import MailFrom
 from ..protocols.smtp import Reply
 from ..routing import NoRoute, Route, Router
 from . import dsn
 from .deliver import UNREACHABLE, Client, Deliverer, resolve, route_to
-from .queue import Queue, Settlement, expire
+from .queue import Entry, Queue, Settlement, expire
 from .shadow import MAX_IDS, Links, ShadowError, TakenLog
-from .spool import CorruptMessage, Envelope, Recipient, RecipientState, Spool, encode_envelope, new_queue_id
+from .spool import (
+    CorruptMessage,
+    Envelope,
+    Recipient,
+    RecipientState,
+    Spool,
+    encode_envelope,
+    new_queue_id,
+)
 
 log = logging.getLogger("meshmail.mta")
 
@@ -51,13 +62,13 @@ class Runner:
     hostname: str
     origin: str
     rng: random.Random = attrs.field(factory=random.SystemRandom)
+    #: Where recipients are counted by result, and the queue's size is read from.
+    metrics: Metrics = attrs.field(factory=Metrics)
     #: Shadow copies: links to the holders (None: none are kept), the ids taken over, and the
     #: time an owner must stay dead before its copies here are taken over (seconds).
     links: Links | None = None
     taken: TakenLog | None = None
     takeover_after: float = 600.0
-    #: Deliveries and bounces by result, for /status.
-    results: collections.Counter[str] = attrs.field(factory=collections.Counter)
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _up: dict[str, bool] = attrs.field(factory=dict)
     _busy: set[str] = attrs.field(factory=set)
@@ -70,6 +81,11 @@ class Runner:
     _down_since: dict[str, float] = attrs.field(factory=dict)
     _started: float = attrs.field(factory=trio.current_time)
 
+    @property
+    def held_back(self) -> int:
+        """Queued messages waiting for their shadow's holder to say what it took over."""
+        return sum(len(held) for held in self._unconfirmed.values())
+
     def load(self, envelopes: list[Envelope]) -> None:
         """Take the envelopes a rescan found: queued ones and shadow copies into the index,
         except messages with a shadow copy elsewhere (held back until that master says what
@@ -81,6 +97,13 @@ class Runner:
                 self._unconfirmed.setdefault(envelope.copy_at, []).append(envelope)
             elif envelope.copy_at:
                 self._undropped.setdefault(envelope.copy_at, set()).add(envelope.id)
+
+    def __attrs_post_init__(self) -> None:
+        self.metrics.mx_queued.set_function(lambda: self.queue.stats(wall_ms()).messages)
+
+    def _count(self, result: str, recipients: int = 1) -> None:
+        """Counts `recipients` under `result` (delivered, queued...), shown even at 0."""
+        self.metrics.mx_recipients.labels(result=result).inc(recipients)
 
     def new_id(self) -> str:
         return new_queue_id(wall_ms(), self.rng.getrandbits(32))
@@ -128,7 +151,7 @@ class Runner:
         )
         delivered = [r for r in records if r.state is RecipientState.DELIVERED]
         failed = [r for r in records if r.state is RecipientState.FAILED]
-        self.results["delivered"] += len(delivered)
+        self._count("delivered", len(delivered))
         if envelope.queued():
             try:
                 envelope = await self._keep(envelope, data)
@@ -136,9 +159,9 @@ class Runner:
                 log.error("message %s not queued: %s", queue_id, exc)
                 return NOT_QUEUED
             self.queue.add(envelope)
-            self.results["queued"] += len(envelope.queued())
+            self._count("queued", len(envelope.queued()))
         elif not delivered:
-            self.results["refused"] += len(failed)
+            self._count("refused", len(failed))
             return failed[0].reply or NOT_QUEUED
         log.info(
             "message %s from <%s> via %s: %d delivered, %d queued, %d failed",
@@ -182,7 +205,7 @@ class Runner:
             kept = attrs.evolve(kept, copy_at=copied[0] if copied else "")
             await self.spool.update(kept)
             if not copied:
-                self.results["unshadowed"] += 1
+                self._count("unshadowed")
                 log.warning("message %s is queued on this master only: no other master took a copy", envelope.id)
         return kept
 
@@ -259,8 +282,8 @@ class Runner:
 
     async def _settle(self, result: Settlement, data: bytes) -> None:
         envelope = result.envelope
-        self.results["delivered"] += len(result.delivered)
-        self.results["deferred"] += len(envelope.queued(result.slave))
+        self._count("delivered", len(result.delivered))
+        self._count("deferred", len(envelope.queued(result.slave)))
         if result.done:
             await self._finish(envelope)
         else:
@@ -367,7 +390,7 @@ class Runner:
                 envelope = attrs.evolve(envelope, shadow=False, copy_at="")
                 await self.spool.update(envelope)
                 self.queue.add(envelope)
-        self.results["taken_over"] += len(ids)
+        self._count("taken_over", len(ids))
         log.warning("master %s stayed dead: this master delivers its %d queued message(s) now", origin, len(ids))
         self._wake.set()
 
@@ -413,6 +436,104 @@ class Runner:
     def _lock(self, queue_id: str) -> _HeldLock:
         return _HeldLock(self._locks, queue_id)
 
+    # --- operators' controls (the admin API) ---------------------------------------------------
+
+    async def listing(self, slave: str | None, limit: int) -> tuple[list[Queued], int]:
+        """The first `limit` messages queued (at `slave`, when given) by arrival, and how many
+        more there are. A message delivered while the list is read is left out."""
+        if slave is None:
+            ids = {entry.id for name in self.queue.slaves() for entry in self.queue.entries(name)}
+        else:
+            ids = {entry.id for entry in self.queue.entries(slave)}
+        shown = heapq.nsmallest(limit, ids)  # ids sort by arrival
+        found = []
+        for queue_id in shown:
+            try:
+                envelope = await self.spool.read_envelope(queue_id)
+            except (CorruptMessage, OSError):
+                continue  # gone since, or moved aside at its next attempt
+            entries = self.queue.held(queue_id)
+            if slave is not None:
+                entries = {slave: entries[slave]} if slave in entries else {}
+            if entries:
+                found.append(Queued(envelope, entries))
+        return found, len(ids) - len(shown)
+
+    async def message(self, queue_id: str) -> Queued | None:
+        """The queued message `queue_id` (a shadow copy too), None when there is none. Raises
+        CorruptMessage for a message whose files cannot be read."""
+        if queue_id not in self.queue:
+            return None
+        try:
+            envelope = await self.spool.read_envelope(queue_id)
+        except FileNotFoundError:
+            return None
+        return Queued(envelope, self.queue.held(queue_id))
+
+    def flush(self, slave: str | None = None) -> int:
+        """Makes the waiting messages at `slave` (every slave: None) due now and wakes the
+        delivery loop; returns how many (a message waiting at two slaves counts twice)."""
+        now = wall_ms()
+        flushed = sum(self.queue.kick(name, now) for name in ([slave] if slave else self.queue.slaves()))
+        if flushed:
+            log.info("queue flushed%s: %d message(s) due now", f" for slave {slave}" if slave else "", flushed)
+        self._wake.set()
+        return flushed
+
+    async def retry(self, queue_id: str) -> bool:
+        """Makes message `queue_id` due now at each of its slaves and wakes the delivery loop;
+        False when it is not queued here. Raises Busy while it is being delivered or when this
+        master holds only a shadow copy. Like a flush, it leaves the times on disk alone."""
+        async with self._lock(queue_id):
+            entries = self._owned(queue_id)
+            if not entries:
+                return False
+            try:
+                envelope = await self.spool.read_envelope(queue_id)
+            except FileNotFoundError:
+                return False
+            if not self._owned(queue_id):  # the loop may have taken it meanwhile
+                return False
+            now = wall_ms()
+            due = [attrs.evolve(r, next_attempt_ms=min(r.next_attempt_ms, now)) if r.queued else r
+                   for r in envelope.recipients]  # fmt: skip
+            self.queue.add(attrs.evolve(envelope, recipients=due))
+        log.info("queued message %s due now (retry asked)", queue_id)
+        self._wake.set()
+        return True
+
+    async def delete(self, queue_id: str, by: str) -> bool:
+        """Removes message `queue_id` (readable or not) from the index and the spool, no notice
+        sent to anyone, and logs that `by` did; False when it is not queued here.
+        Raises Busy while it is being delivered (a delete never races a delivery: both hold
+        the message's lock) or when this master holds only a shadow copy."""
+        self._owned(queue_id)  # refuse at once rather than wait for a delivery under way
+        async with self._lock(queue_id):
+            if not self._owned(queue_id):
+                return False
+            try:
+                envelope = await self.spool.read_envelope(queue_id)
+            except (CorruptMessage, FileNotFoundError):
+                envelope = None
+            self.queue.remove(queue_id)
+            await self.spool.remove(queue_id)
+        if envelope is None:
+            log.warning("queued message %s (unreadable) deleted by %s", queue_id, by)
+        else:
+            log.warning("queued message %s from <%s> to %s deleted by %s, undelivered", queue_id, envelope.sender,
+                        ", ".join(f"<{r.address}>" for r in envelope.queued()), by)  # fmt: skip
+        return True
+
+    def _owned(self, queue_id: str) -> dict[str, Entry]:
+        """The entries of a message this master delivers; raises Busy for one in flight or a
+        shadow copy."""
+        entries = self.queue.held(queue_id)
+        if any(entry.in_flight for entry in entries.values()):
+            raise Busy(f"message {queue_id} is being delivered now; try again when the attempt is over")
+        if not entries and queue_id in self.queue:
+            raise Busy(f"message {queue_id} is a shadow copy held for another master, which delivers it")
+        return entries
+
     # --- bounces -----------------------------------------------------------------------------
 
     async def _bounce(
@@ -432,7 +553,7 @@ class Runner:
         route, _ = resolve(self.router, notification.recipient)
         slave = route.slave
         if not slave:
-            self.results["bounces_unsent"] += 1
+            self._count("bounces_unsent")
             log.warning("%s notice for message %s to <%s> not sent: the sender is outside the cluster",
                         action, envelope.id, notification.recipient)  # fmt: skip
             return
@@ -445,8 +566,25 @@ class Runner:
             log.error("%s notice for message %s not queued: %s", action, envelope.id, exc)
             return
         self.queue.add(notice)
-        self.results["bounces" if action == dsn.FAILED else "delay_warnings"] += 1
+        self._count("bounces" if action == dsn.FAILED else "delay_warnings")
         self._wake.set()
+
+
+class Busy(MeshmailError):
+    """A queued message that cannot be changed now; str() says why."""
+
+
+@attrs.frozen
+class Queued:
+    """A queued message as operators see it: its newest envelope and its index entries by
+    slave (none for a shadow copy)."""
+
+    envelope: Envelope
+    entries: Mapping[str, Entry]
+
+    @property
+    def in_flight(self) -> bool:
+        return any(entry.in_flight for entry in self.entries.values())
 
 
 @attrs.define

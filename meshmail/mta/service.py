@@ -20,6 +20,7 @@ import trio
 from ..core.accept import ResilientListener
 from ..core.address import Address
 from ..core.clock import wall_ms
+from ..metrics import MX_RECIPIENTS, MX_REJECTIONS
 from ..proxy.backend import Connector, backend_contexts
 from ..proxy.certs import ServerCertificate
 from ..services import Context
@@ -37,8 +38,10 @@ STOP_GRACE = 5.0
 
 
 class MxReport:
-    """The /status "mx" block: sessions open, the queue per slave (messages, bytes), the oldest
-    message's age, shadows held, recipients by result, refusals by reason."""
+    """The /status "mx" block: sessions open, the queue per slave (messages, bytes), messages
+    held back until their shadow's holder says what it took over (counted in "queued" too),
+    the oldest message's age, shadows held, recipients by result and refusals by reason (as
+    counted on the MX_RECIPIENTS and MX_REJECTIONS series)."""
 
     def __init__(self, mx: Mx, runner: Runner) -> None:
         self.mx = mx
@@ -46,15 +49,18 @@ class MxReport:
 
     def summary(self) -> dict[str, Any]:
         stats = self.runner.queue.stats(wall_ms())
+        recipients = self.runner.metrics.status_counters([MX_RECIPIENTS])
+        rejections = self.mx.metrics.status_counters([MX_REJECTIONS])
         return {
             "sessions": self.mx.open,
-            "queued": stats.messages,
+            "queued": stats.messages + self.runner.held_back,
+            "held_back": self.runner.held_back,
             "queued_bytes": sum(slave.bytes for slave in stats.slaves.values()),
             "oldest_age_s": round(stats.oldest_age_ms / 1000, 1),
             "slaves": {name: {"messages": s.messages, "bytes": s.bytes} for name, s in sorted(stats.slaves.items())},
             "shadows": stats.shadows,
-            "recipients": dict(sorted(self.runner.results.items())),
-            "rejections": dict(sorted(self.mx.rejections.items())),
+            "recipients": {name.removeprefix("mx.recipients."): n for name, n in recipients.items()},
+            "rejections": {name.removeprefix("mx.rejections."): n for name, n in rejections.items()},
         }
 
     def document(self) -> dict[str, Any]:
@@ -84,6 +90,7 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
             sock = await ctx.listen("shadow", section.shadow_listen)
             holders = ResilientListener(trio.SocketListener(sock), name="shadow")
         ctx.reports["mx"] = MxReport(mx, mx.runner)
+        ctx.mta = mx.runner
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(mx.runner.run)
@@ -101,6 +108,7 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
                 nursery.cancel_scope.cancel()
         finally:
             ctx.reports.pop("mx", None)
+            ctx.mta = None
     finally:
         spool.close()
 
@@ -116,7 +124,10 @@ async def _build(ctx: Context, spool: Spool) -> tuple[Mx, ssl.SSLContext | None]
     connector = Connector(backend_contexts(ctx.config.proxy, ctx.config.tls, data_dir))
     deliverer = Deliverer(connector, hostname, section.delivery_timeout)
     queue = Queue(policy(section), random.SystemRandom())
-    runner = Runner(spool, queue, deliverer, ctx.router, hostname, ctx.name, takeover_after=section.shadow_takeover)
+    runner = Runner(
+        spool, queue, deliverer, ctx.router, hostname, ctx.name, metrics=ctx.metrics,
+        takeover_after=section.shadow_takeover,
+    )  # fmt: skip
     holder_context = None
     if ctx.config.tls is not None:
         holder_context, client_context = shadow.contexts(ctx.config.tls.under(data_dir))

@@ -91,14 +91,13 @@ class Mx:
     #: Bytes of messages being received, across sessions (bounded by section.memory).
     receiving: int = 0
     sessions: set[Session] = attrs.field(factory=set)
-    rejections: collections.Counter[str] = attrs.field(factory=collections.Counter)
 
     def __attrs_post_init__(self) -> None:
         self.connections = RateLimiter(self.section.connections_per_minute, 60.0)
         self.messages = RateLimiter(self.section.messages_per_minute, 60.0)
 
     def reject(self, reason: str) -> None:
-        self.rejections[reason] += 1
+        self.metrics.mx_rejections.labels(reason=reason).inc()
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one client connection, then close it."""
@@ -120,6 +119,7 @@ class Mx:
             await trio.aclose_forcefully(stream)
             return
         self.open += 1
+        self.metrics.mx_sessions.inc()
         self.by_client[client[0]] += 1
         session = Session(self, stream, Client(client, _address(stream.socket.getsockname())))
         self.sessions.add(session)
@@ -128,6 +128,7 @@ class Mx:
         finally:
             self.sessions.discard(session)
             self.open -= 1
+            self.metrics.mx_sessions.dec()
             self.by_client[client[0]] -= 1
             if not self.by_client[client[0]]:
                 del self.by_client[client[0]]

@@ -1,5 +1,5 @@
 """The quart-trio application: authentication, request limits and JSON errors, around the
-routes of each area (node_api, accounts_api, cluster_api, domains_api).
+routes of each area (node_api, accounts_api, cluster_api, domains_api, queue_api).
 
 Every route needs admin credentials (auth.py: a session from the login form, or a bearer
 API token) except those marked @public: /health, /status, /metrics, the login form and the
@@ -17,7 +17,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import Forbidden, HTTPException, Unauthorized
 
 from ..services import Context
-from . import accounts_api, auth, cluster_api, domains_api, node_api
+from . import accounts_api, auth, cluster_api, domains_api, node_api, queue_api
 from .bodies import MAX_BODY
 from .current import ctx, guard
 
@@ -33,7 +33,7 @@ def create_app(ctx: Context) -> QuartTrio:
     app.extensions["meshmail.ctx"] = ctx
     app.extensions["meshmail.auth"] = auth.Auth(lambda: ctx.state, ctx.metrics)
     app.before_request(authenticate)
-    for area in (node_api, accounts_api, cluster_api, domains_api):
+    for area in (node_api, accounts_api, cluster_api, domains_api, queue_api):
         app.register_blueprint(area.routes)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected)
