@@ -79,7 +79,7 @@ class Runner:
     _unconfirmed: dict[str, list[Envelope]] = attrs.field(factory=dict)
     #: Owner or holder -> since when (trio time) it has been seen dead.
     _down_since: dict[str, float] = attrs.field(factory=dict)
-    _started: float = attrs.field(factory=trio.current_time)
+    _started: float = 0.0  # when run() started (trio time)
 
     @property
     def held_back(self) -> int:
@@ -213,7 +213,7 @@ class Runner:
 
     async def run(self) -> None:
         """Deliver what is due, slave by slave, until cancelled."""
-        next_sweep = trio.current_time()
+        next_sweep = self._started = trio.current_time()
         async with trio.open_nursery() as nursery:
             while True:
                 now = wall_ms()
@@ -408,14 +408,14 @@ class Runner:
             taken = set()
         else:
             return
-        del self._unconfirmed[holder]
+        if taken:
+            log.warning("%d queued message(s) were taken over by %s while this master was dead", len(taken), holder)
         for envelope in held:
             if envelope.id in taken:
                 await self.spool.remove(envelope.id)
             else:
                 self.queue.add(envelope)
-        if taken:
-            log.warning("%d queued message(s) were taken over by %s while this master was dead", len(taken), holder)
+        del self._unconfirmed[holder]
         self._wake.set()
 
     async def _drop_at(self, holder: str, ids: set[str]) -> None:
