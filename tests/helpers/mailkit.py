@@ -264,6 +264,7 @@ class _Daemon(abc.ABC):
         """The ports the daemon listens on once started."""
 
     def _spawn(self, argv: list[str]) -> None:
+        _let_daemons_in(self.root)  # again: another pytest on the machine may have reset its base folder to 0700
         with open(self.output, "ab") as stream:
             stream.write(f"----- {' '.join(argv)} ({time.strftime('%H:%M:%S')})\n".encode())
             stream.flush()
