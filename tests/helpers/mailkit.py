@@ -41,12 +41,14 @@ PACKAGES = {
     "dovecot": "dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-submissiond",
     "postfix": "postfix",
     "curl": "curl",
+    "swaks": "swaks",
 }
 #: Files that must exist besides the binary on PATH (the protocol servers are separate packages).
 _PARTS = {
     "dovecot": [f"/usr/lib/dovecot/{server}" for server in ("imap", "pop3", "lmtp", "submission")],
     "postfix": ["/usr/lib/postfix/sbin/master"],
     "curl": [],
+    "swaks": [],
 }
 POSTFIX_MASTER = "/usr/lib/postfix/sbin/master"
 #: Owner of every Maildir: a numeric uid/gid with no account is enough for Dovecot, and
@@ -262,6 +264,7 @@ class _Daemon(abc.ABC):
         """The ports the daemon listens on once started."""
 
     def _spawn(self, argv: list[str]) -> None:
+        _let_daemons_in(self.root)  # again: another pytest on the machine may have reset its base folder to 0700
         with open(self.output, "ab") as stream:
             stream.write(f"----- {' '.join(argv)} ({time.strftime('%H:%M:%S')})\n".encode())
             stream.flush()
