@@ -319,7 +319,9 @@ class Dovecot(_Daemon):
     `users` maps address -> password (stored as {PLAIN}). Mail goes to
     root/mail/<domain>/<local part>/Maildir, owned by MAIL_UID. `trusted_networks` sets
     login_trusted_networks (IMAP ID x-originating-ip, XCLIENT); `haproxy` makes the imap and
-    pop3 listeners require a PROXY protocol header from `haproxy_networks`.
+    pop3 listeners require a PROXY protocol header from `haproxy_networks`. `extra_config` is
+    appended to the generated config as it is (service limits for a benchmark, say: Dovecot
+    merges a repeated `service NAME { }` block into the one above it).
     Nothing runs until `start`; `close` (or the `dovecot` context manager) cleans up.
     """
 
@@ -334,6 +336,7 @@ class Dovecot(_Daemon):
         trusted_networks: list[str] | None = None,
         haproxy: bool = False,
         haproxy_networks: list[str] | None = None,
+        extra_config: str = "",
     ) -> None:
         super().__init__(root, host, output="dovecot.out", log="dovecot.log")
         self.name = name or re.sub(r"[^A-Za-z0-9-]", "-", self.root.name)
@@ -341,6 +344,7 @@ class Dovecot(_Daemon):
         self.trusted_networks = list(trusted_networks or [])
         self.haproxy = haproxy
         self.haproxy_networks = list(haproxy_networks or ["127.0.0.0/8"])
+        self.extra_config = extra_config
         self.ports = dict(zip(["imap", "imaps", "pop3", "lmtp", "submission"], free_ports(5), strict=True))
         self._users = dict(users)
         self._users_stamp = 0.0
@@ -476,6 +480,7 @@ service lmtp {{
   }}
 }}
 """
+            + self.extra_config
         )
 
     # -- process
