@@ -52,6 +52,8 @@ BENCHES = {
         "RSS per idle session, 200 in IDLE (KiB)",
         "meshmail login p99 at rest (ms)",
         "  during a full sync of 20,000 domains (ms)",
+        "  longest login during the sync (ms)",
+        "  logins refused (NO), at rest and during the sync",
     ],
     "bench_slave.py": [
         "slave start -> 1,000 domains in the first master's map",
