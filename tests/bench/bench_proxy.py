@@ -486,6 +486,19 @@ def fill_state(data_dir: Path, count: int) -> None:
         state.close()
 
 
+def wait_quiet(pids: list[int], busy: float = 0.1) -> None:
+    """Wait until `pids` together use less than `busy` of a core over a second (at most
+    SETUP_TIMEOUT)."""
+    deadline = time.monotonic() + SETUP_TIMEOUT
+    used = cpu_seconds(pids)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        used, last = cpu_seconds(pids), used
+        if used - last < busy:
+            return
+    raise BenchError(f"processes {pids} still busy after {SETUP_TIMEOUT:.0f} s")
+
+
 def append(fleet: Cluster, name: str, text: str) -> None:
     config = fleet.data_dir(name) / files.CONFIG
     config.write_text(config.read_text() + text)
@@ -563,6 +576,9 @@ path = "{self.dovecot.passwd}"
             lambda statuses: all(s["state"]["domains"] >= total for s in statuses.values()),
             SETUP_TIMEOUT,
         )
+        # After a full sync both nodes still compact their journals and s1 scans the map: measure
+        # once they are quiet, not while they finish the setup.
+        wait_quiet([fleet.processes[name].pid for name in ("m1", "s1")])
         ports = json.loads(fleet._node("m1").ready.read_text())
         self.imap, self.imaps = (int(ports[name].rsplit(":", 1)[1]) for name in ("imap", "imaps"))
 
