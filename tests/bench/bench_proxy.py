@@ -576,8 +576,7 @@ path = "{self.dovecot.passwd}"
             lambda statuses: all(s["state"]["domains"] >= total for s in statuses.values()),
             SETUP_TIMEOUT,
         )
-        # After a full sync both nodes still compact their journals and s1 scans the map: measure
-        # once they are quiet, not while they finish the setup.
+        # Both stay busy for a while after the full sync to s1: measure once they are quiet.
         wait_quiet([fleet.processes[name].pid for name in ("m1", "s1")])
         ports = json.loads(fleet._node("m1").ready.read_text())
         self.imap, self.imaps = (int(ports[name].rsplit(":", 1)[1]) for name in ("imap", "imaps"))
