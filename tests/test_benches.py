@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import mailkit
 
 BENCH = Path(__file__).resolve().parent / "bench"
 #: Seconds one short run may take before it counts as hung (each takes well under a minute).
@@ -41,6 +42,19 @@ BENCHES = {
         "POST /login",
         "GET /session (bearer token checked)",
     ],
+    "bench_proxy.py": [
+        "login latency p50 (ms)",
+        "  added over direct (ms)",
+        "login latency p99 (ms)",
+        "logins/s, 50 clients at once",
+        "bulk FETCH of 5 MB, plain (MB/s)",
+        "bulk FETCH of 5 MB, TLS (MB/s)",
+        "RSS per idle session, 200 in IDLE (KiB)",
+        "meshmail login p99 at rest (ms)",
+        "  during a full sync of 20,000 domains (ms)",
+        "  longest login during the sync (ms)",
+        "  logins refused (NO), at rest and during the sync",
+    ],
     "bench_slave.py": [
         "slave start -> 1,000 domains in the first master's map",
         "slave start -> 1,000 domains in both masters' maps",
@@ -68,6 +82,10 @@ def run_short(script: str) -> str:
 def test_bench_runs_in_short_mode_and_prints_its_figures(script):
     if script == "bench_gossip.py" and shutil.which("serf") is None and not os.environ.get("CI"):
         pytest.skip("the gossip bench runs beside HashiCorp Serf: apt-get install serf")
+    if script == "bench_proxy.py":
+        mailkit.require("dovecot")
+        if shutil.which("nginx") is None and not os.environ.get("CI"):
+            pytest.skip("the proxy bench runs beside nginx's mail proxy: apt-get install nginx-light libnginx-mod-mail")
     output = run_short(script)
     missing = [line for line in BENCHES[script] if not any(row.startswith(line) for row in output.splitlines())]
     assert not missing, f"{script} --short printed no line starting with {missing}:\n{output}"

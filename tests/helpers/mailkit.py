@@ -332,6 +332,8 @@ class Dovecot(_Daemon):
     login_trusted_networks (IMAP ID x-originating-ip, XCLIENT); `haproxy` makes the imap and
     pop3 listeners require a PROXY protocol header from `haproxy_networks`. `auth_listener`
     opens the auth service on a TCP port (`auth_port`): a Postfix checks passwords there (SASL).
+    `extra_config` is appended to the generated config as it is (service limits for a
+    benchmark, say: Dovecot merges a repeated `service NAME { }` block into the one above it).
     Nothing runs until `start`; `close` (or the `dovecot` context manager) cleans up.
     """
 
@@ -347,6 +349,7 @@ class Dovecot(_Daemon):
         haproxy: bool = False,
         haproxy_networks: list[str] | None = None,
         auth_listener: bool = False,
+        extra_config: str = "",
     ) -> None:
         super().__init__(root, host, output="dovecot.out", log="dovecot.log")
         self.name = name or re.sub(r"[^A-Za-z0-9-]", "-", self.root.name)
@@ -354,6 +357,7 @@ class Dovecot(_Daemon):
         self.trusted_networks = list(trusted_networks or [])
         self.haproxy = haproxy
         self.haproxy_networks = list(haproxy_networks or ["127.0.0.0/8"])
+        self.extra_config = extra_config
         *mail_ports, auth_port = free_ports(6)
         self.ports = dict(zip(["imap", "imaps", "pop3", "lmtp", "submission"], mail_ports, strict=True))
         self.auth_port = auth_port if auth_listener else None
@@ -502,6 +506,7 @@ service lmtp {{
 }}
 """
             + (auth if self.auth_port is not None else "")
+            + self.extra_config
         )
 
     # -- process
