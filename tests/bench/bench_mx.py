@@ -125,6 +125,11 @@ def wait_for(what: str, done: Callable[[], bool], timeout: float = PHASE_TIMEOUT
     return time.perf_counter()
 
 
+def wait_mailbox(what: str, dovecot: mailkit.Dovecot, address: str, count: int) -> float:
+    """`wait_for` until `address`'s INBOX holds `count` messages."""
+    return wait_for(what, lambda: mailbox_count(dovecot, address) >= count)
+
+
 # --- meshmail ---------------------------------------------------------------------------------
 
 
@@ -223,8 +228,7 @@ def live_phase(name: str, port: int, dovecot: mailkit.Dovecot, sizes: Sizes, res
     address = RECIPIENTS["live"]
     start = time.perf_counter()
     results.live_accepted[name] = smtp_source(port, address, sizes.messages, sizes.sessions, sizes.message_bytes)
-    end = wait_for(f"{name}: {sizes.messages} messages in the mailbox",
-                   lambda: mailbox_count(dovecot, address) >= sizes.messages)  # fmt: skip
+    end = wait_mailbox(f"{name}: {sizes.messages} messages in the mailbox", dovecot, address, sizes.messages)
     results.live_delivered[name] = end - start
     if (found := mailbox_count(dovecot, address)) != sizes.messages:
         raise BenchError(f"{name}: {found} messages in the mailbox, {sizes.messages} sent")
@@ -243,8 +247,7 @@ def drain_postfix(postfix: mailkit.Postfix, dovecot: mailkit.Dovecot, sizes: Siz
     flush = subprocess.run(["postqueue", "-c", str(postfix.config_dir), "-f"], capture_output=True, text=True)
     if flush.returncode != 0:
         raise BenchError(f"postqueue -f failed: {flush.stderr.strip()}")
-    end = wait_for("postfix: the queue in the mailbox",
-                   lambda: mailbox_count(dovecot, RECIPIENTS["queue"]) >= sizes.messages)  # fmt: skip
+    end = wait_mailbox("postfix: the queue in the mailbox", dovecot, RECIPIENTS["queue"], sizes.messages)
     results.drain["postfix"] = end - start
 
 
@@ -255,9 +258,7 @@ def drain_meshmail(mesh: Meshmail, dovecot: mailkit.Dovecot, sizes: Sizes, resul
     dovecot.start()
     start = time.perf_counter()
     results.slave_seen_up = wait_for("meshmail: m1 sees the LMTP endpoint up", lambda: mesh.lmtp_up() is True) - start
-    wait_for(
-        "meshmail: the queue in the mailbox", lambda: mailbox_count(dovecot, RECIPIENTS["queue"]) >= sizes.messages
-    )
+    wait_mailbox("meshmail: the queue in the mailbox", dovecot, RECIPIENTS["queue"], sizes.messages)
     end = wait_for("meshmail: m1's queue empty", lambda: mesh.queued() == 0)
     results.drain["meshmail"] = end - start
 
@@ -269,7 +270,7 @@ def measure(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, mailki
     ports = {"postfix": postfix.port, "meshmail": mesh.port}
     for name, port in ports.items():
         smtp_source(port, RECIPIENTS["warm"], WARM_MESSAGES, min(sizes.sessions, WARM_MESSAGES), sizes.message_bytes)
-        wait_for(f"{name}: warm-up mail delivered", lambda d=dovecots[name]: mailbox_count(d, RECIPIENTS["warm"]) >= WARM_MESSAGES)  # fmt: skip
+        wait_mailbox(f"{name}: warm-up mail delivered", dovecots[name], RECIPIENTS["warm"], WARM_MESSAGES)
     for name, port in ports.items():
         print(f"{name}: {sizes.messages:,} messages to a running Dovecot ...", flush=True)
         live_phase(name, port, dovecots[name], sizes, results)
@@ -339,9 +340,8 @@ def print_table(rows: list[Row], short: bool) -> None:
     for row in rows:
         ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
         judged = "" if row.ok is None else "(short)" if short else "ok" if row.ok else "MISSED"
-        print(
-            f"{row.label:{width}}  {row.postfix:>9}  {row.meshmail:>{cell}}  {ratio:>6}  {row.target:18}  {judged}".rstrip()
-        )
+        values = f"{row.postfix:>9}  {row.meshmail:>{cell}}  {ratio:>6}"
+        print(f"{row.label:{width}}  {values}  {row.target:18}  {judged}".rstrip())
 
 
 def report(results: Results, sizes: Sizes, short: bool) -> list[Figure]:
@@ -409,12 +409,12 @@ def run(root: Path, sizes: Sizes, short: bool, profile: Path | None) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--short", action="store_true",
-                        help=f"smoke run: {SHORT.messages} messages over {SHORT.sessions} sessions; fails on errors only")  # fmt: skip
+    smoke = f"smoke run: {SHORT.messages} messages over {SHORT.sessions} sessions; fails on errors only"
+    parser.add_argument("--short", action="store_true", help=smoke)
     parser.add_argument("--messages", type=int, help=f"messages per phase (default {FULL.messages:,})")
     parser.add_argument("--sessions", type=int, help=f"parallel SMTP sessions (default {FULL.sessions})")
     parser.add_argument("--profile", type=Path, metavar="FILE",
-                        help="run m1 under cProfile, write its profile to FILE and print the top functions")  # fmt: skip
+                        help="run m1 under cProfile, write its profile to FILE, print its top functions")  # fmt: skip
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep every file and log under DIR (new or empty)")
     args = parser.parse_args()
     sizes = SHORT if args.short else FULL
