@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import mailkit
 
 BENCH = Path(__file__).resolve().parent / "bench"
 #: Seconds one short run may take before it counts as hung (each takes well under a minute).
@@ -47,6 +48,12 @@ BENCHES = {
         "file edit -> new domain in both masters' maps",
         "slave RSS after publishing",
     ],
+    "bench_mx.py": [
+        "queue path: accepted msgs/s (next hop down, fsync'd)",
+        "  with a shadow copy on another master (msgs/s)",
+        "relay / in-line: delivered msgs/s (next hop up)",
+        "drain: Dovecot back -> 100 queued in the mailbox (s)",
+    ],
 }
 
 
@@ -68,6 +75,8 @@ def run_short(script: str) -> str:
 def test_bench_runs_in_short_mode_and_prints_its_figures(script):
     if script == "bench_gossip.py" and shutil.which("serf") is None and not os.environ.get("CI"):
         pytest.skip("the gossip bench runs beside HashiCorp Serf: apt-get install serf")
+    if script == "bench_mx.py":
+        mailkit.require("dovecot", "postfix")
     output = run_short(script)
     missing = [line for line in BENCHES[script] if not any(row.startswith(line) for row in output.splitlines())]
     assert not missing, f"{script} --short printed no line starting with {missing}:\n{output}"
