@@ -29,7 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
@@ -123,6 +125,21 @@ def wait_for(what: str, done: Callable[[], bool], timeout: float = PHASE_TIMEOUT
             raise BenchError(f"{what}: not within {timeout:.0f} s")
         time.sleep(POLL)
     return time.perf_counter()
+
+
+def group_cpu(group: int) -> float:
+    """CPU seconds (user + system, with reaped children's) of the processes in process group
+    `group`: a server's master and the workers it forks."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[2]) == group:
+            total += sum(int(f) for f in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def wait_mailbox(what: str, dovecot: mailkit.Dovecot, address: str, count: int) -> float:
@@ -219,6 +236,8 @@ class Results:
     live_delivered: dict[str, float] = attrs.Factory(dict)
     queue_accepted: dict[str, float] = attrs.Factory(dict)
     drain: dict[str, float] = attrs.Factory(dict)
+    #: CPU milliseconds per message of each server's processes (not Dovecot's), by phase.
+    cpu_ms: dict[str, dict[str, float]] = attrs.Factory(dict)
     #: meshmail: from the Dovecot's start until m1 saw the endpoint up again.
     slave_seen_up: float = 0.0
 
@@ -263,33 +282,55 @@ def drain_meshmail(mesh: Meshmail, dovecot: mailkit.Dovecot, sizes: Sizes, resul
     results.drain["meshmail"] = end - start
 
 
+@contextmanager
+def counting_cpu(results: Results, phase: str, name: str, group: int, messages: int) -> Iterator[None]:
+    """Record the CPU milliseconds per message process group `group` spends in the block."""
+    before = group_cpu(group)
+    yield
+    results.cpu_ms.setdefault(phase, {})[name] = (group_cpu(group) - before) * 1000 / messages
+
+
 def measure(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, mailkit.Dovecot], sizes: Sizes) -> Results:
     """The phases in order: warm-up, live (Postfix, then meshmail), both Dovecots stopped,
     queue (meshmail, then Postfix: neither retries while the other is measured), drains."""
     results = Results()
     ports = {"postfix": postfix.port, "meshmail": mesh.port}
+    assert postfix.process is not None
+    groups = {"postfix": postfix.process.pid, "meshmail": mesh.fleet.processes["m1"].pid}
+
+    def cpu(phase: str, name: str) -> ContextManager[None]:
+        return counting_cpu(results, phase, name, groups[name], sizes.messages)
+
     for name, port in ports.items():
         smtp_source(port, RECIPIENTS["warm"], WARM_MESSAGES, min(sizes.sessions, WARM_MESSAGES), sizes.message_bytes)
         wait_mailbox(f"{name}: warm-up mail delivered", dovecots[name], RECIPIENTS["warm"], WARM_MESSAGES)
     for name, port in ports.items():
         print(f"{name}: {sizes.messages:,} messages to a running Dovecot ...", flush=True)
-        live_phase(name, port, dovecots[name], sizes, results)
+        with cpu("live", name):
+            live_phase(name, port, dovecots[name], sizes, results)
     for dovecot in dovecots.values():
         dovecot.stop()
     wait_for("meshmail: m1 sees the LMTP endpoint down", lambda: mesh.lmtp_up() is False, 60)
     for name in ("meshmail", "postfix"):
         print(f"{name}: {sizes.messages:,} messages while its Dovecot is stopped ...", flush=True)
-        queue_phase(name, ports[name], sizes, results)
+        with cpu("queue", name):
+            queue_phase(name, ports[name], sizes, results)
     if (queued := mesh.queued()) != sizes.messages:
         raise BenchError(f"meshmail: m1 reports {queued} messages queued, {sizes.messages} were sent")
     print("postfix: Dovecot back, flushing the queue ...", flush=True)
-    drain_postfix(postfix, dovecots["postfix"], sizes, results)
+    with cpu("drain", "postfix"):
+        drain_postfix(postfix, dovecots["postfix"], sizes, results)
     print("meshmail: Dovecot back ...", flush=True)
-    drain_meshmail(mesh, dovecots["meshmail"], sizes, results)
+    with cpu("drain", "meshmail"):
+        drain_meshmail(mesh, dovecots["meshmail"], sizes, results)
     for name, dovecot in dovecots.items():
         if (found := mailbox_count(dovecot, RECIPIENTS["queue"])) != sizes.messages:
             raise BenchError(f"{name}: {found} queued messages delivered, {sizes.messages} sent")
     return results
+
+
+#: The phases of the CPU rows, in the order of the rows above them.
+PHASES = ("queue", "live", "drain")
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -330,7 +371,12 @@ def rows_of(results: Results, sizes: Sizes) -> list[Row]:
             drain_mm / drain_pf, f"<= {TARGET_DRAIN_RATIO:g} x Postfix", drain_mm <= TARGET_DRAIN_RATIO * drain_pf),
         Row("  of it until m1 saw the slave's LMTP up (s)", "-", f"{results.slave_seen_up:.2f}"),
         Row("  drain rate (msgs/s)", f"{n / drain_pf:.0f}", f"{n / drain_mm:.0f}", drain_pf / drain_mm),
+        *(cpu_row(f"server CPU per message, {phase} (ms)", results.cpu_ms[phase]) for phase in PHASES),
     ]  # fmt: skip
+
+
+def cpu_row(label: str, ms: dict[str, float]) -> Row:
+    return Row(label, f"{ms['postfix']:.2f}", f"{ms['meshmail']:.2f}", ms["meshmail"] / ms["postfix"])
 
 
 def print_table(rows: list[Row], short: bool) -> None:
@@ -355,7 +401,8 @@ def report(results: Results, sizes: Sizes, short: bool) -> list[Figure]:
     print("ratio: meshmail / Postfix (for the drain rate: Postfix's seconds / meshmail's). Delivered: from "
           "smtp-source's start until the mailbox held every message (meshmail answers 250 after the slave took "
           "it; Postfix after its queue file). Drain: from the Dovecot's start; Postfix is flushed at once "
-          f"(postqueue -f), meshmail's slave probes its endpoint every {PROBE_INTERVAL:g} s.")  # fmt: skip
+          f"(postqueue -f), meshmail's slave probes its endpoint every {PROBE_INTERVAL:g} s. Server CPU: user + system "
+          "of Postfix's processes (master, smtpd, cleanup, qmgr, lmtp, ...) or of m1, not of Dovecot.")  # fmt: skip
     return [Figure(row.label.strip(), "", row.target, row.ok) for row in rows if row.ok is not None]
 
 
