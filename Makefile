@@ -8,7 +8,7 @@ RUFF_ARGS := --line-length 120 --target-version py311 --select E,F,W,I,B,UP
 RUFF_LIMITS := --select C90,PLR0915 --config 'lint.mccabe.max-complexity=12' --config 'lint.pylint.max-statements=50'
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo bench-gossip bench-state bench-security bench-slave bench-proxy bench-smoke clean
+.PHONY: test lint demo bench-gossip bench-state bench-security bench-slave bench-proxy bench-mx bench-smoke clean
 
 test: $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -44,6 +44,11 @@ bench-slave: $(VENV)/.installed-test
 bench-proxy: $(VENV)/.installed-test
 	$(BIN)/python tests/bench/bench_proxy.py
 
+# Beside Postfix (smtp-source and a kit Postfix), each in front of a kit Dovecot: needs root
+# and the Debian packages postfix and dovecot-lmtpd.
+bench-mx: $(VENV)/.installed-test
+	$(BIN)/python tests/bench/bench_mx.py
+
 # Every benchmark in short mode (small sizes, one round): fails on errors, not on figures.
 # `make test` runs the same through tests/test_benches.py.
 bench-smoke: $(VENV)/.installed-test
@@ -52,6 +57,7 @@ bench-smoke: $(VENV)/.installed-test
 	$(BIN)/python tests/bench/bench_security.py --short
 	$(BIN)/python tests/bench/bench_slave.py --short
 	$(BIN)/python tests/bench/bench_proxy.py --short
+	$(BIN)/python tests/bench/bench_mx.py --short
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
