@@ -231,9 +231,9 @@ class Replication(Delegate):
         answer = await conversation.receive()
         try:
             request = state.sync_request(answer)
-            # Encoded before the first send: sending yields to other tasks whose merges
-            # would change the map under a lazy iterator.
-            ours = list(state.sync_entries(answer))
+            # Encoded a chunk at a time between sends, so that a full map never holds the
+            # event loop (each bucket is copied when reached: merges meanwhile are safe).
+            ours = state.sync_entries(answer)
         except SyncError as exc:
             self._bad(peer, exc)
             return
@@ -254,7 +254,7 @@ class Replication(Delegate):
         request = await conversation.receive()
         await self._receive_chunks(peer, conversation)
         try:
-            theirs = list(state.sync_entries(request))  # before sending, as in sync_client
+            theirs = state.sync_entries(request)  # a chunk at a time, as in sync_client
         except SyncError as exc:
             self._bad(peer, exc)
             return
@@ -279,7 +279,7 @@ class Replication(Delegate):
         if self.state.tombstones_dropped:  # a name without labels shows in /status once above 0 (metrics.py)
             self.counters["state.tombstones_dropped"] = self.state.tombstones_dropped
 
-    async def _send_chunks(self, conversation: Conversation, chunks: list[bytes]) -> None:
+    async def _send_chunks(self, conversation: Conversation, chunks: Iterable[bytes]) -> None:
         for chunk in chunks:
             await conversation.send(chunk)
         await conversation.send(END)

@@ -42,8 +42,10 @@ log = logging.getLogger("meshmail.mta")
 NOT_QUEUED = Reply(451, "4.3.0", "Cannot keep the message now, try again later")
 #: How often the loop looks for due messages and returning slaves without being woken.
 TICK = 1.0
-#: Messages one delivery round takes from a slave's queue.
-BATCH = 50
+#: Messages one delivery round takes from a slave's queue, and how many of them are handed
+#: over at once (each on its own connection, as Postfix's per-destination concurrency).
+BATCH = 200
+PER_SLAVE = 10
 #: How often messages past the queue lifetime are looked for (seconds).
 SWEEP = 300.0
 #: A master this node does not know yet is not taken for dead before this many seconds after
@@ -245,10 +247,17 @@ class Runner:
             self._up[slave] = up
 
     async def _round(self, slave: str, ids: list[str]) -> None:
+        """Attempt `ids` at `slave`, PER_SLAVE at a time (their spool writes then share fsyncs)."""
+
+        async def attempt(queue_id: str, limit: trio.Semaphore) -> None:
+            async with limit, self._lock(queue_id):
+                await self._attempt(slave, queue_id)
+
         try:
-            for queue_id in ids:
-                async with self._lock(queue_id):
-                    await self._attempt(slave, queue_id)
+            limit = trio.Semaphore(PER_SLAVE)
+            async with trio.open_nursery() as nursery:
+                for queue_id in ids:
+                    nursery.start_soon(attempt, queue_id, limit)
         finally:
             self._busy.discard(slave)
             self._wake.set()

@@ -6,8 +6,10 @@ client's credentials through the codec's client side. Nothing here faces the cli
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -125,7 +127,7 @@ class Connector:
                 if attempt:
                     await trio.sleep(self.retry_delay)
                 try:
-                    stream = await trio.open_tcp_stream(host, port)
+                    stream = await open_stream(host, port)
                 except OSError as exc:
                     why = exc.strerror or str(exc)
                 else:
@@ -164,6 +166,23 @@ class Connector:
         wrapped = trio.SSLStream(stream, self.contexts(route.slave), server_hostname=route.endpoint[0])
         await wrapped.do_handshake()
         return wrapped
+
+
+async def open_stream(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to `host`: an IP address directly (one connect, no resolver, no
+    happy-eyeballs race: the common case costs the least CPU per login), a name through
+    trio.open_tcp_stream."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 def backend_contexts(
