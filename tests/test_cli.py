@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 from helpers.cli import assert_one_line_failure, closed_port, meshmail
-from helpers.config import MESHMAIL, minimal_config
+from helpers.config import MESHMAIL, bound_to, minimal_config
 
 from meshmail.cli.client import node_url
 from meshmail.cli.render import format_status
@@ -362,6 +362,8 @@ def tls_node(tmp_path_factory) -> Iterator[Path]:
         "--gossip-port", str(gossip), "--http-port", str(http), "--admin-password-file", str(root / "password"),
     )  # fmt: skip
     assert init.returncode == 0, init.stderr
+    config = data_dir / files.CONFIG  # its MX and shadow store on free ports too, not 25 and 7947
+    config.write_text(bound_to(config.read_text(), gossip, http))
     ready = root / "ready.json"
     with open(root / "m1.log", "wb") as log:
         process = subprocess.Popen(

@@ -99,7 +99,7 @@ async def test_a_new_service_is_one_entry_in_the_role_list(nursery, monkeypatch)
     roles = dict(node.ROLE_SERVICES, master=(*node.ROLE_SERVICES["master"], Service("echo", echo)))
     monkeypatch.setattr(node, "ROLE_SERVICES", roles)
     bound = await nursery.start(serve, loads(minimal_config("m1")))
-    assert set(bound) == {"gossip", "http", "echo"}
+    assert set(bound) == {"gossip", "http", "mx", "echo"}
     stream = await trio.open_tcp_stream(*bound["echo"])
     await stream.send_all(b"hello")
     assert await stream.receive_some(100) == b"m1: hello"
@@ -117,7 +117,7 @@ def test_run_writes_the_ready_file_and_removes_it_when_it_stops(tmp_path):
             assert process.poll() is None and time.monotonic() < deadline, "the node never became ready"
             time.sleep(0.05)
         bound = {name: Address.parse(text) for name, text in json.loads(ready.read_text()).items()}
-        assert set(bound) == {"gossip", "http"} and all(address.port > 0 for address in bound.values())
+        assert set(bound) == {"gossip", "http", "mx"} and all(address.port > 0 for address in bound.values())
         with urllib.request.urlopen(f"http://{bound['http']}/health", timeout=10) as response:
             assert response.status == 200
     finally:

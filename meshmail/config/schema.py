@@ -264,13 +264,13 @@ def boolean(value: object) -> bool:
     return value
 
 
-def seconds(low: float) -> Parser:
-    """A duration of `low` seconds (a floor that keeps a loop from spinning) to a day."""
+def seconds(low: float, high: float = 86400) -> Parser:
+    """A duration of `low` seconds (a floor that keeps a loop from spinning) to `high` (a day)."""
 
     def parse(value: object) -> float:
         duration = number(value)
-        if not low <= duration <= 86400:
-            raise BadValue(f"must be {low:g} to 86400 seconds")
+        if not low <= duration <= high:
+            raise BadValue(f"must be {low:g} to {high:g} seconds")
         return duration
 
     return parse

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from ..core.address import Address
-from ..core.nodes import DEFAULT_DATA_DIR, DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT, ROLES
+from ..core.nodes import DEFAULT_DATA_DIR, DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT, MX_PORT, ROLES, SHADOW_PORT
 from ..gossip.config import PROFILES, GossipConfig, profile
 from ..gossip.messages import MAX_META
 from ..nodemeta import CLIENT_ADDRESS, SERVICES, TRANSPORTS, Endpoint, NodeMeta
@@ -519,7 +519,7 @@ class ProxySection:
     failure_delay: float = setting(
         3.0,
         seconds(0),
-        doc="Seconds from a client's credentials to a \"wrong credentials\" answer, whether the password or the"
+        doc='Seconds from a client\'s credentials to a "wrong credentials" answer, whether the password or the'
         " domain was wrong; doubled for each recent failure from the client address or on the account (up to"
         " 15 s). Keep it above the slaves' own delay (Dovecot's auth_failure_delay, 2 s), so both take as long.",
     )
@@ -586,7 +586,9 @@ class MxSection:
     domain is refused: no master is an open relay. STARTTLS uses the [proxy] certificate."""
 
     listen: Address | None = setting(
-        Address("0.0.0.0", 25), _mx_listener, doc="Where other mail servers connect (SMTP); false turns the MX off."
+        Address("0.0.0.0", MX_PORT),
+        _mx_listener,
+        doc="Where other mail servers connect (SMTP); false turns the MX off.",
     )
     hostname: str | None = setting(
         None,
@@ -632,7 +634,9 @@ class MxSection:
     retry_min: float = setting(60.0, seconds(1), doc="First wait before a queued message is tried again (seconds).")
     retry_max: float = setting(3600.0, seconds(1), doc="Longest wait between tries; the wait doubles up to it.")
     queue_lifetime: float = setting(
-        5 * 86400.0, seconds(60), doc="Time a message may wait in the queue before it is bounced (seconds)."
+        5 * 86400.0,
+        seconds(60, 30 * 86400),
+        doc="Time a message may wait in the queue before it is bounced (seconds; up to 30 days).",
     )
     delay_warning: float = setting(
         4 * 3600.0,
@@ -646,7 +650,7 @@ class MxSection:
         " TLS), which delivers it if this master stays dead for shadow_takeover. Needs [tls].",
     )
     shadow_listen: Address | None = setting(
-        Address("0.0.0.0", 7947),
+        Address("0.0.0.0", SHADOW_PORT),
         _mx_listener,
         doc="Where other masters store their shadow copies here (TCP, mutual TLS with the cluster's node"
         " certificates); false keeps none here.",

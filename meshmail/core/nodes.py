@@ -19,6 +19,9 @@ DEFAULT_GOSSIP_PORT = 7946
 #: One HTTP port default for config, init, join and the CLI. With a [tls] section (init and
 #: join write one) it speaks HTTPS.
 DEFAULT_HTTP_PORT = 8443
+#: Where a master's MX listens, and where it keeps other masters' shadow copies of queued mail.
+MX_PORT = 25
+SHADOW_PORT = 7947
 DEFAULT_DATA_DIR = "/var/lib/meshmail"
 
 

@@ -32,6 +32,8 @@ from ..core.errors import MeshmailError
 from ..core.nodes import (
     DEFAULT_GOSSIP_PORT,
     DEFAULT_HTTP_PORT,
+    MX_PORT,
+    SHADOW_PORT,
     check_cluster_name,
     check_node_name,
 )
@@ -162,6 +164,8 @@ def render_config(where: Placement, cluster: str, seeds: list[str], *, profile: 
         "tls": {"ca": files.CA_CERT, "cert": files.NODE_CERT, "key": files.NODE_KEY}
         | ({"ca_key": files.CA_KEY} if where.role == "master" else {}),
     }
+    if where.role == "master":  # the MX and the shadow store listen where the node does
+        values["mx"] = {"listen": Address(where.bind, MX_PORT), "shadow_listen": Address(where.bind, SHADOW_PORT)}
     title = (
         f"meshmail node configuration, written by `{how}` on {datetime.date.today().isoformat()}.\n"
         f"Start the node with:  meshmail run --data-dir {where.data_dir}"

@@ -67,14 +67,17 @@ def set_key(text: str, section: str, key: str, value: str | None) -> str:
 
 def bound_to(text: str, gossip: int, http: int) -> str:
     """`text` with [gossip] and [http] bound to these ports (on their bind hosts) and without
-    advertise addresses: a node the tests start advertises what it bound. Its MX, unless the
-    config places it, listens on loopback at a port from the kernel."""
+    advertise addresses: a node the tests start advertises what it bound. Its MX and shadow
+    store listen at ports from the kernel too (on loopback unless the config places them)."""
     for section, port in (("gossip", gossip), ("http", http)):
         host = _value(text, section, "bind").rsplit(":", 1)[0]
         text = set_key(text, section, "bind", json.dumps(f"{host}:{port}"))
         text = set_key(text, section, "advertise", None)
     if "\n[mx]" not in text:
-        text = text.rstrip("\n") + "\n\n" + MX_LOOPBACK
+        return text.rstrip("\n") + "\n\n" + MX_LOOPBACK
+    for key in ("listen", "shadow_listen"):
+        host = _value(text, "mx", key).rsplit(":", 1)[0]
+        text = set_key(text, "mx", key, json.dumps(f"{host}:0"))
     return text
 
 
