@@ -167,7 +167,7 @@ async def _wait_for_http(process: trio.Process) -> str:
     log = b""
     async for chunk in process.stderr:
         log += chunk
-        found = re.search(rb"http on (\S+)\n", log)
+        found = re.search(rb"http on ([^\s,]+)", log)
         if found:
             return "http://" + found.group(1).decode()
     raise AssertionError(f"node exited before serving HTTP: {log.decode(errors='replace')}")
