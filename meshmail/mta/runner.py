@@ -43,9 +43,9 @@ NOT_QUEUED = Reply(451, "4.3.0", "Cannot keep the message now, try again later")
 #: How often the loop looks for due messages and returning slaves without being woken.
 TICK = 1.0
 #: Messages one delivery round takes from a slave's queue, and how many of them are handed
-#: over at once (each on its own connection, as Postfix's per-destination concurrency).
+#: over at once (each on its own connection; 20 is Postfix's default per-destination concurrency).
 BATCH = 200
-PER_SLAVE = 10
+PER_SLAVE = 20
 #: How often messages past the queue lifetime are looked for (seconds).
 SWEEP = 300.0
 #: A master this node does not know yet is not taken for dead before this many seconds after

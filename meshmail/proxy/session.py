@@ -272,8 +272,10 @@ class Session:
     async def _login(self, server: ServerCodec, credentials: Credentials) -> tuple[Backend, str] | None:
         """Resolve, log in at the backend, answer the client; the backend and account on success.
 
-        A login counts as failed from the start and is forgiven unless refused, so that
-        parallel attempts cannot all slip under the budget while the first are being checked."""
+        A refusal counts against the budgets when it is known. (Counting every login as failed
+        until it succeeds would stop parallel guessing a little sooner, but it also refuses the
+        many simultaneous logins of one busy address, as an office behind NAT: guessers are
+        held by the failure delay and the per-account budget instead.)"""
         proxy, started, host = self.proxy, trio.current_time(), self.client[0]
         account = _account(credentials.user, proxy.section.default_domain)
         key = (account or credentials.user).lower()
@@ -283,7 +285,6 @@ class Session:
             server.unavailable()
             return None
         failures = proxy.throttle.failures(key, host, started)
-        proxy.throttle.fail(key, host, started)
         route = proxy.router.resolve(account, self.kind.protocol) if account else NoRoute(UNKNOWN_DOMAIN, "")
         slave = "-"
         try:
@@ -296,16 +297,15 @@ class Session:
             )  # fmt: skip
             backend = await proxy.connector.login(self.kind.protocol, route, login)
         except Refused as exc:
+            proxy.throttle.fail(key, host, trio.current_time())
             await trio.sleep_until(started + proxy.failure_delay(failures))
             self._log_login(credentials.user, slave, f"refused ({exc})", started)
             server.reject()
             return None
         except Unavailable as exc:
-            proxy.throttle.forgive(key, host, started)
             self._log_login(credentials.user, slave, f"unavailable ({exc})", started)
             server.unavailable()
             return None
-        proxy.throttle.forgive(key, host, started)
         proxy.throttle.remember(key, host)
         self._log_login(credentials.user, slave, "ok", started)
         if isinstance(server, imap.ImapServer):
