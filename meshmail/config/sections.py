@@ -18,7 +18,14 @@ from typing import Any
 import attrs
 
 from ..core.address import Address
-from ..core.nodes import DEFAULT_DATA_DIR, DEFAULT_GOSSIP_PORT, DEFAULT_HTTP_PORT, MX_PORT, ROLES, SHADOW_PORT
+from ..core.nodes import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_GOSSIP_PORT,
+    DEFAULT_HTTP_PORT,
+    MX_PORT,
+    ROLES,
+    SHADOW_PORT,
+)
 from ..gossip.config import PROFILES, GossipConfig, profile
 from ..gossip.messages import MAX_META
 from ..nodemeta import CLIENT_ADDRESS, SERVICES, TRANSPORTS, Endpoint, NodeMeta

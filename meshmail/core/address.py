@@ -87,3 +87,19 @@ def check_port(port: int, *, port_zero: bool = False, shown: str = "port") -> in
 def format_address(address: tuple[str, int]) -> str:
     """The ``host:port`` text of any (host, port) pair, IPv6 hosts in brackets."""
     return str(Address(*address))
+
+
+def socket_address(sockaddr: tuple) -> tuple[str, int]:
+    """(host, port) of a socket address, an IPv4-mapped IPv6 host shown as plain IPv4."""
+    host = sockaddr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, sockaddr[1]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback IP address (a name never is)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -22,6 +22,7 @@ import attrs
 import trio
 
 from ..config.sections import MxSection
+from ..core.address import socket_address
 from ..metrics import Metrics
 from ..protocols import mx
 from ..protocols.common import Closed, ProtocolError, StartTls
@@ -50,7 +51,6 @@ BUSY = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_FAST = Reply(421, "4.7.0", "Too many connections from your address, slow down")
 MESSAGES_TOO_FAST = Reply(451, "4.7.1", "Too many messages from your address, slow down")
 NO_MEMORY = Reply(452, "4.3.1", "Insufficient system storage, try again later")
-NOT_QUEUED = Reply(451, "4.3.0", "Cannot keep the message now, try again later")
 EARLY_TALKER = Reply(554, "5.5.0", "Talking before the greeting, goodbye")
 TIMED_OUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
@@ -101,7 +101,7 @@ class Mx:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one client connection, then close it."""
-        client = _address(stream.socket.getpeername())
+        client = socket_address(stream.socket.getpeername())
         now = trio.current_time()
         refusal = None
         if self.open >= self.section.max_sessions or self.by_client[client[0]] >= self.section.max_sessions_per_client:
@@ -121,7 +121,7 @@ class Mx:
         self.open += 1
         self.metrics.mx_sessions.inc()
         self.by_client[client[0]] += 1
-        session = Session(self, stream, Client(client, _address(stream.socket.getsockname())))
+        session = Session(self, stream, Client(client, socket_address(stream.socket.getsockname())))
         self.sessions.add(session)
         try:
             await session.run()
@@ -133,12 +133,6 @@ class Mx:
             if not self.by_client[client[0]]:
                 del self.by_client[client[0]]
 
-
-def _address(sockaddr: tuple) -> tuple[str, int]:
-    host = sockaddr[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return host, sockaddr[1]
 
 
 @attrs.define(eq=False)

@@ -44,8 +44,9 @@ _LENGTH = struct.Struct("!I")
 REQUEST_TIMEOUT = 10.0
 #: Seconds a shadow connection may sit idle on the holder's side.
 IDLE_TIMEOUT = 120.0
-#: Idle connections kept per holder.
-POOL = 4
+#: Idle connections kept per holder: as many as sessions store copies at once, or each would pay
+#: a TLS handshake.
+POOL = 32
 #: Ids in one drop request.
 MAX_IDS = 10_000
 

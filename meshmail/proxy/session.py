@@ -16,7 +16,6 @@ through another master.
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
 import secrets
 import ssl
@@ -25,6 +24,7 @@ import attrs
 import trio
 
 from ..config.sections import ProxySection
+from ..core.address import is_loopback, socket_address
 from ..metrics import Metrics
 from ..protocols import imap, pop3, smtp
 from ..protocols.common import Closed, Credentials, ProtocolError, StartTls
@@ -94,13 +94,6 @@ LISTENERS: dict[str, tuple[Kind, bool]] = {
 }
 
 
-def loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @attrs.define(eq=False)
 class Proxy:
     """What every session shares: the [proxy] settings, the router, the backend connector, the
@@ -148,7 +141,7 @@ class Proxy:
     async def handle(self, stream: trio.SocketStream, listener: str) -> None:
         """Serve one client connected to `listener` (a key of LISTENERS), then close it."""
         kind, tls_first = LISTENERS[listener]
-        client = _address(stream.socket.getpeername())
+        client = socket_address(stream.socket.getpeername())
         if self.open >= self.section.max_sessions or self.by_client[client[0]] >= self.section.max_sessions_per_client:
             self.metrics.proxy_turned_away.labels(kind.protocol).inc()
             with trio.move_on_after(1):
@@ -158,7 +151,7 @@ class Proxy:
         self.open += 1
         self.by_client[client[0]] += 1
         self.metrics.proxy_sessions.labels(kind.protocol).inc()
-        session = Session(self, kind, stream, client, _address(stream.socket.getsockname()))
+        session = Session(self, kind, stream, client, socket_address(stream.socket.getsockname()))
         self.sessions.add(session)
         try:
             await session.run(tls_first)
@@ -170,12 +163,6 @@ class Proxy:
                 del self.by_client[client[0]]
             self.metrics.proxy_sessions.labels(kind.protocol).dec()
 
-
-def _address(sockaddr: tuple) -> tuple[str, int]:
-    host = sockaddr[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return host, sockaddr[1]
 
 
 @attrs.define(eq=False)
@@ -235,7 +222,7 @@ class Session:
 
     def _server(self, tls_active: bool) -> ServerCodec:
         tls_available = self.proxy.certificate is not None
-        require = self.proxy.section.require_tls and tls_available and not loopback(self.client[0])
+        require = self.proxy.section.require_tls and tls_available and not is_loopback(self.client[0])
         return self.kind.server(
             hostname=self.proxy.hostname, tls_available=tls_available, tls_active=tls_active, require_tls=require
         )
