@@ -83,6 +83,11 @@ ADMIN = {
     ("POST", "/api-tokens"): ("/api-tokens", b"{}"),
     ("GET", "/api-tokens"): ("/api-tokens", None),
     ("DELETE", "/api-tokens/<token_id>"): ("/api-tokens/0123456789abcdef", None),
+    ("GET", "/queue"): ("/queue", None),
+    ("GET", "/queue/<queue_id>"): ("/queue/0123456789abcdef", None),
+    ("POST", "/queue/flush"): ("/queue/flush", b"{}"),
+    ("POST", "/queue/<queue_id>/retry"): ("/queue/0123456789abcdef/retry", b"{}"),
+    ("DELETE", "/queue/<queue_id>"): ("/queue/0123456789abcdef", None),
 }
 
 

@@ -81,14 +81,17 @@ class Deliverer:
         data: bytes,
         client: Client | None,
     ) -> list[Reply]:
-        """One reply per recipient of `transaction` (UNREACHABLE for all when the slave could
-        not be reached or broke off before answering them)."""
+        """One reply per recipient of `transaction` on a connection of its own (UNREACHABLE
+        for each recipient the slave did not answer: unreachable, or it broke off)."""
+        connection = Connection(self, route, protocol, client)
         try:
             with trio.fail_after(self.timeout):
-                return await self._run(route, protocol, transaction, data, client)
-        except (Unavailable, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
-                ssl.SSLError, ProtocolError):  # fmt: skip
-            return [UNREACHABLE] * len(transaction.recipients)
+                await connection.open()
+                return await connection.send(transaction, data)
+        except DELIVERY_ERRORS:
+            return connection.replies(transaction)
+        finally:
+            await connection.close()
 
     async def verify(self, route: Route, protocol: str, sender: str, address: str) -> Reply:
         """The slave's answer to RCPT for `address` (cached for VERIFY_TTL); UNREACHABLE when
@@ -107,66 +110,150 @@ class Deliverer:
                 self._verified.popitem(last=False)
         return reply
 
-    async def _run(
-        self,
-        route: Route,
-        protocol: str,
-        transaction: lmtp.Transaction,
-        data: bytes,
-        client: Client | None,
-    ) -> list[Reply]:
-        stream = await self.connector.connect(route)
-        try:
-            local = stream.socket.getsockname()[:2]
-            origin = client.address if client is not None else local
-            stream = await self.connector.prepare(stream, route, origin, client.local if client else local)
-            codec = lmtp.DeliveryClient(
-                lmtp=protocol == "lmtp",
-                ehlo_name=self.hostname,
-                starttls=route.transport == "starttls",
-                require_tls=route.transport == "starttls",
-                tls_active=route.transport == "tls",
-                xclient=_xclient(route, client),
-                xforward=_xforward(client),
-            )
-            return await self._converse(stream, codec, route, transaction, data)
-        finally:
-            await trio.aclose_forcefully(stream)
 
-    async def _converse(
-        self,
-        stream: trio.abc.Stream,
-        codec: lmtp.DeliveryClient,
-        route: Route,
-        transaction: lmtp.Transaction,
-        data: bytes,
-    ) -> list[Reply]:
-        results: list[Reply] | None = None
+class Lost(Exception):
+    """The slave ended the session (`reply`: its last word, if any)."""
+
+    def __init__(self, reply: Reply | None) -> None:
+        super().__init__(str(reply) if reply else "connection closed")
+        self.reply = reply
+
+
+@attrs.define(eq=False)
+class Connection:
+    """One session with a slave for transactions one after another: open, send, send...,
+    close. The client's address (XCLIENT, PROXY v2, XFORWARD) is the session's, so a session
+    serving several messages is opened with `client` None."""
+
+    deliverer: Deliverer
+    route: Route
+    protocol: str
+    client: Client | None
+    stream: trio.abc.Stream | None = None
+    codec: lmtp.DeliveryClient | None = None
+    _data: bytes = b""
+    _last: Reply | None = None  # the slave's reply when it ended the session
+
+    async def open(self) -> None:
+        """Connect and greet, up to the first transaction. Raises one of DELIVERY_ERRORS."""
+        connector, route, client = self.deliverer.connector, self.route, self.client
+        self.stream = stream = await connector.connect(route)
+        local = stream.socket.getsockname()[:2]
+        origin = client.address if client is not None else local
+        self.stream = await connector.prepare(stream, route, origin, client.local if client else local)
+        self.codec = lmtp.DeliveryClient(
+            lmtp=self.protocol == "lmtp",
+            ehlo_name=self.deliverer.hostname,
+            starttls=route.transport == "starttls",
+            require_tls=route.transport == "starttls",
+            tls_active=route.transport == "tls",
+            xclient=_xclient(route, client),
+            xforward=_xforward(client),
+        )
+        await self._until(lmtp.Ready)
+
+    async def send(self, transaction: lmtp.Transaction, data: bytes) -> list[Reply]:
+        """One reply per recipient. Raises one of DELIVERY_ERRORS (replies() then says what is
+        known); the session then cannot be used again."""
+        assert self.codec is not None
+        self.codec.send(transaction)
+        self._data = data
+        done = await self._until(lmtp.Done)
+        return list(done.results)
+
+    def replies(self, transaction: lmtp.Transaction) -> list[Reply]:
+        """After a failed send: the replies known, UNREACHABLE (or the slave's last refusal)
+        for the rest."""
+        known = self.codec.results if self.codec is not None else []
+        last = self._last if isinstance(self._last, Reply) and not self._last.positive else UNREACHABLE
+        return [
+            known[i] if i < len(known) and known[i] is not None else last for i in range(len(transaction.recipients))
+        ]
+
+    async def close(self) -> None:
+        """QUIT politely when the session is idle (briefly), then close."""
+        if self.stream is None:
+            return
+        if self.codec is not None:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                try:
+                    self.codec.quit()
+                    await self._until(Closed)
+                except (*DELIVERY_ERRORS, RuntimeError):
+                    pass
+        await trio.aclose_forcefully(self.stream)
+        self.stream = None
+
+    async def _until(self, wanted: type):
+        codec, route = self.codec, self.route
+        assert codec is not None and self.stream is not None
         while True:
             event = codec.next_event()
             if out := codec.data_to_send():
-                await stream.send_all(out)
+                await self.stream.send_all(out)
             if event is None:
-                codec.receive_data(await stream.receive_some(READ_SIZE))
+                codec.receive_data(await self.stream.receive_some(READ_SIZE))
+            elif isinstance(event, wanted):
+                return event
             elif isinstance(event, StartTls):
-                stream = await self.connector.start_tls(stream, route)
+                self.stream = await self.deliverer.connector.start_tls(self.stream, route)
                 codec.tls_started()
-            elif isinstance(event, lmtp.Ready):
-                codec.send(transaction)
             elif isinstance(event, lmtp.SendBody):
-                await _send_body(stream, codec, data)
-            elif isinstance(event, lmtp.Done):
-                results = list(event.results)
-                codec.quit()
+                await _send_body(self.stream, codec, self._data)
             elif isinstance(event, lmtp.Failed):
-                if out := codec.data_to_send():
-                    await stream.send_all(out)
-                reply = event.reply if event.reply is not None and not event.reply.positive else UNREACHABLE
-                return results or [reply] * len(transaction.recipients)
+                self._last = event.reply
+                raise Lost(event.reply)
             elif isinstance(event, Closed):
-                if results is None:
-                    return [UNREACHABLE] * len(transaction.recipients)
-                return results
+                raise Lost(None)
+
+
+@attrs.define(eq=False)
+class Lane:
+    """Messages handed to one slave one after another. Where the endpoint takes no client
+    address (an LMTP service with client_address "none", as Dovecot's) they share one session,
+    opened again after a failure; otherwise each message gets a session of its own, which
+    carries its client (XCLIENT, PROXY v2, XFORWARD)."""
+
+    deliverer: Deliverer
+    route: Route
+    protocol: str
+    connection: Connection | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.protocol == "lmtp" and self.route.client_address == "none"
+
+    async def deliver(self, transaction: lmtp.Transaction, data: bytes, client: Client | None) -> list[Reply]:
+        """One reply per recipient, as Deliverer.deliver."""
+        if not self.shared:
+            return await self.deliverer.deliver(self.route, self.protocol, transaction, data, client)
+        try:
+            with trio.fail_after(self.deliverer.timeout):
+                if self.connection is None:
+                    self.connection = Connection(self.deliverer, self.route, self.protocol, None)
+                    await self.connection.open()
+                return await self.connection.send(transaction, data)
+        except DELIVERY_ERRORS:
+            replies = (
+                self.connection.replies(transaction) if self.connection else [UNREACHABLE] * len(transaction.recipients)
+            )
+            await self.close()
+            return replies
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+
+
+#: What ends an attempt at a slave: the slave's address could not be reached, the session
+#: broke, timed out, or the slave ended it.
+DELIVERY_ERRORS = (
+    Unavailable, Lost, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+    ssl.SSLError, ProtocolError,
+)  # fmt: skip
+#: Seconds a polite QUIT may take.
+CLOSE_TIMEOUT = 2.0
 
 
 async def _send_body(stream: trio.abc.Stream, codec: lmtp.DeliveryClient, data: bytes) -> None:

@@ -24,7 +24,7 @@ from ..protocols.mx import MailFrom
 from ..protocols.smtp import Reply
 from ..routing import NoRoute, Route, Router
 from . import dsn
-from .deliver import UNREACHABLE, Client, Deliverer, resolve, route_to
+from .deliver import UNREACHABLE, Client, Deliverer, Lane, resolve, route_to
 from .queue import Entry, Queue, Settlement, expire
 from .shadow import MAX_IDS, Links, ShadowError, TakenLog
 from .spool import (
@@ -247,22 +247,31 @@ class Runner:
             self._up[slave] = up
 
     async def _round(self, slave: str, ids: list[str]) -> None:
-        """Attempt `ids` at `slave`, PER_SLAVE at a time (their spool writes then share fsyncs)."""
+        """Attempt `ids` at `slave` over PER_SLAVE lanes at once (their spool writes then share
+        fsyncs; a lane keeps its session to the slave where it can, see Lane)."""
+        route, protocol = route_to(self.router, slave)
 
-        async def attempt(queue_id: str, limit: trio.Semaphore) -> None:
-            async with limit, self._lock(queue_id):
-                await self._attempt(slave, queue_id)
+        async def lane(queue_ids: list[str]) -> None:
+            way = Lane(self.deliverer, route, protocol) if isinstance(route, Route) else None
+            try:
+                for queue_id in queue_ids:
+                    async with self._lock(queue_id):
+                        await self._attempt(slave, queue_id, way)
+            finally:
+                if way is not None:
+                    await way.close()
 
         try:
-            limit = trio.Semaphore(PER_SLAVE)
             async with trio.open_nursery() as nursery:
-                for queue_id in ids:
-                    nursery.start_soon(attempt, queue_id, limit)
+                for first in range(min(PER_SLAVE, len(ids))):
+                    nursery.start_soon(lane, ids[first::PER_SLAVE])
         finally:
             self._busy.discard(slave)
             self._wake.set()
 
-    async def _attempt(self, slave: str, queue_id: str) -> None:
+    async def _attempt(self, slave: str, queue_id: str, lane: Lane | None) -> None:
+        """One try of a queued message at `slave` over `lane` (None: the slave cannot be
+        reached now), settled in the spool and the index."""
         try:
             envelope, data = await self.spool.read_message(queue_id)
         except (CorruptMessage, OSError) as exc:
@@ -274,14 +283,13 @@ class Runner:
         if not recipients:
             self.queue.release(queue_id, slave)
             return
-        route, protocol = route_to(self.router, slave)
         addresses = [r.address for r in recipients]
-        if isinstance(route, Route):
+        if lane is not None:
             transaction = _transaction(MailFrom(envelope.sender), addresses, len(data))
             client = (
                 Client((envelope.client_address, 0), ("0.0.0.0", 0), envelope.helo) if envelope.client_address else None
             )
-            replies = await self.deliverer.deliver(route, protocol, transaction, data, client)
+            replies = await lane.deliver(transaction, data, client)
         else:
             replies = [UNREACHABLE] * len(addresses)
         await self._settle(

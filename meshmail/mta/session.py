@@ -134,7 +134,6 @@ class Mx:
                 del self.by_client[client[0]]
 
 
-
 @attrs.define(eq=False)
 class Pending:
     """The open transaction: sender, accepted recipients (address, its route or the NoRoute

@@ -477,6 +477,8 @@ class MeshmailCluster(Cluster):
             "seeds = []\n"
             'profile = "lan"\n' + "".join(f"{key} = {value!r}\n" for key, value in LAN.items()) + "[http]\n"
             f'bind = "{HOST}:{self.api_ports[i]}"\n'
+            "[mx]\n"
+            "listen = false\n"  # membership alone is measured here
         )
         return self.procs.start(
             [*meshmail_command(), "run", "--config", str(config)],

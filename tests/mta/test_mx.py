@@ -27,7 +27,7 @@ from meshmail.gossip.messages import State
 from meshmail.metrics import Metrics
 from meshmail.mta.deliver import Deliverer
 from meshmail.mta.queue import Queue
-from meshmail.mta.runner import Runner
+from meshmail.mta.runner import PER_SLAVE, Runner
 from meshmail.mta.service import MxReport, policy
 from meshmail.mta.session import Mx
 from meshmail.mta.spool import Spool
@@ -284,3 +284,27 @@ def test_connection_and_message_rates_per_client_address_are_bounded(dovecot, tm
             smtplib.SMTP("127.0.0.1", mx.port, timeout=20)
         assert caught.value.smtp_code == 421
         assert mx.status()["rejections"] == {"message_rate": 1, "connection_rate": 1}
+
+
+def lmtp_connections(dovecot: mailkit.Dovecot) -> int:
+    """LMTP connections Dovecot has logged so far."""
+    lines = dovecot.log.read_text(errors="replace").splitlines()
+    return sum(1 for line in lines if "lmtp(" in line and "Connect from" in line)
+
+
+def test_a_drain_shares_its_lmtp_sessions(dovecot, tmp_path):
+    """Forty messages for a slave that was down go out over at most PER_SLAVE sessions (its
+    LMTP endpoint takes no client address), not one connection each."""
+    folder = tmp_path / "queue"
+    with Harness(dovecot, folder) as mx:
+        mx.set_slave(State.DEAD)
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+            for n in range(40):
+                client.send_message(message(f"lane-{n}", "bob@one.example"), to_addrs=["bob@one.example"])
+        before = lmtp_connections(dovecot)
+        mx.set_slave(State.ALIVE)
+        wanted = {f"lane-{n}" for n in range(40)}
+        wait_for("the queue delivered", lambda: wanted <= set(delivered_ids(dovecot, "bob@one.example")))
+        wait_for("the spool emptied", lambda: not list(folder.glob("*.msg")))
+    assert lmtp_connections(dovecot) - before <= PER_SLAVE
+    assert all(delivered_ids(dovecot, "bob@one.example").count(subject) == 1 for subject in wanted)
