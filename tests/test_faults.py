@@ -196,8 +196,9 @@ ROUNDS = 10
 #: sync), which is when the cycle collector gets to the last round's connections.
 PAUSE = 0.5
 #: Rounds that may still raise the plateau: the allocator's arenas and Python's free lists
-#: grow to what one round needs, and the collector frees the last rounds' cycles.
-WARM_UP = 4
+#: grow to what one round needs, and the collector frees the last rounds' cycles (a master
+#: with its MX and stall watch running reaches it in 4-5 rounds on two cores).
+WARM_UP = 5
 #: The most a round after the warm-up may add to the highest RSS seen before it: half of what
 #: the round's connections hold while open (about 11 MB). A connection whose memory is never
 #: freed adds all of it each round; what remains after the warm-up is allocator creep that
