@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -12,6 +13,9 @@ from helpers.config import DATA_DIRS, minimal_config
 from helpers.served import ENDPOINTS, Served, start
 
 from meshmail.config import loads
+
+if TYPE_CHECKING:
+    from helpers.cluster import Cluster
 
 pytest_plugins = ["helpers.passwords"]  # fails the session when a test password is in a log
 
@@ -41,3 +45,20 @@ def write_config(tmp_path: Path) -> Callable[[str], Path]:
 async def node(nursery: trio.Nursery) -> Served:
     """A node served in the test's trio loop: "solo", with an IMAP endpoint and a tag."""
     return await start(nursery, loads(minimal_config("solo", extra=ENDPOINTS), "test.toml"))
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Cluster]:
+    """An empty Cluster under tmp_path/nodes; every process it started is killed at the end
+    and the logs are printed (pytest shows them for a failed test)."""
+    from helpers.cluster import (
+        Cluster,  # here: it imports helpers.passwords, a plugin pytest loads first
+    )
+
+    (tmp_path / "nodes").mkdir()
+    fleet = Cluster(tmp_path / "nodes")
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+        print(fleet.logs())

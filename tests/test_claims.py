@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 
-import pytest
 from helpers.cli import assert_one_line_failure, cli, meshmail, ok
 from helpers.cluster import Cluster
 
@@ -72,17 +70,6 @@ async def test_two_claimants_of_a_left_slaves_domain_one_wins_the_other_claims(t
 
 
 # --- real processes ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fleet(tmp_path) -> Iterator[Cluster]:
-    (tmp_path / "nodes").mkdir()
-    fleet = Cluster(tmp_path / "nodes")
-    try:
-        yield fleet
-    finally:
-        fleet.close()
-        print(fleet.logs())
 
 
 def routes_to(fleet: Cluster, master: str, domain: str) -> str | None:

@@ -42,10 +42,9 @@ def fleet(tmp_path, dovecot) -> Iterator[Cluster]:
         assert fleet.join("m2", fleet.token("m1", "master"), "master").returncode == 0
         fast_takeover(fleet, "m2")
         assert fleet.join("s1", fleet.token("m1", "slave"), "slave").returncode == 0
-        config = fleet.data_dir("s1") / files.CONFIG
-        config.write_text(
-            config.read_text()
-            + f"""
+        fleet.append_config(
+            "s1",
+            f"""
 [endpoints]
 lmtp = "127.0.0.1:{dovecot.ports["lmtp"]}"
 
@@ -58,7 +57,7 @@ probe_timeout = 0.4
 [[slave.sources]]
 type = "static"
 domains = ["one.example"]
-"""
+""",
         )
         fleet.start("m2", "s1")
         fleet.wait_alive(["m1", "m2", "s1"])

@@ -21,8 +21,6 @@ import pytest
 from helpers import mailkit
 from helpers.cluster import Cluster
 
-from meshmail.security import files
-
 MASTERS = ["m1", "m2"]
 USERS = {"ann@one.example": "secret-1", "bob@two.example": "secret-2"}
 #: Seconds the proxies wait before a "wrong credentials" answer (short: the tests refuse often).
@@ -32,9 +30,7 @@ FAILURE_DELAY = 0.3
 @pytest.fixture
 def backends(tmp_path) -> Iterator[tuple[mailkit.Dovecot, mailkit.Dovecot]]:
     mailkit.require("dovecot")
-    trusted = [
-        "127.0.0.0/8"
-    ]  # the masters' address: Dovecot takes the client's address by ID from it
+    trusted = ["127.0.0.0/8"]  # the masters' address: Dovecot takes the client's address by ID from it
     with (
         mailkit.dovecot(
             tmp_path / "d1",
@@ -52,25 +48,7 @@ def backends(tmp_path) -> Iterator[tuple[mailkit.Dovecot, mailkit.Dovecot]]:
         yield d1, d2
 
 
-@pytest.fixture
-def fleet(tmp_path) -> Iterator[Cluster]:
-    (tmp_path / "nodes").mkdir()
-    fleet = Cluster(tmp_path / "nodes")
-    try:
-        yield fleet
-    finally:
-        fleet.close()
-        print(fleet.logs())
-
-
-def append(fleet: Cluster, name: str, text: str) -> None:
-    config = fleet.data_dir(name) / files.CONFIG
-    config.write_text(config.read_text() + text)
-
-
-def start_cluster(
-    fleet: Cluster, d1: mailkit.Dovecot, d2: mailkit.Dovecot, folder: Path, **proxy: str
-) -> Path:
+def start_cluster(fleet: Cluster, d1: mailkit.Dovecot, d2: mailkit.Dovecot, folder: Path, **proxy: str) -> Path:
     """m1 and m2 with [proxy] (plus `proxy` settings, TOML values), s1 publishing d1 and s2
     d2, all running and both domains routed on both masters; returns the proxies' certificate."""
     cert, key = mailkit.write_certificate(folder / "proxy-cert")
@@ -79,21 +57,18 @@ def start_cluster(
         "submission": "false", "submissions": "false", "cert": f'"{cert}"', "key": f'"{key}"',
         "backend_cas": f'{{ s1 = "{d1.cafile}", s2 = "{d2.cafile}" }}', "failure_delay": str(FAILURE_DELAY),
     } | proxy  # fmt: skip
-    section = "\n[proxy]\n" + "".join(
-        f"{name} = {value}\n" for name, value in settings.items()
-    )
+    section = "\n[proxy]\n" + "".join(f"{name} = {value}\n" for name, value in settings.items())
     fleet.init("m1")
-    append(fleet, "m1", section)
+    fleet.append_config("m1", section)
     fleet.start("m1")
     fleet.wait_alive(["m1"])
     assert fleet.join("m2", fleet.token("m1", "master"), "master").returncode == 0
-    append(fleet, "m2", section)
+    fleet.append_config("m2", section)
     slave_token = fleet.token("m1", "slave", "--uses", "2")
     for slave, dovecot in (("s1", d1), ("s2", d2)):
         assert fleet.join(slave, slave_token, "slave").returncode == 0
         found = dovecot.endpoints()
-        append(
-            fleet,
+        fleet.append_config(
             slave,
             f"""
 [endpoints]
@@ -116,24 +91,17 @@ path = "{dovecot.passwd}"
     fleet.wait(
         "both domains routed on every master",
         MASTERS,
-        lambda statuses: all(
-            status["state"]["domains"] >= 2 for status in statuses.values()
-        ),
+        lambda statuses: all(status["state"]["domains"] >= 2 for status in statuses.values()),
     )
     return cert
 
 
 def proxy_ports(fleet: Cluster, name: str) -> dict[str, int]:
     bound = json.loads(fleet._node(name).ready.read_text())
-    return {
-        service: int(bound[service].rsplit(":", 1)[1])
-        for service in ("imap", "imaps", "pop3")
-    }
+    return {service: int(bound[service].rsplit(":", 1)[1]) for service in ("imap", "imaps", "pop3")}
 
 
-def imap_login(
-    port: int, context: ssl.SSLContext, user: str, password: str, *, tls: bool = False
-) -> str:
+def imap_login(port: int, context: ssl.SSLContext, user: str, password: str, *, tls: bool = False) -> str:
     if tls:
         client = imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=context, timeout=20)
     else:
@@ -149,14 +117,10 @@ def imap_login(
         return str(exc)
 
 
-def eventually_logs_in(
-    port: int, context: ssl.SSLContext, user: str, password: str, timeout: float = 20
-) -> str:
+def eventually_logs_in(port: int, context: ssl.SSLContext, user: str, password: str, timeout: float = 20) -> str:
     """Log in until it works or `timeout` passes; the last answer."""
     deadline = time.monotonic() + timeout
-    while (
-        answer := imap_login(port, context, user, password)
-    ) != "OK" and time.monotonic() < deadline:
+    while (answer := imap_login(port, context, user, password)) != "OK" and time.monotonic() < deadline:
         time.sleep(0.3)
     return answer
 
@@ -166,9 +130,7 @@ class RawImap:
     without TLS, and each source address has failed-login budgets of its own."""
 
     def __init__(self, port: int, source: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection(
-            ("127.0.0.1", port), timeout=20, source_address=(source, 0)
-        )
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(source, 0))
         self.buffer = b""
         assert self.line().startswith(b"* OK")
 
@@ -216,9 +178,7 @@ def test_users_of_both_slaves_log_in_through_either_master(fleet, backends, tmp_
                 master,
                 user,
             )
-            assert (
-                imap_login(ports["imaps"], context, user, password, tls=True) == "OK"
-            ), (master, user)
+            assert imap_login(ports["imaps"], context, user, password, tls=True) == "OK", (master, user)
             pop = poplib.POP3("127.0.0.1", ports["pop3"], timeout=20)
             pop.stls(context)
             pop.user(user)
@@ -231,14 +191,8 @@ def test_users_of_both_slaves_log_in_through_either_master(fleet, backends, tmp_
     unknown = imap_login(ports["imap"], context, "ann@unknown.example", "secret-1")
     assert wrong == unknown == "b'[AUTHENTICATIONFAILED] Authentication failed.'"
     status = fleet.status("m2")
-    assert (
-        status["proxy"]["logins"]["ok"] >= 6
-        and status["proxy"]["logins"]["refused"] == 2
-    )
-    assert (
-        status["proxy"]["bytes"]["to_clients"] > 0
-        and status["proxy"]["bytes"]["from_clients"] > 0
-    )
+    assert status["proxy"]["logins"]["ok"] >= 6 and status["proxy"]["logins"]["refused"] == 2
+    assert status["proxy"]["bytes"]["to_clients"] > 0 and status["proxy"]["bytes"]["from_clients"] > 0
     assert status["proxy"]["backend_connect_ms"]["samples"] >= 6 and status["proxy"]["loop_stall_ms"] >= 0
 
     # The same answer as fast: each pair from fresh client addresses (failures make the
@@ -246,9 +200,7 @@ def test_users_of_both_slaves_log_in_through_either_master(fleet, backends, tmp_
     differences = []
     for pair in range(5):
         sources = f"127.0.1.{2 * pair + 1}", f"127.0.1.{2 * pair + 2}"
-        wrong_s = timed_refusal(
-            ports["imap"], sources[0], f"wrong{pair}@one.example", "not-the-password"
-        )
+        wrong_s = timed_refusal(ports["imap"], sources[0], f"wrong{pair}@one.example", "not-the-password")
         unknown_s = timed_refusal(
             ports["imap"],
             sources[1],
@@ -265,27 +217,18 @@ def test_users_of_both_slaves_log_in_through_either_master(fleet, backends, tmp_
     )
     assert imap_login(ports["imap"], context, "bob@two.example", "secret-2") == "OK"
     d1.start()  # nothing done on the masters: the slave's probe sees it answer again
-    assert (
-        eventually_logs_in(ports["imap"], context, "ann@one.example", "secret-1")
-        == "OK"
-    )
+    assert eventually_logs_in(ports["imap"], context, "ann@one.example", "secret-1") == "OK"
 
     # Failed logins from one address: each answer slower, then refused for a while.
     port = ports["imap"]
     client = RawImap(port, "127.0.2.1")
-    for attempt in range(
-        3
-    ):  # a failed login may be retried on the same connection (up to 3)
-        assert client.command(
-            f"a{attempt}", 'LOGIN "ann@one.example" "wrong"'
-        ).startswith(b"a%d NO [AUTH" % attempt)
+    for attempt in range(3):  # a failed login may be retried on the same connection (up to 3)
+        assert client.command(f"a{attempt}", 'LOGIN "ann@one.example" "wrong"').startswith(b"a%d NO [AUTH" % attempt)
     client.close()
     # Over the budget: even the right password is refused as "try later", the slave not asked.
     client = RawImap(port, "127.0.2.1")
     answer = client.command("b", 'LOGIN "ann@one.example" "secret-1"')
-    assert answer == b"b NO [UNAVAILABLE] Temporary server failure, try again later.", (
-        answer
-    )
+    assert answer == b"b NO [UNAVAILABLE] Temporary server failure, try again later.", answer
     client.close()
     other = RawImap(port, "127.0.2.2")  # another client address has its own budget
     assert other.command("c", 'LOGIN "ann@one.example" "secret-1"').startswith(b"c OK")
@@ -313,26 +256,20 @@ def test_master_lifecycle_sighup_kill_and_drain(fleet, backends, tmp_path):
     assert served_certificate() == old
     session = imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=unchecked, timeout=20)
     session.login("ann@one.example", "secret-1")
-    mailkit.write_certificate(
-        cert.parent
-    )  # a renewal: new key and certificate, same files
+    mailkit.write_certificate(cert.parent)  # a renewal: new key and certificate, same files
     fleet._node("m1").send(signal.SIGHUP)
     new = ssl.PEM_cert_to_DER_cert(cert.read_text())
     deadline = time.monotonic() + 20
     while served_certificate() != new:
         assert time.monotonic() < deadline, fleet.logs()
         time.sleep(0.2)
-    assert (
-        session.noop()[0] == "OK"
-    )  # the open session goes on with its old certificate
+    assert session.noop()[0] == "OK"  # the open session goes on with its old certificate
     session.logout()
     assert "reloaded (SIGHUP)" in fleet._node("m1").log_tail()
 
     # kill -9 mid-session: the client's next command fails; it logs in through m1.
     session = RawImap(ports["m2"]["imap"])
-    assert session.command("a", 'LOGIN "bob@two.example" "secret-2"').startswith(
-        b"a OK"
-    )
+    assert session.command("a", 'LOGIN "bob@two.example" "secret-2"').startswith(b"a OK")
     assert session.command("b", "SELECT INBOX").startswith(b"b OK")
     fleet.kill("m2")
     with pytest.raises((EOFError, OSError)):
@@ -343,24 +280,18 @@ def test_master_lifecycle_sighup_kill_and_drain(fleet, backends, tmp_path):
     again.close()
     fleet.start("m2")
     fleet.wait_alive(MASTERS)
-    ports["m2"] = proxy_ports(
-        fleet, "m2"
-    )  # its proxy listeners took new ports (port 0)
+    ports["m2"] = proxy_ports(fleet, "m2")  # its proxy listeners took new ports (port 0)
 
     # Drain m2 (SIGTERM): it stops accepting, tells the cluster, and after drain_timeout
     # ends the open session with BYE; the client logs in again through m1.
     session = RawImap(ports["m2"]["imap"])
-    assert session.command("a", 'LOGIN "ann@one.example" "secret-1"').startswith(
-        b"a OK"
-    )
+    assert session.command("a", 'LOGIN "ann@one.example" "secret-1"').startswith(b"a OK")
     assert session.command("b", "SELECT INBOX").startswith(b"b OK")
     fleet._node("m2").send(signal.SIGTERM)
     fleet.wait(
         "m1 sees m2 draining",
         ["m1"],
-        lambda statuses: any(
-            m["name"] == "m2" and m["draining"] for m in statuses["m1"]["members"]
-        ),
+        lambda statuses: any(m["name"] == "m2" and m["draining"] for m in statuses["m1"]["members"]),
     )
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", ports["m2"]["imap"]), timeout=5)

@@ -49,17 +49,6 @@ def backends(tmp_path) -> Iterator[tuple[mailkit.Dovecot, mailkit.Dovecot]]:
         yield d1, d2
 
 
-@pytest.fixture
-def fleet(tmp_path) -> Iterator[Cluster]:
-    (tmp_path / "nodes").mkdir()
-    fleet = Cluster(tmp_path / "nodes")
-    try:
-        yield fleet
-    finally:
-        fleet.close()
-        print(fleet.logs())
-
-
 def route(master: str, fleet: Cluster, address: str, protocol: str = "imap") -> dict:
     result = cli("route", address, "--protocol", protocol, "--json", "--data-dir", str(fleet.data_dir(master)))
     assert result.returncode in (0, 1), result.stderr

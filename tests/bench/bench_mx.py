@@ -150,11 +150,6 @@ def wait_mailbox(what: str, dovecot: mailkit.Dovecot, address: str, count: int) 
 # --- meshmail ---------------------------------------------------------------------------------
 
 
-def append(fleet: Cluster, name: str, text: str) -> None:
-    config = fleet.data_dir(name) / files.CONFIG
-    config.write_text(config.read_text() + text)
-
-
 class Meshmail:
     """A master m1 with its MX on 127.0.0.1 (client limits raised: every message comes from
     127.0.0.1), and a slave s1 publishing `dovecot`'s LMTP endpoint and its users' domain.
@@ -184,7 +179,7 @@ class Meshmail:
         fleet.wait_alive(["m1"])
         if fleet.join("s1", fleet.token("m1", "slave"), "slave").returncode != 0:
             raise BenchError(f"s1 could not join:\n{fleet.logs()}")
-        append(fleet, "s1", f"""
+        fleet.append_config("s1", f"""
 [endpoints]
 lmtp = "{HOST}:{self.dovecot.ports["lmtp"]}"
 

@@ -499,11 +499,6 @@ def wait_quiet(pids: list[int], busy: float = 0.1) -> None:
     raise BenchError(f"processes {pids} still busy after {SETUP_TIMEOUT:.0f} s")
 
 
-def append(fleet: Cluster, name: str, text: str) -> None:
-    config = fleet.data_dir(name) / files.CONFIG
-    config.write_text(config.read_text() + text)
-
-
 def domains_of(fleet: Cluster, name: str) -> int:
     return fleet.status(name)["state"]["domains"]
 
@@ -530,8 +525,7 @@ class Meshmail:
         fleet = self.fleet
         fleet.init("m1")
         fill_state(fleet.data_dir("m1"), self.domains)
-        append(
-            fleet,
+        fleet.append_config(
             "m1",
             f"""
 [proxy]
@@ -551,8 +545,7 @@ max_sessions_per_client = 20000
         fleet.wait_alive(["m1"])
         if fleet.join("s1", fleet.token("m1", "slave"), "slave").returncode != 0:
             raise BenchError(f"s1 could not join:\n{fleet.logs()}")
-        append(
-            fleet,
+        fleet.append_config(
             "s1",
             f"""
 [endpoints]

@@ -195,6 +195,11 @@ class Cluster:
     def data_dir(self, name: str) -> Path:
         return self.root / name
 
+    def append_config(self, name: str, text: str) -> None:
+        """Add TOML `text` at the end of node `name`'s config (made by init or join)."""
+        config = self.data_dir(name) / files.CONFIG
+        config.write_text(config.read_text() + text)
+
     def placement(self, name: str) -> list[str]:
         """Where init or join puts a node. They write their default ports (they take 1..65535
         only); the harness rebinds the config to port 0 before the node ever runs."""
