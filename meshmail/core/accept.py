@@ -26,6 +26,31 @@ BACKOFF_MAX = 1.0
 LOG_INTERVAL = 60.0
 
 
+class Shortages:
+    """Counts and logs accept() failures for want of a resource: every one as
+    `<name>.accept_shortage` in `counters`, a log line at most every LOG_INTERVAL seconds."""
+
+    def __init__(self, name: str, counters: collections.Counter[str] | None = None) -> None:
+        self.name = name
+        self.counters: collections.Counter[str] = collections.Counter() if counters is None else counters
+        self._logged_at = -LOG_INTERVAL
+        self._unlogged = 0
+
+    def note(self, code: int, now: float) -> None:
+        """Count a failure with errno `code` at time `now` (seconds of any monotonic clock)."""
+        self.counters[f"{self.name}.accept_shortage"] += 1
+        self._unlogged += 1
+        if now - self._logged_at < LOG_INTERVAL:
+            return
+        log.error(
+            "%s listener cannot accept connections: %s (%s); %d failure(s) since the last report, "
+            "retrying every %.1f-%.1f s (raise the open files limit, e.g. LimitNOFILE in the systemd unit)",
+            self.name, os.strerror(code), errno.errorcode.get(code, code), self._unlogged, BACKOFF_FIRST, BACKOFF_MAX,
+        )  # fmt: skip
+        self._logged_at = now
+        self._unlogged = 0
+
+
 class ResilientListener(trio.abc.Listener[trio.abc.Stream]):
     """A Listener whose accept() waits out resource shortages instead of raising.
 
@@ -44,9 +69,8 @@ class ResilientListener(trio.abc.Listener[trio.abc.Stream]):
     ) -> None:
         self.listener = listener
         self.name = name
-        self.counters: collections.Counter[str] = collections.Counter() if counters is None else counters
-        self._logged_at = -LOG_INTERVAL
-        self._unlogged = 0
+        self.shortages = Shortages(name, counters)
+        self.counters = self.shortages.counters
 
     async def accept(self) -> trio.abc.Stream:
         """The next connection; resource shortages are waited out, other errors raise."""
@@ -57,23 +81,9 @@ class ResilientListener(trio.abc.Listener[trio.abc.Stream]):
             except OSError as exc:
                 if exc.errno not in SHORTAGE_ERRNOS:
                     raise
-                self._shortage(exc.errno)
+                self.shortages.note(exc.errno, trio.current_time())
             await trio.sleep(delay)
             delay = min(2 * delay, BACKOFF_MAX)
-
-    def _shortage(self, code: int) -> None:
-        self.counters[f"{self.name}.accept_shortage"] += 1
-        self._unlogged += 1
-        now = trio.current_time()
-        if now - self._logged_at < LOG_INTERVAL:
-            return
-        log.error(
-            "%s listener cannot accept connections: %s (%s); %d failure(s) since the last report, "
-            "retrying every %.1f-%.1f s (raise the open files limit, e.g. LimitNOFILE in the systemd unit)",
-            self.name, os.strerror(code), errno.errorcode.get(code, code), self._unlogged, BACKOFF_FIRST, BACKOFF_MAX,
-        )
-        self._logged_at = now
-        self._unlogged = 0
 
     async def aclose(self) -> None:
         await self.listener.aclose()

@@ -11,7 +11,8 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attrs
 import trio
@@ -20,6 +21,8 @@ from ..config.sections import ProxySection, TlsSection
 from ..protocols import imap, pop3, proxyv2, smtp
 from ..protocols.common import LoggedIn, LoginRefused, ProtocolError, StartTls
 from ..routing import Route
+from . import loop, streams
+from .streams import READ_SIZE
 
 log = logging.getLogger("meshmail.proxy")
 
@@ -29,8 +32,6 @@ CONNECT_RETRY_DELAY = 1.0
 CONNECT_DEADLINE = 10.0
 #: The time a backend has to answer the whole login once connected.
 LOGIN_DEADLINE = 20.0
-#: Bytes read at once from either side.
-READ_SIZE = 65536
 
 BackendCodec = imap.ImapClient | pop3.Pop3Client | smtp.SmtpClient
 
@@ -64,7 +65,7 @@ class Backend:
     """A logged-in backend connection: the stream to splice, the codec client that logged in
     (capabilities) and what the backend sent past its login answer."""
 
-    stream: trio.abc.Stream
+    stream: Any
     codec: BackendCodec
     trailing: bytes
 
@@ -84,13 +85,72 @@ def client_codec(protocol: str, route: Route, login: Login) -> BackendCodec:
     return smtp.SmtpClient(login.account, login.password, ehlo_name=login.ehlo_name, xclient=xclient, **common)
 
 
+@attrs.frozen
+class Runtime:
+    """The event loop a Connector runs on: trio (the MX) or the proxy's own loop (loop.py),
+    which offer the same calls under these names."""
+
+    now: Callable[[], float]
+    sleep: Callable[[float], Awaitable[None]]
+    move_on_after: Callable[[float], Any]
+    fail_after: Callable[[float], Any]
+    too_slow: type[Exception]
+    #: A connected stream to an IP address: (family, (host, port)) -> stream.
+    connect_ip: Callable[[int, tuple[str, int]], Awaitable[Any]]
+    #: TLS as the client over a stream: (stream, context, server_hostname) -> stream.
+    wrap_tls: Callable[[Any, ssl.SSLContext, str], Any]
+    #: Addresses of a host name, off the loop: (host, port) -> [(family, sockaddr)].
+    lookup: Callable[[str, int], Awaitable[list[tuple[int, tuple]]]]
+    close: Callable[[Any], Awaitable[None]]
+    #: What a broken connection raises besides OSError.
+    broken: tuple[type[BaseException], ...]
+
+
+async def _trio_connect(family: int, address: tuple[str, int]) -> trio.SocketStream:
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def _trio_lookup(host: str, port: int) -> list[tuple[int, tuple]]:
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+async def _loop_lookup(host: str, port: int) -> list[tuple[int, tuple]]:
+    infos = await loop.run_in_thread(lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+async def _loop_close(stream: streams.Stream) -> None:
+    stream.close()
+
+
+TRIO = Runtime(
+    trio.current_time, trio.sleep, trio.move_on_after, trio.fail_after, trio.TooSlowError, _trio_connect,
+    lambda stream, context, host: trio.SSLStream(stream, context, server_hostname=host),
+    _trio_lookup, trio.aclose_forcefully, (trio.BrokenResourceError, trio.ClosedResourceError),
+)  # fmt: skip
+LOOP = Runtime(
+    lambda: loop.now(), loop.sleep, loop.move_on_after, loop.fail_after, loop.TooSlowError, streams.connect,
+    lambda stream, context, host: streams.TlsStream(stream, context, server_side=False, server_hostname=host),
+    _loop_lookup, _loop_close, (),
+)  # fmt: skip
+
+
 @attrs.define(eq=False)
 class Connector:
-    """Opens backend connections; `contexts(slave)` is the TLS context that checks a slave."""
+    """Opens backend connections; `contexts(slave)` is the TLS context that checks a slave.
+    The proxy's sessions use it on the proxy loop (runtime LOOP), the MX on trio (TRIO)."""
 
     contexts: Callable[[str], ssl.SSLContext]
     #: Told the seconds each successful connect took (tries included), for the metrics.
     connected: Callable[[float], None] = lambda seconds: None
+    runtime: Runtime = TRIO
     tries: int = CONNECT_TRIES
     retry_delay: float = CONNECT_RETRY_DELAY
     connect_deadline: float = CONNECT_DEADLINE
@@ -102,42 +162,60 @@ class Connector:
             codec = client_codec(protocol, route, login)
         except ValueError as exc:  # credentials a backend command cannot carry
             raise Refused(str(exc)) from None
+        runtime = self.runtime
         stream = await self.connect(route)
         try:
-            with trio.fail_after(self.login_deadline):
+            with runtime.fail_after(self.login_deadline):
                 stream = await self.prepare(stream, route, login.client, login.local)
                 return await self._login(stream, codec, route)
         except (Refused, Unavailable):
-            await trio.aclose_forcefully(stream)
+            await runtime.close(stream)
             raise
-        except trio.TooSlowError:
-            await trio.aclose_forcefully(stream)
+        except runtime.too_slow:
+            await runtime.close(stream)
             raise Unavailable(f"no login answer within {self.login_deadline:g} s") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError, ProtocolError) as exc:
-            await trio.aclose_forcefully(stream)
+        except (*runtime.broken, OSError, ProtocolError) as exc:
+            await runtime.close(stream)
             raise Unavailable(f"login broke off: {exc}") from None
 
-    async def connect(self, route: Route) -> trio.SocketStream:
+    async def connect(self, route: Route) -> Any:
         """A TCP connection to the route's endpoint (a few tries); raises Unavailable."""
         host, port = route.endpoint
         why = ""
-        began = trio.current_time()
-        with trio.move_on_after(self.connect_deadline):
+        runtime = self.runtime
+        began = runtime.now()
+        with runtime.move_on_after(self.connect_deadline):
             for attempt in range(self.tries):
                 if attempt:
-                    await trio.sleep(self.retry_delay)
+                    await runtime.sleep(self.retry_delay)
                 try:
-                    stream = await open_stream(host, port)
+                    stream = await self._open(host, port)
                 except OSError as exc:
                     why = exc.strerror or str(exc)
                 else:
-                    self.connected(trio.current_time() - began)
+                    self.connected(runtime.now() - began)
                     return stream
         raise Unavailable(f"cannot connect to {route.slave} at {host}:{port}: {why or 'timed out'}")
 
-    async def prepare(
-        self, stream: trio.abc.Stream, route: Route, client: tuple[str, int], local: tuple[str, int]
-    ) -> trio.abc.Stream:
+    async def _open(self, host: str, port: int) -> Any:
+        """A TCP connection to `host`: an IP address directly (one connect, no resolver: the
+        common case costs the least CPU per login), a name through the resolver, off the loop,
+        trying its addresses in turn."""
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        except ValueError:
+            pass
+        else:
+            return await self.runtime.connect_ip(family, (host, port))
+        error: OSError = OSError(f"{host} has no address")
+        for family, sockaddr in await self.runtime.lookup(host, port):
+            try:
+                return await self.runtime.connect_ip(family, sockaddr)
+            except OSError as exc:
+                error = exc
+        raise error
+
+    async def prepare(self, stream: Any, route: Route, client: tuple[str, int], local: tuple[str, int]) -> Any:
         """`stream` made ready for the protocol: the PROXY v2 header sent where the endpoint
         asks for it, TLS started on a TLS endpoint."""
         if route.client_address == "proxy":
@@ -146,7 +224,7 @@ class Connector:
             stream = await self.start_tls(stream, route)
         return stream
 
-    async def _login(self, stream: trio.abc.Stream, codec: BackendCodec, route: Route) -> Backend:
+    async def _login(self, stream: Any, codec: BackendCodec, route: Route) -> Backend:
         while True:
             event = codec.next_event()
             if out := codec.data_to_send():
@@ -161,28 +239,11 @@ class Connector:
             elif isinstance(event, LoginRefused):
                 raise (Unavailable if event.temporary else Refused)(event.reply)
 
-    async def start_tls(self, stream: trio.abc.Stream, route: Route) -> trio.SSLStream:
+    async def start_tls(self, stream: Any, route: Route) -> Any:
         """TLS over `stream` with the slave's certificate checked (as `contexts` says)."""
-        wrapped = trio.SSLStream(stream, self.contexts(route.slave), server_hostname=route.endpoint[0])
+        wrapped = self.runtime.wrap_tls(stream, self.contexts(route.slave), route.endpoint[0])
         await wrapped.do_handshake()
         return wrapped
-
-
-async def open_stream(host: str, port: int) -> trio.SocketStream:
-    """A TCP connection to `host`: an IP address directly (one connect, no resolver, no
-    happy-eyeballs race: the common case costs the least CPU per login), a name through
-    trio.open_tcp_stream."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        await sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
 
 
 def backend_contexts(

@@ -9,28 +9,36 @@ on for proxy.drain_timeout, then ends the rest (session.py) and tells the node i
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
+import threading
 from typing import Any
 
 import trio
 
-from ..core.accept import ResilientListener
+from ..core.accept import BACKOFF_FIRST, BACKOFF_MAX, SHORTAGE_ERRNOS, Shortages
 from ..core.address import Address
 from ..core.stall import StallWatch
 from ..metrics import PROXY, Metrics
 from ..services import Context
-from .backend import Connector, backend_contexts
+from . import loop
+from .backend import LOOP, Connector, backend_contexts
 from .certs import ServerCertificate
 from .session import Proxy
+from .streams import SocketStream
 
 log = logging.getLogger("meshmail.proxy")
+
+#: Seconds the node waits for the proxy thread to end once its loop is told to stop.
+THREAD_JOIN = 5.0
 
 
 class ProxyReport:
     """The /status "proxy" block: sessions open by protocol, logins by result, bytes each way,
     the backend connect time's median and 99th percentile over the latest connects, and the
-    event loop's longest stall in the last minute (sessions share the loop with gossip)."""
+    proxy loop's longest stall in the last minute."""
 
     def __init__(self, proxy: Proxy, metrics: Metrics, stall: StallWatch | None = None) -> None:
         self.proxy = proxy
@@ -52,7 +60,7 @@ class ProxyReport:
             "samples": len(times),
         }
         if self.stall is not None:
-            block["loop_stall_ms"] = round(self.stall.longest(trio.current_time()) * 1000, 1)
+            block["loop_stall_ms"] = round(self.stall.longest(loop.now()) * 1000, 1)
         return block
 
     def document(self) -> dict[str, Any]:
@@ -67,8 +75,13 @@ def percentile(ordered: list[float], fraction: float) -> float:
 
 
 async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on every [proxy] listener and serve sessions until the node leaves; then drain.
-    A certificate or CA file that cannot be read stops the start (ssl.SSLError or OSError)."""
+    """Listen on every [proxy] listener and serve sessions on the proxy loop (loop.py, its own
+    thread) until the node leaves; then drain. A certificate or CA file that cannot be read
+    stops the start (ssl.SSLError or OSError).
+
+    The sessions read the router from the proxy thread while gossip and state change it on
+    trio's: each lookup is a few dict reads, atomic under the interpreter lock, so a session
+    sees a route either before or after a change, never half of one."""
     section = ctx.config.proxy
     if section is None:
         task_status.started({})
@@ -77,43 +90,71 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
     certificate = None
     if section.cert is not None and section.key is not None:
         certificate = ServerCertificate(os.path.join(data_dir, section.cert), os.path.join(data_dir, section.key))
-    connector = Connector(backend_contexts(section, ctx.config.tls, data_dir))
+    connector = Connector(backend_contexts(section, ctx.config.tls, data_dir), runtime=LOOP)
     proxy = Proxy(section, ctx.router, connector, certificate, ctx.metrics, hostname=ctx.name)
     connector.connected = proxy.connected
-    listeners = {}
+    listeners: dict[str, socket.socket] = {}
     for name, address in section.listeners.items():
-        sock = await ctx.listen(name, address)
-        listeners[name] = ResilientListener(trio.SocketListener(sock), name=name)
+        listening = await ctx.listen(name, address)
+        listeners[name] = socket.socket(fileno=listening.detach())
+    proxy_loop = loop.Loop()
+    acceptors = [proxy_loop.spawn(serve_listener(sock, name, proxy)) for name, sock in listeners.items()]
+    thread = threading.Thread(target=proxy_loop.run, name="proxy", daemon=True)
+    thread.start()
     drained = trio.Event()
     ctx.drains.append(drained)
-    ctx.reports["proxy"] = ProxyReport(proxy, ctx.metrics, ctx.stall)
+    ctx.reports["proxy"] = ProxyReport(proxy, ctx.metrics, proxy_loop.stall)
     try:
-        async with trio.open_nursery() as sessions:
-            async with trio.open_nursery() as accepting:
-                if certificate is not None:
-                    accepting.start_soon(certificate.watch)
-                for name, listener in listeners.items():
-                    accepting.start_soon(_accept, listener, name, proxy, sessions)
-                task_status.started({name: Address(*sock_name(listener)) for name, listener in listeners.items()})
-                await ctx.stopping.wait()
-                accepting.cancel_scope.cancel()
-            for listener in listeners.values():
-                await listener.aclose()
+        async with trio.open_nursery() as nursery:
+            if certificate is not None:
+                nursery.start_soon(certificate.watch)
+            task_status.started({name: Address(*sock.getsockname()[:2]) for name, sock in listeners.items()})
+            await ctx.stopping.wait()
+            nursery.cancel_scope.cancel()
+        token, done = trio.lowlevel.current_trio_token(), trio.Event()
+
+        async def drain() -> None:
+            for task in acceptors:
+                task.cancel()
+            for sock in listeners.values():
+                loop.forget(sock.fileno())
+                sock.close()
             if proxy.sessions:
                 log.info("draining %d proxy sessions (up to %g s)", len(proxy.sessions), section.drain_timeout)
-            await proxy.drain(section.drain_timeout)
+            try:
+                await proxy.drain(section.drain_timeout)
+            finally:
+                token.run_sync_soon(done.set)
+
+        proxy_loop.call_soon_threadsafe(lambda: proxy_loop.spawn(drain()))
+        await done.wait()
     finally:
+        proxy_loop.stop()
+        thread.join(THREAD_JOIN)
         drained.set()
         ctx.reports.pop("proxy", None)
 
 
-def sock_name(listener: ResilientListener) -> tuple[str, int]:
-    inner = listener.listener
-    assert isinstance(inner, trio.SocketListener)
-    return inner.socket.getsockname()[:2]
-
-
-async def _accept(listener: ResilientListener, name: str, proxy: Proxy, sessions: trio.Nursery) -> None:
+async def serve_listener(sock: socket.socket, name: str, proxy: Proxy) -> None:
+    """Accept connections on `sock` for the `name` listener, each served by a task of its own;
+    shortages of fds or memory are waited out (core/accept.py counts and logs them)."""
+    sock.setblocking(False)
+    current, shortages = loop.current_loop(), Shortages(name)
+    fd, delay = sock.fileno(), BACKOFF_FIRST
     while True:
-        stream = await listener.accept()
-        sessions.start_soon(proxy.handle, stream, name)
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            await loop.wait_readable(fd)
+            continue
+        except OSError as exc:
+            if exc.errno not in SHORTAGE_ERRNOS:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # that one connection is gone: the listener is fine
+                raise
+            shortages.note(exc.errno, loop.now())
+            await loop.sleep(delay)
+            delay = min(2 * delay, BACKOFF_MAX)
+            continue
+        delay = BACKOFF_FIRST
+        current.spawn(proxy.handle(SocketStream(conn), name))

@@ -1,4 +1,5 @@
-"""One proxied client session, for any of the three protocols: the thin trio driver around a
+"""One proxied client session, for any of the three protocols: the thin driver (a task of the
+proxy loop, loop.py) around a
 codec's server side. Greet, feed the codec, STARTTLS with the proxy's certificate; on
 credentials resolve the account to its slave, log in there (backend.py) and answer the
 client with the codec's accept, reject or unavailable; then splice (splice.py).
@@ -18,10 +19,8 @@ from __future__ import annotations
 import collections
 import logging
 import secrets
-import ssl
 
 import attrs
-import trio
 
 from ..config.sections import ProxySection
 from ..core.address import is_loopback, socket_address
@@ -30,9 +29,11 @@ from ..protocols import imap, pop3, smtp
 from ..protocols.common import Closed, Credentials, ProtocolError, StartTls
 from ..routing import INVALID_ADDRESS, UNKNOWN_DOMAIN, NoRoute, Router
 from ..security.throttle import LoginThrottle
-from .backend import READ_SIZE, Backend, Connector, Login, Refused, Unavailable
+from . import loop
+from .backend import Backend, Connector, Login, Refused, Unavailable
 from .certs import ServerCertificate
 from .splice import Splice
+from .streams import READ_SIZE, SocketStream, Stream, TlsStream
 
 log = logging.getLogger("meshmail.proxy")
 
@@ -130,23 +131,30 @@ class Proxy:
     async def drain(self, timeout: float) -> None:
         """Let open sessions go on for up to `timeout` seconds, then end the rest with their
         protocol's goodbye; returns once all have ended."""
-        with trio.move_on_after(timeout):
+        with loop.move_on_after(timeout):
             while self.sessions:
-                await trio.sleep(DRAIN_POLL)
+                await loop.sleep(DRAIN_POLL)
         for session in list(self.sessions):
             session.end()
         while self.sessions:
-            await trio.sleep(DRAIN_POLL)
+            await loop.sleep(DRAIN_POLL)
 
-    async def handle(self, stream: trio.SocketStream, listener: str) -> None:
+    async def handle(self, stream: SocketStream, listener: str) -> None:
         """Serve one client connected to `listener` (a key of LISTENERS), then close it."""
         kind, tls_first = LISTENERS[listener]
-        client = socket_address(stream.socket.getpeername())
+        try:
+            client = socket_address(stream.socket.getpeername())
+        except OSError:  # gone already
+            stream.close()
+            return
         if self.open >= self.section.max_sessions or self.by_client[client[0]] >= self.section.max_sessions_per_client:
             self.metrics.proxy_turned_away.labels(kind.protocol).inc()
-            with trio.move_on_after(1):
-                await stream.send_all(kind.busy)
-            await trio.aclose_forcefully(stream)
+            with loop.move_on_after(1):
+                try:
+                    await stream.send_all(kind.busy)
+                except OSError:
+                    pass
+            stream.close()
             return
         self.open += 1
         self.by_client[client[0]] += 1
@@ -164,17 +172,16 @@ class Proxy:
             self.metrics.proxy_sessions.labels(kind.protocol).dec()
 
 
-
 @attrs.define(eq=False)
 class Session:
     proxy: Proxy
     kind: Kind
-    stream: trio.abc.Stream
+    stream: Stream
     client: tuple[str, int]
     local: tuple[str, int]
     id: str = attrs.field(factory=lambda: secrets.token_hex(8))
     #: Cancelled to end the session early (a drain); the session then says its goodbye.
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    scope: loop.CancelScope = attrs.field(factory=loop.CancelScope)
 
     @property
     def name(self) -> str:
@@ -188,7 +195,7 @@ class Session:
         backend: Backend | None = None
         try:
             with self.scope:
-                with trio.move_on_after(self.proxy.section.login_timeout):
+                with loop.move_on_after(self.proxy.section.login_timeout):
                     if tls_first:
                         await self._start_tls()
                     server = self._server(tls_first)
@@ -204,20 +211,20 @@ class Session:
             if self.scope.cancelled_caught:
                 log.info("%s: ended by the drain", self.name)
                 await self._say_last(self.kind.goodbye)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
+        except OSError as exc:  # ssl.SSLError is one
             log.debug("%s: connection lost: %s", self.name, exc)
         finally:
             if backend is not None:
-                await trio.aclose_forcefully(backend.stream)
-            await trio.aclose_forcefully(self.stream)
+                backend.stream.close()
+            self.stream.close()
 
     async def _say_last(self, line: bytes) -> None:
         """Tell the client why the session ends, if it listens (a TLS stream cut mid-write
         can no longer say anything)."""
-        with trio.move_on_after(GOODBYE_TIMEOUT):
+        with loop.move_on_after(GOODBYE_TIMEOUT):
             try:
                 await self.stream.send_all(line)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+            except OSError:
                 pass
 
     def _server(self, tls_active: bool) -> ServerCodec:
@@ -229,7 +236,8 @@ class Session:
 
     async def _start_tls(self) -> None:
         assert self.proxy.certificate is not None
-        self.stream = trio.SSLStream(self.stream, self.proxy.certificate.context, server_side=True)
+        assert isinstance(self.stream, SocketStream)
+        self.stream = TlsStream(self.stream, self.proxy.certificate.context, server_side=True)
         await self.stream.do_handshake()
 
     async def _until_login(self, server: ServerCodec) -> tuple[Backend, str] | None:
@@ -263,11 +271,11 @@ class Session:
         until it succeeds would stop parallel guessing a little sooner, but it also refuses the
         many simultaneous logins of one busy address, as an office behind NAT: guessers are
         held by the failure delay and the per-account budget instead.)"""
-        proxy, started, host = self.proxy, trio.current_time(), self.client[0]
+        proxy, started, host = self.proxy, loop.now(), self.client[0]
         account = _account(credentials.user, proxy.section.default_domain)
         key = (account or credentials.user).lower()
         if proxy.throttle.retry_after(key, host, started) > 0:
-            await trio.sleep_until(started + proxy.failure_delay(proxy.throttle.failures(key, host, started)))
+            await loop.sleep_until(started + proxy.failure_delay(proxy.throttle.failures(key, host, started)))
             self._log_login(credentials.user, "-", "limited (too many failed logins)", started)
             server.unavailable()
             return None
@@ -284,8 +292,8 @@ class Session:
             )  # fmt: skip
             backend = await proxy.connector.login(self.kind.protocol, route, login)
         except Refused as exc:
-            proxy.throttle.fail(key, host, trio.current_time())
-            await trio.sleep_until(started + proxy.failure_delay(failures))
+            proxy.throttle.fail(key, host, loop.now())
+            await loop.sleep_until(started + proxy.failure_delay(failures))
             self._log_login(credentials.user, slave, f"refused ({exc})", started)
             server.reject()
             return None
@@ -306,13 +314,13 @@ class Session:
 
     def _log_login(self, user: str, slave: str, result: str, started: float) -> None:
         self.proxy.metrics.proxy_logins.labels(self.kind.protocol, result.split(" ", 1)[0]).inc()
-        ms = round((trio.current_time() - started) * 1000)
+        ms = round((loop.now() - started) * 1000)
         protocol, (host, port) = self.kind.protocol, self.client
         log.info("%s login %r from %s:%d via %s: %s in %d ms", protocol, user, host, port, slave, result, ms)
 
     async def _splice(self, backend: Backend, account: str) -> None:
         splice = Splice()
-        began = trio.current_time()
+        began = loop.now()
         try:
             await splice.run(self.stream, backend.stream, getattr(self.proxy.section, self.kind.idle))
         finally:
@@ -321,7 +329,7 @@ class Session:
             log.info(
                 "%s session of %r from %s:%d ended%s: %d bytes from the client, %d to it, %.1f s",
                 self.kind.protocol, account, *self.client, " (idle)" if splice.idled_out else "",
-                splice.up, splice.down, trio.current_time() - began,
+                splice.up, splice.down, loop.now() - began,
             )  # fmt: skip
 
 
@@ -330,4 +338,3 @@ def _account(user: str, default_domain: str | None) -> str | None:
     if "@" in user:
         return user
     return f"{user}@{default_domain}" if default_domain else None
-

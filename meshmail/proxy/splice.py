@@ -8,22 +8,22 @@ Counts the bytes each way.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Iterator
 
 import attrs
-import trio
 
-from .backend import READ_SIZE
+from . import loop
+from .streams import READ_SIZE, SocketStream, Stream
 
 #: Bytes a pipe of the kernel path holds at most. Raising a pipe past the kernel's 64 KiB can
 #: fail (above /proc/sys/fs/pipe-max-size, or past the user's pipe-user-pages-soft with many
 #: sessions open); the pipe then keeps the size it has, which only costs throughput.
 PIPE_SIZE = 1 << 18
-#: Move pages rather than copy them where the kernel can; never block (the fds are polled by trio).
+#: Seconds a direction keeps its pipe after a burst, for the next line of an exchange.
+PIPE_HOLD = 1.0
+#: Move pages rather than copy them where the kernel can; never block (the proxy loop polls the fds).
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
 
@@ -40,41 +40,45 @@ class Splice:
     up: int = 0
     down: int = 0
     idled_out: bool = False
-    _last: float = attrs.field(factory=trio.current_time)
+    _last: float = attrs.field(factory=loop.now)
 
-    async def run(self, client: trio.abc.Stream, backend: trio.abc.Stream, idle: float) -> None:
+    async def run(self, client: Stream, backend: Stream, idle: float) -> None:
         """Move bytes both ways until both sides have closed, either breaks, or nothing moved
         for `idle` seconds. A side that ends is passed on as a half-close when the other stream
         can send EOF (plain TCP); TLS cannot, so the session ends there. Closes neither stream."""
-        in_kernel = isinstance(client, trio.SocketStream) and isinstance(backend, trio.SocketStream)
-        async with trio.open_nursery() as nursery:
-            done = [False, False]
+        in_kernel = isinstance(client, SocketStream) and isinstance(backend, SocketStream)
+        over = loop.Event()
+        done = [False, False]
 
-            async def pump(source: trio.abc.Stream, sink: trio.abc.Stream, index: int) -> None:
+        async def pump(source: Stream, sink: Stream, index: int) -> None:
+            try:
                 try:
-                    try:
-                        if not in_kernel:
-                            raise _NoSplice
-                        await self._splice(source, sink, index)
-                    except _NoSplice:
-                        await self._copy(source, sink, index)
-                    half_closeable = isinstance(sink, trio.abc.HalfCloseableStream)
-                    if half_closeable:
-                        await sink.send_eof()
-                    done[index] = True  # only now: the other side ending must not cancel this EOF
-                    if all(done) or not half_closeable:
-                        nursery.cancel_scope.cancel()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    nursery.cancel_scope.cancel()
+                    if not in_kernel:
+                        raise _NoSplice
+                    await self._splice(source, sink, index)
+                except _NoSplice:
+                    await self._copy(source, sink, index)
+                half_closeable = isinstance(sink, SocketStream)
+                if half_closeable:
+                    await sink.send_eof()
+                done[index] = True  # only now: the other side ending must not cut this EOF short
+                if all(done) or not half_closeable:
+                    over.set()
+            except OSError:
+                over.set()
 
-            nursery.start_soon(pump, client, backend, 0)
-            nursery.start_soon(pump, backend, client, 1)
-            while True:
-                await trio.sleep_until(self._last + idle)
-                if trio.current_time() >= self._last + idle:
+        current = loop.current_loop()
+        pumps = [current.spawn(pump(client, backend, 0)), current.spawn(pump(backend, client, 1))]
+        try:
+            while not over.is_set():
+                with loop.move_on_at(self._last + idle):
+                    await over.wait()
+                if not over.is_set() and loop.now() >= self._last + idle:
                     self.idled_out = True
-                    nursery.cancel_scope.cancel()
                     return
+        finally:
+            for task in pumps:
+                task.cancel()
 
     def _moved(self, index: int, count: int) -> None:
         if index == 0:
@@ -82,26 +86,36 @@ class Splice:
         else:
             self.down += count
 
-    async def _copy(self, source: trio.abc.Stream, sink: trio.abc.Stream, index: int) -> None:
+    async def _copy(self, source: Stream, sink: Stream, index: int) -> None:
         """Copy from `source` to `sink` until `source` ends, one read at a time."""
         while data := await source.receive_some(READ_SIZE):
-            self._last = trio.current_time()
+            self._last = loop.now()
             await sink.send_all(data)
             self._moved(index, len(data))
 
-    async def _splice(self, source: trio.SocketStream, sink: trio.SocketStream, index: int) -> None:
+    async def _splice(self, source: SocketStream, sink: SocketStream, index: int) -> None:
         """Move bytes from `source` to `sink` in the kernel until `source` ends. A pipe is held
-        only while bytes flow (a burst), so an idle session holds no pipe fds and none of the
-        user's pipe pages. Raises _NoSplice when the kernel path is out while no bytes are held
-        (the caller copies on from there), OSError when a socket breaks."""
+        while bytes flow and PIPE_HOLD seconds after (an exchange of lines reuses it), so an
+        idle session holds no pipe fds and none of the user's pipe pages. Raises _NoSplice
+        when the kernel path is out while no bytes are held (the caller copies on from there),
+        OSError when a socket breaks."""
         if not hasattr(os, "splice"):
             raise _NoSplice
-        src, dst = source.socket.fileno(), sink.socket.fileno()
+        src, dst = source.fd, sink.fd
         while True:
-            await trio.lowlevel.wait_readable(src)
-            with _pipe() as (read_end, write_end, size):
-                if await self._burst(src, dst, read_end, write_end, size, index):
+            await loop.wait_readable(src)
+            read_end, write_end, size = _open_pipe()
+            try:
+                while not await self._burst(src, dst, read_end, write_end, size, index):
+                    with loop.move_on_after(PIPE_HOLD) as held:
+                        await loop.wait_readable(src)
+                    if held.cancelled_caught:
+                        break
+                else:
                     return
+            finally:
+                os.close(read_end)
+                os.close(write_end)
 
     async def _burst(self, src: int, dst: int, read_end: int, write_end: int, size: int, index: int) -> bool:
         """Fill the pipe from `src` and empty it into `dst` until `src` has nothing more for now
@@ -118,33 +132,30 @@ class Splice:
                 raise
             if not held:
                 return True
-            self._last = trio.current_time()
+            self._last = loop.now()
+            full = held == size
             while held:
                 try:
                     sent = os.splice(read_end, dst, held, flags=_FLAGS)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(dst)
+                    await loop.wait_writable(dst)
                     continue
                 held -= sent
                 self._moved(index, sent)
-            # A fast pair of sockets may never make a call wait: let the loop's other tasks run.
-            await trio.lowlevel.checkpoint()
+            if full:
+                # A fast pair of sockets may never make a call wait: let the loop's other tasks run.
+                await loop.checkpoint()
 
 
-@contextlib.contextmanager
-def _pipe() -> Iterator[tuple[int, int, int]]:
+def _open_pipe() -> tuple[int, int, int]:
     """A non-blocking pipe raised to PIPE_SIZE where the kernel allows: its read end, write end
-    and capacity, closed on exit. Raises _NoSplice when no fd is left (copying needs none)."""
+    and capacity. Raises _NoSplice when no fd is left (copying needs none)."""
     try:
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise _NoSplice from exc
     try:
-        try:
-            size = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
-        yield read_end, write_end, size
-    finally:
-        os.close(read_end)
-        os.close(write_end)
+        size = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+    return read_end, write_end, size

@@ -23,7 +23,7 @@ from helpers.config import minimal_config
 from meshmail.config import loads
 from meshmail.metrics import Metrics
 from meshmail.nodemeta import Endpoint
-from meshmail.proxy.backend import Connector, backend_contexts
+from meshmail.proxy.backend import LOOP, Connector, backend_contexts
 from meshmail.proxy.certs import ServerCertificate
 from meshmail.proxy.session import Proxy
 from meshmail.routing import Router
@@ -83,9 +83,7 @@ def ports(dovecot, postfix, certificate, tmp_path_factory) -> Iterator[dict[str,
     """The proxy's six listeners; one.example is on slave s1, whose Dovecot serves IMAP and POP3
     and whose Postfix serves submission (both certificates in s1's CA file)."""
     cas = tmp_path_factory.mktemp("cas") / "s1.pem"
-    cas.write_bytes(
-        Path(dovecot.cafile).read_bytes() + Path(postfix.cafile).read_bytes()
-    )
+    cas.write_bytes(Path(dovecot.cafile).read_bytes() + Path(postfix.cafile).read_bytes())
     key = str(Path(certificate).with_name("key.pem"))
     extra = f'[proxy]\ncert = "{certificate}"\nkey = "{key}"\nbackend_cas = {{ s1 = "{cas}" }}\nfailure_delay = 0.2\n'
     section = loads(minimal_config(extra=extra)).proxy
@@ -96,7 +94,7 @@ def ports(dovecot, postfix, certificate, tmp_path_factory) -> Iterator[dict[str,
         "submission": Endpoint(postfix.submission_endpoint, "starttls", "xclient"),
     }
     router = Router(DomainMap({"one.example": "s1"}), {"s1": slave("s1", endpoints)})
-    connector = Connector(backend_contexts(section, None, "/"), retry_delay=0.1)
+    connector = Connector(backend_contexts(section, None, "/"), runtime=LOOP, retry_delay=0.1)
     proxy = Proxy(
         section,
         router,
@@ -127,11 +125,7 @@ def delivered(dovecot: mailkit.Dovecot, address: str, subject: str) -> bytes:
 
     def message() -> bytes | None:
         return next(
-            (
-                m
-                for m in dovecot.mailbox(address)
-                if f"Subject: {subject}\n".encode() in m
-            ),
+            (m for m in dovecot.mailbox(address) if f"Subject: {subject}\n".encode() in m),
             None,
         )
 
@@ -152,17 +146,13 @@ def a_message(sender: str, recipient: str) -> tuple[str, bytes]:
 
 def submission(ports, certificate: str) -> smtplib.SMTP:
     """A client on 587 from CLIENT_HOST, after STARTTLS and the second EHLO."""
-    client = smtplib.SMTP(
-        "127.0.0.1", ports["submission"], "client.example", 10, (CLIENT_HOST, 0)
-    )
+    client = smtplib.SMTP("127.0.0.1", ports["submission"], "client.example", 10, (CLIENT_HOST, 0))
     client.starttls(context=client_context(certificate))
     client.ehlo()
     return client
 
 
-def authenticate(
-    client: smtplib.SMTP, user: str, password: str, mechanism: str, initial: bool = True
-) -> None:
+def authenticate(client: smtplib.SMTP, user: str, password: str, mechanism: str, initial: bool = True) -> None:
     """AUTH with `mechanism` (PLAIN or LOGIN), the first response on the AUTH line when `initial`;
     raises SMTPAuthenticationError with the reply otherwise."""
     client.user, client.password = user, password
@@ -194,9 +184,7 @@ def test_submission_over_starttls_reaches_the_mailbox_with_the_clients_address(
     ports, certificate, dovecot, postfix, mechanism, initial
 ):
     client = submission(ports, certificate)
-    authenticate(
-        client, "ann@one.example", USERS["ann@one.example"], mechanism, initial
-    )
+    authenticate(client, "ann@one.example", USERS["ann@one.example"], mechanism, initial)
     subject, message = a_message("ann@one.example", "bob@one.example")
     queue_id = send(client, "ann@one.example", "bob@one.example", message)
     assert client.quit()[0] == 221
@@ -232,20 +220,14 @@ def refusal(ports, certificate, user: str, password: str) -> tuple[int, bytes]:
 
 def test_wrong_password_and_unknown_domain_get_535(ports, certificate):
     wrong = refusal(ports, certificate, "ann@one.example", "wrong")
-    unknown = refusal(
-        ports, certificate, "ann@nowhere.example", USERS["ann@one.example"]
-    )
+    unknown = refusal(ports, certificate, "ann@nowhere.example", USERS["ann@one.example"])
     assert wrong == unknown == (535, b"5.7.8 Authentication credentials invalid")
 
 
-def test_a_stopped_postfix_gets_454_and_a_started_one_logins_again(
-    ports, certificate, postfix
-):
+def test_a_stopped_postfix_gets_454_and_a_started_one_logins_again(ports, certificate, postfix):
     postfix.stop()
     try:
-        assert refusal(
-            ports, certificate, "ann@one.example", USERS["ann@one.example"]
-        ) == (
+        assert refusal(ports, certificate, "ann@one.example", USERS["ann@one.example"]) == (
             454,
             b"4.7.0 Temporary authentication failure",
         )
@@ -271,17 +253,13 @@ def seeded(dovecot) -> None:
     """One message (subject SEEDED) in the INBOX of curl@ and pop@, appended at Dovecot itself."""
     message = f"From: x@y.example\r\nSubject: {SEEDED}\r\n\r\nSeeded body.\r\n".encode()
     for user in ("curl@one.example", "pop@one.example"):
-        client = imaplib.IMAP4_SSL(
-            "127.0.0.1", dovecot.ports["imaps"], ssl_context=dovecot.client_context()
-        )
+        client = imaplib.IMAP4_SSL("127.0.0.1", dovecot.ports["imaps"], ssl_context=dovecot.client_context())
         client.login(user, USERS[user])
         assert client.append("INBOX", None, None, message)[0] == "OK"
         client.logout()
 
 
-def curl(
-    certificate: str, url: str, user: str, *options: str, data: bytes = b""
-) -> subprocess.CompletedProcess:
+def curl(certificate: str, url: str, user: str, *options: str, data: bytes = b"") -> subprocess.CompletedProcess:
     """curl from CLIENT_HOST, trusting the proxy's certificate, logged in as `user` (user:password)."""
     mailkit.require("curl")
     argv = [
@@ -294,9 +272,7 @@ def curl(
         CLIENT_HOST,
     ]
     argv += ["--cacert", certificate, "--user", user, *options, url]
-    return subprocess.run(
-        argv, input=data, capture_output=True, timeout=60, check=False
-    )
+    return subprocess.run(argv, input=data, capture_output=True, timeout=60, check=False)
 
 
 def succeeded(result: subprocess.CompletedProcess) -> bytes:
@@ -327,7 +303,7 @@ def test_curl_lists_and_fetches_over_imap(ports, certificate, seeded, listener):
     assert re.search(
         rb'^\* LIST \([^)]*\) "[./]" INBOX\r?$',
         succeeded(curl(certificate, where, user, *options)),
-        re.M,
+        re.MULTILINE,
     )
     where, options = url(ports, listener, "INBOX;UID=1")
     fetched = succeeded(curl(certificate, where, user, *options))
@@ -363,14 +339,8 @@ def test_curl_sends_over_smtp(ports, certificate, dovecot, listener):
 
 @pytest.mark.parametrize("listener", ["imap", "pop3s", "submission"])
 def test_curl_reports_a_refused_login(ports, certificate, listener):
-    where, options = url(
-        ports, listener, "client.example" if listener == "submission" else ""
-    )
-    extra = (
-        ("--mail-rcpt", "bob@one.example", "--upload-file", "-")
-        if listener == "submission"
-        else ()
-    )
+    where, options = url(ports, listener, "client.example" if listener == "submission" else "")
+    extra = ("--mail-rcpt", "bob@one.example", "--upload-file", "-") if listener == "submission" else ()
     result = curl(
         certificate,
         where,
@@ -399,9 +369,7 @@ def test_imap_session_append_fetch_store_expunge(ports, certificate):
     assert client.login(user, password)[0] == "OK"
     first, second = a_message(user, user), a_message(user, user)
     for _, message in (first, second):
-        assert (
-            client.append("INBOX", None, None, message)[0] == "OK"
-        )  # imaplib sends a {literal}
+        assert client.append("INBOX", None, None, message)[0] == "OK"  # imaplib sends a {literal}
     status, data = client.select("INBOX")
     assert status == "OK" and int(data[0]) == 2
     status, data = client.fetch("1", "(BODY[])")
@@ -410,9 +378,7 @@ def test_imap_session_append_fetch_store_expunge(ports, certificate):
     status, data = client.expunge()
     assert status == "OK" and data == [b"1"]
     assert client.logout()[0] == "BYE"
-    fresh = ImapTls(
-        "127.0.0.1", ports["imaps"], ssl_context=client_context(certificate), timeout=10
-    )
+    fresh = ImapTls("127.0.0.1", ports["imaps"], ssl_context=client_context(certificate), timeout=10)
     fresh.login(user, password)
     assert fresh.select("INBOX", readonly=True)[1] == [b"1"]
     assert subjects(fresh) == [f"Subject: {second[0]}".encode()]
@@ -424,9 +390,7 @@ class RawImap:
     (imaplib has no IDLE before Python 3.14)."""
 
     def __init__(self, port: int, context: ssl.SSLContext) -> None:
-        sock = socket.create_connection(
-            ("127.0.0.1", port), 10, source_address=(CLIENT_HOST, 0)
-        )
+        sock = socket.create_connection(("127.0.0.1", port), 10, source_address=(CLIENT_HOST, 0))
         self.sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
         self.lines = self.sock.makefile("rb")
         assert self.line().startswith(b"* OK")

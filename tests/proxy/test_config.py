@@ -49,9 +49,7 @@ def test_every_listener_on_by_default_with_a_certificate():
 
 
 def test_listeners_turned_off_and_moved():
-    section = proxy(
-        CERT + 'imaps = false\npop3 = ""\npop3s = false\nsubmission = "127.0.0.1:0"\n'
-    )
+    section = proxy(CERT + 'imaps = false\npop3 = ""\npop3s = false\nsubmission = "127.0.0.1:0"\n')
     assert section.listeners == {
         "imap": Address("0.0.0.0", 143),
         "submission": Address("127.0.0.1", 0),
@@ -61,13 +59,11 @@ def test_listeners_turned_off_and_moved():
 
 def test_without_a_certificate_only_plain_loopback_listeners():
     off = "imaps = false\npop3s = false\nsubmissions = false\n"
-    section = proxy(
-        off + 'imap = "127.0.0.1:0"\npop3 = "[::1]:0"\nsubmission = "localhost:0"\n'
-    )
+    section = proxy(off + 'imap = "127.0.0.1:0"\npop3 = "[::1]:0"\nsubmission = "localhost:0"\n')
     assert not section.tls and set(section.listeners) == {"imap", "pop3", "submission"}
-    assert refused(
-        'imap = "127.0.0.1:0"\npop3 = false\nsubmission = false\n'
-    ).startswith("proxy.imaps: needs proxy.cert and proxy.key")
+    assert refused('imap = "127.0.0.1:0"\npop3 = false\nsubmission = false\n').startswith(
+        "proxy.imaps: needs proxy.cert and proxy.key"
+    )
     assert refused(off + 'pop3 = "127.0.0.1:0"\nsubmission = false\n').startswith(
         "proxy.imap: 0.0.0.0:143 is not a loopback address"
     )
@@ -98,9 +94,7 @@ def test_bad_values_name_their_key(text, error):
 
 
 def test_backend_cas_by_slave():
-    assert proxy(CERT + 'backend_cas = { s1 = "/ca/s1.pem" }\n').backend_cas == {
-        "s1": "/ca/s1.pem"
-    }
+    assert proxy(CERT + 'backend_cas = { s1 = "/ca/s1.pem" }\n').backend_cas == {"s1": "/ca/s1.pem"}
 
 
 def test_the_template_documents_every_key():

@@ -21,7 +21,7 @@ from meshmail.gossip.member import MemberInfo
 from meshmail.gossip.messages import State
 from meshmail.metrics import Metrics
 from meshmail.nodemeta import Endpoint, NodeMeta
-from meshmail.proxy.backend import Connector, backend_contexts
+from meshmail.proxy.backend import LOOP, Connector, backend_contexts
 from meshmail.proxy.certs import ServerCertificate
 from meshmail.proxy.service import ProxyReport
 from meshmail.proxy.session import Proxy
@@ -34,9 +34,7 @@ from .harness import CLIENT_HOST, DomainMap, Imap, ImapTls, serving
 def dovecot(tmp_path_factory) -> Iterator[mailkit.Dovecot]:
     root = tmp_path_factory.mktemp("proxy")
     users = {"ann@one.example": "secret-1", "zed@one.example": "secret-z"}
-    with mailkit.dovecot(
-        root / "d1", users, name="d1", trusted_networks=["127.0.0.0/8"]
-    ) as instance:
+    with mailkit.dovecot(root / "d1", users, name="d1", trusted_networks=["127.0.0.0/8"]) as instance:
         yield instance
 
 
@@ -65,7 +63,7 @@ def slave_member(dovecot: mailkit.Dovecot) -> MemberInfo:
 
 @pytest.fixture(scope="module")
 def proxy_ports(dovecot, certificate) -> Iterator[dict[str, int]]:
-    """The proxy's six listeners on 127.0.0.1, served by a trio loop in a thread."""
+    """The proxy's six listeners on 127.0.0.1, served by a proxy loop in a thread."""
     cert, key = certificate
     extra = f'[proxy]\ncert = "{cert}"\nkey = "{key}"\ndefault_domain = "one.example"\n'
     extra += f'backend_cas = {{ s1 = "{dovecot.cafile}" }}\nmax_sessions_per_client = 8\nfailure_delay = 0.2\n'
@@ -74,11 +72,9 @@ def proxy_ports(dovecot, certificate) -> Iterator[dict[str, int]]:
     closed = MemberInfo("s2", "127.0.0.1", 7946, NodeMeta(role="slave", endpoints={
         "imap": Endpoint(f"127.0.0.1:{mailkit.free_ports(1)[0]}", "starttls")
     }).encode(), 1, State.ALIVE, 0)  # fmt: skip
-    domains = DomainMap(
-        {"one.example": "s1", "gone.example": "s9", "closed.example": "s2"}
-    )
+    domains = DomainMap({"one.example": "s1", "gone.example": "s9", "closed.example": "s2"})
     router = Router(domains, {"s1": slave_member(dovecot), "s2": closed})
-    connector = Connector(backend_contexts(section, None, "/"), retry_delay=0.1)
+    connector = Connector(backend_contexts(section, None, "/"), runtime=LOOP, retry_delay=0.1)
     metrics = Metrics()
     proxy = Proxy(section, router, connector, certificate, metrics, hostname="m1")
     with serving(proxy) as ports:
@@ -94,22 +90,15 @@ def test_imap_starttls_session_select_fetch_append(proxy_ports, certificate, dov
     client = Imap("127.0.0.1", proxy_ports["imap"], timeout=10)
     client.starttls(client_context(certificate))
     assert client.login("ann@one.example", "secret-1")[0] == "OK"
-    message = (
-        b"From: x@y.example\r\nSubject: through the proxy\r\n\r\n"
-        + b"body line\r\n" * 2000
-    )
-    assert (
-        client.append("INBOX", None, None, message)[0] == "OK"
-    )  # a literal of about 22 kB
+    message = b"From: x@y.example\r\nSubject: through the proxy\r\n\r\n" + b"body line\r\n" * 2000
+    assert client.append("INBOX", None, None, message)[0] == "OK"  # a literal of about 22 kB
     status, data = client.select("INBOX")
     assert status == "OK" and int(data[0]) >= 1
     status, fetched = client.fetch(data[0], "(BODY[HEADER.FIELDS (SUBJECT)])")
     assert status == "OK" and b"through the proxy" in fetched[0][1]
     assert client.logout()[0] == "BYE"
     deadline = time.monotonic() + 5
-    while (
-        f"rip={CLIENT_HOST}" not in dovecot.log_tail()
-    ):  # the ID fields reached Dovecot
+    while f"rip={CLIENT_HOST}" not in dovecot.log_tail():  # the ID fields reached Dovecot
         assert time.monotonic() < deadline, dovecot.log_tail()
         time.sleep(0.05)
 
@@ -140,16 +129,12 @@ def login_reply(port: int, certificate, user: str, password: str) -> str:
 
 def test_unknown_domain_and_wrong_password_answer_alike(proxy_ports, certificate):
     wrong = login_reply(proxy_ports["imap"], certificate, "ann@one.example", "wrong")
-    unknown = login_reply(
-        proxy_ports["imap"], certificate, "ann@nowhere.example", "secret-1"
-    )
+    unknown = login_reply(proxy_ports["imap"], certificate, "ann@nowhere.example", "secret-1")
     assert wrong == unknown == "b'[AUTHENTICATIONFAILED] Authentication failed.'"
 
 
 @pytest.mark.parametrize("user", ["x@gone.example", "x@closed.example"])
-def test_a_slave_not_in_the_cluster_or_not_listening_is_unavailable(
-    proxy_ports, certificate, user
-):
+def test_a_slave_not_in_the_cluster_or_not_listening_is_unavailable(proxy_ports, certificate, user):
     assert login_reply(proxy_ports["imap"], certificate, user, "pw") == (
         "b'[UNAVAILABLE] Temporary server failure, try again later.'"
     )
@@ -214,18 +199,12 @@ ERRORS = {"imap": (b"BAD", b"BYE"), "pop3": (b"-ERR",), "submission": (b"500", b
 
 @pytest.mark.parametrize("what", BAD_INPUT)
 @pytest.mark.parametrize("listener", ["imap", "pop3", "submission"])
-def test_bad_input_ends_the_session_and_the_proxy_keeps_serving(
-    proxy_ports, listener, what
-):
+def test_bad_input_ends_the_session_and_the_proxy_keeps_serving(proxy_ports, listener, what):
     port = proxy_ports[listener]
-    reply, closed = exchange(
-        port, BAD_INPUT[what], 1 if what == "a huge literal" else 10
-    )
+    reply, closed = exchange(port, BAD_INPUT[what], 1 if what == "a huge literal" else 10)
     assert closed == (what != "a huge literal")
     assert any(error in reply for error in ERRORS[listener]), reply
-    with socket.create_connection(
-        ("127.0.0.1", port), timeout=10
-    ) as sock:  # still greeting
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # still greeting
         assert sock.recv(4096)[:4] in (b"* OK", b"+OK ", b"220 ")
 
 
