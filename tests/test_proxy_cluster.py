@@ -194,6 +194,7 @@ def test_users_of_both_slaves_log_in_through_either_master(fleet, backends, tmp_
     assert status["proxy"]["logins"]["ok"] >= 6 and status["proxy"]["logins"]["refused"] == 2
     assert status["proxy"]["bytes"]["to_clients"] > 0 and status["proxy"]["bytes"]["from_clients"] > 0
     assert status["proxy"]["backend_connect_ms"]["samples"] >= 6 and status["proxy"]["loop_stall_ms"] >= 0
+    assert status["proxy"]["node_loop_stall_ms"] >= 0
 
     # The same answer as fast: each pair from fresh client addresses (failures make the
     # delay grow per address and per account), the median of the differences.

@@ -75,24 +75,47 @@ class Memberlist:
         self._advertise = advertise
         rng = rng or random.Random()
         hooks = Hooks(
-            changed=self._gossip_soon, event=self._publish, suspected=self._watch_suspicion,
+            changed=self._gossip_soon,
+            event=self._publish,
+            suspected=self._watch_suspicion,
             recovered=self._recovered,
         )
         self._state = Membership(
-            name, config=self.config, rng=rng, counters=self.counters, hooks=hooks, meta=meta,
-            clock=trio.current_time, wall_clock=wall_clock,
+            name,
+            config=self.config,
+            rng=rng,
+            counters=self.counters,
+            hooks=hooks,
+            meta=meta,
+            clock=trio.current_time,
+            wall_clock=wall_clock,
         )
         self._sealer = Sealer(
-            name=name, keyring=keyring, cluster=cluster, refused=self._state.refused,
-            max_frame=self.config.max_stream_frame, replay_window=self.config.replay_window,
-            wall_clock=wall_clock, counters=self.counters,
+            name=name,
+            keyring=keyring,
+            cluster=cluster,
+            refused=self._state.refused,
+            max_frame=self.config.max_stream_frame,
+            replay_window=self.config.replay_window,
+            wall_clock=wall_clock,
+            counters=self.counters,
         )
         self._net = Network(
-            transport=transport, sealer=self._sealer, membership=self._state, delegate=self.delegate,
-            config=self.config, rng=rng, counters=self.counters, on_message=self._on_message,
+            transport=transport,
+            sealer=self._sealer,
+            membership=self._state,
+            delegate=self.delegate,
+            config=self.config,
+            rng=rng,
+            counters=self.counters,
+            on_message=self._on_message,
         )
         self._prober = Prober(
-            membership=self._state, net=self._net, config=self.config, rng=rng, counters=self.counters,
+            membership=self._state,
+            net=self._net,
+            config=self.config,
+            rng=rng,
+            counters=self.counters,
         )
         self._subscribers: list[trio.MemorySendChannel] = []
         self._nursery: trio.Nursery | None = None

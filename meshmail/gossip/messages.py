@@ -41,6 +41,8 @@ class State(enum.IntEnum):
 _name = attrs.field(validator=[v.instance_of(str), v.max_len(MAX_NAME), v.min_len(1)])
 _seq = attrs.field(validator=[v.instance_of(int), v.ge(0), v.lt(1 << 63)])
 _incarnation = attrs.field(validator=[v.instance_of(int), v.ge(0), v.lt(1 << 63)])
+
+
 def _ip_literal(instance, attribute, value: str) -> None:
     # Hosts on the wire are IP literals: a name would make every send a DNS lookup.
     ipaddress.ip_address(value)
@@ -180,7 +182,18 @@ Message = Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | PushPull |
 _BY_TYPE: dict[int, type] = {
     cls.TYPE: cls
     for cls in (
-        Ping, IndirectPing, Ack, Nack, Suspect, Alive, Dead, MemberState, PushPull, Broadcast, StateSync, Refused
+        Ping,
+        IndirectPing,
+        Ack,
+        Nack,
+        Suspect,
+        Alive,
+        Dead,
+        MemberState,
+        PushPull,
+        Broadcast,
+        StateSync,
+        Refused,
     )
 }
 _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in attrs.fields(cls)) for cls in _BY_TYPE.values()}

@@ -56,10 +56,17 @@ class ClockSkew:
             log.error(
                 "packets from %s (%s) are %.0f s %s this node's clock, as are those of %d other member(s): "
                 "this node's clock is likely the one that is off; fix NTP here",
-                name, format_address(address), abs(offset), way, agreeing,
+                name,
+                format_address(address),
+                abs(offset),
+                way,
+                agreeing,
             )
         else:
             log.error(
                 "packets from %s (%s) are %.0f s %s this node's clock: fix NTP on one of them",
-                name, format_address(address), abs(offset), way,
+                name,
+                format_address(address),
+                abs(offset),
+                way,
             )

@@ -168,7 +168,12 @@ class Membership:
         self.counters["conflicts"] += 1
         log.warning(
             "name conflict: %s claimed by %s:%d while %s:%d is %s; refused",
-            msg.node, msg.host, msg.port, member.host, member.port, member.state.name.lower(),
+            msg.node,
+            msg.host,
+            msg.port,
+            member.host,
+            member.port,
+            member.state.name.lower(),
         )
         return True
 
@@ -342,9 +347,7 @@ class Membership:
         """The next live member in a shuffled round-robin (new members are inserted at random)."""
         for _ in range(len(self._probe_order) + 1):
             if self._probe_index >= len(self._probe_order):
-                self._probe_order = [
-                    name for name, x in self.members.items() if name != self.name and x.state in _LIVE
-                ]
+                self._probe_order = [name for name, x in self.members.items() if name != self.name and x.state in _LIVE]
                 self._rng.shuffle(self._probe_order)
                 self._probe_index = 0
                 if not self._probe_order:

@@ -10,6 +10,7 @@ A ProtocolError is fatal: send data_to_send(), then the error's reply, then clos
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import sys
@@ -109,6 +110,7 @@ def _printable(data: bytes) -> str:
     return "".join(c if c.isprintable() else "?" for c in data.decode("utf-8", "replace"))
 
 
+@functools.lru_cache(maxsize=1024)  # the same few texts, session after session
 def _text(text: str) -> bytes:
     """Reply text on one line: printable ASCII (anything else becomes ?), cut at MAX_TEXT."""
     return "".join(c if " " <= c <= "~" else "?" for c in text[:MAX_TEXT]).encode("ascii")
@@ -228,10 +230,7 @@ class ImapServer(LoginServer):
     def accept(self, capabilities: Iterable[str], text: str = "Logged in") -> None:
         """The backend took the credentials: `tag OK [CAPABILITY ...]` with the backend's
         capabilities (atoms, else ValueError), then the driver takes trailing_data()."""
-        atoms = [capability.encode() for capability in capabilities]
-        if not atoms or not all(_CAPABILITY.fullmatch(atom) for atom in atoms):
-            raise ValueError(f"capabilities must be atoms: {atoms!r}")
-        self._decided(self._tagged(b"OK [CAPABILITY " + b" ".join(atoms) + b"] " + _text(text)), Phase.DONE)
+        self._decided(self._tagged(_capability_code(tuple(capabilities)) + _text(text)), Phase.DONE)
 
     def reject(self, text: str = "[AUTHENTICATIONFAILED] Authentication failed.") -> None:
         """Wrong credentials: `tag NO` with `text` (the backend's, passed on; one without a
@@ -423,9 +422,26 @@ def _response_code(text: bytes) -> tuple[str, list[bytes]]:
 
 def _capability_list(words: list[bytes]) -> tuple[str, ...]:
     """Capabilities from a backend; raises ProtocolError unless they are atoms."""
+    try:
+        return _atoms(tuple(words))
+    except ValueError:
+        raise ProtocolError("backend capabilities are not atoms", close=True) from None
+
+
+@functools.lru_cache(maxsize=256)  # a backend says the same list at every login
+def _atoms(words: tuple[bytes, ...]) -> tuple[str, ...]:
     if not words or not all(_CAPABILITY.fullmatch(word) for word in words):
-        raise ProtocolError("backend capabilities are not atoms", close=True)
+        raise ValueError("not atoms")
     return tuple(word.decode("ascii") for word in words)
+
+
+@functools.lru_cache(maxsize=256)
+def _capability_code(capabilities: tuple[str, ...]) -> bytes:
+    """`OK [CAPABILITY ...] ` for an accept; ValueError unless the capabilities are atoms."""
+    atoms = [capability.encode() for capability in capabilities]
+    if not atoms or not all(_CAPABILITY.fullmatch(atom) for atom in atoms):
+        raise ValueError(f"capabilities must be atoms: {atoms!r}")
+    return b"OK [CAPABILITY " + b" ".join(atoms) + b"] "
 
 
 _Answer = Callable[["ImapClient", bytes, bytes], "StartTls | LoggedIn | LoginRefused | None"]

@@ -6,6 +6,7 @@ client's credentials through the codec's client side. Nothing here faces the cli
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -201,11 +202,8 @@ class Connector:
         """A TCP connection to `host`: an IP address directly (one connect, no resolver: the
         common case costs the least CPU per login), a name through the resolver, off the loop,
         trying its addresses in turn."""
-        try:
-            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-        except ValueError:
-            pass
-        else:
+        family = _ip_family(host)
+        if family is not None:
             return await self.runtime.connect_ip(family, (host, port))
         error: OSError = OSError(f"{host} has no address")
         for family, sockaddr in await self.runtime.lookup(host, port):
@@ -244,6 +242,15 @@ class Connector:
         wrapped = self.runtime.wrap_tls(stream, self.contexts(route.slave), route.endpoint[0])
         await wrapped.do_handshake()
         return wrapped
+
+
+@functools.lru_cache(maxsize=1024)  # the few endpoints of a cluster, at every login
+def _ip_family(host: str) -> int | None:
+    """AF_INET or AF_INET6 for an IP address, None for a name."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
 
 
 def backend_contexts(

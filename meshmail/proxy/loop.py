@@ -296,18 +296,22 @@ class Loop:
         self._wakeup_read, self._wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wakeup_read, select.EPOLLIN)
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
-        self._stopping = False
-        self.tasks = 0
+        self._wakeup_lock = threading.Lock()
+        self._stopping = self._closed = False
+        self._live: set[Task] = set()
 
     # --- for other threads -----------------------------------------------------------------
 
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
         """Run fn() on the loop's thread soon (safe from any thread)."""
-        self._calls.append(fn)
-        try:
-            os.write(self._wakeup_write, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full: the loop wakes anyway
+        with self._wakeup_lock:  # not while run() closes the pipe (its fd number could be reused)
+            if self._closed:
+                return  # the loop has ended: nothing would run it
+            self._calls.append(fn)
+            try:
+                os.write(self._wakeup_write, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full: the loop wakes anyway
 
     def stop(self) -> None:
         """End run() (from the loop or any thread); tasks still open are dropped."""
@@ -319,7 +323,7 @@ class Loop:
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> Task:
         """Start running `coro` as a task (on the loop's thread)."""
         task = Task(self, coro)
-        self.tasks += 1
+        self._live.add(task)
         self._ready.append((task, None, None))
         return task
 
@@ -364,7 +368,7 @@ class Loop:
     def _finish(self, task: Task, error: BaseException | None) -> None:
         task.done = True
         task.error = error
-        self.tasks -= 1
+        self._live.discard(task)
         if error is not None:
             log.error("a proxy task failed", exc_info=error)
         joiners, task.joiners = task.joiners, []
@@ -470,11 +474,24 @@ class Loop:
                 self._round()
         finally:
             _clock = time.monotonic
+            self._close_tasks()
             if self._threads is not None:
                 self._threads.shutdown(wait=False, cancel_futures=True)
             self._epoll.close()
-            os.close(self._wakeup_read)
-            os.close(self._wakeup_write)
+            with self._wakeup_lock:
+                self._closed = True
+                os.close(self._wakeup_read)
+                os.close(self._wakeup_write)
+
+    def _close_tasks(self) -> None:
+        """End the tasks still open when the loop stops: their finally blocks run now (a
+        session closes its sockets) rather than whenever the garbage collector gets to them."""
+        for task in list(self._live):
+            try:
+                task.coro.close()
+            except BaseException as exc:  # noqa: BLE001 (a task that will not end must not stop the others)
+                log.error("a proxy task did not end cleanly", exc_info=exc)
+        self._live.clear()
 
     def _round(self) -> None:
         timeout = -1.0

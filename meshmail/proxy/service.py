@@ -38,12 +38,16 @@ THREAD_JOIN = 5.0
 class ProxyReport:
     """The /status "proxy" block: sessions open by protocol, logins by result, bytes each way,
     the backend connect time's median and 99th percentile over the latest connects, and the
-    proxy loop's longest stall in the last minute."""
+    longest stall in the last minute of the proxy loop (what sessions wait) and of the node's
+    trio loop (gossip and state, which the sessions read routes from)."""
 
-    def __init__(self, proxy: Proxy, metrics: Metrics, stall: StallWatch | None = None) -> None:
+    def __init__(
+        self, proxy: Proxy, metrics: Metrics, stall: StallWatch | None = None, node_stall: StallWatch | None = None
+    ) -> None:
         self.proxy = proxy
         self.metrics = metrics
         self.stall = stall
+        self.node_stall = node_stall
 
     def summary(self) -> dict[str, Any]:
         block: dict[str, Any] = {"sessions": {}, "logins": {}, "bytes": {}}
@@ -61,6 +65,8 @@ class ProxyReport:
         }
         if self.stall is not None:
             block["loop_stall_ms"] = round(self.stall.longest(loop.now()) * 1000, 1)
+        if self.node_stall is not None:
+            block["node_loop_stall_ms"] = round(self.node_stall.longest(trio.current_time()) * 1000, 1)
         return block
 
     def document(self) -> dict[str, Any]:
@@ -103,7 +109,7 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
     thread.start()
     drained = trio.Event()
     ctx.drains.append(drained)
-    ctx.reports["proxy"] = ProxyReport(proxy, ctx.metrics, proxy_loop.stall)
+    ctx.reports["proxy"] = ProxyReport(proxy, ctx.metrics, proxy_loop.stall, ctx.stall)
     try:
         async with trio.open_nursery() as nursery:
             if certificate is not None:

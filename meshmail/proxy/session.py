@@ -17,8 +17,10 @@ through another master.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
-import secrets
+import os
+from typing import Any
 
 import attrs
 
@@ -46,6 +48,10 @@ CONNECT_SAMPLES = 1000
 #: NoRoute reasons that mean "no such account" to the client (answered as a wrong password);
 #: the others mean "try later".
 _NO_ACCOUNT = frozenset({INVALID_ADDRESS, UNKNOWN_DOMAIN})
+
+#: Session ids: this process's random prefix and a count (unique across restarts, no syscall each).
+_PREFIX = os.urandom(4).hex() + "-"
+_NUMBERS = itertools.count(1)
 
 ServerCodec = imap.ImapServer | pop3.Pop3Server | smtp.SubmissionServer
 
@@ -113,10 +119,19 @@ class Proxy:
     throttle: LoginThrottle = attrs.field(init=False)
     #: The latest backend connect times (seconds), for the /status percentiles.
     connect_times: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=CONNECT_SAMPLES))
+    _series: dict[tuple[int, tuple[str, ...]], Any] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         section = self.section
         self.throttle = LoginThrottle(section.failures_per_client, section.failures_per_account, section.failure_window)
+
+    def series(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), looked up once (prometheus_client takes a lock each time)."""
+        key = (id(metric), labels)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = metric.labels(*labels)
+        return found
 
     def connected(self, seconds: float) -> None:
         """Count a backend connect that took `seconds` (the connector calls it)."""
@@ -148,7 +163,7 @@ class Proxy:
             stream.close()
             return
         if self.open >= self.section.max_sessions or self.by_client[client[0]] >= self.section.max_sessions_per_client:
-            self.metrics.proxy_turned_away.labels(kind.protocol).inc()
+            self.series(self.metrics.proxy_turned_away, kind.protocol).inc()
             with loop.move_on_after(1):
                 try:
                     await stream.send_all(kind.busy)
@@ -158,7 +173,7 @@ class Proxy:
             return
         self.open += 1
         self.by_client[client[0]] += 1
-        self.metrics.proxy_sessions.labels(kind.protocol).inc()
+        self.series(self.metrics.proxy_sessions, kind.protocol).inc()
         session = Session(self, kind, stream, client, socket_address(stream.socket.getsockname()))
         self.sessions.add(session)
         try:
@@ -169,7 +184,7 @@ class Proxy:
             self.by_client[client[0]] -= 1
             if not self.by_client[client[0]]:
                 del self.by_client[client[0]]
-            self.metrics.proxy_sessions.labels(kind.protocol).dec()
+            self.series(self.metrics.proxy_sessions, kind.protocol).dec()
 
 
 @attrs.define(eq=False)
@@ -179,7 +194,7 @@ class Session:
     stream: Stream
     client: tuple[str, int]
     local: tuple[str, int]
-    id: str = attrs.field(factory=lambda: secrets.token_hex(8))
+    id: str = attrs.field(factory=lambda: f"{_PREFIX}{next(_NUMBERS):x}")
     #: Cancelled to end the session early (a drain); the session then says its goodbye.
     scope: loop.CancelScope = attrs.field(factory=loop.CancelScope)
 
@@ -313,7 +328,8 @@ class Session:
         return backend, account
 
     def _log_login(self, user: str, slave: str, result: str, started: float) -> None:
-        self.proxy.metrics.proxy_logins.labels(self.kind.protocol, result.split(" ", 1)[0]).inc()
+        proxy = self.proxy
+        proxy.series(proxy.metrics.proxy_logins, self.kind.protocol, result.split(" ", 1)[0]).inc()
         ms = round((loop.now() - started) * 1000)
         protocol, (host, port) = self.kind.protocol, self.client
         log.info("%s login %r from %s:%d via %s: %s in %d ms", protocol, user, host, port, slave, result, ms)
@@ -324,8 +340,9 @@ class Session:
         try:
             await splice.run(self.stream, backend.stream, getattr(self.proxy.section, self.kind.idle))
         finally:
-            self.proxy.metrics.proxy_bytes.labels("from_clients").inc(splice.up)
-            self.proxy.metrics.proxy_bytes.labels("to_clients").inc(splice.down)
+            proxy = self.proxy
+            proxy.series(proxy.metrics.proxy_bytes, "from_clients").inc(splice.up)
+            proxy.series(proxy.metrics.proxy_bytes, "to_clients").inc(splice.down)
             log.info(
                 "%s session of %r from %s:%d ended%s: %d bytes from the client, %d to it, %.1f s",
                 self.kind.protocol, account, *self.client, " (idle)" if splice.idled_out else "",

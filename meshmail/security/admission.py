@@ -106,9 +106,7 @@ def create_token(
     if not masters:
         raise ValueError("no master address to put in the token")
     token = JoinTokenText(new_id(), new_secret(), ca_fingerprint, tuple(masters[:8]))
-    record = JoinToken(
-        hash_secret(token.secret), role, now_ms + int(ttl_s * 1000), uses, creator[:200], now_ms, note
-    )
+    record = JoinToken(hash_secret(token.secret), role, now_ms + int(ttl_s * 1000), uses, creator[:200], now_ms, note)
     replication.put("jointoken", token.token_id, record)
     return token
 

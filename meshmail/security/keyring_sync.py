@@ -34,8 +34,6 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(key).digest()[:8].hex()
 
 
-
-
 @attrs.frozen
 class Desired:
     """What the records ask of every keyring."""

@@ -420,8 +420,13 @@ class SlaveAgent:
         """Sources and service health in short, for /status (`document` has it all)."""
         return {
             "sources": [
-                {"name": s.name, "type": s.config.type, "status": s.status, "domains": len(s.domains),
-                 "detail": s.detail}
+                {
+                    "name": s.name,
+                    "type": s.config.type,
+                    "status": s.status,
+                    "domains": len(s.domains),
+                    "detail": s.detail,
+                }
                 for s in self.sources
             ],  # fmt: skip
             "health": {service: attrs.asdict(health) for service, health in sorted(self.health.items())},

@@ -273,9 +273,7 @@ class Journal:
     def _writable_log(self) -> int:
         self._check_open()
         if self._log_fd is None:
-            raise JournalError(
-                f"journal in {self._dir} refuses writes after a failed one (open it again to recover)"
-            )
+            raise JournalError(f"journal in {self._dir} refuses writes after a failed one (open it again to recover)")
         return self._log_fd
 
     def _abandon_log(self, fd: int) -> None:
@@ -388,7 +386,6 @@ class Journal:
         the directory. Returns the size written. On any error `name` is untouched."""
         final = self._path(name)
         return atomic_write(final, chunks, temporary=final + TEMP_SUFFIX, fsync=self._fsync)
-
 
 
 def _frame(record: bytes) -> bytes:

@@ -26,8 +26,10 @@ def serving(proxy: Proxy) -> Iterator[dict[str, int]]:
     thread, as the node does; yields listener name -> port, and stops the loop on exit."""
     ports: dict[str, int] = {}
     proxy_loop = loop.Loop()
+    listeners = []
     for name in LISTENERS:
         sock = socket.create_server(("127.0.0.1", 0))
+        listeners.append(sock)
         ports[name] = sock.getsockname()[1]
         proxy_loop.spawn(serve_listener(sock, name, proxy))
     thread = threading.Thread(target=proxy_loop.run, daemon=True)
@@ -36,7 +38,9 @@ def serving(proxy: Proxy) -> Iterator[dict[str, int]]:
         yield ports
     finally:
         proxy_loop.stop()
-        thread.join(5)
+        thread.join(10)
+        for sock in listeners:
+            sock.close()
 
 
 class Imap(imaplib.IMAP4):
