@@ -186,10 +186,10 @@ class Runner:
         stored: list[Envelope] = []
 
         async def copy() -> None:
-            request = {"op": "store", "envelope": encode_envelope(envelope), "data": data}
+            packed = encode_envelope(envelope)
             for holder in holders[:2]:
                 try:
-                    await links.call(holder, request)
+                    await links.store(holder, packed, data)
                 except ShadowError as exc:
                     log.warning("message %s: %s", envelope.id, exc)
                 else:
