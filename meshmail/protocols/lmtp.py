@@ -190,6 +190,11 @@ class DeliveryClient(LineCodec):
                 self._answer(reply)
         return self._events.popleft()
 
+    @property
+    def ready(self) -> bool:
+        """Whether the session takes a transaction now (idle, nothing left to read out)."""
+        return self._step is _Step.READY and not self._events
+
     def tls_started(self) -> None:
         """The stream is now TLS: LHLO/EHLO again on it."""
         if self._step is not _Step.TLS:
