@@ -248,13 +248,21 @@ class Runner:
 
     async def _round(self, slave: str, ids: list[str]) -> None:
         """Attempt `ids` at `slave` over PER_SLAVE lanes at once (their spool writes then share
-        fsyncs; a lane keeps its session to the slave where it can, see Lane)."""
+        fsyncs; a lane keeps its session to the slave where it can, see Lane). A lane that is
+        done takes the next message, and what else comes due meanwhile while the slave still
+        has a route: a drain never waits for a round's slowest lane nor opens new sessions."""
         route, protocol = route_to(self.router, slave)
+        todo = collections.deque(ids)
 
-        async def lane(queue_ids: list[str]) -> None:
+        def next_id() -> str | None:
+            if not todo and isinstance(route, Route) and isinstance(route_to(self.router, slave)[0], Route):
+                todo.extend(entry.id for entry in self.queue.due(slave, wall_ms(), BATCH))
+            return todo.popleft() if todo else None
+
+        async def lane() -> None:
             way = Lane(self.deliverer, route, protocol) if isinstance(route, Route) else None
             try:
-                for queue_id in queue_ids:
+                while (queue_id := next_id()) is not None:
                     async with self._lock(queue_id):
                         await self._attempt(slave, queue_id, way)
             finally:
@@ -263,9 +271,11 @@ class Runner:
 
         try:
             async with trio.open_nursery() as nursery:
-                for first in range(min(PER_SLAVE, len(ids))):
-                    nursery.start_soon(lane, ids[first::PER_SLAVE])
+                for _ in range(min(PER_SLAVE, len(ids))):
+                    nursery.start_soon(lane)
         finally:
+            for queue_id in todo:  # cancelled: not attempted, due again at the next look
+                self.queue.release(queue_id, slave)
             self._busy.discard(slave)
             self._wake.set()
 
