@@ -74,7 +74,7 @@ class Runner:
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _up: dict[str, bool] = attrs.field(factory=dict)
     _busy: set[str] = attrs.field(factory=set)
-    _locks: dict[str, trio.Lock] = attrs.field(factory=dict)
+    _locks: dict[str, trio.Semaphore] = attrs.field(factory=dict)
     #: Holder -> ids of messages delivered here whose copy there is not dropped yet.
     _undropped: dict[str, set[str]] = attrs.field(factory=dict)
     #: Holder -> queued messages held back until it says which ones it took over.
@@ -261,10 +261,21 @@ class Runner:
 
         async def lane() -> None:
             way = Lane(self.deliverer, route, protocol) if isinstance(route, Route) else None
+            settled: trio.Event | None = None  # the last message's spool write, done behind
             try:
-                while (queue_id := next_id()) is not None:
-                    async with self._lock(queue_id):
-                        await self._attempt(slave, queue_id, way)
+                async with trio.open_nursery() as behind:
+                    while (queue_id := next_id()) is not None:
+                        lock = self._lock(queue_id)
+                        await lock.acquire()
+                        try:
+                            attempt = await self._attempt(slave, queue_id, way)
+                        except BaseException:
+                            lock.release()
+                            raise
+                        if settled is not None:
+                            await settled.wait()
+                        settled = trio.Event()
+                        behind.start_soon(self._settle_behind, attempt, lock, settled)
             finally:
                 if way is not None:
                     await way.close()
@@ -279,20 +290,31 @@ class Runner:
             self._busy.discard(slave)
             self._wake.set()
 
-    async def _attempt(self, slave: str, queue_id: str, lane: Lane | None) -> None:
+    async def _settle_behind(self, attempt: tuple[Settlement, bytes] | None, lock: _HeldLock, done: trio.Event) -> None:
+        """Settle an attempt in the spool while its lane hands over the next message (the
+        message's lock is held until then: nothing else changes it meanwhile)."""
+        try:
+            if attempt is not None:
+                await self._settle(*attempt)
+        finally:
+            lock.release()
+            done.set()
+
+    async def _attempt(self, slave: str, queue_id: str, lane: Lane | None) -> tuple[Settlement, bytes] | None:
         """One try of a queued message at `slave` over `lane` (None: the slave cannot be
-        reached now), settled in the spool and the index."""
+        reached now), settled in the index; what `_settle` then writes to the spool (None:
+        nothing to write)."""
         try:
             envelope, data = await self.spool.read_message(queue_id)
         except (CorruptMessage, OSError) as exc:
             log.error("queued message %s cannot be read (%s): moved aside", queue_id, exc)
             self.queue.remove(queue_id)
             await self.spool.quarantine(queue_id, str(exc))
-            return
+            return None
         recipients = envelope.queued(slave)
         if not recipients:
             self.queue.release(queue_id, slave)
-            return
+            return None
         addresses = [r.address for r in recipients]
         if lane is not None:
             transaction = _transaction(MailFrom(envelope.sender), addresses, len(data))
@@ -302,10 +324,7 @@ class Runner:
             replies = await lane.deliver(transaction, data, client)
         else:
             replies = [UNREACHABLE] * len(addresses)
-        await self._settle(
-            self.queue.settle(envelope, slave, dict(zip(addresses, replies, strict=True)), wall_ms()),
-            data,
-        )
+        return self.queue.settle(envelope, slave, dict(zip(addresses, replies, strict=True)), wall_ms()), data
 
     async def _settle(self, result: Settlement, data: bytes) -> None:
         envelope = result.envelope
@@ -616,19 +635,26 @@ class Queued:
 
 @attrs.define
 class _HeldLock:
-    """A lock per queue id, dropped when nobody holds or waits for it."""
+    """A lock per queue id, dropped when nobody holds or waits for it. Any task may release
+    it (a delivery hands its message's lock to the task that settles it)."""
 
-    locks: dict[str, trio.Lock]
+    locks: dict[str, trio.Semaphore]
     key: str
 
-    async def __aenter__(self) -> None:
-        await self.locks.setdefault(self.key, trio.Lock()).acquire()
+    async def acquire(self) -> None:
+        await self.locks.setdefault(self.key, trio.Semaphore(1, max_value=1)).acquire()
 
-    async def __aexit__(self, *exc: object) -> None:
+    def release(self) -> None:
         lock = self.locks[self.key]
         lock.release()
         if not lock.statistics().tasks_waiting:
             del self.locks[self.key]
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _transaction(sender: MailFrom, addresses: Iterable[str], size: int) -> Transaction:
