@@ -234,6 +234,10 @@ class Runner:
                     await self._wake.wait()
                 self._wake = trio.Event()
 
+    def wake(self) -> None:
+        """Look at the queue now (membership changed: a slave may be back)."""
+        self._wake.set()
+
     def _kick_returned(self, now: int) -> None:
         """Make a slave's waiting messages due at once when it answers again."""
         for slave in self.queue.slaves():
