@@ -326,6 +326,11 @@ class Runner:
                 Client((envelope.client_address, 0), ("0.0.0.0", 0), envelope.helo) if envelope.client_address else None
             )
             replies = await lane.deliver(transaction, data, client)
+        elif isinstance(route_to(self.router, slave)[0], Route):
+            # The slave came back while this round found it gone: due again at once, not after
+            # a retry delay (the kick on its return missed this message, in flight here).
+            self.queue.release(queue_id, slave)
+            return None
         else:
             replies = [UNREACHABLE] * len(addresses)
         return self.queue.settle(envelope, slave, dict(zip(addresses, replies, strict=True)), wall_ms()), data
