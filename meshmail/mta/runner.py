@@ -273,11 +273,11 @@ class Runner:
                         await lock.acquire()
                         try:
                             attempt = await self._attempt(slave, queue_id, way)
+                            if settled is not None:
+                                await settled.wait()
                         except BaseException:
                             lock.release()
                             raise
-                        if settled is not None:
-                            await settled.wait()
                         settled = trio.Event()
                         behind.start_soon(self._settle_behind, attempt, lock, settled)
             finally:
