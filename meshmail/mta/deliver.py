@@ -1,8 +1,9 @@
 """Handing mail to a slave: one connection per attempt to the slave's LMTP endpoint (or SMTP
 where it publishes only that), the client's address passed as the endpoint asks (XCLIENT,
 PROXY v2; XFORWARD where a later delivery is offered it), the message streamed through the
-DeliveryClient codec, one reply per recipient back. Also the recipient check at RCPT time
-(RCPT, then RSET), its answers kept for a minute.
+DeliveryClient codec, one reply per recipient back. Where the endpoint takes no client
+address, sessions are kept open for a few seconds and used again. Also the recipient check
+at RCPT time (RCPT, then RSET), its answers kept for a minute.
 
 Nothing here decides what a reply means for the message (session.py answers the client,
 runner.py settles the queue).
@@ -30,6 +31,11 @@ VERIFY_TTL = 60.0
 VERIFY_CACHE = 10_000
 #: Bytes of the message handed to the codec at once.
 CHUNK = 256 * 1024
+#: Idle sessions kept per endpoint that takes no client address, and the seconds one may stay
+#: idle (Postfix's LMTP client keeps its sessions 2 s): in-line deliveries and recipient
+#: checks then skip the connect, greeting and LHLO.
+POOL = 20
+POOL_IDLE = 5.0
 
 
 def resolve(router: Router, address: str) -> tuple[Route | NoRoute, str]:
@@ -72,6 +78,8 @@ class Deliverer:
     _verified: collections.OrderedDict[tuple[str, str], tuple[float, Reply]] = attrs.field(
         factory=collections.OrderedDict
     )
+    #: Idle sessions by (slave, endpoint, transport, protocol): (idle since, session).
+    _idle: dict[tuple, list[tuple[float, Connection]]] = attrs.field(factory=dict)
 
     async def deliver(
         self,
@@ -81,8 +89,11 @@ class Deliverer:
         data: bytes,
         client: Client | None,
     ) -> list[Reply]:
-        """One reply per recipient of `transaction` on a connection of its own (UNREACHABLE
-        for each recipient the slave did not answer: unreachable, or it broke off)."""
+        """One reply per recipient of `transaction` (UNREACHABLE for each recipient the slave
+        did not answer: unreachable, or it broke off): on a connection of its own, or on an
+        idle session where the endpoint takes no client address (see `shares_sessions`)."""
+        if shares_sessions(route, protocol):
+            return await self._pooled(route, protocol, transaction, data)
         connection = Connection(self, route, protocol, client)
         try:
             with trio.fail_after(self.timeout):
@@ -91,6 +102,44 @@ class Deliverer:
         except DELIVERY_ERRORS:
             return connection.replies(transaction)
         finally:
+            await connection.close()
+
+    async def _pooled(self, route: Route, protocol: str, transaction: lmtp.Transaction, data: bytes) -> list[Reply]:
+        """`deliver` on an idle session, or a new one kept afterwards. An idle session the
+        slave closed meanwhile fails before the body went out: the message goes on another."""
+        key = (route.slave, route.endpoint, route.transport, protocol)
+        idle = self._idle.setdefault(key, [])
+        while idle:
+            since, connection = idle.pop()
+            if trio.current_time() - since > POOL_IDLE or not connection.ready:
+                await connection.close()
+                continue
+            try:
+                with trio.fail_after(self.timeout):
+                    replies = await connection.send(transaction, data)
+            except DELIVERY_ERRORS:
+                await connection.close()
+                if connection.body_sent:
+                    return connection.replies(transaction)
+                continue
+            await self._keep(key, connection)
+            return replies
+        connection = Connection(self, route, protocol, None)
+        try:
+            with trio.fail_after(self.timeout):
+                await connection.open()
+                replies = await connection.send(transaction, data)
+        except DELIVERY_ERRORS:
+            await connection.close()
+            return connection.replies(transaction)
+        await self._keep(key, connection)
+        return replies
+
+    async def _keep(self, key: tuple, connection: Connection) -> None:
+        idle = self._idle.setdefault(key, [])
+        if connection.ready and len(idle) < POOL:
+            idle.append((trio.current_time(), connection))
+        else:
             await connection.close()
 
     async def verify(self, route: Route, protocol: str, sender: str, address: str) -> Reply:
@@ -131,8 +180,15 @@ class Connection:
     client: Client | None
     stream: trio.abc.Stream | None = None
     codec: lmtp.DeliveryClient | None = None
+    #: The body of the last transaction went out (before it, the slave cannot have taken it).
+    body_sent: bool = False
     _data: bytes = b""
     _last: Reply | None = None  # the slave's reply when it ended the session
+
+    @property
+    def ready(self) -> bool:
+        """Open and idle: it takes the next transaction."""
+        return self.stream is not None and self.codec is not None and self.codec.ready
 
     async def open(self) -> None:
         """Connect and greet, up to the first transaction. Raises one of DELIVERY_ERRORS."""
@@ -157,7 +213,7 @@ class Connection:
         known); the session then cannot be used again."""
         assert self.codec is not None
         self.codec.send(transaction)
-        self._data = data
+        self._data, self.body_sent = data, False
         done = await self._until(lmtp.Done)
         return list(done.results)
 
@@ -199,6 +255,7 @@ class Connection:
                 self.stream = await self.deliverer.connector.start_tls(self.stream, route)
                 codec.tls_started()
             elif isinstance(event, lmtp.SendBody):
+                self.body_sent = True
                 await _send_body(self.stream, codec, self._data)
             elif isinstance(event, lmtp.Failed):
                 self._last = event.reply
@@ -221,7 +278,7 @@ class Lane:
 
     @property
     def shared(self) -> bool:
-        return self.protocol == "lmtp" and self.route.client_address == "none"
+        return shares_sessions(self.route, self.protocol)
 
     async def deliver(self, transaction: lmtp.Transaction, data: bytes, client: Client | None) -> list[Reply]:
         """One reply per recipient, as Deliverer.deliver."""
@@ -229,6 +286,8 @@ class Lane:
             return await self.deliverer.deliver(self.route, self.protocol, transaction, data, client)
         try:
             with trio.fail_after(self.deliverer.timeout):
+                if self.connection is not None and not self.connection.ready:
+                    await self.close()
                 if self.connection is None:
                     self.connection = Connection(self.deliverer, self.route, self.protocol, None)
                     await self.connection.open()
@@ -244,6 +303,12 @@ class Lane:
         if self.connection is not None:
             await self.connection.close()
             self.connection = None
+
+
+def shares_sessions(route: Route, protocol: str) -> bool:
+    """Whether messages from different clients may share a session with this endpoint: an LMTP
+    service that takes no client address (as Dovecot's), so a session carries no one's."""
+    return protocol == "lmtp" and route.client_address == "none"
 
 
 #: What ends an attempt at a slave: the slave's address could not be reached, the session

@@ -74,7 +74,7 @@ class Runner:
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _up: dict[str, bool] = attrs.field(factory=dict)
     _busy: set[str] = attrs.field(factory=set)
-    _locks: dict[str, trio.Lock] = attrs.field(factory=dict)
+    _locks: dict[str, trio.Semaphore] = attrs.field(factory=dict)
     #: Holder -> ids of messages delivered here whose copy there is not dropped yet.
     _undropped: dict[str, set[str]] = attrs.field(factory=dict)
     #: Holder -> queued messages held back until it says which ones it took over.
@@ -186,10 +186,10 @@ class Runner:
         stored: list[Envelope] = []
 
         async def copy() -> None:
-            request = {"op": "store", "envelope": encode_envelope(envelope), "data": data}
+            packed = encode_envelope(envelope)
             for holder in holders[:2]:
                 try:
-                    await links.call(holder, request)
+                    await links.store(holder, packed, data)
                 except ShadowError as exc:
                     log.warning("message %s: %s", envelope.id, exc)
                 else:
@@ -234,6 +234,10 @@ class Runner:
                     await self._wake.wait()
                 self._wake = trio.Event()
 
+    def wake(self) -> None:
+        """Look at the queue now (membership changed: a slave may be back)."""
+        self._wake.set()
+
     def _kick_returned(self, now: int) -> None:
         """Make a slave's waiting messages due at once when it answers again."""
         for slave in self.queue.slaves():
@@ -248,41 +252,73 @@ class Runner:
 
     async def _round(self, slave: str, ids: list[str]) -> None:
         """Attempt `ids` at `slave` over PER_SLAVE lanes at once (their spool writes then share
-        fsyncs; a lane keeps its session to the slave where it can, see Lane)."""
+        fsyncs; a lane keeps its session to the slave where it can, see Lane). A lane that is
+        done takes the next message, and what else comes due meanwhile while the slave still
+        has a route: a drain never waits for a round's slowest lane nor opens new sessions."""
         route, protocol = route_to(self.router, slave)
+        todo = collections.deque(ids)
 
-        async def lane(queue_ids: list[str]) -> None:
+        def next_id() -> str | None:
+            if not todo and isinstance(route, Route) and isinstance(route_to(self.router, slave)[0], Route):
+                todo.extend(entry.id for entry in self.queue.due(slave, wall_ms(), BATCH))
+            return todo.popleft() if todo else None
+
+        async def lane() -> None:
             way = Lane(self.deliverer, route, protocol) if isinstance(route, Route) else None
+            settled: trio.Event | None = None  # the last message's spool write, done behind
             try:
-                for queue_id in queue_ids:
-                    async with self._lock(queue_id):
-                        await self._attempt(slave, queue_id, way)
+                async with trio.open_nursery() as behind:
+                    while (queue_id := next_id()) is not None:
+                        lock = self._lock(queue_id)
+                        await lock.acquire()
+                        try:
+                            attempt = await self._attempt(slave, queue_id, way)
+                            if settled is not None:
+                                await settled.wait()
+                        except BaseException:
+                            lock.release()
+                            raise
+                        settled = trio.Event()
+                        behind.start_soon(self._settle_behind, attempt, lock, settled)
             finally:
                 if way is not None:
                     await way.close()
 
         try:
             async with trio.open_nursery() as nursery:
-                for first in range(min(PER_SLAVE, len(ids))):
-                    nursery.start_soon(lane, ids[first::PER_SLAVE])
+                for _ in range(min(PER_SLAVE, len(ids))):
+                    nursery.start_soon(lane)
         finally:
+            for queue_id in todo:  # cancelled: not attempted, due again at the next look
+                self.queue.release(queue_id, slave)
             self._busy.discard(slave)
             self._wake.set()
 
-    async def _attempt(self, slave: str, queue_id: str, lane: Lane | None) -> None:
+    async def _settle_behind(self, attempt: tuple[Settlement, bytes] | None, lock: _HeldLock, done: trio.Event) -> None:
+        """Settle an attempt in the spool while its lane hands over the next message (the
+        message's lock is held until then: nothing else changes it meanwhile)."""
+        try:
+            if attempt is not None:
+                await self._settle(*attempt)
+        finally:
+            lock.release()
+            done.set()
+
+    async def _attempt(self, slave: str, queue_id: str, lane: Lane | None) -> tuple[Settlement, bytes] | None:
         """One try of a queued message at `slave` over `lane` (None: the slave cannot be
-        reached now), settled in the spool and the index."""
+        reached now), settled in the index; what `_settle` then writes to the spool (None:
+        nothing to write)."""
         try:
             envelope, data = await self.spool.read_message(queue_id)
         except (CorruptMessage, OSError) as exc:
             log.error("queued message %s cannot be read (%s): moved aside", queue_id, exc)
             self.queue.remove(queue_id)
             await self.spool.quarantine(queue_id, str(exc))
-            return
+            return None
         recipients = envelope.queued(slave)
         if not recipients:
             self.queue.release(queue_id, slave)
-            return
+            return None
         addresses = [r.address for r in recipients]
         if lane is not None:
             transaction = _transaction(MailFrom(envelope.sender), addresses, len(data))
@@ -290,12 +326,14 @@ class Runner:
                 Client((envelope.client_address, 0), ("0.0.0.0", 0), envelope.helo) if envelope.client_address else None
             )
             replies = await lane.deliver(transaction, data, client)
+        elif isinstance(route_to(self.router, slave)[0], Route):
+            # The slave came back while this round found it gone: due again at once, not after
+            # a retry delay (the kick on its return missed this message, in flight here).
+            self.queue.release(queue_id, slave)
+            return None
         else:
             replies = [UNREACHABLE] * len(addresses)
-        await self._settle(
-            self.queue.settle(envelope, slave, dict(zip(addresses, replies, strict=True)), wall_ms()),
-            data,
-        )
+        return self.queue.settle(envelope, slave, dict(zip(addresses, replies, strict=True)), wall_ms()), data
 
     async def _settle(self, result: Settlement, data: bytes) -> None:
         envelope = result.envelope
@@ -606,19 +644,26 @@ class Queued:
 
 @attrs.define
 class _HeldLock:
-    """A lock per queue id, dropped when nobody holds or waits for it."""
+    """A lock per queue id, dropped when nobody holds or waits for it. Any task may release
+    it (a delivery hands its message's lock to the task that settles it)."""
 
-    locks: dict[str, trio.Lock]
+    locks: dict[str, trio.Semaphore]
     key: str
 
-    async def __aenter__(self) -> None:
-        await self.locks.setdefault(self.key, trio.Lock()).acquire()
+    async def acquire(self) -> None:
+        await self.locks.setdefault(self.key, trio.Semaphore(1, max_value=1)).acquire()
 
-    async def __aexit__(self, *exc: object) -> None:
+    def release(self) -> None:
         lock = self.locks[self.key]
         lock.release()
         if not lock.statistics().tasks_waiting:
             del self.locks[self.key]
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _transaction(sender: MailFrom, addresses: Iterable[str], size: int) -> Transaction:

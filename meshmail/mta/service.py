@@ -91,9 +91,11 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
             holders = ResilientListener(trio.SocketListener(sock), name="shadow")
         ctx.reports["mx"] = MxReport(mx, mx.runner)
         ctx.mta = mx.runner
+        events = ctx.members.subscribe()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(mx.runner.run)
+                nursery.start_soon(_wake_on_news, events, mx.runner)
                 if mx.certificate is not None:
                     nursery.start_soon(mx.certificate.watch)
                 bound = {"mx": _bound(listener)}
@@ -107,6 +109,7 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
                 await _serve_sessions(ctx, mx, listener, bound, task_status)
                 nursery.cancel_scope.cancel()
         finally:
+            events.close()
             ctx.reports.pop("mx", None)
             ctx.mta = None
     finally:
@@ -161,6 +164,13 @@ async def _serve_sessions(ctx: Context, mx: Mx, listener: ResilientListener, bou
                 await trio.sleep(0.1)
         for session in list(mx.sessions):
             session.end()
+
+
+async def _wake_on_news(events: trio.MemoryReceiveChannel, runner: Runner) -> None:
+    """Membership news (a slave back, its endpoint up again) wakes the delivery loop, so what
+    waits for that slave goes at once rather than at the loop's next look."""
+    async for _ in events:
+        runner.wake()
 
 
 def frame_limit(section) -> int:

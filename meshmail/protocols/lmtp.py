@@ -1,8 +1,9 @@
 """The client side of delivery to a slave: DeliveryClient speaks LMTP (RFC 2033: LHLO, a reply per
 recipient after the body) or SMTP (RFC 5321: EHLO, one reply after the body), with STARTTLS,
-Postfix's XCLIENT or XFORWARD to pass the original client on, and recipient verification (RCPT,
-then RSET). Sans-IO: the driver connects, reads the body from where it keeps it and decides what
-each recipient's reply means (delivered, retry, bounce).
+PIPELINING (RFC 2920: MAIL, the RCPTs and DATA in one write), Postfix's XCLIENT or XFORWARD to
+pass the original client on, and recipient verification (RCPT, then RSET). Sans-IO: the driver
+connects, reads the body from where it keeps it and decides what each recipient's reply means
+(delivered, retry, bounce).
 
 Driving it: pass received bytes to receive_data (b"" at end of stream), take events from
 next_event until it returns None, and send data_to_send() after each. A ProtocolError is fatal
@@ -158,6 +159,9 @@ class DeliveryClient(LineCodec):
     _transaction: Transaction | None = attrs.field(default=None, init=False)
     _next: int = attrs.field(default=0, init=False)  # the recipient whose RCPT reply comes next
     _accepted: dict[int, Reply] = attrs.field(factory=dict, init=False)  # recipient -> its RCPT reply
+    #: MAIL, the RCPTs and DATA went out at once (PIPELINING); their replies come in order.
+    _pipelined: bool = attrs.field(default=False, init=False)
+    _refused: Reply | None = attrs.field(default=None, init=False)  # MAIL's refusal, when pipelined
     _final: int = attrs.field(default=0, init=False)  # replies after the body so far
     _line_start: bool = attrs.field(default=True, init=False)  # of the body, for dot-stuffing
     _tail: bytes = attrs.field(default=b"", init=False)  # the body's last two bytes
@@ -186,6 +190,11 @@ class DeliveryClient(LineCodec):
                 self._answer(reply)
         return self._events.popleft()
 
+    @property
+    def ready(self) -> bool:
+        """Whether the session takes a transaction now (idle, nothing left to read out)."""
+        return self._step is _Step.READY and not self._events
+
     def tls_started(self) -> None:
         """The stream is now TLS: LHLO/EHLO again on it."""
         if self._step is not _Step.TLS:
@@ -200,7 +209,7 @@ class DeliveryClient(LineCodec):
         if self._step is not _Step.READY or self._events:
             raise RuntimeError("send while the session is not ready")
         self._transaction, self.results = transaction, [None] * len(transaction.recipients)
-        self._next, self._accepted, self._final = 0, {}, 0
+        self._next, self._accepted, self._final, self._refused = 0, {}, 0, None
         if transaction.smtputf8 and "SMTPUTF8" not in self.extensions:
             self._done([NO_SMTPUTF8] * len(transaction.recipients))
             return
@@ -212,6 +221,13 @@ class DeliveryClient(LineCodec):
         if transaction.smtputf8:
             params.append("SMTPUTF8")
         self._send(" ".join([f"MAIL FROM:<{transaction.sender}>", *params]), _Step.MAIL)
+        # RFC 2920: with PIPELINING the RCPTs and DATA follow at once, one round trip instead
+        # of one per command; a recipient check still waits for its RCPT's reply alone.
+        self._pipelined = "PIPELINING" in self.extensions and not transaction.verify
+        if self._pipelined:
+            for address in transaction.recipients:
+                self._out += f"RCPT TO:<{address}>".encode() + CRLF
+            self._out += b"DATA" + CRLF
 
     def body(self, chunk: bytes) -> None:
         """A piece of the message (CRLF line ends), dot-stuffed on the way out."""
@@ -344,22 +360,32 @@ class DeliveryClient(LineCodec):
     def _mail_reply(self, reply: Reply) -> None:
         assert self._transaction is not None
         if not reply.positive:
-            return self._done([reply] * len(self.results))
+            if not self._pipelined:
+                return self._done([reply] * len(self.results))
+            self._refused = reply  # the RCPTs' and DATA's replies still come: read past them
         return self._rcpt()
 
     def _rcpt(self) -> None:
         assert self._transaction is not None
+        if self._pipelined:
+            self._step = _Step.RCPT
+            return
         self._send(f"RCPT TO:<{self._transaction.recipients[self._next]}>", _Step.RCPT)
 
     def _rcpt_reply(self, reply: Reply) -> None:
         assert self._transaction is not None
-        if reply.positive:
+        if self._refused is not None:
+            self.results[self._next] = self._refused
+        elif reply.positive:
             self._accepted[self._next] = reply  # its result is the reply after the body
         else:
             self.results[self._next] = reply
         self._next += 1
         if self._next < len(self.results):
             return self._rcpt()
+        if self._pipelined:
+            self._step = _Step.DATA
+            return None
         if self._transaction.verify or not self._accepted:
             for index, accepted in self._accepted.items():
                 self.results[index] = accepted
@@ -367,6 +393,9 @@ class DeliveryClient(LineCodec):
         return self._send("DATA", _Step.DATA)
 
     def _data_reply(self, reply: Reply) -> None:
+        if reply.code == 354 and not self._accepted:
+            # Pipelined DATA with no recipient taken must be refused (RFC 2033 4.2, RFC 2920).
+            return self._fail("server took DATA with no recipient", reply)
         if reply.code != 354:
             for index in self._accepted:
                 self.results[index] = reply

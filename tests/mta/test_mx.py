@@ -308,3 +308,25 @@ def test_a_drain_shares_its_lmtp_sessions(dovecot, tmp_path):
         wait_for("the spool emptied", lambda: not list(folder.glob("*.msg")))
     assert lmtp_connections(dovecot) - before <= PER_SLAVE
     assert all(delivered_ids(dovecot, "bob@one.example").count(subject) == 1 for subject in wanted)
+
+
+def test_in_line_deliveries_share_sessions_and_survive_the_slave_closing_them(dovecot, tmp_path):
+    """Messages delivered in-line one after another go over one kept session, not a connection
+    each; a kept session the slave closed meanwhile (Dovecot restarted) costs nothing: the
+    next message goes in-line on a new one, not to the queue."""
+    with Harness(dovecot, tmp_path / "queue") as mx:
+        before = lmtp_connections(dovecot)
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+            for n in range(10):
+                client.send_message(message(f"kept-{n}", "bob@one.example"), to_addrs=["bob@one.example"])
+        assert lmtp_connections(dovecot) - before <= 2  # the recipient check's and the message's
+        dovecot.stop()
+        dovecot.start()
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+            client.ehlo("client.test")
+            client.mail("sender@outside.example")
+            client.rcpt("bob@one.example")
+            code, text = client.data(message("after-restart", "bob@one.example").as_string())
+        assert (code, b"delivered" in text) == (250, True), text
+        assert mx.status()["queued"] == 0
+    assert {f"kept-{n}" for n in range(10)} | {"after-restart"} <= set(delivered_ids(dovecot, "bob@one.example"))

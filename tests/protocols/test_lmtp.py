@@ -26,7 +26,9 @@ from meshmail.protocols.mx import DataChunk, DataEnd, MailFrom, MxServer, RcptTo
 from meshmail.protocols.smtp import Reply, Xclient
 
 MESSAGE = b"From: alice@a.test\r\nSubject: hi\r\nMessage-ID: <m1@a.test>\r\n\r\n.hidden dot\r\nbye\r\n"
-LHLO = b"250-slave.test\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-PIPELINING\r\n250 SIZE 1000\r\n"
+#: A server that takes commands one at a time, and one that offers PIPELINING (RFC 2920).
+LHLO = b"250-slave.test\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 SIZE 1000\r\n"
+LHLO_PIPELINING = b"250-slave.test\r\n250-8BITMIME\r\n250-PIPELINING\r\n250 SIZE 1000\r\n"
 OK = b"250 2.0.0 OK\r\n"
 UNKNOWN = b"550 5.1.1 <nobody@a.test> User doesn't exist\r\n"
 
@@ -103,6 +105,52 @@ def test_mail_parameters_only_where_offered():
     ready(client, [b"220 mx\r\n", b"250 mx\r\n"])
     client.send(transaction(sender="jörg@x.test", smtputf8=True))
     assert client.next_event() == Done((NO_SMTPUTF8,) * 3) and client.data_to_send() == b""
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_pipelining_sends_mail_rcpts_and_data_at_once(chunk):
+    client = DeliveryClient(ehlo_name="mx.test")
+    ready(client, [b"220 slave.test LMTP\r\n", LHLO_PIPELINING])
+    client.send(transaction(size=len(MESSAGE)))
+    assert client.data_to_send() == (
+        b"MAIL FROM:<s@x.test> SIZE=78\r\nRCPT TO:<a@a.test>\r\nRCPT TO:<nobody@a.test>\r\n"
+        b"RCPT TO:<b@a.test>\r\nDATA\r\n"
+    )
+    a_ok, b_ok = b"250 2.0.0 <a@a.test> Saved\r\n", b"250 2.0.0 <b@a.test> Saved\r\n"
+    sent, events = converse(client, [OK, OK, UNKNOWN, OK, b"354 go\r\n", a_ok, b_ok], chunk)
+    assert sent == [b"", b"", b"", b"", MESSAGE.replace(b"\n.hidden", b"\n..hidden") + b".\r\n", b"", b""]
+    saved = [Reply(250, "2.0.0", f"<{who}@a.test> Saved") for who in "ab"]
+    assert events == [SendBody(), Done((saved[0], R_UNKNOWN, saved[1]))]
+    client.send(transaction(recipients=("a@a.test",)))  # the session takes the next one
+    assert client.data_to_send().count(b"\r\n") == 3
+
+
+def test_pipelined_refusals_read_every_reply_then_reset():
+    client = DeliveryClient()
+    ready(client, [b"220 x\r\n", LHLO_PIPELINING])
+    client.send(transaction(recipients=("a@a.test", "b@a.test")))
+    assert client.data_to_send().endswith(b"DATA\r\n")
+    later, no_mail = Reply(451, "4.3.0", "Try later"), b"503 5.5.1 MAIL needed first\r\n"
+    sent, events = converse(client, [b"451 4.3.0 Try later\r\n", no_mail, no_mail, no_mail, OK])
+    assert sent == [b"", b"", b"", b"RSET\r\n", b""] and events == [Done((later, later))]
+    client.send(transaction(recipients=("nobody@a.test",)))  # no recipient taken: DATA refused
+    assert client.data_to_send().endswith(b"DATA\r\n")
+    sent, events = converse(client, [OK, UNKNOWN, b"554 5.5.1 No valid recipients\r\n", OK])
+    assert sent[-2:] == [b"RSET\r\n", b""] and events == [Done((R_UNKNOWN,))]
+    client.send(transaction(recipients=("nobody@a.test",)))  # a server taking DATA anyway is broken
+    assert client.data_to_send().endswith(b"DATA\r\n")
+    sent, events = converse(client, [OK, UNKNOWN, b"354 go\r\n"])
+    assert events == [Failed("server took DATA with no recipient", Reply(354, "", "go"))]
+    assert sent[-1].endswith(b"QUIT\r\n") and client.results == [R_UNKNOWN]
+
+
+def test_a_recipient_check_is_not_pipelined():
+    client = DeliveryClient()
+    ready(client, [b"220 x\r\n", LHLO_PIPELINING])
+    client.send(transaction(recipients=("nobody@a.test",), verify=True))
+    assert client.data_to_send() == b"MAIL FROM:<s@x.test>\r\n"
+    sent, events = converse(client, [OK, UNKNOWN, OK])
+    assert sent == [b"RCPT TO:<nobody@a.test>\r\n", b"RSET\r\n", b""] and events == [Done((R_UNKNOWN,))]
 
 
 def test_smtp_delivery_applies_one_reply_to_every_accepted_recipient():

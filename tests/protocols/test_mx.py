@@ -337,6 +337,41 @@ def test_the_reader_never_holds_more_than_two_bytes_of_a_huge_body():
     assert total == reader.size == 100 * (60002 + 2)  # one stuffed dot per line dropped
 
 
+class LineByLine(BodyReader):
+    """The reader without its whole-lines shortcut: every byte through the careful loop."""
+
+    def _whole_lines(self, out: bytearray) -> int:
+        return 0
+
+
+def read_body(reader: BodyReader, pieces: list[bytes]) -> tuple:
+    body = b""
+    for piece in pieces:
+        reader.feed(piece)
+        body += reader.read()
+    return body, reader.refusal, reader.size, reader.done, reader.rest()
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b"a", b"bc", b".", b"\r\n", b"\r", b"\n", b"\r\n.", b"\r\n.\r\n", b"x" * 9]), max_size=60
+    ),
+    st.lists(st.integers(1, 40), min_size=1, max_size=8),
+    st.sampled_from([12, 1000]),
+)
+def test_the_whole_lines_shortcut_reads_as_the_careful_loop(parts, cuts, max_line):
+    data = b"".join(parts) + b"\r\n.\r\nQUIT\r\n"
+    pieces, start = [], 0
+    for i in range(len(data)):
+        if start < len(data):
+            size = cuts[i % len(cuts)]
+            pieces.append(data[start : start + size])
+            start += size
+    fast = read_body(BodyReader(max_size=60, max_line=max_line), pieces)
+    assert fast == read_body(LineByLine(max_size=60, max_line=max_line), pieces)
+
+
 def test_body_lines_past_the_cap_refuse_the_message():
     events, out = drive(server(max_size=10**6), TRANSACTION + b"y" * (mx.MAX_BODY_LINE + 1) + b"\r\n.\r\n")
     assert events[-1] == DataEnd(mx.BODY_LINE_TOO_LONG)
