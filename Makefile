@@ -8,10 +8,15 @@ RUFF_ARGS := --line-length 120 --target-version py311 --select E,F,W,I,B,UP
 RUFF_LIMITS := --select C90,PLR0915 --config 'lint.mccabe.max-complexity=12' --config 'lint.pylint.max-statements=50'
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo bench-gossip bench-state bench-security bench-slave bench-proxy bench-mx bench-smoke clean
+.PHONY: test test-long lint demo bench-gossip bench-state bench-security bench-slave bench-proxy bench-mx bench-smoke clean
 
 test: $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The full-size simulations, left out of `make test` to keep CI short: the 100-node,
+# 10,000-assignment convergence run of tests/test_replication.py (minutes on two cores).
+test-long: $(VENV)/.installed-test
+	MESHMAIL_LONG=1 $(BIN)/python -m pytest -q tests/test_replication.py $(PYTEST_ARGS)
 
 # A local cluster of two masters and two slaves (init, tokens, join), each slave with a real
 # Dovecot when it is installed; Ctrl-C stops it. DEMO_DIR=folder keeps its files there (new

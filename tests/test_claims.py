@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import urllib.error
 
 from helpers.cli import assert_one_line_failure, cli, meshmail, ok
 from helpers.cluster import Cluster
@@ -77,16 +78,28 @@ def routes_to(fleet: Cluster, master: str, domain: str) -> str | None:
     return json.loads(result.stdout)["slave"] if result.returncode == 0 else None
 
 
+def routed(fleet: Cluster, master: str, domain: str) -> str | None:
+    """What `routes_to` says, asked over the master's API: quick enough to poll."""
+    try:
+        return fleet.get(master, f"/domains/{domain}", files.read_api_token(fleet.data_dir(master)))["slave"]
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
 def wait_routing(fleet: Cluster, domain: str, slave: str, conflicts: list[dict]) -> None:
-    """Until every master routes `domain` to `slave` and lists exactly `conflicts`."""
+    """Until every master routes `domain` to `slave` and lists exactly `conflicts`; then
+    `meshmail domains show` says so on every master."""
     fleet.wait(
         f"{domain} -> {slave} with conflicts {conflicts} on every master",
         MASTERS,
         lambda statuses: all(
-            status["state"]["conflicts"] == conflicts and routes_to(fleet, master, domain) == slave
+            status["state"]["conflicts"] == conflicts and routed(fleet, master, domain) == slave
             for master, status in statuses.items()
         ),
     )
+    assert [routes_to(fleet, master, domain) for master in MASTERS] == [slave] * len(MASTERS)
 
 
 def conflict(routes: str, *others: str) -> list[dict]:

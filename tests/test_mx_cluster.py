@@ -450,8 +450,8 @@ def test_kill_9_in_the_middle_of_many_sessions_loses_no_message_that_got_250(hea
         master = MASTERS[round_ % 2]
         mesh.slave_down()
         acknowledged, kill_after = sessions_until_killed(mesh, master, f"crash-{round_}", rng)
+        mesh.d1.start()  # while the master is down: its restart then finds the slave up
         mesh.restart(master)
-        mesh.d1.start()
         mesh.wait_delivered(mesh.d1, ANN, acknowledged)
         mesh.wait_empty(master)  # also what was on disk without its 250 reaching the client
         this_round = {i: n for i, n in delivered(mesh.d1, ANN).items() if i.startswith(f"crash-{round_}-")}

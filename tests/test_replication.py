@@ -7,6 +7,7 @@ simulated time.
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
@@ -17,7 +18,7 @@ from meshmail.gossip.keyring import Keyring
 from meshmail.gossip.memberlist import Memberlist
 from meshmail.gossip.memory import Link, MemoryNetwork
 from meshmail.gossip.messages import State
-from meshmail.gossip.timing import push_pull_interval
+from meshmail.gossip.timing import PUSH_PULL_SCALE_THRESHOLD, push_pull_interval
 from meshmail.replication import Replication
 from meshmail.state.hlc import Timestamp
 from meshmail.state.lww import Entry, encode_entries
@@ -125,17 +126,26 @@ async def test_bad_deltas_are_counted_not_raised(autojump_clock, tmp_path):
         nursery.cancel_scope.cancel()
 
 
+#: Nodes and assignments of the convergence run. The issue's 100 nodes and 10,000 assignments
+#: take minutes of CPU; `make test-long` (MESHMAIL_LONG=1) runs them. The default run keeps 100
+#: assignments per node and stays above PUSH_PULL_SCALE_THRESHOLD (32), so the push-pull
+#: interval is scaled for the cluster size as in the big run.
+CONVERGE_NODES, CONVERGE_WRITES = (100, 10_000) if os.environ.get("MESHMAIL_LONG") else (40, 4_000)
+
+
 @pytest.mark.slow
-async def test_100_nodes_10000_assignments_from_random_nodes_converge(autojump_clock, tmp_path):
-    """100 nodes; 10,000 assignments made on random nodes over 10 s; every map identical.
+async def test_many_nodes_many_assignments_from_random_nodes_converge(autojump_clock, tmp_path):
+    """N nodes (100 with MESHMAIL_LONG=1, 40 otherwise); 100 x N assignments made on random
+    nodes over 10 s; every map identical.
 
     Deltas are bandwidth-bound (each node relays each one retransmit_limit times, about a
     dozen per packet), so anti-entropy finishes the job: every node pushes-pulls with a
-    random member every push_pull_interval(5 s, 100) = 15 s, and a full exchange spreads like
-    an epidemic, reaching everyone within ceil(log2 N) = 7 rounds. Bound: 7 x 15 s = 105 s
-    after the last write.
+    random member every push_pull_interval(5 s, N) (15 s for 100, 10 s for 40), and a full
+    exchange spreads like an epidemic, reaching everyone within ceil(log2 N) rounds (7 for
+    100, 6 for 40). Bound: those rounds times that interval after the last write.
     """
-    n, writes = 100, 10_000
+    n, writes = CONVERGE_NODES, CONVERGE_WRITES
+    assert n > PUSH_PULL_SCALE_THRESHOLD
     config = profile("lan", push_pull_interval=5.0)
     bound = math.ceil(math.log2(n)) * push_pull_interval(config.push_pull_interval, n)
     network = MemoryNetwork(random.Random(3), Link(latency=0.002, jitter=0.003))
@@ -146,17 +156,21 @@ async def test_100_nodes_10000_assignments_from_random_nodes_converge(autojump_c
         for name in list(cluster.nodes)[1:]:
             await cluster.nodes[name][0].join([cluster.address("n0")])
         rng = random.Random(4)
+        per_tick = writes // 100  # 100 ticks of 0.1 s
         for k in range(writes):
             rng.choice(nodes).assign_domain(f"d{k}.example", f"s{k % 7}")
-            if k % 100 == 99:
+            if k % per_tick == per_tick - 1:
                 await trio.sleep(0.1)
         last_write = trio.current_time()
         with trio.fail_after(bound):
             while len({r.state.digest_summary() for r in nodes}) > 1 or any(r.state.live != writes for r in nodes):
                 await trio.sleep(1.0)
-        print(f"\n10,000 assignments on 100 nodes: identical {trio.current_time() - last_write:.1f} s "
-              f"after the last write (bound {bound:.0f} s)")
-        assert all(r.state.domain("d9999.example") == DomainRoute("s3", "admin") for r in nodes)
+        print(
+            f"\n{writes:,} assignments on {n} nodes: identical {trio.current_time() - last_write:.1f} s "
+            f"after the last write (bound {bound:.0f} s)"
+        )
+        last = writes - 1
+        assert all(r.state.domain(f"d{last}.example") == DomainRoute(f"s{last % 7}", "admin") for r in nodes)
         nursery.cancel_scope.cancel()
 
 

@@ -2,11 +2,15 @@
 of two real Dovecot instances (tests/helpers/mailkit.py): the slaves publish their domains from
 their sources and their Dovecot's services with health; every master routes each domain
 to the right slave; editing a source moves a domain; stopping a Dovecot marks its
-services down in every master's /status, starting it marks them up."""
+services down in every master's /status, starting it marks them up.
+
+One first master m1 serves the whole module; each test joins slaves of its own names to it.
+"""
 
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,13 +23,13 @@ from meshmail.security import files
 
 MASTERS = ["m1", "m2"]
 #: Slave timings for the test: files polled every 0.2 s, read once settled for 0.5 s,
-#: services probed every 0.5 s.
+#: services probed every 0.3 s.
 SLAVE_SETTINGS = """
 [slave]
 poll_interval = 0.2
 settle = 0.5
-probe_interval = 0.5
-probe_timeout = 0.4
+probe_interval = 0.3
+probe_timeout = 0.25
 """
 
 
@@ -37,6 +41,23 @@ imap = {{ address = "{found["imap"]}", transport = "starttls", client_address = 
 pop3 = {{ address = "{found["pop3"]}", transport = "starttls" }}
 lmtp = "{found["lmtp"]}"
 """
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory) -> Iterator[Cluster]:
+    """A cluster whose first master m1 is made by init, started and alive; every process it
+    started is killed at the end."""
+    root = tmp_path_factory.mktemp("slavecluster") / "nodes"
+    root.mkdir()
+    fleet = Cluster(root)
+    try:
+        fleet.init("m1")
+        fleet.start("m1")
+        fleet.wait_alive(["m1"])
+        yield fleet
+    finally:
+        fleet.close()
+        print(fleet.logs())
 
 
 @pytest.fixture
@@ -56,10 +77,18 @@ def route(master: str, fleet: Cluster, address: str, protocol: str = "imap") -> 
 
 
 def wait_routes(fleet: Cluster, what: str, check: Callable[[dict], bool], address: str, protocol: str = "imap") -> None:
-    """Until every master's route for `address` passes `check`."""
+    """Until every master's route for `address` passes `check`: polled over the masters' API
+    (quicker than the CLI), then `meshmail route` must agree on every master."""
+    query = urllib.parse.urlencode({"address": address, "protocol": protocol})
     fleet.wait(
-        what, MASTERS, lambda _: all(check(route(master, fleet, address, protocol)) for master in MASTERS)
+        what,
+        MASTERS,
+        lambda _: all(
+            check(fleet.get(master, f"/route?{query}", files.read_api_token(fleet.data_dir(master))))
+            for master in MASTERS
+        ),
     )
+    assert all(check(route(master, fleet, address, protocol)) for master in MASTERS), what
 
 
 def endpoint_states(status: dict, slave: str) -> dict[str, bool]:
@@ -69,9 +98,6 @@ def endpoint_states(status: dict, slave: str) -> dict[str, bool]:
 
 def test_slaves_publish_domains_and_health_to_every_master(fleet, backends, tmp_path):
     d1, d2 = backends
-    fleet.init("m1")
-    fleet.start("m1")
-    fleet.wait_alive(["m1"])
     assert fleet.join("m2", fleet.token("m1", "master"), "master").returncode == 0
     slave_token = fleet.token("m1", "slave", "--uses", "2")
     assert fleet.join("s1", slave_token, "slave").returncode == 0
@@ -87,8 +113,7 @@ def test_slaves_publish_domains_and_health_to_every_master(fleet, backends, tmp_
     for slave, dovecot in (("s1", d1), ("s2", d2)):
         config = fleet.data_dir(slave) / files.CONFIG
         config.write_text(config.read_text() + endpoints(dovecot) + SLAVE_SETTINGS + sources[slave])
-    for name in ("m2", "s1", "s2"):
-        fleet.start(name)
+    fleet.start("m2", "s1", "s2")
     fleet.wait_alive(["m1", "m2", "s1", "s2"])
 
     # Every master routes each domain to its slave, with the endpoint and how to use it.
@@ -133,25 +158,19 @@ def test_slaves_publish_domains_and_health_to_every_master(fleet, backends, tmp_
 
 
 def test_a_slave_with_a_missing_source_does_not_start(fleet, tmp_path):
-    fleet.init("m1")
-    fleet.start("m1")
-    fleet.wait_alive(["m1"])
-    assert fleet.join("s1", fleet.token("m1", "slave"), "slave").returncode == 0
-    config = fleet.data_dir("s1") / files.CONFIG
+    assert fleet.join("s3", fleet.token("m1", "slave"), "slave").returncode == 0
+    config = fleet.data_dir("s3") / files.CONFIG
     absent = tmp_path / "absent"
     config.write_text(config.read_text() + f'[[slave.sources]]\ntype = "directadmin"\npath = "{absent}"\n')
     for check in ((), ("--check",)):  # run --check checks what run checks
-        result = cli("run", "--data-dir", str(fleet.data_dir("s1")), *check, timeout=60)
+        result = cli("run", "--data-dir", str(fleet.data_dir("s3")), *check, timeout=60)
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [f"meshmail: slave source directadmin: {absent} does not exist"]
 
 
 def test_a_generated_slave_config_documents_endpoints_and_sources(fleet):
-    fleet.init("m1")
-    fleet.start("m1")
-    fleet.wait_alive(["m1"])
-    assert fleet.join("s1", fleet.token("m1", "slave"), "slave").returncode == 0
-    text = (fleet.data_dir("s1") / files.CONFIG).read_text()
+    assert fleet.join("s4", fleet.token("m1", "slave"), "slave").returncode == 0
+    text = (fleet.data_dir("s4") / files.CONFIG).read_text()
     assert "# [endpoints]" in text and '# type = "cpanel"' in text and "ca_key" not in text
     assert "# [endpoints]" not in (fleet.data_dir("m1") / files.CONFIG).read_text()
-    assert Path(fleet.data_dir("s1") / files.CONFIG).stat().st_mode & 0o777 == 0o640
+    assert Path(fleet.data_dir("s4") / files.CONFIG).stat().st_mode & 0o777 == 0o640

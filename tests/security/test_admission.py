@@ -364,13 +364,13 @@ def test_read_request_fuzz_any_json(body):
     expect_bad_request(body)
 
 
-@settings(max_examples=300)
+@settings(max_examples=150)
 @given(st.dictionaries(st.sampled_from(FIELDS + ["x"]), json_values, max_size=8))
 def test_read_request_fuzz_known_keys(body):
     expect_bad_request(body)
 
 
-@settings(max_examples=300)
+@settings(max_examples=150)
 @given(st.dictionaries(st.sampled_from(FIELDS), json_values, min_size=1, max_size=3))
 def test_read_request_fuzz_one_good_body_changed(csr_pem, changes):
     """A good body with some fields replaced: only a JoinRefused(400) or a request that holds

@@ -292,7 +292,7 @@ msgpack_values = st.recursive(
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=150)
 @given(st.lists(msgpack_values, min_size=0, max_size=6))
 def test_join_token_fuzz_msgpack_fields(fields):
     try:
