@@ -59,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # The format names no source line, thread or process: skip looking them up for every record
+    # (the logging HOWTO's "Optimization"; a proxied login logs two lines).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     raise_fd_limit()
     import trio
 

@@ -41,12 +41,9 @@ from ..core.stall import StallWatch
 
 log = logging.getLogger("meshmail.proxy")
 
-_clock: Callable[[], float] = time.monotonic
-
-
-def now() -> float:
-    """The loop's clock in seconds: time.monotonic(), or a test's MockClock while its loop runs."""
-    return _clock()
+#: The loop's clock in seconds: time.monotonic, or a test's MockClock while its loop runs
+#: (callers look it up as loop.now at each call, so the swap reaches them).
+now: Callable[[], float] = time.monotonic
 
 
 _READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
@@ -466,14 +463,14 @@ class Loop:
 
     def run(self) -> None:
         """Run until stop(); the thread that calls it is the loop's thread."""
-        global _clock
+        global now
         if self.clock is not None:
-            _clock = self.clock
+            now = self.clock
         try:
             while not self._stopping:
                 self._round()
         finally:
-            _clock = time.monotonic
+            now = time.monotonic
             self._close_tasks()
             if self._threads is not None:
                 self._threads.shutdown(wait=False, cancel_futures=True)

@@ -1,7 +1,7 @@
 """Splicing a logged-in client to its backend: bytes both ways until both sides have closed,
 either breaks, or nothing moved for the idle timeout; half-close passed on where the stream
 allows it. Between two plain sockets on Linux the bytes stay in the kernel (os.splice through
-a pipe per direction, held while bytes flow); otherwise large reads and send_all. Either way a
+a pipe per direction, borrowed from a small pool while bytes flow); otherwise large reads and send_all. Either way a
 slow reader slows its writer down: a direction holds at most one pipe's or one read's worth.
 Counts the bytes each way.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
 
 import attrs
 
@@ -21,8 +22,8 @@ from .streams import READ_SIZE, SocketStream, Stream
 #: fail (above /proc/sys/fs/pipe-max-size, or past the user's pipe-user-pages-soft with many
 #: sessions open); the pipe then keeps the size it has, which only costs throughput.
 PIPE_SIZE = 1 << 18
-#: Seconds a direction keeps its pipe after a burst, for the next line of an exchange.
-PIPE_HOLD = 1.0
+#: Empty pipes kept for the next bursts: enough for the sessions moving bytes at one moment.
+KEPT_PIPES = 64
 #: Move pages rather than copy them where the kernel can; never block (the proxy loop polls the fds).
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
@@ -40,7 +41,7 @@ class Splice:
     up: int = 0
     down: int = 0
     idled_out: bool = False
-    _last: float = attrs.field(factory=loop.now)
+    _last: float = attrs.field(factory=lambda: loop.now())
 
     async def run(self, client: Stream, backend: Stream, idle: float) -> None:
         """Move bytes both ways until both sides have closed, either breaks, or nothing moved
@@ -94,33 +95,32 @@ class Splice:
             self._moved(index, len(data))
 
     async def _splice(self, source: SocketStream, sink: SocketStream, index: int) -> None:
-        """Move bytes from `source` to `sink` in the kernel until `source` ends. A pipe is held
-        while bytes flow and PIPE_HOLD seconds after (an exchange of lines reuses it), so an
-        idle session holds no pipe fds and none of the user's pipe pages. Raises _NoSplice
-        when the kernel path is out while no bytes are held (the caller copies on from there),
-        OSError when a socket breaks."""
+        """Move bytes from `source` to `sink` in the kernel until `source` ends. A burst borrows
+        an empty pipe from pipes() and gives it back empty, so an idle session holds no pipe fds
+        and none of the user's pipe pages, and an exchange of lines costs no pipe setup. Raises
+        _NoSplice when the kernel path is out while no bytes are held (the caller copies on
+        from there), OSError when a socket breaks."""
         if not hasattr(os, "splice"):
             raise _NoSplice
         src, dst = source.fd, sink.fd
         while True:
             await loop.wait_readable(src)
-            read_end, write_end, size = _open_pipe()
+            kept = pipes()
+            pipe = kept.take()
+            emptied = False
             try:
-                while not await self._burst(src, dst, read_end, write_end, size, index):
-                    with loop.move_on_after(PIPE_HOLD) as held:
-                        await loop.wait_readable(src)
-                    if held.cancelled_caught:
-                        break
-                else:
-                    return
+                ended = await self._burst(src, dst, pipe, index)
+                emptied = True
             finally:
-                os.close(read_end)
-                os.close(write_end)
+                kept.give(pipe, emptied)
+            if ended:
+                return
 
-    async def _burst(self, src: int, dst: int, read_end: int, write_end: int, size: int, index: int) -> bool:
+    async def _burst(self, src: int, dst: int, pipe: tuple[int, int, int], index: int) -> bool:
         """Fill the pipe from `src` and empty it into `dst` until `src` has nothing more for now
         (False) or has ended (True); the pipe is empty either way, so a half-close passed on next
         loses nothing. Raises _NoSplice on EINVAL from a fill, which finds the pipe empty."""
+        read_end, write_end, size = pipe
         while True:
             try:
                 held = os.splice(src, write_end, size, flags=_FLAGS)
@@ -147,15 +147,48 @@ class Splice:
                 await loop.checkpoint()
 
 
-def _open_pipe() -> tuple[int, int, int]:
-    """A non-blocking pipe raised to PIPE_SIZE where the kernel allows: its read end, write end
-    and capacity. Raises _NoSplice when no fd is left (copying needs none)."""
-    try:
-        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise _NoSplice from exc
-    try:
-        size = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
-    return read_end, write_end, size
+class _Pipes:
+    """Empty pipes kept for the next burst (at most KEPT_PIPES): taking one costs nothing when
+    one is kept, a new one otherwise (non-blocking, raised to PIPE_SIZE where the kernel allows)."""
+
+    def __init__(self) -> None:
+        self._kept: list[tuple[int, int, int]] = []
+
+    def take(self) -> tuple[int, int, int]:
+        """An empty pipe: its read end, write end and capacity. Raises _NoSplice when no fd is
+        left (copying needs none)."""
+        if self._kept:
+            return self._kept.pop()
+        try:
+            read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _NoSplice from exc
+        try:
+            size = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        return read_end, write_end, size
+
+    def give(self, pipe: tuple[int, int, int], empty: bool) -> None:
+        """Take `pipe` back: kept when `empty` and there is room, else closed."""
+        if empty and len(self._kept) < KEPT_PIPES:
+            self._kept.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        """Close the kept pipes."""
+        while self._kept:
+            self.give(self._kept.pop(), False)
+
+
+_threads = threading.local()
+
+
+def pipes() -> _Pipes:
+    """The kept pipes of this thread's loop (a pipe is only ever used by one thread)."""
+    kept = getattr(_threads, "pipes", None)
+    if kept is None:
+        kept = _threads.pipes = _Pipes()
+    return kept
