@@ -43,8 +43,8 @@ SENDERS = 4
 #: How long one reply may take before the session counts as hung (a loaded 2-core machine).
 REPLY_TIMEOUT = 20.0
 #: How much the master's peak RSS (VmHWM) may exceed its RSS before the storm. 2,000 idle
-#: sessions cost about 2000 x (trio task, socket stream, codec, about 8 KiB) = 16 MiB (measured:
-#: 15.6 MiB over the baseline, the same after all three protocols), and each sender's session
+#: sessions cost about 2000 x (loop task, socket stream, codec, about 8 KiB) = 16 MiB (measured
+#: with trio tasks: 15.6 MiB over the baseline, the same after all three protocols), and each sender's session
 #: holds at most a line and a literal cap (16 KiB). 64 MiB is four times that, while an input
 #: kept past a cap (10,000 lines of up to 32 KiB is 300 MiB; a literal announced at 4 GiB is
 #: more) would blow through it.

@@ -8,12 +8,10 @@ import hashlib
 import logging
 import os
 import socket
-import ssl
 import threading
 import time
 
 import pytest
-from helpers import mailkit
 
 from meshmail.proxy import loop
 from meshmail.proxy.streams import SocketStream, TlsStream
@@ -230,14 +228,6 @@ def test_a_step_that_holds_the_loop_shows_as_a_stall():
     proxy_loop.spawn(hog())
     proxy_loop.run()
     assert proxy_loop.stall.longest(loop.now()) >= 0.2
-
-
-@pytest.fixture(scope="module")
-def contexts(tmp_path_factory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    cert, key = mailkit.write_certificate(tmp_path_factory.mktemp("cert"))
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert, key)
-    return server, ssl.create_default_context(cafile=str(cert))
 
 
 def test_tls_carries_megabytes_both_ways_with_one_task_receiving_while_another_sends(contexts):

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 
 import attrs
 import pytest
-from helpers import mailkit
 
 from meshmail.proxy import loop
 from meshmail.proxy.splice import PIPE_SIZE, Splice, pipes
@@ -63,15 +62,6 @@ async def splicing(splice: Splice, ends: Ends, idle: float = LONG_IDLE) -> Async
     await task.join()
     if task.error is not None:
         raise task.error
-
-
-@pytest.fixture(scope="module")
-def contexts(tmp_path_factory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """The proxy's server context and a client context that trusts it."""
-    cert, key = mailkit.write_certificate(tmp_path_factory.mktemp("cert"))
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert, key)
-    return server, ssl.create_default_context(cafile=str(cert))
 
 
 @attrs.define
