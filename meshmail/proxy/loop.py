@@ -295,6 +295,7 @@ class Loop:
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._wakeup_lock = threading.Lock()
         self._stopping = self._closed = False
+        self._failure: BaseException | None = None
         self._live: set[Task] = set()
 
     # --- for other threads -----------------------------------------------------------------
@@ -311,9 +312,14 @@ class Loop:
                 pass  # the pipe is full: the loop wakes anyway
 
     def stop(self) -> None:
-        """End run() (from the loop or any thread); tasks still open are dropped."""
+        """End run() (from the loop or any thread); tasks still open are closed."""
         self._stopping = True
         self.call_soon_threadsafe(lambda: None)
+
+    def fail(self, error: BaseException) -> None:
+        """End run() with `error` raised from it (from the loop's thread)."""
+        self._failure = error
+        self.stop()
 
     # --- tasks --------------------------------------------------------------------------------
 
@@ -479,6 +485,8 @@ class Loop:
                 self._closed = True
                 os.close(self._wakeup_read)
                 os.close(self._wakeup_write)
+        if self._failure is not None:
+            raise self._failure
 
     def _close_tasks(self) -> None:
         """End the tasks still open when the loop stops: their finally blocks run now (a

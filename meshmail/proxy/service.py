@@ -103,42 +103,99 @@ async def serve(ctx: Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS
     for name, address in section.listeners.items():
         listening = await ctx.listen(name, address)
         listeners[name] = socket.socket(fileno=listening.detach())
-    proxy_loop = loop.Loop()
-    acceptors = [proxy_loop.spawn(serve_listener(sock, name, proxy)) for name, sock in listeners.items()]
-    thread = threading.Thread(target=proxy_loop.run, name="proxy", daemon=True)
-    thread.start()
     drained = trio.Event()
     ctx.drains.append(drained)
-    ctx.reports["proxy"] = ProxyReport(proxy, ctx.metrics, proxy_loop.stall, ctx.stall)
+    running = ProxyThread(proxy, listeners, trio.lowlevel.current_trio_token())
+    ctx.reports["proxy"] = ProxyReport(proxy, ctx.metrics, running.loop.stall, ctx.stall)
     try:
         async with trio.open_nursery() as nursery:
             if certificate is not None:
                 nursery.start_soon(certificate.watch)
+            nursery.start_soon(running.watch)
             task_status.started({name: Address(*sock.getsockname()[:2]) for name, sock in listeners.items()})
             await ctx.stopping.wait()
             nursery.cancel_scope.cancel()
-        token, done = trio.lowlevel.current_trio_token(), trio.Event()
+        await running.drain(section.drain_timeout)
+    finally:
+        running.stop()
+        drained.set()
+        ctx.reports.pop("proxy", None)
+
+
+class ProxyThread:
+    """The proxy loop in a thread of its own, accepting on `listeners` for `proxy`; `token`
+    is the node's trio loop, which hears when the proxy loop ends."""
+
+    def __init__(self, proxy: Proxy, listeners: dict[str, socket.socket], token: trio.lowlevel.TrioToken) -> None:
+        self.proxy = proxy
+        self.listeners = listeners
+        self.loop = loop.Loop()
+        self.ended = trio.Event()
+        self._token = token
+        self._error: BaseException | None = None
+        self._acceptors = [self.loop.spawn(self._accept(sock, name)) for name, sock in listeners.items()]
+        self._thread = threading.Thread(target=self._run, name="proxy", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.loop.run()
+        except BaseException as exc:  # noqa: BLE001 (told to the node's loop, which raises it)
+            self._error = exc
+        finally:
+            try:
+                self._token.run_sync_soon(self.ended.set)
+            except trio.RunFinishedError:
+                pass
+
+    async def _accept(self, sock: socket.socket, name: str) -> None:
+        try:
+            await serve_listener(sock, name, self.proxy)
+        except Exception as exc:  # a listener that cannot accept: the whole proxy restarts
+            self.loop.fail(exc)
+
+    async def watch(self) -> None:
+        """Return never while the proxy loop runs; raise once it ended on its own (a failed
+        listener or a fault of the loop), so that the node restarts the proxy service."""
+        await self.ended.wait()
+        raise RuntimeError(f"the proxy loop ended: {self._error!r}")
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting (the listening sockets close, so clients go to another master), let
+        open sessions go on for `timeout` seconds, then end the rest; returns when all ended."""
+        done = trio.Event()
+        token = self._token
 
         async def drain() -> None:
-            for task in acceptors:
+            for task in self._acceptors:
                 task.cancel()
-            for sock in listeners.values():
+            for sock in self.listeners.values():
                 loop.forget(sock.fileno())
                 sock.close()
-            if proxy.sessions:
-                log.info("draining %d proxy sessions (up to %g s)", len(proxy.sessions), section.drain_timeout)
+            if self.proxy.sessions:
+                log.info("draining %d proxy sessions (up to %g s)", len(self.proxy.sessions), timeout)
             try:
-                await proxy.drain(section.drain_timeout)
+                await self.proxy.drain(timeout)
             finally:
                 token.run_sync_soon(done.set)
 
-        proxy_loop.call_soon_threadsafe(lambda: proxy_loop.spawn(drain()))
-        await done.wait()
-    finally:
-        proxy_loop.stop()
-        thread.join(THREAD_JOIN)
-        drained.set()
-        ctx.reports.pop("proxy", None)
+        self.loop.call_soon_threadsafe(lambda: self.loop.spawn(drain()))
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._until_ended, scope)
+                await done.wait()
+                nursery.cancel_scope.cancel()
+
+    async def _until_ended(self, scope: trio.CancelScope) -> None:
+        await self.ended.wait()
+        scope.cancel()  # a loop that is gone drains nothing more
+
+    def stop(self) -> None:
+        """End the loop and its thread (briefly blocking: the loop ends at its next round)."""
+        self.loop.stop()
+        self._thread.join(THREAD_JOIN)
+        for sock in self.listeners.values():
+            sock.close()
 
 
 async def serve_listener(sock: socket.socket, name: str, proxy: Proxy) -> None:

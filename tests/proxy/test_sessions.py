@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import trio
 from helpers import mailkit
 from helpers.config import minimal_config
 
@@ -23,7 +24,7 @@ from meshmail.metrics import Metrics
 from meshmail.nodemeta import Endpoint, NodeMeta
 from meshmail.proxy.backend import LOOP, Connector, backend_contexts
 from meshmail.proxy.certs import ServerCertificate
-from meshmail.proxy.service import ProxyReport
+from meshmail.proxy.service import ProxyReport, ProxyThread
 from meshmail.proxy.session import Proxy
 from meshmail.routing import Router
 
@@ -79,6 +80,7 @@ def proxy_ports(dovecot, certificate) -> Iterator[dict[str, int]]:
     proxy = Proxy(section, router, connector, certificate, metrics, hostname="m1")
     with serving(proxy) as ports:
         ports["_report"] = ProxyReport(proxy, metrics)  # type: ignore[assignment]
+        ports["_proxy"] = proxy  # type: ignore[assignment]
         yield ports
 
 
@@ -212,3 +214,19 @@ def test_status_block(proxy_ports):
     block = proxy_ports["_report"].summary()
     assert block["logins"]["ok"] >= 1 and block["logins"]["refused"] >= 1
     assert set(block["sessions"]) <= {"imap", "pop3", "submission"}
+
+
+async def test_a_listener_that_cannot_accept_ends_the_proxy_loop_and_the_service_sees_it(proxy_ports):
+    """A fault of the proxy loop (here a listener whose accept() fails for good) must not leave
+    a master that no longer serves: the node's side of the thread raises, and the supervisor
+    restarts the proxy service."""
+    proxy = proxy_ports["_proxy"]
+    broken = socket.socket()
+    broken.bind(("127.0.0.1", 0))  # never listening: accept() fails with EINVAL
+    running = ProxyThread(proxy, {"imap": broken}, trio.lowlevel.current_trio_token())
+    try:
+        with pytest.raises(RuntimeError, match="the proxy loop ended: OSError"), trio.fail_after(10):
+            await running.watch()
+    finally:
+        running.stop()
+    assert broken.fileno() == -1  # closed with the loop
