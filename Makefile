@@ -13,10 +13,12 @@ PYTEST_ARGS ?=
 test: $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The full-size simulations, left out of `make test` to keep CI short: the 100-node,
-# 10,000-assignment convergence run of tests/test_replication.py (minutes on two cores).
+# The full-size runs, left out of `make test` to keep CI short: the 100-node, 10,000-assignment
+# convergence of tests/test_replication.py and the 20 rounds of kill -9 among 200 SMTP sessions
+# of tests/test_mx_cluster.py (minutes each on two cores).
 test-long: $(VENV)/.installed-test
-	MESHMAIL_LONG=1 $(BIN)/python -m pytest -q tests/test_replication.py $(PYTEST_ARGS)
+	MESHMAIL_LONG=1 $(BIN)/python -m pytest -q tests/test_replication.py \
+		tests/test_mx_cluster.py::test_kill_9_in_the_middle_of_many_sessions_loses_no_message_that_got_250 $(PYTEST_ARGS)
 
 # A local cluster of two masters and two slaves (init, tokens, join), each slave with a real
 # Dovecot when it is installed; Ctrl-C stops it. DEMO_DIR=folder keeps its files there (new

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import json
+import os
 import random
 import re
 import smtplib
@@ -401,9 +402,10 @@ def test_a_master_killed_holding_queued_mail_delivers_it_after_its_restart(healt
     mesh.wait_empty("m1")
 
 
-#: Crash injection: rounds, sessions at once, messages per session. (The issue asks for 20
-#: rounds of 200 sessions; this keeps the file within a few minutes on a small machine.)
-CRASH_ROUNDS, CRASH_SESSIONS, CRASH_MESSAGES = 6, 50, 6
+#: Crash injection: rounds, sessions at once, messages per session: the full 20 rounds of 200
+#: sessions with MESHMAIL_LONG=1 (`make test-long`, many minutes on two cores), 6 rounds of 50
+#: in the default run, which keeps this file within a few minutes.
+CRASH_ROUNDS, CRASH_SESSIONS, CRASH_MESSAGES = (20, 200, 6) if os.environ.get("MESHMAIL_LONG") else (6, 50, 6)
 
 
 def sessions_until_killed(mesh: Mesh, master: str, prefix: str, rng: random.Random) -> tuple[set[str], int]:
