@@ -7,6 +7,7 @@ Address is a named tuple, so it goes wherever (host, port) does: sockets, msgpac
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import NamedTuple
@@ -97,6 +98,7 @@ def socket_address(sockaddr: tuple) -> tuple[str, int]:
     return host, sockaddr[1]
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every proxied session's client
 def is_loopback(host: str) -> bool:
     """Whether `host` is a loopback IP address (a name never is)."""
     try:
