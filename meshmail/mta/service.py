@@ -124,6 +124,8 @@ async def _build(ctx: Context, spool: Spool) -> tuple[Mx, ssl.SSLContext | None]
     for queue_id, why in scan.corrupt:
         log.error("queued message %s is damaged (%s): moved to queue/corrupt/", queue_id, why)
     hostname = section.hostname or socket.getfqdn()
+    if section.postmaster is None:
+        log.warning("mx.postmaster is not set: mail to <postmaster> is refused (RFC 5321 wants it taken)")
     connector = Connector(backend_contexts(ctx.config.proxy, ctx.config.tls, data_dir))
     deliverer = Deliverer(connector, hostname, section.delivery_timeout)
     queue = Queue(policy(section), random.SystemRandom())

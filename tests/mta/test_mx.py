@@ -21,7 +21,7 @@ from helpers import mailkit
 from helpers.config import minimal_config
 from helpers.routes import DomainMap
 
-from meshmail.config import loads
+from meshmail.config import ConfigError, loads
 from meshmail.gossip.member import MemberInfo
 from meshmail.gossip.messages import State
 from meshmail.metrics import Metrics
@@ -330,3 +330,71 @@ def test_in_line_deliveries_share_sessions_and_survive_the_slave_closing_them(do
         assert (code, b"delivered" in text) == (250, True), text
         assert mx.status()["queued"] == 0
     assert {f"kept-{n}" for n in range(10)} | {"after-restart"} <= set(delivered_ids(dovecot, "bob@one.example"))
+
+
+def postmaster_harness(dovecot: mailkit.Dovecot, folder: Path, postmaster: str | None) -> Harness:
+    harness = Harness(dovecot, folder)
+    setting = f'postmaster = "{postmaster}"\n' if postmaster else ""
+    harness.section = loads(minimal_config(extra=f'[mx]\nlisten = "127.0.0.1:0"\nretry_min = 1\n{setting}')).mx
+    return harness
+
+
+def test_mail_to_postmaster_goes_to_the_configured_address(dovecot, tmp_path):
+    """RFC 5321 section 4.5.1: <postmaster> and <postmaster@the MX's name> are taken, in any
+    case, and delivered to [mx] postmaster (now the envelope recipient): in-line while its slave
+    answers, through the queue while it is down."""
+    with postmaster_harness(dovecot, tmp_path / "queue", "alice@one.example") as mx:
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+            for subject, recipient in (("pm-bare", "<Postmaster>"), ("pm-host", "<POSTMASTER@Mx.Test>")):
+                client.ehlo("client.test")
+                assert client.mail("sender@outside.example")[0] == 250
+                code, text = client.rcpt(recipient)
+                assert (code, text) == (250, b"2.1.5 Recipient OK")
+                code, text = client.data(message(subject, "postmaster").as_string())
+                assert (code, b"delivered" in text) == (250, True), text
+        assert {"pm-bare", "pm-host"} <= set(delivered_ids(dovecot, "alice@one.example"))
+        body = [m for m in dovecot.mailbox("alice@one.example") if b"pm-bare" in m][0]
+        assert b"for <alice@one.example>" in body  # the envelope recipient is the configured one
+        mx.set_slave(State.DEAD)
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+            client.ehlo("client.test")
+            client.mail("sender@outside.example")
+            assert client.rcpt("<postmaster>")[0] == 250
+            code, text = client.data(message("pm-queued", "postmaster").as_string())
+            assert (code, b"queued" in text) == (250, True), text
+        assert mx.status()["slaves"]["s1"]["messages"] == 1
+        mx.set_slave(State.ALIVE)
+        wait_for(
+            "the queued postmaster mail delivered", lambda: "pm-queued" in delivered_ids(dovecot, "alice@one.example")
+        )
+
+
+def test_postmaster_is_refused_when_none_is_configured(dovecot, tmp_path):
+    with (
+        postmaster_harness(dovecot, tmp_path / "queue", None) as mx,
+        smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client,
+    ):
+        client.ehlo("client.test")
+        client.mail("sender@outside.example")
+        for recipient in ("<postmaster>", "<postmaster@mx.test>"):
+            assert client.rcpt(recipient) == (550, b"5.1.1 Postmaster is not configured here")
+        assert client.rcpt("<postmaster@outside.example>")[1].startswith(b"5.7.1")  # not ours: relaying
+        assert mx.status()["rejections"]["no_postmaster"] == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [('"postmaster"', "has no '@'"), ('"a b@one.example"', "not a mail address"), ('""', "must not be empty"),
+     ("1", "a string")],
+)  # fmt: skip
+def test_a_bad_postmaster_setting_is_a_clear_error(value, complaint):
+    with pytest.raises(ConfigError) as caught:
+        loads(minimal_config(extra=f"[mx]\npostmaster = {value}\n"))
+    message = str(caught.value)
+    assert "mx.postmaster" in message and complaint in message and "\n" not in message, message
+
+
+def test_the_postmaster_setting_is_kept_in_normal_form():
+    assert loads(minimal_config(extra='[mx]\npostmaster = "Hostmaster@ONE.example"\n')).mx.postmaster == (
+        "Hostmaster@one.example"
+    )
