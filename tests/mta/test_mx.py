@@ -6,7 +6,9 @@ VRFY and EXPN are refused."""
 
 from __future__ import annotations
 
+import email
 import random
+import re
 import smtplib
 import socket
 import threading
@@ -22,6 +24,7 @@ from helpers.config import minimal_config
 from helpers.routes import DomainMap
 
 from meshmail.config import ConfigError, loads
+from meshmail.core.address import Address
 from meshmail.gossip.member import MemberInfo
 from meshmail.gossip.messages import State
 from meshmail.metrics import Metrics
@@ -32,6 +35,8 @@ from meshmail.mta.service import MxReport, policy
 from meshmail.mta.session import Mx
 from meshmail.mta.spool import Spool
 from meshmail.nodemeta import Endpoint, NodeMeta
+from meshmail.protocols import mx as mx_codec
+from meshmail.protocols.common import Closed
 from meshmail.proxy.backend import Connector, backend_contexts
 from meshmail.routing import Router
 
@@ -56,6 +61,7 @@ class Harness:
         self.section = loads(minimal_config(extra='[mx]\nlisten = "127.0.0.1:0"\nretry_min = 1\nretry_max = 2\n')).mx
         self.port = 0
         self.report: MxReport | None = None
+        self.smarthost: Address | None = None
 
     @staticmethod
     def member(dovecot: mailkit.Dovecot, state: State, incarnation: int = 1) -> MemberInfo:
@@ -81,7 +87,7 @@ class Harness:
                 queue.load((await spool.rescan()).envelopes)
                 router = Router(DomainMap({"one.example": "s1"}), self.members)
                 deliverer = Deliverer(Connector(backend_contexts(None, None, "/")), "mx.test")
-                runner = Runner(spool, queue, deliverer, router, "mx.test", "m1")
+                runner = Runner(spool, queue, deliverer, router, "mx.test", "m1", smarthost=self.smarthost)
                 mx = Mx(self.section, router, deliverer, runner, None, Metrics(), "mx.test")
                 self.report = MxReport(mx, runner)
                 [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -398,3 +404,79 @@ def test_the_postmaster_setting_is_kept_in_normal_form():
     assert loads(minimal_config(extra='[mx]\npostmaster = "Hostmaster@ONE.example"\n')).mx.postmaster == (
         "Hostmaster@one.example"
     )
+
+
+class SmtpSink:
+    """A smarthost stand-in: an SMTP server on a real socket (the MX's own codec), keeping each
+    message it takes as (sender, recipients, data)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = Address("127.0.0.1", self.server.getsockname()[1])
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.server.accept()
+            except OSError:
+                return
+            with sock:
+                self._session(sock)
+
+    def _session(self, sock: socket.socket) -> None:
+        codec = mx_codec.MxServer(hostname="smarthost.test")
+        sender, recipients, data = "", [], b""
+        while True:
+            event = codec.next_event()
+            sock.sendall(codec.data_to_send())
+            if event is None:
+                codec.receive_data(sock.recv(65536))
+            elif isinstance(event, mx_codec.MailFrom):
+                sender, recipients, data = event.reverse_path, [], b""
+                codec.accept()
+            elif isinstance(event, mx_codec.RcptTo):
+                recipients.append(event.address)
+                codec.accept()
+            elif isinstance(event, mx_codec.DataChunk):
+                data += event.data
+            elif isinstance(event, mx_codec.DataEnd):
+                self.messages.append((sender, recipients, data))
+                codec.accept()
+            elif isinstance(event, Closed):
+                sock.sendall(codec.data_to_send())
+                return
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("smarthost", [True, False])
+def test_bounces_to_senders_outside_the_cluster_go_through_the_smarthost(dovecot, tmp_path, smarthost):
+    """A recipient the slave refuses at delivery (no check at RCPT here) bounces to a sender
+    outside the cluster: through [mx] smarthost when there is one, else counted unsent."""
+    sink = SmtpSink()
+    harness = Harness(dovecot, tmp_path / "queue")
+    harness.section = loads(minimal_config(extra='[mx]\nlisten = "127.0.0.1:0"\nverify_recipients = false\n')).mx
+    harness.smarthost = sink.address if smarthost else None
+    try:
+        with harness as mx, smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+            refused = client.send_message(message("bounced", "alice@one.example"), from_addr="sender@outside.example",
+                                          to_addrs=["alice@one.example", "ghost@one.example"])  # fmt: skip
+            assert refused == {}
+            if not smarthost:
+                assert mx.status()["recipients"]["bounces_unsent"] == 1
+                return
+            wait_for("the DSN reached the smarthost", lambda: sink.messages)
+            wait_for("the spool emptied", lambda: not list((tmp_path / "queue").glob("*.msg")))
+            assert mx.status()["recipients"]["bounces"] == 1
+    finally:
+        sink.close()
+    [(sender, recipients, data)] = sink.messages
+    assert (sender, recipients) == ("", ["sender@outside.example"])
+    notice = email.message_from_bytes(data)
+    assert notice.get_content_type() == "multipart/report"
+    assert notice.get_param("report-type") == "delivery-status"
+    assert re.findall(rb"Final-Recipient: rfc822; (\S+)", data) == [b"ghost@one.example"]  # alice got it
+    assert b"Subject: bounced" in data  # the original's headers
