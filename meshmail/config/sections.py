@@ -30,6 +30,7 @@ from ..gossip.config import PROFILES, GossipConfig, profile
 from ..gossip.messages import MAX_META
 from ..nodemeta import CLIENT_ADDRESS, SERVICES, TRANSPORTS, Endpoint, NodeMeta
 from ..security import files
+from ..state.names import InvalidName, normalize_address
 from .schema import (
     REQUIRED,
     BadValue,
@@ -579,6 +580,14 @@ def _mx_listener(value: object) -> Address | None:
     return address(port_zero=True)(value)
 
 
+def _mailbox(value: object) -> str:
+    """A mail address "local@domain", in its normal form."""
+    try:
+        return str(normalize_address(non_empty(value)))
+    except InvalidName as exc:
+        raise BadValue(f"not a mail address: {exc}") from None
+
+
 def _optional_address(value: object) -> Address | None:
     if value is False or value == "":
         return None
@@ -671,9 +680,23 @@ class MxSection:
     smarthost: Address | None = setting(
         None,
         _optional_address,
-        doc="Where bounces to senders outside the cluster go (host:port, SMTP); without it they are kept in"
-        " DATA_DIR/queue/failed/ and logged.",
+        doc="Where bounces and delay notices to senders outside the cluster go (host:port, SMTP; STARTTLS when"
+        " offered), queued and retried as other mail; without it they are not sent, only logged and counted"
+        " (bounces_unsent).",
         example="192.0.2.25:25",
+    )
+    smarthost_tls_verify: bool = setting(
+        True,
+        boolean,
+        doc="Check the smarthost's certificate (system CAs, its host name) when it offers STARTTLS; false takes"
+        " any certificate. A smarthost that offers no STARTTLS is spoken to in plain text either way.",
+    )
+    postmaster: str | None = setting(
+        None,
+        _mailbox,
+        doc="Where mail to <postmaster> and <postmaster@HOSTNAME> goes (RFC 5321 wants it taken): an address in"
+        " a domain of the cluster, which becomes the envelope recipient. Unset: such mail is refused (550 5.1.1).",
+        example="hostmaster@example.com",
     )
 
     def __attrs_post_init__(self) -> None:

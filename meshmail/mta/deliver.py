@@ -18,11 +18,13 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from ..core.address import Address
+from ..gossip.messages import State
 from ..protocols import lmtp
 from ..protocols.common import Closed, ProtocolError, StartTls
 from ..protocols.smtp import Reply, Xclient
 from ..proxy.backend import READ_SIZE, Connector, Unavailable
-from ..routing import NO_ENDPOINT, NoRoute, Route, Router
+from ..routing import NO_ENDPOINT, SLAVE_UNKNOWN, NoRoute, Route, Router
 
 #: The reply every recipient gets when the slave cannot be reached or breaks off.
 UNREACHABLE = Reply(451, "4.4.1", "The slave's mail service cannot be reached now")
@@ -36,6 +38,31 @@ CHUNK = 256 * 1024
 #: checks then skip the connect, greeting and LHLO.
 POOL = 20
 POOL_IDLE = 5.0
+
+
+#: The queue of notices for senders outside the cluster, delivered to [mx] smarthost over SMTP
+#: (no node has this name: "@" is not allowed in one).
+SMARTHOST = "@smarthost"
+#: The smarthost's transport: STARTTLS when it offers it, plain text otherwise.
+MAY_STARTTLS = "may-starttls"
+
+
+def smarthost_route(address: Address | None) -> tuple[Route | NoRoute, str]:
+    """The route and protocol of the SMARTHOST queue (a NoRoute without a smarthost: what
+    waits there then waits until one is configured, or expires)."""
+    if address is None:
+        return NoRoute(SLAVE_UNKNOWN, "no [mx] smarthost is set", SMARTHOST), "smtp"
+    return Route(SMARTHOST, (address.host, address.port), State.ALIVE, MAY_STARTTLS), "smtp"
+
+
+def smarthost_context(verify: bool) -> ssl.SSLContext:
+    """The TLS context for the smarthost's STARTTLS: the system's CAs and its host name, or no
+    check at all without `verify`."""
+    context = ssl.create_default_context()
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def resolve(router: Router, address: str) -> tuple[Route | NoRoute, str]:
@@ -200,7 +227,7 @@ class Connection:
         self.codec = lmtp.DeliveryClient(
             lmtp=self.protocol == "lmtp",
             ehlo_name=self.deliverer.hostname,
-            starttls=route.transport == "starttls",
+            starttls=route.transport in ("starttls", MAY_STARTTLS),
             require_tls=route.transport == "starttls",
             tls_active=route.transport == "tls",
             xclient=_xclient(route, client),

@@ -16,15 +16,16 @@ from collections.abc import Iterable, Mapping
 import attrs
 import trio
 
+from ..core.address import Address
 from ..core.clock import wall_ms
 from ..core.errors import MeshmailError
 from ..metrics import Metrics
 from ..protocols.lmtp import Transaction
 from ..protocols.mx import MailFrom
 from ..protocols.smtp import Reply
-from ..routing import NoRoute, Route, Router
+from ..routing import UNKNOWN_DOMAIN, NoRoute, Route, Router
 from . import dsn
-from .deliver import UNREACHABLE, Client, Deliverer, Lane, resolve, route_to
+from .deliver import SMARTHOST, UNREACHABLE, Client, Deliverer, Lane, resolve, route_to, smarthost_route
 from .queue import Entry, Queue, Settlement, expire
 from .shadow import MAX_IDS, Links, ShadowError, TakenLog
 from .spool import (
@@ -71,6 +72,8 @@ class Runner:
     links: Links | None = None
     taken: TakenLog | None = None
     takeover_after: float = 600.0
+    #: Where notices to senders outside the cluster go (None: they are not sent).
+    smarthost: Address | None = None
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _up: dict[str, bool] = attrs.field(factory=dict)
     _busy: set[str] = attrs.field(factory=set)
@@ -106,6 +109,10 @@ class Runner:
     def _count(self, result: str, recipients: int = 1) -> None:
         """Counts `recipients` under `result` (delivered, queued...), shown even at 0."""
         self.metrics.mx_recipients.labels(result=result).inc(recipients)
+
+    def _route(self, slave: str) -> tuple[Route | NoRoute, str]:
+        """The route of the mail kept for `slave` (the SMARTHOST queue included)."""
+        return smarthost_route(self.smarthost) if slave == SMARTHOST else route_to(self.router, slave)
 
     def new_id(self) -> str:
         return new_queue_id(wall_ms(), self.rng.getrandbits(32))
@@ -241,7 +248,7 @@ class Runner:
     def _kick_returned(self, now: int) -> None:
         """Make a slave's waiting messages due at once when it answers again."""
         for slave in self.queue.slaves():
-            up = isinstance(route_to(self.router, slave)[0], Route)
+            up = isinstance(self._route(slave)[0], Route)
             if up and self._up.get(slave) is False:
                 log.info(
                     "slave %s is back: delivering its %d queued message(s)",
@@ -255,11 +262,11 @@ class Runner:
         fsyncs; a lane keeps its session to the slave where it can, see Lane). A lane that is
         done takes the next message, and what else comes due meanwhile while the slave still
         has a route: a drain never waits for a round's slowest lane nor opens new sessions."""
-        route, protocol = route_to(self.router, slave)
+        route, protocol = self._route(slave)
         todo = collections.deque(ids)
 
         def next_id() -> str | None:
-            if not todo and isinstance(route, Route) and isinstance(route_to(self.router, slave)[0], Route):
+            if not todo and isinstance(route, Route) and isinstance(self._route(slave)[0], Route):
                 todo.extend(entry.id for entry in self.queue.due(slave, wall_ms(), BATCH))
             return todo.popleft() if todo else None
 
@@ -326,7 +333,7 @@ class Runner:
                 Client((envelope.client_address, 0), ("0.0.0.0", 0), envelope.helo) if envelope.client_address else None
             )
             replies = await lane.deliver(transaction, data, client)
-        elif isinstance(route_to(self.router, slave)[0], Route):
+        elif isinstance(self._route(slave)[0], Route):
             # The slave came back while this round found it gone: due again at once, not after
             # a retry delay (the kick on its return missed this message, in flight here).
             self.queue.release(queue_id, slave)
@@ -599,14 +606,16 @@ class Runner:
         action: str = dsn.FAILED,
     ) -> None:
         """Tell the sender about `recipients` (failed, or delayed): a DSN kept in the queue for
-        the sender's slave. Never to the null sender; a sender outside the cluster gets it only
-        through a smarthost (not yet: logged and counted)."""
+        the sender's slave, or for the smarthost when the sender is outside the cluster (without
+        a smarthost: logged and counted as bounces_unsent). Never to the null sender."""
         notification = dsn.build(envelope, recipients, data, hostname=self.hostname, now_ms=wall_ms(), action=action,
                                  retry_until_ms=envelope.received_ms + self.queue.policy.lifetime_ms)  # fmt: skip
         if notification is None:
             return
         route, _ = resolve(self.router, notification.recipient)
         slave = route.slave
+        if isinstance(route, NoRoute) and route.reason == UNKNOWN_DOMAIN and self.smarthost is not None:
+            slave = SMARTHOST
         if not slave:
             self._count("bounces_unsent")
             log.warning("%s notice for message %s to <%s> not sent: the sender is outside the cluster",

@@ -25,7 +25,7 @@ from ..proxy.backend import Connector, backend_contexts
 from ..proxy.certs import ServerCertificate
 from ..services import Context
 from . import shadow
-from .deliver import Deliverer
+from .deliver import SMARTHOST, Deliverer, smarthost_context
 from .queue import Queue, RetryPolicy
 from .runner import Runner
 from .session import Mx
@@ -124,12 +124,16 @@ async def _build(ctx: Context, spool: Spool) -> tuple[Mx, ssl.SSLContext | None]
     for queue_id, why in scan.corrupt:
         log.error("queued message %s is damaged (%s): moved to queue/corrupt/", queue_id, why)
     hostname = section.hostname or socket.getfqdn()
-    connector = Connector(backend_contexts(ctx.config.proxy, ctx.config.tls, data_dir))
+    if section.postmaster is None:
+        log.warning("mx.postmaster is not set: mail to <postmaster> is refused (RFC 5321 wants it taken)")
+    slaves = backend_contexts(ctx.config.proxy, ctx.config.tls, data_dir)
+    outside = smarthost_context(section.smarthost_tls_verify)
+    connector = Connector(lambda name: outside if name == SMARTHOST else slaves(name))
     deliverer = Deliverer(connector, hostname, section.delivery_timeout)
     queue = Queue(policy(section), random.SystemRandom())
     runner = Runner(
         spool, queue, deliverer, ctx.router, hostname, ctx.name, metrics=ctx.metrics,
-        takeover_after=section.shadow_takeover,
+        takeover_after=section.shadow_takeover, smarthost=section.smarthost,
     )  # fmt: skip
     holder_context = None
     if ctx.config.tls is not None:

@@ -46,6 +46,7 @@ from .runner import Runner
 log = logging.getLogger("meshmail.mta")
 
 RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied: not a domain of this cluster")
+NO_POSTMASTER = Reply(550, "5.1.1", "Postmaster is not configured here")
 CANNOT_ROUTE = Reply(451, "4.4.0", "Cannot route this recipient now, try again later")
 BUSY = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_FAST = Reply(421, "4.7.0", "Too many connections from your address, slow down")
@@ -243,7 +244,7 @@ class Session:
             self.pending = Pending(event)
             codec.accept()
         elif isinstance(event, mx.RcptTo):
-            reply = await self._recipient(event.address)
+            reply = await self._recipient(event)
             codec.accept() if reply is None else codec.refuse(reply)
         elif isinstance(event, mx.DataChunk):
             self._take(event.data)
@@ -257,12 +258,24 @@ class Session:
         elif isinstance(event, mx.Reset):
             self._drop()
 
-    async def _recipient(self, address: str) -> Reply | None:
-        """None to accept `address`, else the refusal."""
+    async def _recipient(self, rcpt: mx.RcptTo) -> Reply | None:
+        """None to accept the recipient, else the refusal. Mail to this server's postmaster
+        goes to [mx] postmaster, which replaces it in the envelope."""
         assert self.pending is not None
+        address = rcpt.address
+        if rcpt.postmaster:
+            if self.mx.section.postmaster is None:
+                self.mx.reject("no_postmaster")
+                return NO_POSTMASTER
+            address = self.mx.section.postmaster
         route, protocol = resolve(self.mx.router, address)
         if isinstance(route, NoRoute):
             if route.reason in (INVALID_ADDRESS, UNKNOWN_DOMAIN):
+                if rcpt.postmaster:
+                    log.warning("%s: mail to postmaster refused: mx.postmaster <%s> is not in a domain of the cluster",
+                                self.name, address)  # fmt: skip
+                    self.mx.reject("no_postmaster")
+                    return NO_POSTMASTER
                 self.mx.reject("relay_denied")
                 return RELAY_DENIED
             if route.reason not in _WAITS:

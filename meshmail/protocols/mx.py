@@ -106,9 +106,12 @@ class MailFrom:
 @attrs.frozen
 class RcptTo:
     """RCPT TO: answer with accept or refuse. `address` is the mailbox with any source route
-    dropped (RFC 5321 section 4.1.1.3), or "postmaster"; `%` and `!` in it are not special."""
+    dropped (RFC 5321 section 4.1.1.3), or "postmaster"; `%` and `!` in it are not special.
+    `postmaster`: it names this server's postmaster (see is_postmaster), whom the driver must
+    take mail for (RFC 5321 section 4.5.1)."""
 
     address: str
+    postmaster: bool = False
 
 
 @attrs.frozen
@@ -167,6 +170,15 @@ def parse_path(text: str, *, null: bool = False, postmaster: bool = False) -> st
     if match is None:
         raise ValueError(f"not an SMTP path: {text!r}")
     return match[1]
+
+
+def is_postmaster(address: str, hostname: str) -> bool:
+    """Whether the RCPT mailbox `address` is the postmaster of the server called `hostname`:
+    `postmaster` without a domain, or postmaster@`hostname`, in any case."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address.lower() == "postmaster"
+    return local.lower() == "postmaster" and domain.lower() == hostname.lower()
 
 
 def _split_argument(argument: str, keyword: str, syntax: Reply) -> tuple[str, dict[str, str | None]]:
@@ -605,7 +617,7 @@ class MxServer(LineCodec):
             self._reply(TOO_MANY_RECIPIENTS)
             return None
         self._phase, self._asked = _Phase.RCPT, self._asked + 1
-        return RcptTo(address)
+        return RcptTo(address, is_postmaster(address, self.hostname))
 
     def _data_command(self, argument: str) -> None:
         if argument:

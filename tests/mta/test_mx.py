@@ -6,7 +6,9 @@ VRFY and EXPN are refused."""
 
 from __future__ import annotations
 
+import email
 import random
+import re
 import smtplib
 import socket
 import threading
@@ -21,7 +23,8 @@ from helpers import mailkit
 from helpers.config import minimal_config
 from helpers.routes import DomainMap
 
-from meshmail.config import loads
+from meshmail.config import ConfigError, loads
+from meshmail.core.address import Address
 from meshmail.gossip.member import MemberInfo
 from meshmail.gossip.messages import State
 from meshmail.metrics import Metrics
@@ -32,6 +35,8 @@ from meshmail.mta.service import MxReport, policy
 from meshmail.mta.session import Mx
 from meshmail.mta.spool import Spool
 from meshmail.nodemeta import Endpoint, NodeMeta
+from meshmail.protocols import mx as mx_codec
+from meshmail.protocols.common import Closed
 from meshmail.proxy.backend import Connector, backend_contexts
 from meshmail.routing import Router
 
@@ -56,6 +61,7 @@ class Harness:
         self.section = loads(minimal_config(extra='[mx]\nlisten = "127.0.0.1:0"\nretry_min = 1\nretry_max = 2\n')).mx
         self.port = 0
         self.report: MxReport | None = None
+        self.smarthost: Address | None = None
 
     @staticmethod
     def member(dovecot: mailkit.Dovecot, state: State, incarnation: int = 1) -> MemberInfo:
@@ -81,7 +87,7 @@ class Harness:
                 queue.load((await spool.rescan()).envelopes)
                 router = Router(DomainMap({"one.example": "s1"}), self.members)
                 deliverer = Deliverer(Connector(backend_contexts(None, None, "/")), "mx.test")
-                runner = Runner(spool, queue, deliverer, router, "mx.test", "m1")
+                runner = Runner(spool, queue, deliverer, router, "mx.test", "m1", smarthost=self.smarthost)
                 mx = Mx(self.section, router, deliverer, runner, None, Metrics(), "mx.test")
                 self.report = MxReport(mx, runner)
                 [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -330,3 +336,147 @@ def test_in_line_deliveries_share_sessions_and_survive_the_slave_closing_them(do
         assert (code, b"delivered" in text) == (250, True), text
         assert mx.status()["queued"] == 0
     assert {f"kept-{n}" for n in range(10)} | {"after-restart"} <= set(delivered_ids(dovecot, "bob@one.example"))
+
+
+def postmaster_harness(dovecot: mailkit.Dovecot, folder: Path, postmaster: str | None) -> Harness:
+    harness = Harness(dovecot, folder)
+    setting = f'postmaster = "{postmaster}"\n' if postmaster else ""
+    harness.section = loads(minimal_config(extra=f'[mx]\nlisten = "127.0.0.1:0"\nretry_min = 1\n{setting}')).mx
+    return harness
+
+
+def test_mail_to_postmaster_goes_to_the_configured_address(dovecot, tmp_path):
+    """RFC 5321 section 4.5.1: <postmaster> and <postmaster@the MX's name> are taken, in any
+    case, and delivered to [mx] postmaster (now the envelope recipient): in-line while its slave
+    answers, through the queue while it is down."""
+    with postmaster_harness(dovecot, tmp_path / "queue", "alice@one.example") as mx:
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+            for subject, recipient in (("pm-bare", "<Postmaster>"), ("pm-host", "<POSTMASTER@Mx.Test>")):
+                client.ehlo("client.test")
+                assert client.mail("sender@outside.example")[0] == 250
+                code, text = client.rcpt(recipient)
+                assert (code, text) == (250, b"2.1.5 Recipient OK")
+                code, text = client.data(message(subject, "postmaster").as_string())
+                assert (code, b"delivered" in text) == (250, True), text
+        assert {"pm-bare", "pm-host"} <= set(delivered_ids(dovecot, "alice@one.example"))
+        body = [m for m in dovecot.mailbox("alice@one.example") if b"pm-bare" in m][0]
+        assert b"for <alice@one.example>" in body  # the envelope recipient is the configured one
+        mx.set_slave(State.DEAD)
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+            client.ehlo("client.test")
+            client.mail("sender@outside.example")
+            assert client.rcpt("<postmaster>")[0] == 250
+            code, text = client.data(message("pm-queued", "postmaster").as_string())
+            assert (code, b"queued" in text) == (250, True), text
+        assert mx.status()["slaves"]["s1"]["messages"] == 1
+        mx.set_slave(State.ALIVE)
+        wait_for(
+            "the queued postmaster mail delivered", lambda: "pm-queued" in delivered_ids(dovecot, "alice@one.example")
+        )
+
+
+def test_postmaster_is_refused_when_none_is_configured(dovecot, tmp_path):
+    with (
+        postmaster_harness(dovecot, tmp_path / "queue", None) as mx,
+        smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client,
+    ):
+        client.ehlo("client.test")
+        client.mail("sender@outside.example")
+        for recipient in ("<postmaster>", "<postmaster@mx.test>"):
+            assert client.rcpt(recipient) == (550, b"5.1.1 Postmaster is not configured here")
+        assert client.rcpt("<postmaster@outside.example>")[1].startswith(b"5.7.1")  # not ours: relaying
+        assert mx.status()["rejections"]["no_postmaster"] == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [('"postmaster"', "has no '@'"), ('"a b@one.example"', "not a mail address"), ('""', "must not be empty"),
+     ("1", "a string")],
+)  # fmt: skip
+def test_a_bad_postmaster_setting_is_a_clear_error(value, complaint):
+    with pytest.raises(ConfigError) as caught:
+        loads(minimal_config(extra=f"[mx]\npostmaster = {value}\n"))
+    message = str(caught.value)
+    assert "mx.postmaster" in message and complaint in message and "\n" not in message, message
+
+
+def test_the_postmaster_setting_is_kept_in_normal_form():
+    assert loads(minimal_config(extra='[mx]\npostmaster = "Hostmaster@ONE.example"\n')).mx.postmaster == (
+        "Hostmaster@one.example"
+    )
+
+
+class SmtpSink:
+    """A smarthost stand-in: an SMTP server on a real socket (the MX's own codec), keeping each
+    message it takes as (sender, recipients, data)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = Address("127.0.0.1", self.server.getsockname()[1])
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.server.accept()
+            except OSError:
+                return
+            with sock:
+                self._session(sock)
+
+    def _session(self, sock: socket.socket) -> None:
+        codec = mx_codec.MxServer(hostname="smarthost.test")
+        sender, recipients, data = "", [], b""
+        while True:
+            event = codec.next_event()
+            sock.sendall(codec.data_to_send())
+            if event is None:
+                codec.receive_data(sock.recv(65536))
+            elif isinstance(event, mx_codec.MailFrom):
+                sender, recipients, data = event.reverse_path, [], b""
+                codec.accept()
+            elif isinstance(event, mx_codec.RcptTo):
+                recipients.append(event.address)
+                codec.accept()
+            elif isinstance(event, mx_codec.DataChunk):
+                data += event.data
+            elif isinstance(event, mx_codec.DataEnd):
+                self.messages.append((sender, recipients, data))
+                codec.accept()
+            elif isinstance(event, Closed):
+                sock.sendall(codec.data_to_send())
+                return
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("smarthost", [True, False])
+def test_bounces_to_senders_outside_the_cluster_go_through_the_smarthost(dovecot, tmp_path, smarthost):
+    """A recipient the slave refuses at delivery (no check at RCPT here) bounces to a sender
+    outside the cluster: through [mx] smarthost when there is one, else counted unsent."""
+    sink = SmtpSink()
+    harness = Harness(dovecot, tmp_path / "queue")
+    harness.section = loads(minimal_config(extra='[mx]\nlisten = "127.0.0.1:0"\nverify_recipients = false\n')).mx
+    harness.smarthost = sink.address if smarthost else None
+    try:
+        with harness as mx, smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+            refused = client.send_message(message("bounced", "alice@one.example"), from_addr="sender@outside.example",
+                                          to_addrs=["alice@one.example", "ghost@one.example"])  # fmt: skip
+            assert refused == {}
+            if not smarthost:
+                assert mx.status()["recipients"]["bounces_unsent"] == 1
+                return
+            wait_for("the DSN reached the smarthost", lambda: sink.messages)
+            wait_for("the spool emptied", lambda: not list((tmp_path / "queue").glob("*.msg")))
+            assert mx.status()["recipients"]["bounces"] == 1
+    finally:
+        sink.close()
+    [(sender, recipients, data)] = sink.messages
+    assert (sender, recipients) == ("", ["sender@outside.example"])
+    notice = email.message_from_bytes(data)
+    assert notice.get_content_type() == "multipart/report"
+    assert notice.get_param("report-type") == "delivery-status"
+    assert re.findall(rb"Final-Recipient: rfc822; (\S+)", data) == [b"ghost@one.example"]  # alice got it
+    assert b"Subject: bounced" in data  # the original's headers

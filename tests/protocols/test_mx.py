@@ -24,6 +24,7 @@ from meshmail.protocols.mx import (
     MxServer,
     RcptTo,
     Reset,
+    is_postmaster,
     parse_path,
 )
 from meshmail.protocols.smtp import Reply, ReplyReader
@@ -116,7 +117,7 @@ EXCHANGES = {
             HELLO,
             MailFrom("", 12, "8BITMIME"),
             RcptTo("unknown@b.test"),
-            RcptTo("postmaster"),
+            RcptTo("postmaster", postmaster=True),
             DataEnd(),
             MailFrom("jörg@a.test", None, "7BIT", True),
             RcptTo("u%v!w@b.test"),
@@ -443,6 +444,34 @@ def test_paths(path, mailbox):
 def test_bad_paths(path):
     with pytest.raises(ValueError):
         parse_path(path)
+
+
+def test_rcpt_to_the_postmaster_of_this_server_is_marked_whatever_its_case():
+    events, out = drive(
+        server(),
+        b"EHLO client.test\r\nMAIL FROM:<a@a.test>\r\nRCPT TO:<PostMaster>\r\nRCPT TO:<postmaster@MX.Test>\r\n"
+        b"RCPT TO:<@r.test:postmaster@mx.test>\r\nRCPT TO:<postmaster@b.test>\r\nRCPT TO:<postmaster@mx.test.x>\r\n"
+        b"RCPT TO:<post.master@mx.test>\r\n",
+    )
+    assert [e for e in events if isinstance(e, RcptTo)] == [
+        RcptTo("postmaster", postmaster=True),
+        RcptTo("postmaster@MX.Test", postmaster=True),
+        RcptTo("postmaster@mx.test", postmaster=True),  # a source route is dropped first
+        RcptTo("postmaster@b.test"),  # another domain's postmaster: routed as any address
+        RcptTo("postmaster@mx.test.x"),
+        RcptTo("post.master@mx.test"),
+    ]
+    assert out.count(RECIPIENT_OK) == 6
+
+
+@pytest.mark.parametrize(
+    ("address", "hostname", "expected"),
+    [("postmaster", "mx.test", True), ("POSTMASTER", "mx.test", True), ("Postmaster@mx.TEST", "Mx.Test", True),
+     ("postmaster@mx.test", "other.test", False), ("postmaster2", "mx.test", False), ("a@mx.test", "mx.test", False),
+     ('"postmaster"@mx.test', "mx.test", False)],
+)  # fmt: skip
+def test_is_postmaster(address, hostname, expected):
+    assert is_postmaster(address, hostname) is expected
 
 
 # --- fuzz ----------------------------------------------------------------------------------------------
