@@ -110,13 +110,15 @@ class Router:
             slave = entry.slave
         return self._to(slave, protocol, f"slave {slave} of {key}")
 
-    def route_to(self, slave: str, protocol: str) -> Route | NoRoute:
-        """The Route to `slave` over `protocol` (for mail kept for it), or why there is none."""
+    def route_to(self, slave: str, protocol: str, *, unprobed: bool = False) -> Route | NoRoute:
+        """The Route to `slave` over `protocol` (for mail kept for it), or why there is none.
+        With `unprobed` an endpoint the slave's health probe publishes as down routes too (for
+        a caller that checks it itself)."""
         if protocol not in _SERVICES:
             raise ValueError(f"unknown protocol {protocol!r} (known: {', '.join(SERVICES)})")
-        return self._to(slave, protocol, f"slave {slave}")
+        return self._to(slave, protocol, f"slave {slave}", unprobed)
 
-    def _to(self, slave: str, protocol: str, who: str) -> Route | NoRoute:
+    def _to(self, slave: str, protocol: str, who: str, unprobed: bool = False) -> Route | NoRoute:
         member = self._member(slave)
         if member is None:
             self._endpoints.pop(slave, None)
@@ -132,7 +134,7 @@ class Router:
             why = found or "publishes none"
             return NoRoute(NO_ENDPOINT, f"slave {slave} has no {protocol} endpoint: {why}", slave)
         endpoint, address = found
-        if not endpoint.up:
+        if not endpoint.up and not unprobed:
             return NoRoute(
                 SERVICE_DOWN, f"the {protocol} service of slave {slave} does not answer its health probe", slave
             )

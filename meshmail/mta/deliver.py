@@ -71,9 +71,9 @@ def resolve(router: Router, address: str) -> tuple[Route | NoRoute, str]:
     return _preferred(lambda protocol: router.resolve(address, protocol))
 
 
-def route_to(router: Router, slave: str) -> tuple[Route | NoRoute, str]:
-    """`resolve` for the mail kept for `slave`."""
-    return _preferred(lambda protocol: router.route_to(slave, protocol))
+def route_to(router: Router, slave: str, *, unprobed: bool = False) -> tuple[Route | NoRoute, str]:
+    """`resolve` for the mail kept for `slave` (`unprobed`: see Router.route_to)."""
+    return _preferred(lambda protocol: router.route_to(slave, protocol, unprobed=unprobed))
 
 
 def _preferred(lookup: Callable[[str], Route | NoRoute]) -> tuple[Route | NoRoute, str]:

@@ -23,9 +23,20 @@ from ..metrics import Metrics
 from ..protocols.lmtp import Transaction
 from ..protocols.mx import MailFrom
 from ..protocols.smtp import Reply
-from ..routing import UNKNOWN_DOMAIN, NoRoute, Route, Router
+from ..routing import SERVICE_DOWN, UNKNOWN_DOMAIN, NoRoute, Route, Router
 from . import dsn
-from .deliver import SMARTHOST, UNREACHABLE, Client, Deliverer, Lane, resolve, route_to, smarthost_route
+from .deliver import (
+    DELIVERY_ERRORS,
+    SMARTHOST,
+    UNREACHABLE,
+    Client,
+    Connection,
+    Deliverer,
+    Lane,
+    resolve,
+    route_to,
+    smarthost_route,
+)
 from .queue import Entry, Queue, Settlement, expire
 from .shadow import MAX_IDS, Links, ShadowError, TakenLog
 from .spool import (
@@ -47,6 +58,12 @@ TICK = 1.0
 #: over at once (each on its own connection; 20 is Postfix's default per-destination concurrency).
 BATCH = 200
 PER_SLAVE = 20
+#: While mail waits for a slave whose health probe publishes its mail service down, this
+#: master tries a session with it this often (seconds); one that greets counts as up for
+#: LOOK_VALID seconds, until the slave's own probe catches up. A try may take LOOK_TIMEOUT.
+LOOK_INTERVAL = 0.25
+LOOK_VALID = 30.0
+LOOK_TIMEOUT = 5.0
 #: How often messages past the queue lifetime are looked for (seconds).
 SWEEP = 300.0
 #: A master this node does not know yet is not taken for dead before this many seconds after
@@ -77,6 +94,9 @@ class Runner:
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _up: dict[str, bool] = attrs.field(factory=dict)
     _busy: set[str] = attrs.field(factory=set)
+    #: Slave -> when this master's own look found its mail service answering (trio time).
+    _answered: dict[str, float] = attrs.field(factory=dict)
+    _looking: set[str] = attrs.field(factory=set)
     _locks: dict[str, trio.Semaphore] = attrs.field(factory=dict)
     #: Holder -> ids of messages delivered here whose copy there is not dropped yet.
     _undropped: dict[str, set[str]] = attrs.field(factory=dict)
@@ -111,8 +131,58 @@ class Runner:
         self.metrics.mx_recipients.labels(result=result).inc(recipients)
 
     def _route(self, slave: str) -> tuple[Route | NoRoute, str]:
-        """The route of the mail kept for `slave` (the SMARTHOST queue included)."""
-        return smarthost_route(self.smarthost) if slave == SMARTHOST else route_to(self.router, slave)
+        """How to reach `slave` now; a service its health probe still publishes as down counts
+        as up for a while after this master's own look found it answering (_look)."""
+        if slave == SMARTHOST:
+            return smarthost_route(self.smarthost)
+        route, protocol = route_to(self.router, slave)
+        answered = self._answered.get(slave)
+        if isinstance(route, NoRoute) and route.reason == SERVICE_DOWN and answered is not None:
+            if trio.current_time() - answered < LOOK_VALID:
+                return route_to(self.router, slave, unprobed=True)
+        return route, protocol
+
+    def _look_if_down(self, slave: str, nursery: trio.Nursery) -> None:
+        """Start looking at `slave`'s mail service when its health probe publishes it down."""
+        if slave in self._looking or slave == SMARTHOST:
+            return
+        route = self._route(slave)[0]
+        if isinstance(route, NoRoute) and route.reason == SERVICE_DOWN:
+            self._looking.add(slave)
+            nursery.start_soon(self._look, slave)
+
+    async def _look(self, slave: str) -> None:
+        """While mail waits for `slave` and its health probe publishes the service down, try a
+        session with it every LOOK_INTERVAL: once one greets, the mail goes at once instead of
+        after the slave's next probe (slave.probe_interval) and the gossip that spreads it."""
+        try:
+            while slave in self.queue.slaves():
+                route, _ = self._route(slave)
+                if not (isinstance(route, NoRoute) and route.reason == SERVICE_DOWN):
+                    return
+                unprobed, protocol = route_to(self.router, slave, unprobed=True)
+                if isinstance(unprobed, Route) and await self._answers(unprobed, protocol):
+                    self._answered[slave] = trio.current_time()
+                    log.info("slave %s's %s service answers again (before its health probe says so)", slave, protocol)
+                    self._wake.set()
+                    return
+                await trio.sleep(LOOK_INTERVAL)
+        finally:
+            self._looking.discard(slave)
+
+    async def _answers(self, route: Route, protocol: str) -> bool:
+        """Whether a session with `route` opens (one connect, the greeting, LHLO/EHLO)."""
+        once = attrs.evolve(self.deliverer, connector=attrs.evolve(self.deliverer.connector, tries=1))
+        probe = Connection(once, route, protocol, None)
+        try:
+            with trio.move_on_after(LOOK_TIMEOUT):
+                await probe.open()
+                return True
+        except DELIVERY_ERRORS:
+            pass
+        finally:
+            await probe.close()
+        return False
 
     def new_id(self) -> str:
         return new_queue_id(wall_ms(), self.rng.getrandbits(32))
@@ -228,6 +298,7 @@ class Runner:
                 now = wall_ms()
                 self._kick_returned(now)
                 for slave in self.queue.slaves():
+                    self._look_if_down(slave, nursery)
                     if slave not in self._busy and (entries := self.queue.due(slave, now, BATCH)):
                         self._busy.add(slave)
                         nursery.start_soon(self._round, slave, [entry.id for entry in entries])
