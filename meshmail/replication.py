@@ -86,13 +86,7 @@ class Replication(Delegate):
         """Set or delete many domain routes and claims in one journal append
         (ClusterState.write_domains). Up to MAX_DELTAS of them go out as deltas; a larger batch
         (a slave's first publish) spreads by anti-entropy, which carries bulk far better than gossip."""
-        entries = self.state.write_domains(routes, claims)
-        if len(entries) <= MAX_DELTAS:
-            for entry in entries:
-                self._publish(entry)
-        else:
-            self.counters["state.bulk_writes"] += 1
-        return entries
+        return self._spread(self.state.write_domains(routes, claims))
 
     async def publish_domains(
         self, routes: list[tuple[str, DomainRoute | None]], claims: Iterable[tuple[str, str, bool]] = ()
@@ -111,6 +105,11 @@ class Replication(Delegate):
                 raise
             self.state.merge_staged(entries)
             await self._disk(self.state.compact_if_due)
+        return self._spread(entries)
+
+    def _spread(self, entries: list[Entry]) -> list[Entry]:
+        """Gossip a batch of written entries: up to MAX_DELTAS as deltas; a larger batch (a
+        slave's first publish) is left to anti-entropy, which carries bulk far better."""
         if len(entries) <= MAX_DELTAS:
             for entry in entries:
                 self._publish(entry)

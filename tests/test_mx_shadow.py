@@ -15,7 +15,7 @@ from email.message import EmailMessage
 import pytest
 from helpers import mailkit
 from helpers.cluster import Cluster
-from helpers.config import set_key
+from helpers.config import QUICK_SLAVE, set_key
 
 from meshmail.security import files
 
@@ -48,12 +48,7 @@ def fleet(tmp_path, dovecot) -> Iterator[Cluster]:
 [endpoints]
 lmtp = "127.0.0.1:{dovecot.ports["lmtp"]}"
 
-[slave]
-poll_interval = 0.2
-settle = 0.5
-probe_interval = 0.5
-probe_timeout = 0.4
-
+{QUICK_SLAVE}
 [[slave.sources]]
 type = "static"
 domains = ["one.example"]
@@ -120,6 +115,27 @@ def mx(fleet: Cluster, name: str) -> dict:
     return fleet.status(name)["mx"]
 
 
+def taken_over_after_m1_dies(
+    fleet: Cluster, dovecot: mailkit.Dovecot, prefix: str, count: int, *, lose_disk: bool
+) -> list[str]:
+    """With s1's LMTP down, send `count` messages through m1 (each shadowed on m2), kill -9 m1
+    (and delete its data dir with `lose_disk`), wait for m2 to take the copies over and, with
+    the LMTP back, deliver them; the subjects sent."""
+    dovecot.stop()
+    lmtp_down(fleet)
+    subjects = [f"{prefix}-{n}" for n in range(count)]
+    send(fleet, "m1", subjects)
+    assert mx(fleet, "m2")["shadows"] == count
+    fleet.kill("m1")
+    if lose_disk:
+        shutil.rmtree(fleet.data_dir("m1"))  # the owner's disk is gone for good
+    fleet.wait("m2 took the copies over", ["m2"],
+               lambda found: found["m2"]["mx"]["recipients"].get("taken_over") == count, timeout=60)  # fmt: skip
+    dovecot.start()
+    fleet.wait("m2 delivered them", ["m2"], lambda found: found["m2"]["mx"]["queued"] == 0, timeout=60)
+    return subjects
+
+
 def test_the_other_master_holds_a_copy_until_delivery_and_delivers_it_when_the_owner_is_lost(fleet, dovecot):
     dovecot.stop()
     lmtp_down(fleet)
@@ -131,31 +147,12 @@ def test_the_other_master_holds_a_copy_until_delivery_and_delivers_it_when_the_o
                lambda found: found["m1"]["mx"]["queued"] == 0 and found["m2"]["mx"]["shadows"] == 0)  # fmt: skip
     assert arrived(dovecot) == ["kept-1"]
 
-    dovecot.stop()
-    lmtp_down(fleet)
-    subjects = [f"lost-{n}" for n in range(5)]
-    send(fleet, "m1", subjects)
-    assert mx(fleet, "m2")["shadows"] == 5
-    fleet.kill("m1")
-    shutil.rmtree(fleet.data_dir("m1"))  # the owner's disk is gone for good
-    fleet.wait("m2 took the copies over", ["m2"], lambda found: found["m2"]["mx"]["recipients"].get("taken_over") == 5,
-               timeout=60)  # fmt: skip
-    dovecot.start()
-    fleet.wait("m2 delivered them", ["m2"], lambda found: found["m2"]["mx"]["queued"] == 0, timeout=60)
+    subjects = taken_over_after_m1_dies(fleet, dovecot, "lost", 5, lose_disk=True)
     assert sorted(arrived(dovecot)) == sorted(["kept-1", *subjects])
 
 
 def test_an_owner_back_with_its_disk_after_a_takeover_delivers_nothing_twice(fleet, dovecot):
-    dovecot.stop()
-    lmtp_down(fleet)
-    subjects = [f"twice-{n}" for n in range(3)]
-    send(fleet, "m1", subjects)
-    assert mx(fleet, "m2")["shadows"] == 3
-    fleet.kill("m1")
-    fleet.wait("m2 took the copies over", ["m2"], lambda found: found["m2"]["mx"]["recipients"].get("taken_over") == 3,
-               timeout=60)  # fmt: skip
-    dovecot.start()
-    fleet.wait("m2 delivered them", ["m2"], lambda found: found["m2"]["mx"]["queued"] == 0, timeout=60)
+    subjects = taken_over_after_m1_dies(fleet, dovecot, "twice", 3, lose_disk=False)
     fleet.start("m1")  # with its queue of the same 3 messages
     fleet.wait_alive(["m1", "m2"])
     fleet.wait("m1 learnt what m2 took", ["m1"], lambda found: found["m1"]["mx"]["queued"] == 0, timeout=60)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from helpers import mailkit
 from helpers.cluster import Cluster
+from helpers.config import QUICK_SLAVE
 
 MASTERS = ["m1", "m2"]
 USERS = {"ann@one.example": "secret-1", "bob@two.example": "secret-2"}
@@ -75,12 +76,7 @@ def start_cluster(fleet: Cluster, d1: mailkit.Dovecot, d2: mailkit.Dovecot, fold
 imap = {{ address = "{found["imap"]}", transport = "starttls", client_address = "id" }}
 pop3 = {{ address = "{found["pop3"]}", transport = "starttls" }}
 
-[slave]
-poll_interval = 0.2
-settle = 0.5
-probe_interval = 0.5
-probe_timeout = 0.4
-
+{QUICK_SLAVE}
 [[slave.sources]]
 type = "dovecot"
 path = "{dovecot.passwd}"

@@ -12,6 +12,7 @@ import random
 
 import pytest
 import trio
+from helpers.scripted import Scripted
 
 from meshmail.gossip.config import GossipConfig, profile
 from meshmail.gossip.keyring import Keyring
@@ -238,20 +239,6 @@ async def test_after_a_partition_heals_the_maps_agree_as_soon_as_the_members_do(
         assert all(r.state.domain("left.example") and r.state.domain("right.example") for r in nodes)
         assert sum(x.counters["recovery_push_pulls"] for x in memberlists) > 0
         nursery.cancel_scope.cancel()
-
-
-class Scripted:
-    """A Conversation that plays back what a (bad) peer says and records our answers."""
-
-    def __init__(self, *incoming: bytes) -> None:
-        self.incoming = list(incoming)
-        self.sent: list[bytes] = []
-
-    async def send(self, payload: bytes) -> None:
-        self.sent.append(payload)
-
-    async def receive(self) -> bytes:
-        return self.incoming.pop(0)
 
 
 async def test_bad_sync_messages_are_counted_not_raised(tmp_path):

@@ -97,6 +97,7 @@ class Runner:
     #: Slave -> when this master's own look found its mail service answering (trio time).
     _answered: dict[str, float] = attrs.field(factory=dict)
     _looking: set[str] = attrs.field(factory=set)
+    _looker: Deliverer | None = None
     _locks: dict[str, trio.Semaphore] = attrs.field(factory=dict)
     #: Holder -> ids of messages delivered here whose copy there is not dropped yet.
     _undropped: dict[str, set[str]] = attrs.field(factory=dict)
@@ -172,8 +173,10 @@ class Runner:
 
     async def _answers(self, route: Route, protocol: str) -> bool:
         """Whether a session with `route` opens (one connect, the greeting, LHLO/EHLO)."""
-        once = attrs.evolve(self.deliverer, connector=attrs.evolve(self.deliverer.connector, tries=1))
-        probe = Connection(once, route, protocol, None)
+        if self._looker is None:  # a Deliverer of its own, whose connector tries once
+            connector = attrs.evolve(self.deliverer.connector, tries=1)
+            self._looker = Deliverer(connector, self.deliverer.hostname, self.deliverer.timeout)
+        probe = Connection(self._looker, route, protocol, None)
         try:
             with trio.move_on_after(LOOK_TIMEOUT):
                 await probe.open()

@@ -19,6 +19,14 @@ DATA_DIRS: list[str] = []
 #: The MX of a test master: on loopback, a port from the kernel (the default, 0.0.0.0:25, is
 #: one per machine).
 MX_LOOPBACK = '[mx]\nlisten = "127.0.0.1:0"\nshadow_listen = "127.0.0.1:0"\n'
+#: A slave of a test cluster that publishes and probes quickly (a [slave] table, sources apart).
+QUICK_SLAVE = """
+[slave]
+poll_interval = 0.2
+settle = 0.5
+probe_interval = 0.5
+probe_timeout = 0.4
+"""
 
 
 def new_key_b64() -> str:

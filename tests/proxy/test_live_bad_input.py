@@ -26,6 +26,7 @@ import attrs
 import pytest
 from helpers import mailkit
 from helpers.cluster import Cluster, Node
+from helpers.config import QUICK_SLAVE
 
 from meshmail.core.address import Address
 from meshmail.protocols import imap, pop3, smtp
@@ -49,14 +50,6 @@ REPLY_TIMEOUT = 20.0
 #: kept past a cap (10,000 lines of up to 32 KiB is 300 MiB; a literal announced at 4 GiB is
 #: more) would blow through it.
 RSS_BOUND = 64 * 2**20
-
-SLAVE = """
-[slave]
-poll_interval = 0.2
-settle = 0.5
-probe_interval = 0.5
-probe_timeout = 0.4
-"""
 
 
 # --- the cluster ----------------------------------------------------------------------------
@@ -115,7 +108,7 @@ def proxied(tmp_path_factory) -> Iterator[Proxied]:
             slave.config.write_text(
                 slave.config.read_text().replace('name = "n2"', 'name = "n2"\nrole = "slave"')
                 + f'\n[endpoints]\nimap = "{found["imap"]}"\npop3 = "{found["pop3"]}"\n'
-                f'submission = "{found["submission"]}"\n{SLAVE}\n'
+                f'submission = "{found["submission"]}"\n{QUICK_SLAVE}\n'
                 f'[[slave.sources]]\ntype = "dovecot"\npath = "{dovecot.passwd}"\n'
             )
             fleet.start()

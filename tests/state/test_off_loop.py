@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import trio
+from helpers.scripted import Scripted
 
 from meshmail.replication import Replication
 from meshmail.state.hlc import Timestamp
@@ -78,18 +79,6 @@ async def test_received_deltas_are_persisted_off_the_loop_in_order_and_kept_at_a
         assert state.domain("k0.example") == DomainRoute("s2", "admin")
         assert state.domain("k49.example") == DomainRoute("s1", "admin")
         assert state.domain("last.example") == DomainRoute("s1", "admin")
-
-
-class Scripted:
-    def __init__(self, *incoming: bytes) -> None:
-        self.incoming = list(incoming)
-        self.sent: list[bytes] = []
-
-    async def send(self, payload: bytes) -> None:
-        self.sent.append(payload)
-
-    async def receive(self) -> bytes:
-        return self.incoming.pop(0)
 
 
 async def test_an_anti_entropy_exchange_persists_chunks_sync_time_and_compaction_off_the_loop(tmp_path, fsync_threads):
