@@ -78,6 +78,10 @@ class NoRunner:
         {"op": "drop", "ids": "abc"},
         {"op": "drop", "ids": [1, 2]},
         {"op": "drop", "ids": ["a"] * 10_001},
+        {"op": "copies"},
+        {"op": "copies", "copies": "abc"},
+        {"op": "copies", "copies": []},
+        {"op": "copies", "copies": [[b"e", b"d"]] * 101},
     ],
 )
 def test_malformed_requests_get_an_error_answer(request_):
@@ -85,14 +89,26 @@ def test_malformed_requests_get_an_error_answer(request_):
     assert set(answer) == {"error"}
 
 
+@pytest.mark.parametrize(
+    "copy",
+    [None, b"x", [], [b"e"], [b"e", b"d", b"x"], ["text", b""], [b"\x00garbage", b"x"], [b"\x93\x01", 5]],
+)
+def test_each_malformed_copy_of_a_frame_gets_its_own_reason_and_none_reaches_the_runner(copy):
+    answer = trio.run(_answer, NoRunner(), "m1", {"op": "copies", "copies": [copy, copy]})
+    assert answer["ok"] is True
+    assert len(answer["results"]) == 2 and all(isinstance(reason, str) and reason for reason in answer["results"])
+
+
 def test_random_request_maps_never_raise():
     rng = random.Random(11)
-    values = [None, 0, -1, "", "store", "drop", "taken", b"", b"\x93\x01", [], ["x"], {"a": 1}, 2**40]
+    values = [None, 0, -1, "", "store", "drop", "taken", "copies", b"", b"\x93\x01", [], ["x"], [[b"a", 1]],
+              {"a": 1}, 2**40]  # fmt: skip
     for _ in range(2000):
-        request = {rng.choice(["op", "envelope", "data", "ids", "x"]): rng.choice(values) for _ in range(3)}
+        request = {rng.choice(["op", "envelope", "data", "ids", "copies", "x"]): rng.choice(values) for _ in range(3)}
         ids = request.get("ids")
         if request.get("op") == "taken" or (request.get("op") == "drop" and isinstance(ids, list)
                                             and all(isinstance(i, str) for i in ids)):  # fmt: skip
             continue  # a well-formed request: it reaches the runner
         answer = trio.run(_answer, NoRunner(), "m1", request)
-        assert "error" in answer
+        # A frame of copies answers per copy: every one of these malformed ones with a reason.
+        assert "error" in answer or all(isinstance(reason, str) for reason in answer["results"]), answer
