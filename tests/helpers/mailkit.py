@@ -579,7 +579,9 @@ class Postfix(_Daemon):
     every other recipient is refused (no relaying, nothing leaves the machine). An unknown
     user of a hosted domain is accepted, then refused by Dovecot's LMTP and bounced.
 
-    `xclient` lets 127.0.0.0/8 use XCLIENT. `submission` adds a second smtpd on
+    `xclient` lets 127.0.0.0/8 use XCLIENT, `xforward` XFORWARD. `tls` makes smtpd offer STARTTLS
+    with the kit certificate in root/tls (`cafile`), logging each TLS session ("TLS connection
+    established") and naming it in the Received header it writes. `submission` adds a second smtpd on
     host:`submission_port`: STARTTLS with the kit certificate in root/tls (`cafile`), AUTH only
     over TLS with passwords checked by `dovecot`'s auth listener (Dovecot(auth_listener=True)),
     XCLIENT from 127.0.0.0/8, and relaying for authenticated users, which still delivers to
@@ -596,15 +598,19 @@ class Postfix(_Daemon):
         routes: Mapping[str, Dovecot] | None = None,
         host: str = HOST,
         xclient: bool = False,
+        xforward: bool = False,
+        tls: bool = False,
         submission: bool = False,
     ) -> None:
         super().__init__(root, host, output="master.out", log="postfix.log")
         self.routes = {domain: dovecot for domain in domains} | dict(routes or {})
         self.xclient = xclient
+        self.xforward = xforward
+        self.tls = tls
         self.port, submission_port = free_ports(2)
         self.submission_port = submission_port if submission else None
         self._sasl = dovecot.auth_endpoint if submission else None
-        self.cafile, self._key = write_certificate(self.root / "tls", host) if submission else (None, None)
+        self.cafile, self._key = write_certificate(self.root / "tls", host) if submission or tls else (None, None)
         self.config_dir = self.root / "conf"
         self.config_dir.mkdir(exist_ok=True)
         self.data_dir = self.root / "data"
@@ -641,7 +647,6 @@ class Postfix(_Daemon):
         return [
             f"{self.host}:{self.submission_port} inet n - n - - smtpd",
             *(f"  -o {name}={value}" for name, value in settings.items()),
-            "tlsmgr unix - - n 1000? 1 tlsmgr",
         ]
 
     def _write_config(self) -> None:
@@ -674,11 +679,20 @@ class Postfix(_Daemon):
             "smtpd_relay_restrictions": "reject_unauth_destination",
             "smtpd_peername_lookup": "no",
             "smtpd_authorized_xclient_hosts": "127.0.0.0/8" if self.xclient else "",
+            "smtpd_authorized_xforward_hosts": "127.0.0.0/8" if self.xforward else "",
             "biff": "no",
             "queue_run_delay": "2s",
             "minimal_backoff_time": "2s",
             "maximal_backoff_time": "4s",
         }
+        if self.tls:
+            main |= {
+                "smtpd_tls_security_level": "may",
+                "smtpd_tls_cert_file": self.cafile,
+                "smtpd_tls_key_file": self._key,
+                "smtpd_tls_loglevel": "1",
+                "smtpd_tls_received_header": "yes",
+            }
         (self.config_dir / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
         services = [
             f"{self.host}:{self.port} inet n - n - - smtpd",
@@ -703,6 +717,8 @@ class Postfix(_Daemon):
         ]
         if self.submission_port is not None:
             services += self._submission_service()
+        if self.tls or self.submission_port is not None:
+            services.append("tlsmgr unix - - n 1000? 1 tlsmgr")
         (self.config_dir / "master.cf").write_text("\n".join(services) + "\n")
 
     def start(self) -> None:
