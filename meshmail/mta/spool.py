@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import struct
-import threading
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -425,6 +424,57 @@ class _GroupCommit:
             change.done = True
 
 
+@attrs.define(eq=False)
+class _Drop:
+    """A copy to name in a drop record of its copies file."""
+
+    path: Path
+    queue_id: str
+    error: OSError | None = None
+    done: bool = False
+
+    def discard(self) -> None:
+        pass
+
+
+@attrs.define(eq=False)
+class _DropCommit(_GroupCommit):
+    """Shares the fdatasyncs of drop records the same way: a round appends one record to each
+    copies file naming every copy dropped there meanwhile, and fdatasyncs that file."""
+
+    def _round(self, batch: list) -> None:
+        by_path: dict[Path, list[_Drop]] = {}
+        for drop in batch:
+            by_path.setdefault(drop.path, []).append(drop)
+        for path, drops in by_path.items():
+            try:
+                _append_dropped(path, [drop.queue_id for drop in drops])
+            except OSError as exc:
+                for drop in drops:
+                    drop.error = exc
+        self.rounds += 1
+        self.changes += len(batch)
+        for drop in batch:
+            drop.done = True
+
+
+def _append_dropped(path: Path, ids: list[str]) -> None:
+    packed = msgpack.packb(ids, use_bin_type=True)
+    record = _header(_KIND_DROPPED, packed, 0, 0) + packed
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            write_all(fd, record)
+            os.fdatasync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):  # a part written would hide the records after it
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
 # --- the spool ------------------------------------------------------------------------------
 
 
@@ -461,8 +511,9 @@ class Spool:
     the records of the copies one after the other, each a header, envelope and data as in a
     message file, so a frame of copies costs one file and one fsync rather than one each (the
     creation and fsync of a small file cost more CPU than writing its bytes). Dropping a copy
-    appends a record (kind 3) naming it, fdatasync'd; dropping the file's last copy removes the
-    file. `update` of a copy moves it to a message file of its own (a copy taken over).
+    appends a record (kind 3) naming it, fdatasync'd (drops at the same time share a record and
+    its fdatasync, as writers share the folder's fsync); dropping the file's last copy removes
+    the file. `update` of a copy moves it to a message file of its own (a copy taken over).
 
     Durability: `store` and `update` write a temporary file in tmp/ (same filesystem), fsync
     it, rename it into the folder, fsync the folder, and only then return; `remove` unlinks
@@ -481,7 +532,7 @@ class Spool:
         #: Copies kept in copies files: where each one's record is, and the live ids per file.
         self._copies: dict[str, _CopyAt] = {}
         self._copy_files: dict[str, set[str]] = {}
-        self._append_lock = threading.Lock()
+        self._drops = _DropCommit(folder)
 
     @classmethod
     def open(cls, folder: str | os.PathLike[str]) -> Spool:
@@ -638,29 +689,12 @@ class Spool:
         at = self._copies[queue_id]
         live = self._copy_files[at.file]
         if live != {queue_id}:
-            await trio.to_thread.run_sync(self._append_dropped, self.folder / at.file, [queue_id])
+            await self._drops.commit(_Drop(self.folder / at.file, queue_id))
         self._copies.pop(queue_id, None)
         live.discard(queue_id)
         if not live:  # also when the others went while this record was written
             await self._commit.commit(_Pending(remove=(self.folder / at.file,)))
             self._copy_files.pop(at.file, None)
-
-    def _append_dropped(self, path: Path, ids: list[str]) -> None:
-        packed = msgpack.packb(ids, use_bin_type=True)
-        record = _header(_KIND_DROPPED, packed, 0, 0) + packed
-        with self._append_lock:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            try:
-                size = os.fstat(fd).st_size
-                try:
-                    write_all(fd, record)
-                    os.fdatasync(fd)
-                except OSError:
-                    with contextlib.suppress(OSError):  # a part written would hide later records
-                        os.ftruncate(fd, size)
-                    raise
-            finally:
-                os.close(fd)
 
     def _read_copy(self, queue_id: str, with_data: bool) -> tuple[Envelope, bytes]:
         """The envelope (and the data, `with_data`) of a copy in a copies file."""

@@ -469,3 +469,21 @@ async def test_a_drop_record_cut_short_by_a_crash_is_cut_off_and_later_drops_cou
     assert sorted(e.id for e in spool.scan().envelopes) == sorted([second.id, third.id])
     await spool.remove(second.id)
     assert [e.id for e in reopened(spool).scan().envelopes] == [third.id]
+
+
+async def test_copies_dropped_at_the_same_time_share_a_drop_record(spool, monkeypatch):
+    stored = await spool.store_copies(copies(20))
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        syncs.append(fd)
+        time.sleep(0.02)  # a slow disk: drops arriving meanwhile wait for the next round
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    async with trio.open_nursery() as nursery:
+        for kept in stored[1:]:
+            nursery.start_soon(spool.remove, kept.id)
+    assert 1 <= len(syncs) <= 3, len(syncs)
+    assert [e.id for e in reopened(spool).scan().envelopes] == [stored[0].id]
