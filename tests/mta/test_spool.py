@@ -402,15 +402,23 @@ def copies(count: int) -> list[tuple[Envelope, bytes]]:
     return [(envelope(n, shadow=True), MESSAGE + b"%d" % n) for n in range(count)]
 
 
-def reopened(spool: Spool) -> Spool:
-    """The folder opened again, as after a restart (the old spool closed)."""
-    spool.close()
-    again = Spool.open(spool.folder)
-    again.scan()
-    return again
+@pytest.fixture
+def reopened():
+    """A function opening the folder of a spool again, as after a restart (the old one closed)."""
+    opened: list[Spool] = []
+
+    def reopen(spool: Spool) -> Spool:
+        spool.close()
+        opened.append(Spool.open(spool.folder))
+        opened[-1].scan()
+        return opened[-1]
+
+    yield reopen
+    for spool in opened:
+        spool.close()
 
 
-async def test_copies_stored_together_go_into_one_file_with_one_fsync(spool, monkeypatch):
+async def test_copies_stored_together_go_into_one_file_with_one_fsync(spool, monkeypatch, reopened):
     recorder = Recorder(monkeypatch)
     stored = await spool.store_copies(copies(20))
     recorder.events.append(("returned", ""))
@@ -422,7 +430,7 @@ async def test_copies_stored_together_go_into_one_file_with_one_fsync(spool, mon
     assert sorted(e.id for e in reopened(spool).scan().envelopes) == sorted(e.id for e in stored)
 
 
-async def test_dropped_copies_stay_dropped_and_the_last_one_takes_the_file_away(spool):
+async def test_dropped_copies_stay_dropped_and_the_last_one_takes_the_file_away(spool, reopened):
     first, second, third = await spool.store_copies(copies(3))
     await spool.remove(second.id)
     spool = reopened(spool)
@@ -434,7 +442,7 @@ async def test_dropped_copies_stay_dropped_and_the_last_one_takes_the_file_away(
     assert reopened(spool).scan().envelopes == []
 
 
-async def test_an_update_moves_a_copy_to_a_message_file_of_its_own(spool):
+async def test_an_update_moves_a_copy_to_a_message_file_of_its_own(spool, reopened):
     first, second = await spool.store_copies(copies(2))
     taken = attrs.evolve(first, shadow=False)
     await spool.update(taken)
@@ -444,7 +452,7 @@ async def test_an_update_moves_a_copy_to_a_message_file_of_its_own(spool):
     assert found == {first.id: taken, second.id: second}
 
 
-async def test_a_message_file_wins_over_its_copy_after_a_crash_between_them(spool):
+async def test_a_message_file_wins_over_its_copy_after_a_crash_between_them(spool, reopened):
     first, second = await spool.store_copies(copies(2))
     taken = await spool.store(attrs.evolve(first, shadow=False), MESSAGE + b"0")  # the copy not dropped yet
     spool = reopened(spool)
@@ -455,7 +463,7 @@ async def test_a_message_file_wins_over_its_copy_after_a_crash_between_them(spoo
     assert spool.message_path(first.id).exists()
 
 
-async def test_a_drop_record_cut_short_by_a_crash_is_cut_off_and_later_drops_count(spool, caplog):
+async def test_a_drop_record_cut_short_by_a_crash_is_cut_off_and_later_drops_count(spool, caplog, reopened):
     first, second, third = await spool.store_copies(copies(3))
     await spool.remove(first.id)
     [path] = spool.folder.glob("*.cps")
@@ -471,7 +479,7 @@ async def test_a_drop_record_cut_short_by_a_crash_is_cut_off_and_later_drops_cou
     assert [e.id for e in reopened(spool).scan().envelopes] == [third.id]
 
 
-async def test_copies_dropped_at_the_same_time_share_a_drop_record(spool, monkeypatch):
+async def test_copies_dropped_at_the_same_time_share_a_drop_record(spool, monkeypatch, reopened):
     stored = await spool.store_copies(copies(20))
     syncs: list[int] = []
     real = os.fdatasync
