@@ -99,6 +99,8 @@ class Runner:
     _looking: set[str] = attrs.field(factory=set)
     _looker: Deliverer | None = None
     _locks: dict[str, trio.Semaphore] = attrs.field(factory=dict)
+    #: Ids of shadow copies being written now.
+    _holding: set[str] = attrs.field(factory=set)
     #: Holder -> ids of messages delivered here whose copy there is not dropped yet.
     _undropped: dict[str, set[str]] = attrs.field(factory=dict)
     #: Holder -> queued messages held back until it says which ones it took over.
@@ -463,14 +465,28 @@ class Runner:
 
     # --- shadow copies -------------------------------------------------------------------------
 
-    async def hold(self, origin: str, envelope: Envelope, data: bytes) -> None:
-        """Keep the shadow copy of `origin`'s message (durably, before the answer)."""
-        envelope = attrs.evolve(envelope, shadow=True, origin=origin, copy_at="")
+    async def hold(self, origin: str, copies: list[tuple[Envelope, bytes]]) -> list[str | None]:
+        """Keep the shadow copies of `origin`'s messages, durably and in one write, before the
+        answer; for each, None once it is kept (a copy sent again after a lost answer: the first
+        one stands) or why it is not. Raises OSError (none was kept)."""
+        results: list[str | None] = [None] * len(copies)
+        fresh: list[tuple[Envelope, bytes]] = []
+        ids: set[str] = set()
+        for index, (envelope, data) in enumerate(copies):
+            if envelope.id in self._holding or envelope.id in ids:
+                results[index] = "a copy of this message is being stored already"
+            elif envelope.id not in self.queue:
+                fresh.append((attrs.evolve(envelope, shadow=True, origin=origin, copy_at=""), data))
+                ids.add(envelope.id)
+        if not fresh:
+            return results
+        self._holding |= ids
         try:
-            envelope = await self.spool.store(envelope, data)
-        except FileExistsError:
-            return  # a copy sent again after a lost answer: the first one stands
-        self.queue.add(envelope)
+            for envelope in await self.spool.store_copies(fresh):
+                self.queue.add(envelope)
+        finally:
+            self._holding -= ids
+        return results
 
     async def drop(self, origin: str, ids: list[str]) -> None:
         """`origin` delivered these: forget their shadow copies here."""

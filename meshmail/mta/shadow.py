@@ -14,7 +14,7 @@ then a msgpack map. Requests: {"op": "copies", "copies": [[envelope, data], ...]
 {"ok": true, "results": [null or error text, ...]} once every copy that took is on disk),
 {"op": "store", "envelope", "data"} (one copy, as older masters send it), {"op": "drop", "ids"},
 {"op": "taken"}; answers: {"ok": true, ...} or {"error": text}. Copies that sessions store at
-the same time travel in one frame and share the holder's fsyncs, as the spool's group commit.
+the same time travel in one frame, and the holder writes them into one file with one fsync.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ..core.errors import MeshmailError
 from ..gossip.messages import State
 from ..nodemeta import NodeMeta
 from ..security import ca
-from .spool import CorruptMessage, decode_envelope
+from .spool import CorruptMessage, Envelope, decode_envelope
 
 log = logging.getLogger("meshmail.mta")
 
@@ -333,7 +333,7 @@ async def _answer(runner, origin: str, request: dict[str, Any]) -> dict[str, Any
                 return {"error": f"copies must be a list of 1 to {MAX_COPIES} [envelope, data] pairs"}
             return {"ok": True, "results": await _hold_all(runner, origin, copies)}
         if op == "store":
-            error = await _hold(runner, origin, [request.get("envelope"), request.get("data")])
+            [error] = await _hold_all(runner, origin, [[request.get("envelope"), request.get("data")]])
             return {"error": error} if error else {"ok": True}
         if op == "drop":
             ids = request.get("ids")
@@ -352,30 +352,36 @@ async def _answer(runner, origin: str, request: dict[str, Any]) -> dict[str, Any
 
 
 async def _hold_all(runner, origin: str, copies: list) -> list[str | None]:
-    """Keep every copy at once (their fsyncs shared); None or the reason for each."""
+    """Keep every well-formed copy in one write (Runner.hold); None or the reason for each."""
     results: list[str | None] = [None] * len(copies)
-
-    async def one(index: int) -> None:
-        results[index] = await _hold(runner, origin, copies[index])
-
-    async with trio.open_nursery() as nursery:
-        for index in range(len(copies)):
-            nursery.start_soon(one, index)
+    valid: list[tuple[Envelope, bytes]] = []
+    where: list[int] = []
+    for index, copy in enumerate(copies):
+        checked = _checked(copy)
+        if isinstance(checked, str):
+            results[index] = checked
+        else:
+            valid.append(checked)
+            where.append(index)
+    if valid:
+        try:
+            held = await runner.hold(origin, valid)
+        except OSError as exc:
+            log.error("shadow store: cannot keep %d copies for %s: %s", len(valid), origin, exc)
+            held = ["cannot store now"] * len(valid)
+        for index, result in zip(where, held, strict=True):
+            results[index] = result
     return results
 
 
-async def _hold(runner, origin: str, copy: object) -> str | None:
-    """Keep one copy ([envelope, data]); None once it is on disk, else why it is not."""
+def _checked(copy: object) -> tuple[Envelope, bytes] | str:
+    """A copy ([envelope, data]) decoded, or why it cannot be."""
     if not isinstance(copy, list) or len(copy) != 2 or not all(isinstance(part, bytes) for part in copy):
         return "a copy is an [envelope, data] pair of byte strings"
     try:
         envelope = decode_envelope(copy[0])
-        if len(copy[1]) != envelope.size:
-            return "data does not match the envelope"
-        await runner.hold(origin, envelope, copy[1])
     except CorruptMessage as exc:
         return str(exc)
-    except OSError as exc:
-        log.error("shadow store: cannot keep a copy for %s: %s", origin, exc)
-        return "cannot store now"
-    return None
+    if len(copy[1]) != envelope.size:
+        return "data does not match the envelope"
+    return envelope, copy[1]

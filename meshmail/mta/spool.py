@@ -7,6 +7,7 @@ All disk work runs in worker threads (trio.to_thread), never on the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fcntl
 import itertools
@@ -45,6 +46,7 @@ COPY_SIZE = 1 << 20
 
 MESSAGE_SUFFIX = ".msg"
 ENVELOPE_SUFFIX = ".env"
+COPIES_SUFFIX = ".cps"
 TEMP_FOLDER = "tmp"
 CORRUPT_FOLDER = "corrupt"
 FAILED_FOLDER = "failed"
@@ -52,6 +54,8 @@ LOCK_NAME = "queue.lock"
 
 _KIND_MESSAGE = 1
 _KIND_ENVELOPE = 2
+#: A record of a copies file naming copies in it that are dropped (envelope: msgpack list of ids).
+_KIND_DROPPED = 3
 # magic, format version, kind, envelope length, data length, crc32 of the data; then crc32 of
 # those 28 bytes followed by the envelope.
 _HEAD = struct.Struct("<8sHHIQI")
@@ -229,29 +233,64 @@ class _Head:
     data_offset: int
 
 
-def _read_head(fd: int, kind: int) -> _Head:
-    """Reads and checks the header and envelope of an open spool file; its size must be exact."""
-    first = os.pread(fd, HEAD_READ, 0)
+@attrs.frozen
+class _CopyAt:
+    """Where a copy in a copies file is: the file's name and its record's offset."""
+
+    file: str
+    offset: int
+
+
+@attrs.frozen
+class _Record:
+    """One record read at `offset`: its kind, its envelope's bytes (not decoded), the length
+    and crc32 of its data, and where its data starts and the record ends."""
+
+    kind: int
+    envelope: bytes
+    data_length: int
+    data_crc: int
+    data_offset: int
+
+    @property
+    def end(self) -> int:
+        return self.data_offset + self.data_length
+
+
+def _read_record(fd: int, offset: int, size: int) -> _Record:
+    """Reads and checks the header and envelope of the record at `offset` of an open spool
+    file of `size` bytes (a whole message or envelope file is one record)."""
+    first = os.pread(fd, HEAD_READ, offset)
     if len(first) < HEADER_SIZE:
         raise CorruptMessage(f"short header ({len(first)} bytes)")
-    magic, version, found_kind, envelope_length, data_length, data_crc = _HEAD.unpack_from(first)
+    magic, version, kind, envelope_length, data_length, data_crc = _HEAD.unpack_from(first)
     (crc,) = _CRC.unpack_from(first, _HEAD.size)
     if magic != MAGIC:
         raise CorruptMessage("not a spool file (bad magic)")
-    if version != FORMAT_VERSION or found_kind != kind:
-        raise CorruptMessage(f"format {version} kind {found_kind}, expected {FORMAT_VERSION} kind {kind}")
+    if version != FORMAT_VERSION:
+        raise CorruptMessage(f"format {version}, expected {FORMAT_VERSION}")
     if envelope_length > MAX_ENVELOPE_SIZE:
         raise CorruptMessage(f"envelope length {envelope_length} is too large")
-    end = HEADER_SIZE + envelope_length
-    size = os.fstat(fd).st_size
-    if size != end + data_length:
-        raise CorruptMessage(f"{size} bytes, the header says {end + data_length}")
-    envelope = first[HEADER_SIZE:end]
+    end = offset + HEADER_SIZE + envelope_length
+    if size < end + data_length:
+        raise CorruptMessage(f"{size - offset} bytes, the header says {end + data_length - offset}")
+    envelope = first[HEADER_SIZE : HEADER_SIZE + envelope_length]
     if len(envelope) < envelope_length:
-        envelope += os.pread(fd, end - len(first), len(first))
+        envelope += os.pread(fd, envelope_length - len(envelope), offset + len(first))
     if zlib.crc32(envelope, zlib.crc32(first[: _HEAD.size])) != crc:
         raise CorruptMessage("header checksum mismatch")
-    return _Head(decode_envelope(envelope), data_length, data_crc, end)
+    return _Record(kind, envelope, data_length, data_crc, end)
+
+
+def _read_head(fd: int, kind: int) -> _Head:
+    """Reads and checks the header and envelope of an open spool file; its size must be exact."""
+    size = os.fstat(fd).st_size
+    record = _read_record(fd, 0, size)
+    if record.kind != kind:
+        raise CorruptMessage(f"kind {record.kind}, expected kind {kind}")
+    if size != record.end:
+        raise CorruptMessage(f"{size} bytes, the header says {record.end}")
+    return _Head(decode_envelope(record.envelope), record.data_length, record.data_crc, record.data_offset)
 
 
 def _read_file_head(path: str | Path, kind: int) -> _Head:
@@ -385,6 +424,57 @@ class _GroupCommit:
             change.done = True
 
 
+@attrs.define(eq=False)
+class _Drop:
+    """A copy to name in a drop record of its copies file."""
+
+    path: Path
+    queue_id: str
+    error: OSError | None = None
+    done: bool = False
+
+    def discard(self) -> None:
+        pass
+
+
+@attrs.define(eq=False)
+class _DropCommit(_GroupCommit):
+    """Shares the fdatasyncs of drop records the same way: a round appends one record to each
+    copies file naming every copy dropped there meanwhile, and fdatasyncs that file."""
+
+    def _round(self, batch: list) -> None:
+        by_path: dict[Path, list[_Drop]] = {}
+        for drop in batch:
+            by_path.setdefault(drop.path, []).append(drop)
+        for path, drops in by_path.items():
+            try:
+                _append_dropped(path, [drop.queue_id for drop in drops])
+            except OSError as exc:
+                for drop in drops:
+                    drop.error = exc
+        self.rounds += 1
+        self.changes += len(batch)
+        for drop in batch:
+            drop.done = True
+
+
+def _append_dropped(path: Path, ids: list[str]) -> None:
+    packed = msgpack.packb(ids, use_bin_type=True)
+    record = _header(_KIND_DROPPED, packed, 0, 0) + packed
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            write_all(fd, record)
+            os.fdatasync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):  # a part written would hide the records after it
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
 # --- the spool ------------------------------------------------------------------------------
 
 
@@ -417,6 +507,14 @@ class Spool:
     read), failed/ (expired messages no DSN could be sent for). queue.lock holds an flock
     while open, so one process at a time uses the folder.
 
+    Shadow copies that arrive together (`store_copies`) share one file, `<first id>.<n>.cps`:
+    the records of the copies one after the other, each a header, envelope and data as in a
+    message file, so a frame of copies costs one file and one fsync rather than one each (the
+    creation and fsync of a small file cost more CPU than writing its bytes). Dropping a copy
+    appends a record (kind 3) naming it, fdatasync'd (drops at the same time share a record and
+    its fdatasync, as writers share the folder's fsync); dropping the file's last copy removes
+    the file. `update` of a copy moves it to a message file of its own (a copy taken over).
+
     Durability: `store` and `update` write a temporary file in tmp/ (same filesystem), fsync
     it, rename it into the folder, fsync the folder, and only then return; `remove` unlinks
     and fsyncs the folder. Concurrent calls share the folder's fsyncs (see _GroupCommit).
@@ -431,6 +529,10 @@ class Spool:
         self._lock_fd = lock_fd
         self._commit = _GroupCommit(folder)
         self._temp_names = itertools.count()
+        #: Copies kept in copies files: where each one's record is, and the live ids per file.
+        self._copies: dict[str, _CopyAt] = {}
+        self._copy_files: dict[str, set[str]] = {}
+        self._drops = _DropCommit(folder)
 
     @classmethod
     def open(cls, folder: str | os.PathLike[str]) -> Spool:
@@ -482,7 +584,14 @@ class Spool:
 
     async def update(self, envelope: Envelope) -> None:
         """Replaces the stored envelope of a queued message durably (attempts, recipients'
-        states and replies). Raises FileNotFoundError when the message is not queued."""
+        states and replies); a copy in a copies file moves to a message file of its own (a
+        rescan prefers that file to the copy if a crash comes before the copy is dropped).
+        Raises FileNotFoundError when the message is not queued."""
+        if envelope.id in self._copies:
+            _, data = await trio.to_thread.run_sync(self._read_copy, envelope.id, True)
+            await self._write(envelope, data)
+            await self._drop_copy(envelope.id)
+            return
         await self._write(envelope, None)
 
     async def _write(self, envelope: Envelope, data: Data | None) -> Envelope:
@@ -526,9 +635,84 @@ class Spool:
         return change, envelope
 
     async def remove(self, queue_id: str) -> None:
-        """Removes a delivered (or deleted) message durably. The message file goes first: a
-        crash between the two unlinks leaves an orphan envelope update, which a rescan drops."""
+        """Removes a delivered (or deleted) message, or a copy, durably. The message file goes
+        first: a crash between the two unlinks leaves an orphan envelope update, which a rescan
+        drops."""
+        if queue_id in self._copies:
+            await self._drop_copy(queue_id)
+            return
         await self._commit.commit(_Pending(remove=(self.message_path(queue_id), self.envelope_path(queue_id))))
+
+    # --- copies files ---
+
+    async def store_copies(self, copies: list[tuple[Envelope, bytes]]) -> list[Envelope]:
+        """Writes shadow copies durably into one new copies file; returns their envelopes with
+        `size` set. The ids must not be kept here yet (the caller's index knows). Raises OSError."""
+        change, envelopes, offsets = await trio.to_thread.run_sync(self._write_copies, copies)
+        await self._commit.commit(change)
+        assert change.final is not None
+        name = change.final.name
+        self._copy_files[name] = {envelope.id for envelope in envelopes}
+        for envelope, offset in zip(envelopes, offsets, strict=True):
+            self._copies[envelope.id] = _CopyAt(name, offset)
+        return envelopes
+
+    def _write_copies(self, copies: list[tuple[Envelope, bytes]]) -> tuple[_Pending, list[Envelope], list[int]]:
+        first = copies[0][0].id
+        while (final := self.folder / f"{first}.{next(self._temp_names)}{COPIES_SUFFIX}").exists():
+            pass
+        temp = self.temp_folder / final.name
+        chunks: list[bytes] = []
+        envelopes, offsets, offset = [], [], 0
+        for envelope, data in copies:
+            envelope = attrs.evolve(envelope, size=len(data))
+            packed = encode_envelope(envelope)
+            chunks += (_header(_KIND_MESSAGE, packed, len(data), zlib.crc32(data)), packed, data)
+            envelopes.append(envelope)
+            offsets.append(offset)
+            offset += HEADER_SIZE + len(packed) + len(data)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        change = _Pending(fd=fd, temp=temp, final=final)
+        try:
+            write_all(fd, b"".join(chunks))
+            os.fsync(fd)
+            os.close(fd)
+            change.fd = -1
+        except BaseException:
+            change.discard()
+            raise
+        return change, envelopes, offsets
+
+    async def _drop_copy(self, queue_id: str) -> None:
+        """Drops a copy: a record naming it appended to its file, or the file removed when it
+        was the last copy there."""
+        at = self._copies[queue_id]
+        live = self._copy_files[at.file]
+        if live != {queue_id}:
+            await self._drops.commit(_Drop(self.folder / at.file, queue_id))
+        self._copies.pop(queue_id, None)
+        live.discard(queue_id)
+        if not live:  # also when the others went while this record was written
+            await self._commit.commit(_Pending(remove=(self.folder / at.file,)))
+            self._copy_files.pop(at.file, None)
+
+    def _read_copy(self, queue_id: str, with_data: bool) -> tuple[Envelope, bytes]:
+        """The envelope (and the data, `with_data`) of a copy in a copies file."""
+        at = self._copies[queue_id]
+        fd = os.open(self.folder / at.file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            record = _read_record(fd, at.offset, os.fstat(fd).st_size)
+            data = os.pread(fd, record.data_length, record.data_offset) if with_data else b""
+        finally:
+            os.close(fd)
+        if record.kind != _KIND_MESSAGE:
+            raise CorruptMessage(f"kind {record.kind} where the copy of {queue_id} was")
+        envelope = decode_envelope(record.envelope)
+        if envelope.id != queue_id:
+            raise CorruptMessage(f"record of {queue_id} holds the envelope of {envelope.id}")
+        if with_data and (len(data) != record.data_length or zlib.crc32(data) != record.data_crc):
+            raise CorruptMessage("message data checksum mismatch")
+        return envelope, data
 
     async def move_to_failed(self, envelope: Envelope) -> Path:
         """Moves an expired message whose DSN cannot be sent to failed/, with `envelope` (its
@@ -568,6 +752,8 @@ class Spool:
         return await trio.to_thread.run_sync(self._read_envelope, queue_id)
 
     def _read_envelope(self, queue_id: str) -> Envelope:
+        if queue_id in self._copies:
+            return self._read_copy(queue_id, False)[0]
         head = _read_file_head(self.message_path(queue_id), _KIND_MESSAGE)
         return self._newest(queue_id, head.envelope)
 
@@ -586,6 +772,8 @@ class Spool:
         return await trio.to_thread.run_sync(self._read_message, queue_id)
 
     def _read_message(self, queue_id: str) -> tuple[Envelope, bytes]:
+        if queue_id in self._copies:
+            return self._read_copy(queue_id, True)
         fd = os.open(self.message_path(queue_id), os.O_RDONLY | os.O_CLOEXEC)
         try:
             head = _read_head(fd, _KIND_MESSAGE)
@@ -615,12 +803,17 @@ class Spool:
         names = set(os.listdir(folder))
         envelopes: list[Envelope] = []
         corrupt: list[tuple[str, str]] = []
-        corrupt_updates = orphans = 0
+        corrupt_updates = orphans = emptied = 0
+        self._copies, self._copy_files = {}, {}
         for name in sorted(names):
             queue_id, suffix = os.path.splitext(name)
             if suffix == ENVELOPE_SUFFIX and f"{queue_id}{MESSAGE_SUFFIX}" not in names:
                 os.unlink(self.folder / name)
                 orphans += 1
+            if suffix == COPIES_SUFFIX:
+                copies = self._scan_copies(name, names)
+                envelopes += copies
+                emptied += not copies
             if suffix != MESSAGE_SUFFIX:
                 continue
             try:
@@ -652,9 +845,57 @@ class Spool:
             envelopes.append(envelope)
         if corrupt or corrupt_updates:
             sync_directory(self.corrupt_folder)
-        if corrupt or corrupt_updates or orphans:
+        if corrupt or corrupt_updates or orphans or emptied:
             sync_directory(self.folder)
         return ScanResult(envelopes, corrupt, corrupt_updates, temp_files, orphans)
+
+    def _scan_copies(self, name: str, names: set[str]) -> list[Envelope]:
+        """The live copies of copies file `name` (not dropped, not moved to a message file of
+        their own), registered; the file is removed when none is. A record that cannot be read
+        ends the file there (the tail of a crash while a drop was appended): it is cut off."""
+        path = self.folder / name
+        kept: dict[str, tuple[Envelope, int]] = {}
+        dropped: set[str] = set()
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            offset, size = 0, os.fstat(fd).st_size
+            while offset < size:
+                try:
+                    record = _read_record(fd, offset, size)
+                    if record.kind == _KIND_MESSAGE:
+                        envelope = decode_envelope(record.envelope)
+                        kept[envelope.id] = (envelope, offset)
+                    elif record.kind == _KIND_DROPPED:
+                        dropped.update(_dropped_ids(record.envelope))
+                    else:
+                        raise CorruptMessage(f"kind {record.kind}")
+                except CorruptMessage as exc:
+                    log.warning("queue: %s is cut at byte %d of %d (%s)", name, offset, size, exc)
+                    os.ftruncate(fd, offset)
+                    os.fsync(fd)
+                    break
+                offset = record.end
+        finally:
+            os.close(fd)
+        live = {queue_id: found for queue_id, found in kept.items()
+                if queue_id not in dropped and f"{queue_id}{MESSAGE_SUFFIX}" not in names}  # fmt: skip
+        if not live:
+            os.unlink(path)
+            return []
+        self._copy_files[name] = set(live)
+        for queue_id, (_, offset) in live.items():
+            self._copies[queue_id] = _CopyAt(name, offset)
+        return [envelope for envelope, _ in live.values()]
+
+
+def _dropped_ids(packed: bytes) -> list[str]:
+    try:
+        ids = msgpack.unpackb(packed, raw=False)
+    except Exception:  # msgpack raises a handful of unrelated types
+        raise CorruptMessage("bad list of dropped copies") from None
+    if not isinstance(ids, list) or not all(isinstance(queue_id, str) for queue_id in ids):
+        raise CorruptMessage("bad list of dropped copies")
+    return ids
 
 
 def _free_name(path: Path) -> Path:

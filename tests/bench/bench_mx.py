@@ -348,6 +348,23 @@ def measure(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, mailki
     return results
 
 
+def measure_shadow(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, mailkit.Dovecot],
+                   sizes: Sizes) -> Results:  # fmt: skip
+    """Only what the shadow rows need: warm-up, Postfix's queue path (its Dovecot stopped),
+    then meshmail's queue path with a shadow master."""
+    results = Results()
+    assert postfix.process is not None
+    for name, port in {"postfix": postfix.port, "meshmail": mesh.port}.items():
+        smtp_source(port, RECIPIENTS["warm"], WARM_MESSAGES, min(sizes.sessions, WARM_MESSAGES), sizes.message_bytes)
+        wait_mailbox(f"{name}: warm-up mail delivered", dovecots[name], RECIPIENTS["warm"], WARM_MESSAGES)
+    dovecots["postfix"].stop()
+    print(f"postfix: {sizes.messages:,} messages while its Dovecot is stopped ...", flush=True)
+    with counting_cpu(results, "queue", "postfix", postfix.process.pid, sizes.messages):
+        queue_phase("postfix", postfix.port, sizes, results)
+    shadow_phase(mesh, dovecots["meshmail"], sizes, results)
+    return results
+
+
 def shadow_phase(mesh: Meshmail, dovecot: mailkit.Dovecot, sizes: Sizes, results: Results) -> None:
     """The queue path once more, with m2 holding a shadow copy of every message m1 queues;
     then the Dovecot back and the queue delivered (not timed)."""
@@ -387,6 +404,19 @@ class Row:
     ok: bool | None = None
 
 
+def shadow_rows(results: Results, sizes: Sizes) -> list[Row]:
+    """The rows of the queue path with a shadow master, against Postfix's queue path."""
+    postfix = sizes.messages / results.queue_accepted["postfix"]
+    shadow = sizes.messages / results.shadow_accepted
+    return [
+        Row("  with a shadow copy on another master (msgs/s)", f"{postfix:.0f}", f"{shadow:.0f}", shadow / postfix,
+            f">= {TARGET_QUEUE_RATIO:g} x Postfix", shadow / postfix >= TARGET_QUEUE_RATIO),
+        Row("  server CPU per message with the shadow copy (ms)", f"{results.cpu_ms['queue']['postfix']:.2f}",
+            f"{results.shadow_cpu_ms:.2f}", results.shadow_cpu_ms / results.cpu_ms["queue"]["postfix"]),
+        Row("  and of m2, keeping the copies (ms)", "-", f"{results.holder_cpu_ms:.2f}"),
+    ]  # fmt: skip
+
+
 def rows_of(results: Results, sizes: Sizes) -> list[Row]:
     n = sizes.messages
 
@@ -401,12 +431,7 @@ def rows_of(results: Results, sizes: Sizes) -> list[Row]:
     return [
         Row("queue path: accepted msgs/s (next hop down, fsync'd)", f"{queue[0]:.0f}", f"{queue[1]:.0f}", queue[2],
             f">= {TARGET_QUEUE_RATIO:g} x Postfix", queue[2] >= TARGET_QUEUE_RATIO),
-        Row("  with a shadow copy on another master (msgs/s)", f"{queue[0]:.0f}", f"{n / results.shadow_accepted:.0f}",
-            n / results.shadow_accepted / queue[0], f">= {TARGET_QUEUE_RATIO:g} x Postfix",
-            n / results.shadow_accepted / queue[0] >= TARGET_QUEUE_RATIO),
-        Row("  server CPU per message with the shadow copy (ms)", f"{results.cpu_ms['queue']['postfix']:.2f}",
-            f"{results.shadow_cpu_ms:.2f}", results.shadow_cpu_ms / results.cpu_ms["queue"]["postfix"]),
-        Row("  and of m2, keeping the copies (ms)", "-", f"{results.holder_cpu_ms:.2f}"),
+        *shadow_rows(results, sizes),
         Row("relay / in-line: delivered msgs/s (next hop up)", f"{live[0]:.0f}", f"{live[1]:.0f}", live[2],
             f">= {TARGET_INLINE_RATIO:g} x Postfix", live[2] >= TARGET_INLINE_RATIO),
         Row("  accepted msgs/s (smtp-source done)", f"{accepted[0]:.0f}", f"{accepted[1]:.0f}", accepted[2]),
@@ -433,8 +458,8 @@ def print_table(rows: list[Row], short: bool) -> None:
         print(f"{row.label:{width}}  {values}  {row.target:18}  {judged}".rstrip())
 
 
-def report(results: Results, sizes: Sizes, short: bool) -> list[Figure]:
-    rows = rows_of(results, sizes)
+def report(results: Results, sizes: Sizes, short: bool, only: str | None = None) -> list[Figure]:
+    rows = shadow_rows(results, sizes) if only == "shadow" else rows_of(results, sizes)
     print()
     print(f"meshmail MX benchmark: smtp-source, {sizes.messages:,} messages of {sizes.message_bytes:,} bytes over "
           f"{sizes.sessions} sessions; nproc {os.cpu_count()}, {platform.machine()}, "
@@ -466,7 +491,7 @@ def missing() -> list[str]:
     return problems
 
 
-def run(root: Path, sizes: Sizes, short: bool, profile: Path | None) -> int:
+def run(root: Path, sizes: Sizes, short: bool, profile: Path | None, only: str | None = None) -> int:
     dovecots = {name: mailkit.Dovecot(root / f"dovecot-{name}", USERS, name=f"d-{name}")
                 for name in ("postfix", "meshmail")}  # fmt: skip
     postfix = mailkit.Postfix(root / "postfix", dovecots["postfix"], [DOMAIN])
@@ -476,7 +501,7 @@ def run(root: Path, sizes: Sizes, short: bool, profile: Path | None) -> int:
             dovecot.start()
         postfix.start()
         mesh.start()
-        results = measure(postfix, mesh, dovecots, sizes)
+        results = (measure_shadow if only == "shadow" else measure)(postfix, mesh, dovecots, sizes)
     except (BenchError, AssertionError, RuntimeError, OSError) as exc:
         print(f"bench-mx failed: {exc}", file=sys.stderr)
         logs = {"postfix": postfix.log_tail(), "meshmail": mesh.fleet.logs(),
@@ -491,7 +516,7 @@ def run(root: Path, sizes: Sizes, short: bool, profile: Path | None) -> int:
         postfix.close()
         for dovecot in dovecots.values():
             dovecot.close()
-    figures = report(results, sizes, short)
+    figures = report(results, sizes, short, only)
     if profile is not None and profile.exists():
         print_profile(profile)
     return verdict(figures, short)
@@ -505,6 +530,11 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, help=f"parallel SMTP sessions (default {FULL.sessions})")
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="run m1 under cProfile, write its profile to FILE, print its top functions")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        choices=["shadow"],
+        help="run only Postfix's queue path and meshmail's queue path with a shadow master",
+    )
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep every file and log under DIR (new or empty)")
     args = parser.parse_args()
     sizes = SHORT if args.short else FULL
@@ -518,10 +548,10 @@ def main() -> int:
         if any(args.keep.iterdir()):
             print(f"bench-mx: {args.keep} is not empty", file=sys.stderr)
             return FAILED
-        return run(args.keep.resolve(), sizes, args.short, profile)
+        return run(args.keep.resolve(), sizes, args.short, profile, args.only)
     with tempfile.TemporaryDirectory(prefix="meshmail-bench-mx-") as root:
         try:
-            return run(Path(root), sizes, args.short, profile)
+            return run(Path(root), sizes, args.short, profile, args.only)
         finally:
             shutil.rmtree(root, ignore_errors=True)
 

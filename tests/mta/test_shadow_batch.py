@@ -123,10 +123,10 @@ def test_a_holder_dying_between_storing_and_answering_loses_nothing(pair):
     real, death = pair.holder, trio.CancelScope()
 
     class DiesAfterStoring:
-        """The holder's runner: the first copy goes to disk, then the holder dies."""
+        """The holder's runner: the first frame's copies go to disk, then the holder dies."""
 
-        async def hold(self, origin, envelope, data) -> None:
-            await real.hold(origin, envelope, data)
+        async def hold(self, origin, copies) -> list:
+            await real.hold(origin, copies)
             stored.set()
             death.cancel()  # the process is gone before any answer leaves
             await trio.sleep_forever()

@@ -393,3 +393,105 @@ def test_a_process_killed_while_it_stores_leaves_whole_messages_or_nothing(tmp_p
         finally:
             spool.close()
     assert len(acknowledged) > 100  # the kills landed among many writes
+
+
+# --- copies files: shadow copies stored together ---
+
+
+def copies(count: int) -> list[tuple[Envelope, bytes]]:
+    return [(envelope(n, shadow=True), MESSAGE + b"%d" % n) for n in range(count)]
+
+
+@pytest.fixture
+def reopened():
+    """A function opening the folder of a spool again, as after a restart (the old one closed)."""
+    opened: list[Spool] = []
+
+    def reopen(spool: Spool) -> Spool:
+        spool.close()
+        opened.append(Spool.open(spool.folder))
+        opened[-1].scan()
+        return opened[-1]
+
+    yield reopen
+    for spool in opened:
+        spool.close()
+
+
+async def test_copies_stored_together_go_into_one_file_with_one_fsync(spool, monkeypatch, reopened):
+    recorder = Recorder(monkeypatch)
+    stored = await spool.store_copies(copies(20))
+    recorder.events.append(("returned", ""))
+    assert [event for event, _ in recorder.events] == ["fsync-file", "rename", "fsync-folder", "returned"]
+    assert sorted(path.suffix for path in spool.folder.iterdir() if path.is_file()) == [".cps", ".lock"]
+    for (sent, data), kept in zip(copies(20), stored, strict=True):
+        assert kept == attrs.evolve(sent, size=len(data))
+        assert await spool.read_message(kept.id) == (kept, data)
+    assert sorted(e.id for e in reopened(spool).scan().envelopes) == sorted(e.id for e in stored)
+
+
+async def test_dropped_copies_stay_dropped_and_the_last_one_takes_the_file_away(spool, reopened):
+    first, second, third = await spool.store_copies(copies(3))
+    await spool.remove(second.id)
+    spool = reopened(spool)
+    assert sorted(e.id for e in spool.scan().envelopes) == sorted([first.id, third.id])
+    assert (await spool.read_message(third.id))[1] == MESSAGE + b"2"
+    await spool.remove(first.id)
+    await spool.remove(third.id)
+    assert not list(spool.folder.glob("*.cps"))
+    assert reopened(spool).scan().envelopes == []
+
+
+async def test_an_update_moves_a_copy_to_a_message_file_of_its_own(spool, reopened):
+    first, second = await spool.store_copies(copies(2))
+    taken = attrs.evolve(first, shadow=False)
+    await spool.update(taken)
+    assert spool.message_path(first.id).exists()
+    assert await spool.read_message(first.id) == (taken, MESSAGE + b"0")
+    found = {e.id: e for e in reopened(spool).scan().envelopes}
+    assert found == {first.id: taken, second.id: second}
+
+
+async def test_a_message_file_wins_over_its_copy_after_a_crash_between_them(spool, reopened):
+    first, second = await spool.store_copies(copies(2))
+    taken = await spool.store(attrs.evolve(first, shadow=False), MESSAGE + b"0")  # the copy not dropped yet
+    spool = reopened(spool)
+    found = {e.id: e for e in spool.scan().envelopes}
+    assert found == {first.id: taken, second.id: second}
+    await spool.remove(second.id)  # the file's last live copy: the file goes
+    assert not list(spool.folder.glob("*.cps"))
+    assert spool.message_path(first.id).exists()
+
+
+async def test_a_drop_record_cut_short_by_a_crash_is_cut_off_and_later_drops_count(spool, caplog, reopened):
+    first, second, third = await spool.store_copies(copies(3))
+    await spool.remove(first.id)
+    [path] = spool.folder.glob("*.cps")
+    whole = path.stat().st_size
+    with open(path, "ab") as file:
+        file.write(b"\x89MMQUE\r\n\x01\x00\x03")  # a crash in the middle of the next record
+    with caplog.at_level(logging.WARNING, logger="meshmail.mta"):
+        spool = reopened(spool)
+    assert "is cut at byte" in caplog.text
+    assert path.stat().st_size == whole
+    assert sorted(e.id for e in spool.scan().envelopes) == sorted([second.id, third.id])
+    await spool.remove(second.id)
+    assert [e.id for e in reopened(spool).scan().envelopes] == [third.id]
+
+
+async def test_copies_dropped_at_the_same_time_share_a_drop_record(spool, monkeypatch, reopened):
+    stored = await spool.store_copies(copies(20))
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        syncs.append(fd)
+        time.sleep(0.02)  # a slow disk: drops arriving meanwhile wait for the next round
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    async with trio.open_nursery() as nursery:
+        for kept in stored[1:]:
+            nursery.start_soon(spool.remove, kept.id)
+    assert 1 <= len(syncs) <= 3, len(syncs)
+    assert [e.id for e in reopened(spool).scan().envelopes] == [stored[0].id]
