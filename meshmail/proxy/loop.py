@@ -15,9 +15,14 @@ What it offers, and nothing more:
   inside a scope that expires or is cancelled gets `Cancelled` thrown in, which the scope catches.
 - `now()`: time.monotonic(), the loop's clock.
 
-A task is driven by `coro.send`/`coro.throw`; one epoll registration per wait (EPOLLONESHOT),
-so a closed and reused fd number never sees a stale event. The loop records how long each
-round of running tasks took in a StallWatch: /status shows the longest of the last minute.
+A task is driven by `coro.send`/`coro.throw`. An fd is registered with epoll once, edge-
+triggered for both directions, at its first wait, and stays so until it closes (forget() just
+before): no epoll call per wait. Edge-triggered means a task waits only once the fd has said it
+is empty or full (EAGAIN, or a read shorter than asked for); an edge that comes while nobody
+waits is kept and ends the next wait at once, and once the peer has closed (or an error came)
+every wait on that side ends at once, since no further edge will come (a wait may end
+spuriously: callers retry their call). The loop records how long each round of running
+tasks took in a StallWatch: /status shows the longest of the last minute.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ now: Callable[[], float] = time.monotonic
 
 _READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
-_ONESHOT = select.EPOLLONESHOT
+_EDGES = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_ENDS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 #: Threads run_in_thread uses (name lookups of backends given by name).
 THREADS = 4
 
@@ -285,7 +291,9 @@ class Loop:
         self._epoll = select.epoll()
         self._readers: dict[int, Task] = {}
         self._writers: dict[int, Task] = {}
-        self._registered: dict[int, int] = {}  # fd -> the mask it is registered with
+        self._registered: set[int] = set()
+        self._edges: dict[int, int] = {}  # fd -> edges that came while nobody waited: 1 read, 2 write
+        self._ended: dict[int, int] = {}  # fd -> sides the peer closed or an error ended: every wait is over
         self._timers: list[tuple[float, int, Task]] = []
         self._sequence = itertools.count()
         self._ready: collections.deque[tuple[Task, Any, BaseException | None]] = collections.deque()
@@ -383,14 +391,18 @@ class Loop:
         if deadline != float("inf") and deadline <= now():
             self._ready.append((task, None, Cancelled()))
             return
+        if kind == "read" or kind == "write":
+            side = 1 if kind == "read" else 2
+            if (self._edges.get(subject, 0) | self._ended.get(subject, 0)) & side:  # over already
+                self._edges[subject] = self._edges.get(subject, 0) & ~side
+                task.generation += 1
+                self._ready.append((task, None, None))
+                return
+            (self._readers if kind == "read" else self._writers)[subject] = task
+            if subject not in self._registered:
+                self._register(subject)
         task.waiting = (kind, subject)
-        if kind == "read":
-            self._readers[subject] = task
-            self._arm(subject)
-        elif kind == "write":
-            self._writers[subject] = task
-            self._arm(subject)
-        elif kind == "sleep":
+        if kind == "sleep":
             deadline = min(deadline, subject)
         elif kind == "yield":
             task.waiting = None
@@ -440,26 +452,21 @@ class Loop:
 
         self._threads.submit(fn).add_done_callback(finished)
 
-    def _arm(self, fd: int) -> None:
-        mask = (_READ if fd in self._readers else 0) | (_WRITE if fd in self._writers else 0) | _ONESHOT
+    def _register(self, fd: int) -> None:
+        self._edges.pop(fd, None)
+        self._ended.pop(fd, None)
         try:
-            if fd in self._registered:
-                self._epoll.modify(fd, mask)
-            else:
-                self._epoll.register(fd, mask)
-        except FileNotFoundError:  # closed and reopened under the same number since
-            self._epoll.register(fd, mask)
-        except FileExistsError:
-            self._epoll.modify(fd, mask)
-        self._registered[fd] = mask
+            self._epoll.register(fd, _EDGES)
+        except FileExistsError:  # closed without forget() while its number lived on elsewhere
+            self._epoll.modify(fd, _EDGES)
+        self._registered.add(fd)
 
     def forget(self, fd: int) -> None:
-        """Drop what the loop knows of `fd`: call before closing it."""
-        if self._registered.pop(fd, None) is not None:
-            try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass
+        """Drop what the loop knows of `fd`: call just before closing it (the close ends its
+        epoll registration; an fd that stays open must not be forgotten)."""
+        self._registered.discard(fd)
+        self._edges.pop(fd, None)
+        self._ended.pop(fd, None)
         for waiters in (self._readers, self._writers):
             task = waiters.get(fd)
             if task is not None:
@@ -535,10 +542,12 @@ class Loop:
                 except BlockingIOError:
                     pass
                 continue
-            self._registered[fd] = 0  # oneshot: disarmed until the next wait
-            if mask & _READ and fd in self._readers:
-                self._wake(self._readers[fd], None)
-            if mask & _WRITE and fd in self._writers:
-                self._wake(self._writers[fd], None)
-            if fd in self._readers or fd in self._writers:
-                self._arm(fd)
+            if mask & _ENDS:  # no edge follows an end: a read that got the last bytes must not wait for one
+                self._ended[fd] = self._ended.get(fd, 0) | (1 if mask & _ENDS == select.EPOLLRDHUP else 3)
+            for events, side, waiters in ((_READ, 1, self._readers), (_WRITE, 2, self._writers)):
+                if mask & events:
+                    task = waiters.get(fd)
+                    if task is not None:
+                        self._wake(task, None)
+                    else:
+                        self._edges[fd] = self._edges.get(fd, 0) | side

@@ -10,6 +10,7 @@ on for proxy.drain_timeout, then ends the rest (session.py) and tells the node i
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -19,7 +20,7 @@ from typing import Any
 import trio
 
 from ..core.accept import BACKOFF_FIRST, BACKOFF_MAX, SHORTAGE_ERRNOS, Shortages
-from ..core.address import Address
+from ..core.address import Address, socket_address
 from ..core.stall import StallWatch
 from ..metrics import PROXY, Metrics
 from ..services import Context
@@ -204,9 +205,12 @@ async def serve_listener(sock: socket.socket, name: str, proxy: Proxy) -> None:
     sock.setblocking(False)
     current, shortages = loop.current_loop(), Shortages(name)
     fd, delay = sock.fileno(), BACKOFF_FIRST
+    # The address clients reach: the listener's own unless it listens on every address.
+    host, port = sock.getsockname()[:2]
+    local = None if ipaddress.ip_address(host).is_unspecified else socket_address((host, port))
     while True:
         try:
-            conn, _ = sock.accept()
+            conn, peer = sock.accept()
         except BlockingIOError:
             await loop.wait_readable(fd)
             continue
@@ -220,4 +224,4 @@ async def serve_listener(sock: socket.socket, name: str, proxy: Proxy) -> None:
             delay = min(2 * delay, BACKOFF_MAX)
             continue
         delay = BACKOFF_FIRST
-        current.spawn(proxy.handle(SocketStream(conn), name))
+        current.spawn(proxy.handle(SocketStream(conn), name, socket_address(peer), local))

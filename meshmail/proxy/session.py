@@ -154,14 +154,18 @@ class Proxy:
         while self.sessions:
             await loop.sleep(DRAIN_POLL)
 
-    async def handle(self, stream: SocketStream, listener: str) -> None:
-        """Serve one client connected to `listener` (a key of LISTENERS), then close it."""
+    async def handle(
+        self, stream: SocketStream, listener: str, client: tuple[str, int], local: tuple[str, int] | None = None
+    ) -> None:
+        """Serve one client, from `client`, connected to `listener` (a key of LISTENERS) at
+        `local` (None: ask the socket), then close it."""
         kind, tls_first = LISTENERS[listener]
-        try:
-            client = socket_address(stream.socket.getpeername())
-        except OSError:  # gone already
-            stream.close()
-            return
+        if local is None:
+            try:
+                local = socket_address(stream.socket.getsockname())
+            except OSError:  # gone already
+                stream.close()
+                return
         if self.open >= self.section.max_sessions or self.by_client[client[0]] >= self.section.max_sessions_per_client:
             self.series(self.metrics.proxy_turned_away, kind.protocol).inc()
             with loop.move_on_after(1):
@@ -174,7 +178,7 @@ class Proxy:
         self.open += 1
         self.by_client[client[0]] += 1
         self.series(self.metrics.proxy_sessions, kind.protocol).inc()
-        session = Session(self, kind, stream, client, socket_address(stream.socket.getsockname()))
+        session = Session(self, kind, stream, client, local)
         self.sessions.add(session)
         try:
             await session.run(tls_first)

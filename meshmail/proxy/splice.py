@@ -1,9 +1,9 @@
 """Splicing a logged-in client to its backend: bytes both ways until both sides have closed,
 either breaks, or nothing moved for the idle timeout; half-close passed on where the stream
-allows it. Between two plain sockets on Linux the bytes stay in the kernel (os.splice through
-a pipe per direction, borrowed from a small pool while bytes flow); otherwise large reads and send_all. Either way a
-slow reader slows its writer down: a direction holds at most one pipe's or one read's worth.
-Counts the bytes each way.
+allows it. Lines go through Python (a read and a send); between two plain sockets on Linux
+the rest of a bulk burst stays in the kernel (os.splice through a pipe, borrowed from a small
+pool while bytes flow). Either way a slow reader slows its writer down: a direction holds at
+most one pipe's or one read's worth. Counts the bytes each way.
 """
 
 from __future__ import annotations
@@ -53,12 +53,7 @@ class Splice:
 
         async def pump(source: Stream, sink: Stream, index: int) -> None:
             try:
-                try:
-                    if not in_kernel:
-                        raise _NoSplice
-                    await self._splice(source, sink, index)
-                except _NoSplice:
-                    await self._copy(source, sink, index)
+                await self._move(source, sink, index, in_kernel)
                 half_closeable = isinstance(sink, SocketStream)
                 if half_closeable:
                     await sink.send_eof()
@@ -87,34 +82,39 @@ class Splice:
         else:
             self.down += count
 
-    async def _copy(self, source: Stream, sink: Stream, index: int) -> None:
-        """Copy from `source` to `sink` until `source` ends, one read at a time."""
+    async def _move(self, source: Stream, sink: Stream, index: int, in_kernel: bool) -> None:
+        """Move bytes from `source` to `sink` until `source` ends: one read through Python each
+        time it is readable (an exchange of lines costs two calls, as few as it can), and with
+        `in_kernel` (two plain sockets on Linux), when that read fills READ_SIZE, the rest of
+        the burst through a pipe. A burst borrows an empty pipe from pipes() and gives it back
+        empty, so an idle session holds no pipe fds and none of the user's pipe pages. Where
+        the kernel path turns out unavailable (no fd left for a pipe, a socket it cannot splice
+        from) the direction copies on. OSError when a socket breaks."""
+        in_kernel = in_kernel and hasattr(os, "splice")
         while data := await source.receive_some(READ_SIZE):
             self._last = loop.now()
             await sink.send_all(data)
             self._moved(index, len(data))
-
-    async def _splice(self, source: SocketStream, sink: SocketStream, index: int) -> None:
-        """Move bytes from `source` to `sink` in the kernel until `source` ends. A burst borrows
-        an empty pipe from pipes() and gives it back empty, so an idle session holds no pipe fds
-        and none of the user's pipe pages, and an exchange of lines costs no pipe setup. Raises
-        _NoSplice when the kernel path is out while no bytes are held (the caller copies on
-        from there), OSError when a socket breaks."""
-        if not hasattr(os, "splice"):
-            raise _NoSplice
-        src, dst = source.fd, sink.fd
-        while True:
-            await loop.wait_readable(src)
+            if not in_kernel or len(data) < READ_SIZE:
+                continue  # a short read emptied the socket: wait for more
+            assert isinstance(source, SocketStream) and isinstance(sink, SocketStream)
             kept = pipes()
-            pipe = kept.take()
+            try:
+                pipe = kept.take()
+            except _NoSplice:
+                in_kernel = False
+                continue
             emptied = False
             try:
-                ended = await self._burst(src, dst, pipe, index)
+                ended = await self._burst(source.fd, sink.fd, pipe, index)
                 emptied = True
+            except _NoSplice:
+                in_kernel, emptied, ended = False, True, False
             finally:
                 kept.give(pipe, emptied)
             if ended:
                 return
+            source.drained = True  # the burst read until EAGAIN
 
     async def _burst(self, src: int, dst: int, pipe: tuple[int, int, int], index: int) -> bool:
         """Fill the pipe from `src` and empty it into `dst` until `src` has nothing more for now

@@ -17,10 +17,15 @@ READ_SIZE = 65536
 
 
 class SocketStream:
-    """A connected TCP socket, made non-blocking, with Nagle off (lines go out at once)."""
+    """A connected TCP socket, made non-blocking, with Nagle off (lines go out at once).
+
+    A read shorter than asked for emptied the socket's receive queue, so the next read waits
+    for epoll first instead of trying a read that would only say EAGAIN; a new connection is
+    taken as empty too (mail servers speak first, and a client waits for the greeting)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:
+            sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -28,13 +33,19 @@ class SocketStream:
         self.socket = sock
         self.fd = sock.fileno()
         self.closed = False
+        self.drained = True
 
     async def receive_some(self, size: int = READ_SIZE) -> bytes:
+        if self.drained:
+            await loop.wait_readable(self.fd)
         while True:
             try:
-                return self.socket.recv(size)
+                data = self.socket.recv(size)
             except BlockingIOError:
                 await loop.wait_readable(self.fd)
+                continue
+            self.drained = len(data) < size
+            return data
 
     async def send_all(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -62,9 +73,8 @@ class SocketStream:
 
 async def connect(family: int, address: tuple) -> SocketStream:
     """A TCP connection to `address` (an IP address and port of `family`); OSError if refused."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
         code = sock.connect_ex(address)
         if code == errno.EINPROGRESS:
             await loop.wait_writable(sock.fileno())

@@ -276,3 +276,45 @@ def test_tls_carries_megabytes_both_ways_with_one_task_receiving_while_another_s
         "server": hashlib.sha256(up).hexdigest(),
         "client": hashlib.sha256(down).hexdigest(),
     }
+
+
+def test_an_edge_that_comes_while_nobody_waits_ends_the_next_wait():
+    """Registration is edge-triggered: bytes that arrive while the reader is busy elsewhere
+    must still end its next wait, though no new edge follows."""
+
+    async def main() -> bytes:
+        a, b = socket.socketpair()
+        stream = SocketStream(a)
+        b.send(b"first")
+        assert await stream.receive_some() == b"first"  # registered now; the socket is empty
+        b.send(b"second")
+        await loop.sleep(0.05)  # busy elsewhere: the edge comes and nobody waits for it
+        with loop.fail_after(5):
+            data = await stream.receive_some()
+        stream.close(), b.close()
+        return data
+
+    assert loop.run(main()) == b"second"
+
+
+def test_a_read_that_took_the_last_bytes_before_the_end_still_sees_the_end():
+    """Bytes and the peer's close in one edge: after the short read of the bytes, the next
+    read returns b"" at once (no edge follows an end)."""
+
+    async def main() -> list[bytes]:
+        a, b = socket.socketpair()
+        stream = SocketStream(a)
+        with loop.move_on_after(0.01):
+            await loop.wait_readable(stream.fd)  # registered while the socket is still empty
+        with loop.fail_after(5):
+            got = []
+            b.send(b"last words")
+            b.close()
+            await loop.sleep(0.05)
+            got.append(await stream.receive_some())
+            got.append(await stream.receive_some())
+            got.append(await stream.receive_some())
+        stream.close()
+        return got
+
+    assert loop.run(main()) == [b"last words", b"", b""]

@@ -143,7 +143,9 @@ def into(calls: list[tuple[int, int, int]], stream: SocketStream) -> int:
 
 @pytest.mark.parametrize("size", [0, 1, 64 * 1024, 10_000_000])
 @on_loop()
-async def test_plain_sockets_get_every_byte_both_ways_through_the_kernel(size, spliced):
+async def test_plain_sockets_get_every_byte_both_ways_bulk_through_the_kernel(size, spliced):
+    """Less than a read's worth goes through Python (a read and a send); a bulk burst mostly
+    stays in the kernel."""
     up, down = os.urandom(size), os.urandom(size)
     async with open_ends() as ends:
         fds = open_fds()
@@ -166,7 +168,11 @@ async def test_plain_sockets_get_every_byte_both_ways_through_the_kernel(size, s
         )
         assert received == {"server": summary(up), "user": summary(down)}
         assert (splice.up, splice.down, splice.idled_out) == (size, size, False)
-        assert (into(spliced, ends.backend), into(spliced, ends.client)) == (size, size)
+        in_kernel = (into(spliced, ends.backend), into(spliced, ends.client))
+        if size < READ_SIZE:
+            assert in_kernel == (0, 0)
+        if size >= 1_000_000:
+            assert min(in_kernel) > size // 2
         assert open_fds() == fds
 
 
@@ -225,7 +231,7 @@ async def test_a_half_close_is_passed_on_and_the_other_way_keeps_going(first, sp
             assert await read(closer) == (0, hashlib.sha256().hexdigest())
         assert {splice.up, splice.down} == {8, 6}
         assert splice.idled_out is False
-        assert into(spliced, ends.backend) + into(spliced, ends.client) == 14
+        assert into(spliced, ends.backend) + into(spliced, ends.client) == 0  # lines go through Python
 
 
 @pytest.mark.parametrize("side", ["user", "server"])
@@ -347,19 +353,19 @@ async def test_einval_on_the_first_splice_falls_back_to_copying(monkeypatch):
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
 
     monkeypatch.setattr(os, "splice", einval)
-    data = os.urandom(300_000)
+    data = os.urandom(3 * READ_SIZE // 2)  # waiting in the socket buffers: the first read is a full one
     async with open_ends() as ends:
         fds = open_fds()
         splice = Splice()
+        await ends.user.send_all(data)
+        await ends.user.send_eof()
         async with splicing(splice, ends):
-            await ends.user.send_all(data)
-            await ends.user.send_eof()
             assert await read(ends.server) == summary(data)
             await ends.server.send_all(b"bye")
             await ends.server.send_eof()
             assert await read(ends.user) == summary(b"bye")
         assert (splice.up, splice.down) == (len(data), 3)
-        assert sorted(refused) == sorted([ends.client.fd, ends.backend.fd])
+        assert refused == [ends.client.fd]  # "bye" fits one read: no splice tried
         assert open_fds() == fds
 
 
@@ -393,7 +399,7 @@ async def test_bytes_either_way_put_the_idle_end_off(tls, sender, contexts):
 
 
 @on_loop()
-async def test_an_exchange_of_lines_reuses_kept_pipes_and_an_idle_session_holds_none(monkeypatch):
+async def test_lines_need_no_pipe_bursts_reuse_kept_pipes_and_an_idle_session_holds_none(monkeypatch):
     made = []
     real = os.pipe2
 
@@ -403,6 +409,7 @@ async def test_an_exchange_of_lines_reuses_kept_pipes_and_an_idle_session_holds_
 
     monkeypatch.setattr(os, "pipe2", counted)
     pipes().close()
+    burst = os.urandom(4 * READ_SIZE)
     async with open_ends() as ends, splicing(Splice(), ends):
         for n in range(20):
             line, answer = b"a%d NOOP\r\n" % n, b"a%d OK\r\n" % n
@@ -410,9 +417,12 @@ async def test_an_exchange_of_lines_reuses_kept_pipes_and_an_idle_session_holds_
             assert await read(ends.server, len(line)) == summary(line)
             await ends.server.send_all(answer)
             assert await read(ends.user, len(answer)) == summary(answer)
+        assert made == []
+        for _ in range(10):
+            await together(ends.server.send_all(burst), read(ends.user, len(burst)))
         held = set(os.listdir("/proc/self/fd"))
         pipes().close()
         assert len(held - set(os.listdir("/proc/self/fd"))) == 2 * len(made)  # only kept pipes were open
         await ends.user.send_eof()
         await ends.server.send_eof()
-    assert 1 <= len(made) <= 2  # 40 bursts, one pipe (two if both ways overlapped once)
+    assert len(made) == 1  # bursts one after the other, one way: one pipe
