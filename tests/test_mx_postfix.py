@@ -2,9 +2,11 @@
 
 As a slave's SMTP service that lets 127.0.0.0/8 use XFORWARD: for mail delivered in-line, and
 for mail a client sends while that Postfix is stopped (it waits in the master's queue until
-Postfix is back), Postfix records the original client's address besides the master's. As the [mx] smarthost offering STARTTLS:
-a bounce to a sender outside the cluster reaches it only over TLS with a certificate the
-master trusts; while the certificate is not trusted, the bounce stays queued and is retried.
+Postfix is back), Postfix records the original client's address besides the master's. As
+the [mx] smarthost offering STARTTLS: a bounce to a sender outside the cluster reaches it
+only over TLS with a certificate the master trusts ([mx] smarthost_ca); while the
+certificate is not trusted, the bounce stays queued, is retried, and each failed attempt is
+logged with its reason.
 
 One cluster serves the module: master n1; slave n2 publishing a kit Dovecot's LMTP for
 one.example; slave n3 publishing the XFORWARD Postfix (which delivers to that Dovecot) for
@@ -61,20 +63,23 @@ class Mesh:
         #: trusts until told otherwise.
         self.other_ca = other_ca
         self.trusted = other_ca
-        self.master.prefix = ["env", f"SSL_CERT_FILE={other_ca}"]
+        self._trust(other_ca)
+
+    def _trust(self, ca: Path) -> None:
+        config = self.master.config
+        config.write_text(set_key(config.read_text(), "mx", "smarthost_ca", f'"{ca}"'))
 
     @property
     def master(self) -> Node:
         return self.fleet.nodes[MASTER]
 
     def run_master(self, trusted: Path) -> None:
-        """(Re)start the master so that it trusts the CAs in `trusted` alone, unless it runs so.
-        smarthost_tls_verify checks against the system's CAs (there is no CA setting of its
-        own), which OpenSSL reads from SSL_CERT_FILE when set. The queue stays on disk."""
+        """(Re)start the master with `trusted` as its [mx] smarthost_ca, unless it runs so. The
+        queue stays on disk."""
         if self.trusted == trusted and self.master.exited() is None:
             return
         self.master.kill()
-        self.master.prefix = ["env", f"SSL_CERT_FILE={trusted}"]
+        self._trust(trusted)
         self.fleet.start(MASTER)
         self.trusted = trusted
 
@@ -252,6 +257,10 @@ def test_bounces_to_outside_senders_go_to_the_smarthost_over_checked_tls_only(me
     assert log.count("lost connection after STARTTLS from unknown[127.0.0.1]") >= 2, log
     assert "TLS connection established" not in log and ": client=" not in log, log  # nothing in plain text
     assert mesh.store.mailbox(SENDER) == []
+    warned = f"delivery to @smarthost at {mesh.smarthost.endpoint} failed: "
+    assert any(
+        warned in line and "CERTIFICATE_VERIFY_FAILED" in line for line in mesh.master.log.read_text().splitlines()
+    )
 
     mesh.run_master(mesh.smarthost.cafile)
     [arrived] = wait_for("the notice delivered", lambda: mesh.store.mailbox(SENDER))

@@ -688,8 +688,14 @@ class MxSection:
     smarthost_tls_verify: bool = setting(
         True,
         boolean,
-        doc="Check the smarthost's certificate (system CAs, its host name) when it offers STARTTLS; false takes"
+        doc="Check the smarthost's certificate (smarthost_ca, its host name) when it offers STARTTLS; false takes"
         " any certificate. A smarthost that offers no STARTTLS is spoken to in plain text either way.",
+    )
+    smarthost_ca: str | None = setting(
+        None,
+        non_empty,
+        doc="CA file the smarthost's certificate is checked against; by default the system's CAs.",
+        example="/etc/ssl/certs/ca-certificates.crt",
     )
     postmaster: str | None = setting(
         None,

@@ -12,6 +12,7 @@ runner.py settles the queue).
 from __future__ import annotations
 
 import collections
+import logging
 import ssl
 from collections.abc import Callable
 
@@ -25,6 +26,8 @@ from ..protocols.common import Closed, ProtocolError, StartTls
 from ..protocols.smtp import Reply, Xclient
 from ..proxy.backend import READ_SIZE, Connector, Unavailable
 from ..routing import NO_ENDPOINT, SLAVE_UNKNOWN, NoRoute, Route, Router
+
+log = logging.getLogger("meshmail.mta")
 
 #: The reply every recipient gets when the slave cannot be reached or breaks off.
 UNREACHABLE = Reply(451, "4.4.1", "The slave's mail service cannot be reached now")
@@ -55,10 +58,10 @@ def smarthost_route(address: Address | None) -> tuple[Route | NoRoute, str]:
     return Route(SMARTHOST, (address.host, address.port), State.ALIVE, MAY_STARTTLS), "smtp"
 
 
-def smarthost_context(verify: bool) -> ssl.SSLContext:
-    """The TLS context for the smarthost's STARTTLS: the system's CAs and its host name, or no
-    check at all without `verify`."""
-    context = ssl.create_default_context()
+def smarthost_context(verify: bool, cafile: str | None = None) -> ssl.SSLContext:
+    """The TLS context for the smarthost's STARTTLS: `cafile` (else the system's CAs) and its
+    host name, or no check at all without `verify`."""
+    context = ssl.create_default_context(cafile=cafile)
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -87,7 +90,8 @@ def _preferred(lookup: Callable[[str], Route | NoRoute]) -> tuple[Route | NoRout
 
 @attrs.frozen
 class Client:
-    """Who gave us the message: passed on to the slave as its endpoint asks."""
+    """Who gave us the message: passed on to the slave as its endpoint asks (port 0: not
+    known, as for queued mail, whose envelope keeps the address only; then no PORT is sent)."""
 
     address: tuple[str, int]
     local: tuple[str, int]
@@ -126,7 +130,8 @@ class Deliverer:
             with trio.fail_after(self.timeout):
                 await connection.open()
                 return await connection.send(transaction, data)
-        except DELIVERY_ERRORS:
+        except DELIVERY_ERRORS as exc:
+            _broke_off(route, exc)
             return connection.replies(transaction)
         finally:
             await connection.close()
@@ -144,9 +149,10 @@ class Deliverer:
             try:
                 with trio.fail_after(self.timeout):
                     replies = await connection.send(transaction, data)
-            except DELIVERY_ERRORS:
+            except DELIVERY_ERRORS as exc:
                 await connection.close()
                 if connection.body_sent:
+                    _broke_off(route, exc)
                     return connection.replies(transaction)
                 continue
             await self._keep(key, connection)
@@ -156,7 +162,8 @@ class Deliverer:
             with trio.fail_after(self.timeout):
                 await connection.open()
                 replies = await connection.send(transaction, data)
-        except DELIVERY_ERRORS:
+        except DELIVERY_ERRORS as exc:
+            _broke_off(route, exc)
             await connection.close()
             return connection.replies(transaction)
         await self._keep(key, connection)
@@ -319,7 +326,8 @@ class Lane:
                     self.connection = Connection(self.deliverer, self.route, self.protocol, None)
                     await self.connection.open()
                 return await self.connection.send(transaction, data)
-        except DELIVERY_ERRORS:
+        except DELIVERY_ERRORS as exc:
+            _broke_off(self.route, exc)
             replies = (
                 self.connection.replies(transaction) if self.connection else [UNREACHABLE] * len(transaction.recipients)
             )
@@ -355,13 +363,26 @@ async def _send_body(stream: trio.abc.Stream, codec: lmtp.DeliveryClient, data: 
     codec.end_body()
 
 
+def _broke_off(route: Route, error: BaseException) -> None:
+    """Log why an attempt at `route` failed (the replies say only that it did): an operator
+    looks here for a refused connection or a certificate that did not check out."""
+    why, cause = type(error).__name__, error
+    while cause is not None:  # trio's stream errors carry the reason (an SSL error, say) as their cause
+        if str(cause):
+            why = str(cause)
+            break
+        cause = cause.__cause__ or cause.__context__
+    host, port = route.endpoint
+    log.warning("delivery to %s at %s:%d failed: %s", route.slave, host, port, why)
+
+
 def _xclient(route: Route, client: Client | None) -> Xclient | None:
     if client is None or route.client_address != "xclient":
         return None
-    return Xclient(client.address[0], client.address[1], client.helo or None)
+    return Xclient(client.address[0], client.address[1] or None, client.helo or None)
 
 
 def _xforward(client: Client | None) -> lmtp.Xforward | None:
     if client is None:
         return None
-    return lmtp.Xforward(client.address[0], client.address[1], helo=client.helo or None, proto="ESMTP")
+    return lmtp.Xforward(client.address[0], client.address[1] or None, helo=client.helo or None, proto="ESMTP")

@@ -127,7 +127,8 @@ async def _build(ctx: Context, spool: Spool) -> tuple[Mx, ssl.SSLContext | None]
     if section.postmaster is None:
         log.warning("mx.postmaster is not set: mail to <postmaster> is refused (RFC 5321 wants it taken)")
     slaves = backend_contexts(ctx.config.proxy, ctx.config.tls, data_dir)
-    outside = smarthost_context(section.smarthost_tls_verify)
+    ca = None if section.smarthost_ca is None else os.path.join(data_dir, section.smarthost_ca)
+    outside = smarthost_context(section.smarthost_tls_verify, ca)
     connector = Connector(lambda name: outside if name == SMARTHOST else slaves(name))
     deliverer = Deliverer(connector, hostname, section.delivery_timeout)
     queue = Queue(policy(section), random.SystemRandom())
