@@ -263,7 +263,8 @@ def current_loop() -> Loop:
 
 
 def forget(fd: int) -> None:
-    """Tell the running loop (if called from one of its tasks) that `fd` is about to close."""
+    """Tell the running loop (if called from one of its tasks) that `fd` is about to close, or
+    is a new socket's."""
     task = getattr(_local, "task", None)
     if task is not None:
         task.loop.forget(fd)
@@ -463,7 +464,8 @@ class Loop:
 
     def forget(self, fd: int) -> None:
         """Drop what the loop knows of `fd`: call just before closing it (the close ends its
-        epoll registration; an fd that stays open must not be forgotten)."""
+        epoll registration; an fd that stays open must not be forgotten), and for a new socket
+        (its number may be one closed without a word)."""
         self._registered.discard(fd)
         self._edges.pop(fd, None)
         self._ended.pop(fd, None)

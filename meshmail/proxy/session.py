@@ -321,14 +321,19 @@ class Session:
             server.unavailable()
             return None
         proxy.throttle.remember(key, host)
-        self._log_login(credentials.user, slave, "ok", started)
         if isinstance(server, imap.ImapServer):
             server.accept(backend.codec.capabilities or ("IMAP4rev1",))
         else:
             server.accept()
-        await self.stream.send_all(server.data_to_send() + backend.trailing)
-        if trailing := server.trailing_data():
-            await backend.stream.send_all(trailing)
+        try:
+            await self.stream.send_all(server.data_to_send() + backend.trailing)
+            if trailing := server.trailing_data():
+                await backend.stream.send_all(trailing)
+        except BaseException:  # the session ends here: the backend connection with it
+            backend.stream.close()
+            raise
+        finally:  # the client has its answer first: the log line costs it no time
+            self._log_login(credentials.user, slave, "ok", started)
         return backend, account
 
     def _log_login(self, user: str, slave: str, result: str, started: float) -> None:

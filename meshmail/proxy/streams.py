@@ -32,6 +32,7 @@ class SocketStream:
             pass  # not TCP (a test's socketpair)
         self.socket = sock
         self.fd = sock.fileno()
+        loop.forget(self.fd)  # a socket closed behind the loop's back may have had this number
         self.closed = False
         self.drained = True
 
@@ -74,6 +75,7 @@ class SocketStream:
 async def connect(family: int, address: tuple) -> SocketStream:
     """A TCP connection to `address` (an IP address and port of `family`); OSError if refused."""
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    loop.forget(sock.fileno())  # a socket closed behind the loop's back may have had this number
     try:
         code = sock.connect_ex(address)
         if code == errno.EINPROGRESS:

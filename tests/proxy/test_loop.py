@@ -318,3 +318,24 @@ def test_a_read_that_took_the_last_bytes_before_the_end_still_sees_the_end():
         return got
 
     assert loop.run(main()) == [b"last words", b"", b""]
+
+
+def test_a_socket_closed_behind_the_loops_back_does_not_strand_the_next_one_with_its_number():
+    async def main() -> tuple[bool, bytes]:
+        a, b = socket.socketpair()
+        old = SocketStream(a)
+        b.send(b"x")
+        assert await old.receive_some() == b"x"  # registered with epoll
+        number = a.fileno()
+        a.close(), b.close()  # not through SocketStream.close: the loop is not told
+        c, d = socket.socketpair()
+        new = SocketStream(c if c.fileno() == number else d)
+        other = d if new.socket is c else c
+        other.send(b"y")
+        with loop.fail_after(5):
+            data = await new.receive_some()
+        reused = new.fd == number
+        new.close(), other.close()
+        return reused, data
+
+    assert loop.run(main()) == (True, b"y")
