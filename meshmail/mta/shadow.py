@@ -15,6 +15,8 @@ then a msgpack map. Requests: {"op": "copies", "copies": [[envelope, data], ...]
 {"op": "store", "envelope", "data"} (one copy, as older masters send it), {"op": "drop", "ids"},
 {"op": "taken"}; answers: {"ok": true, ...} or {"error": text}. Copies that sessions store at
 the same time travel in one frame, and the holder writes them into one file with one fsync.
+A holder still on code from before `copies` (a rolling upgrade) answers it "unknown op": it
+then gets one `store` per copy.
 """
 
 from __future__ import annotations
@@ -64,6 +66,18 @@ IN_FLIGHT = 1
 
 class ShadowError(MeshmailError):
     """A shadow request that failed; str() says why."""
+
+
+class ShadowRefused(ShadowError):
+    """The holder answered the request with an error (`reason`, its words)."""
+
+    def __init__(self, holder: str, reason: object) -> None:
+        super().__init__(f"{holder} refused: {reason}")
+        self.reason = reason
+
+
+#: What a master from before the `copies` request answers it: it gets one `store` per copy.
+_NO_COPIES = "unknown op 'copies'"
 
 
 def contexts(tls: TlsSection) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -160,6 +174,8 @@ class Links:
     limit: int
     _idle: dict[str, list[Frames]] = attrs.field(factory=dict)
     _outboxes: dict[str, _Outbox] = attrs.field(factory=dict)
+    #: Holders on code from before `copies` (a rolling upgrade): they get one `store` per copy.
+    _one_by_one: set[str] = attrs.field(factory=set)
 
     def holders(self) -> list[str]:
         """The live masters that keep shadows, in the order to try them: the next after this
@@ -189,7 +205,7 @@ class Links:
             raise ShadowError(f"{holder} closed the shadow connection")
         if "error" in answer:
             await trio.aclose_forcefully(frames.stream)
-            raise ShadowError(f"{holder} refused: {answer['error']}")
+            raise ShadowRefused(holder, answer["error"])
         pool = self._idle.setdefault(holder, [])
         if len(pool) < POOL:
             pool.append(frames)
@@ -231,12 +247,7 @@ class Links:
         box.sending += 1
         errors: list[str | None] = [f"shadow request to {holder} cancelled"] * len(batch)
         try:
-            answer = await self.call(holder, {"op": "copies", "copies": [[c.envelope, c.data] for c in batch]})
-            results = answer.get("results")
-            if isinstance(results, list) and len(results) == len(batch):
-                errors = [None if r is None else f"{holder} refused: {r}" for r in results]
-            else:
-                errors = [f"{holder} answered without a result per copy"] * len(batch)
+            errors = await self._deliver(holder, batch)
         except ShadowError as exc:
             errors = [str(exc)] * len(batch)
         finally:  # cancelled meanwhile, the copies' callers hear their copy failed
@@ -245,6 +256,31 @@ class Links:
             box.sending -= 1
             box.answered.set()
             box.answered = trio.Event()
+
+    async def _deliver(self, holder: str, batch: list[_Copy]) -> list[str | None]:
+        """Send `batch` to `holder` in one `copies` frame, or one `store` each to a holder that
+        does not know `copies` yet; an error (None: kept) per copy. Raises ShadowError."""
+        if holder not in self._one_by_one:
+            try:
+                answer = await self.call(holder, {"op": "copies", "copies": [[c.envelope, c.data] for c in batch]})
+            except ShadowRefused as exc:
+                if exc.reason != _NO_COPIES:
+                    raise
+                log.info("shadow copies for %s go one by one: it runs an older meshmail", holder)
+                self._one_by_one.add(holder)
+            else:
+                results = answer.get("results")
+                if isinstance(results, list) and len(results) == len(batch):
+                    return [None if r is None else f"{holder} refused: {r}" for r in results]
+                return [f"{holder} answered without a result per copy"] * len(batch)
+        errors: list[str | None] = []
+        for copy in batch:
+            try:
+                await self.call(holder, {"op": "store", "envelope": copy.envelope, "data": copy.data})
+                errors.append(None)
+            except ShadowError as exc:
+                errors.append(str(exc))
+        return errors
 
     async def _open(self, holder: str) -> Frames:
         member = next((m for m in self.members() if m.name == holder), None)

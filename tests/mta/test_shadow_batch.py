@@ -85,11 +85,11 @@ def message(n: int) -> Envelope:
     )
 
 
-async def keep_all(pair: Pair, count: int) -> list[Envelope]:
+async def keep_all(pair: Pair, count: int, first: int = 0) -> list[Envelope]:
     kept: list[Envelope | None] = [None] * count
 
     async def keep(n: int) -> None:
-        kept[n] = await pair.owner._keep(message(n), DATA)
+        kept[n] = await pair.owner._keep(message(first + n), DATA)
 
     async with trio.open_nursery() as nursery:
         for n in range(count):
@@ -153,3 +153,34 @@ def test_a_holder_dying_between_storing_and_answering_loses_nothing(pair):
     assert sorted(on_disk) == sorted(e.id for e in kept) and all(e.copy_at == "" for e in on_disk.values())
     # What the holder stored before it died stays there (a duplicate beats a loss).
     assert pair.holder.spool.scan().envelopes
+
+
+def test_a_holder_on_older_code_gets_one_store_per_copy(pair, monkeypatch):
+    """A master from before the `copies` request (a rolling upgrade) answers it as an unknown
+    op: the owner then sends that holder one `store` per copy, and every copy is kept."""
+    pair, members = pair
+    ops: list[str] = []
+    answer = shadow._answer
+
+    async def older(runner, origin, request):
+        ops.append(request.get("op"))
+        if request.get("op") == "copies":
+            return {"error": f"unknown op {request.get('op')!r}"}  # what the older code says
+        return await answer(runner, origin, request)
+
+    monkeypatch.setattr(shadow, "_answer", older)
+
+    async def main() -> list[Envelope]:
+        async with trio.open_nursery() as nursery:
+            await serve(pair, members, nursery)
+            kept = await keep_all(pair, 12)
+            kept += await keep_all(pair, 3, first=12)
+            nursery.cancel_scope.cancel()
+        return kept
+
+    kept = trio.run(main)
+    assert all(envelope.copy_at == "m2" for envelope in kept)
+    assert sorted(e.id for e in pair.holder.spool.scan().envelopes) == sorted(e.id for e in kept)
+    assert 1 <= ops.count("copies") <= shadow.IN_FLIGHT  # the frames under way when it first said so
+    assert ops.count("store") == len(kept)
+    assert "copies" not in ops[ops.index("store") :]  # remembered: no more frames of copies
