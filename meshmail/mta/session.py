@@ -260,7 +260,9 @@ class Session:
 
     async def _recipient(self, rcpt: mx.RcptTo) -> Reply | None:
         """None to accept the recipient, else the refusal. Mail to this server's postmaster
-        goes to [mx] postmaster, which replaces it in the envelope."""
+        goes to [mx] postmaster, which replaces it in the envelope. A mailbox named twice
+        (postmaster and the address it goes to, say) is accepted and kept once, as Postfix's
+        duplicate filter does, so the message arrives once."""
         assert self.pending is not None
         address = rcpt.address
         if rcpt.postmaster:
@@ -268,6 +270,8 @@ class Session:
                 self.mx.reject("no_postmaster")
                 return NO_POSTMASTER
             address = self.mx.section.postmaster
+        if _mailbox(address) in {_mailbox(known) for known, _, _ in self.pending.recipients}:
+            return None
         route, protocol = resolve(self.mx.router, address)
         if isinstance(route, NoRoute):
             if route.reason in (INVALID_ADDRESS, UNKNOWN_DOMAIN):
@@ -335,3 +339,9 @@ class Session:
 
 
 __all__ = ["Mx", "Session", "Transaction", "UNREACHABLE", "received_header"]
+
+
+def _mailbox(address: str) -> str:
+    """The address with its domain in lower case (domains are case-blind; local parts may not be)."""
+    local, _, domain = address.rpartition("@")
+    return f"{local}@{domain.lower()}"

@@ -385,7 +385,17 @@ def test_mail_to_postmaster_goes_to_the_configured_address(dovecot, tmp_path):
                 assert (code, text) == (250, b"2.1.5 Recipient OK")
                 code, text = client.data(message(subject, "postmaster").as_string())
                 assert (code, b"delivered" in text) == (250, True), text
-        assert {"pm-bare", "pm-host"} <= set(delivered_ids(dovecot, "alice@one.example"))
+            client.ehlo("client.test")  # postmaster and the address it goes to: one delivery
+            client.mail("sender@outside.example")
+            for recipient in ("<postmaster>", "<alice@ONE.example>", "<alice@one.example>"):
+                assert client.rcpt(recipient)[0] == 250
+            code, text = client.data(message("pm-twice", "postmaster").as_string())
+            assert (code, b"delivered" in text) == (250, True), text
+        delivered = delivered_ids(dovecot, "alice@one.example")
+        assert {"pm-bare", "pm-host"} <= set(delivered)
+        assert delivered.count("pm-twice") == 1
+        twice = [m for m in dovecot.mailbox("alice@one.example") if b"pm-twice" in m][0]
+        assert b"for <alice@one.example>" in twice  # one envelope recipient left (else no "for")
         body = [m for m in dovecot.mailbox("alice@one.example") if b"pm-bare" in m][0]
         assert b"for <alice@one.example>" in body  # the envelope recipient is the configured one
         mx.set_slave(State.DEAD)
