@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from .config import Config
-from .core.address import Address, format_address
+from .core.address import Address, AddressError, format_address
 from .core.clock import wall_ms
 from .core.errors import MeshmailError
 from .gossip.keyring import Keyring
@@ -232,7 +232,10 @@ async def _serve(config: Config, state: ClusterState, leave_on_signals: bool, ta
                 if leave_on_signals:
                     await nursery.start(_leave_on_signals, ctx, nursery.cancel_scope)
                 joined = trio.Event()
-                nursery.start_soon(join_seeds, ctx.members, config.gossip.seeds, joined)
+                peers = Path(config.node.data_dir) / PEERS_FILE
+                seeds = [*config.gossip.seeds, *remembered_peers(peers)]
+                nursery.start_soon(join_seeds, ctx.members, list(dict.fromkeys(seeds)), joined)
+                nursery.start_soon(remember_peers, ctx.members, peers)
                 nursery.start_soon(watch_removal, ctx, joined)
                 shown = ", ".join(f"{name} on {format_address(address)}" for name, address in bound.items())
                 log.info("node %s (%s) in cluster %s: %s", ctx.name, ctx.role, config.gossip.cluster, shown)
@@ -344,6 +347,50 @@ async def _log_events(events: trio.MemoryReceiveChannel[MemberEvent]) -> None:
                 member.incarnation,
                 format_address((member.host, member.port)),
             )
+
+
+#: The gossip addresses of the members a node last saw alive, in its data dir: on a restart it
+#: joins through them besides its seeds, so a master whose config names no seed (the first of
+#: a cluster) is not left alone after a crash until some other node happens to reach it.
+PEERS_FILE = "peers"
+#: How often the file is brought up to date (only written when it changed), and how many
+#: addresses it keeps.
+PEERS_INTERVAL = 5.0
+PEERS_KEPT = 16
+
+
+def remembered_peers(path: Path) -> list[Address]:
+    """The addresses in `path` (none when it is missing or unreadable: it is only a hint)."""
+    try:
+        text = files.read_file(path, 64 * 1024).decode("utf-8", "replace")
+    except files.FilesError:
+        return []
+    found = []
+    for line in text.splitlines()[:PEERS_KEPT]:
+        try:
+            found.append(Address.parse(line.strip()))
+        except AddressError:
+            log.warning("%s: skipped %r, not an address", path, line[:80])
+    return found
+
+
+async def remember_peers(memberlist: Memberlist, path: Path) -> None:
+    """Keep `path` listing the alive members other than this node (see PEERS_FILE)."""
+    written: list[str] | None = None
+    while True:
+        alive = sorted(
+            format_address((m.host, m.port))
+            for m in memberlist.members()
+            if m.state == State.ALIVE and m.name != memberlist.name
+        )[:PEERS_KEPT]
+        if alive and alive != written:
+            text = "".join(f"{address}\n" for address in alive).encode()
+            try:
+                await trio.to_thread.run_sync(files.write_file, path, text)
+                written = alive
+            except files.FilesError as exc:
+                log.warning("%s", exc)
+        await trio.sleep(PEERS_INTERVAL)
 
 
 async def join_seeds(memberlist: Memberlist, seeds: Iterable[Address], joined: trio.Event | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import time
 from collections.abc import Callable, Iterator, Mapping
 
 import hypothesis  # noqa: F401  (its entry point makes trio's scheduler seedable)
@@ -24,7 +25,7 @@ from meshmail.gossip.config import GossipConfig, profile
 from meshmail.gossip.keyring import Keyring, new_key
 from meshmail.gossip.memberlist import Memberlist
 from meshmail.gossip.memory import Link, MemoryNetwork
-from meshmail.node import HTTP_GRACE, LEAVE_TIMEOUT
+from meshmail.node import HTTP_GRACE, LEAVE_TIMEOUT, PEERS_FILE, PEERS_INTERVAL
 
 N = 5
 NAMES = [f"n{i + 1}" for i in range(N)]
@@ -160,6 +161,35 @@ def test_restarted_node_rejoins_with_a_higher_incarnation(cluster):
     bound = settings.push_pull_interval + settings.tcp_timeout + DISSEMINATION_SLACK
     cluster.wait_until(
         f"n4 alive again everywhere at a higher incarnation within {bound:.1f} s", NAMES, rejoined, bound
+    )
+
+
+def test_the_seedless_first_node_restarted_after_kill_9_finds_the_others_through_its_peers_file(cluster):
+    """n1's config names no seed (the first master of a cluster). The addresses of the members
+    it last saw alive are in its data dir; restarted, it joins through them: without them it
+    would stay alone, since the others no longer probe a member they hold for dead."""
+    converge(cluster)
+    settings = load(cluster.nodes["n1"].config).gossip.settings
+    others = {f"{HOST}:{node.gossip_port}" for node in cluster.nodes.values() if node.name != "n1"}
+    peers = cluster.data_dir("n1") / PEERS_FILE
+    deadline = time.monotonic() + PEERS_INTERVAL + STARTUP_TIMEOUT
+    while not (peers.exists() and set(peers.read_text().split()) == others):
+        assert time.monotonic() < deadline, f"n1's {PEERS_FILE} never listed the others"
+        time.sleep(0.2)
+    cluster.nodes["n1"].kill()
+    survivors = [name for name in NAMES if name != "n1"]
+    cluster.wait_until("n1 reported dead", survivors, reported("dead", "n1"), failure_bound(settings, N))
+    cluster.nodes["n1"].start()
+    # Its join reaches every peer at once; the others' reconnect offers (every 30 s) and
+    # push-pulls (every push_pull_interval) would come later.
+    bound = settings.tcp_timeout + 2 * DISSEMINATION_SLACK
+    cluster.wait_until(
+        f"n1 and the others alive to each other within {bound:.1f} s",
+        NAMES,
+        lambda views: all(
+            set(view) == set(NAMES) and all(s == "alive" for s, _ in view.values()) for view in views.values()
+        ),
+        bound,
     )
 
 
