@@ -402,7 +402,15 @@ class _GroupCommit:
             self._running = False
             self._round_done.set()
 
-    def _round(self, batch: list[_Pending]) -> None:
+    def _round(self, batch: list) -> None:
+        self._apply(batch)
+        self.rounds += 1
+        self.changes += len(batch)
+        for change in batch:
+            change.done = True
+
+    def _apply(self, batch: list[_Pending]) -> None:
+        """Each rename or unlink, then one fsync of the folder; errors go to the changes."""
         applied = []
         for change in batch:
             try:
@@ -418,10 +426,6 @@ class _GroupCommit:
                 # The renames may still reach the disk: a duplicate delivery beats a lost message.
                 for change in applied:
                     change.error = exc
-        self.rounds += 1
-        self.changes += len(batch)
-        for change in batch:
-            change.done = True
 
 
 @attrs.define(eq=False)
@@ -442,7 +446,7 @@ class _DropCommit(_GroupCommit):
     """Shares the fdatasyncs of drop records the same way: a round appends one record to each
     copies file naming every copy dropped there meanwhile, and fdatasyncs that file."""
 
-    def _round(self, batch: list) -> None:
+    def _apply(self, batch: list) -> None:
         by_path: dict[Path, list[_Drop]] = {}
         for drop in batch:
             by_path.setdefault(drop.path, []).append(drop)
@@ -452,10 +456,6 @@ class _DropCommit(_GroupCommit):
             except OSError as exc:
                 for drop in drops:
                     drop.error = exc
-        self.rounds += 1
-        self.changes += len(batch)
-        for drop in batch:
-            drop.done = True
 
 
 def _append_dropped(path: Path, ids: list[str]) -> None:
