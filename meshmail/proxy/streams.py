@@ -74,19 +74,17 @@ class SocketStream:
 
 async def connect(family: int, address: tuple) -> SocketStream:
     """A TCP connection to `address` (an IP address and port of `family`); OSError if refused."""
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    loop.forget(sock.fileno())  # a socket closed behind the loop's back may have had this number
+    stream = SocketStream(socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK))
     try:
-        code = sock.connect_ex(address)
+        code = stream.socket.connect_ex(address)
         if code == errno.EINPROGRESS:
-            await loop.wait_writable(sock.fileno())
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            await loop.wait_writable(stream.fd)
+            code = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             raise OSError(code, errno.errorcode.get(code, str(code)))
-        return SocketStream(sock)
+        return stream
     except BaseException:
-        loop.forget(sock.fileno())
-        sock.close()
+        stream.close()
         raise
 
 
