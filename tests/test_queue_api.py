@@ -160,15 +160,15 @@ async def test_delete_removes_the_files_and_says_who(queued, caplog):
     a, b, c = await three(runner)
     with caplog.at_level(logging.INFO, logger="meshmail.mta"):
         assert await call(ctx, headers, "DELETE", f"/queue/{a.id}") == (200, {"id": a.id, "deleted": True})
-    assert not runner.spool.message_path(a.id).exists() and a.id not in runner.queue
+    assert runner.spool.paths(a.id) == [] and a.id not in runner.queue
     assert [m.id for m in (await runner.spool.rescan()).envelopes] == [b.id, c.id]
     [line] = [r.getMessage() for r in caplog.records if "deleted" in r.getMessage()]
     assert line == (f"queued message {a.id} from <x@outside.example> to <ann@one.example>, <bob@two.example>"
                     " deleted by admin (token), undelivered")  # fmt: skip
-    # b had an envelope update beside its message: both go.
-    assert runner.spool.envelope_path(b.id).exists()
+    # b was updated, so it has a message file of its own: it goes too.
+    assert runner.spool.paths(b.id) == [runner.spool.message_path(b.id)]
     assert (await call(ctx, headers, "DELETE", f"/queue/{b.id}"))[0] == 200
-    assert not runner.spool.envelope_path(b.id).exists()
+    assert runner.spool.paths(b.id) == [] and not runner.spool.message_path(b.id).exists()
     for method, path in [("GET", f"/queue/{a.id}"), ("DELETE", f"/queue/{a.id}"), ("POST", f"/queue/{a.id}/retry")]:
         assert await call(ctx, headers, method, path) == (404, {"error": f"no message {a.id} in this master's queue"})
     _, listed = await call(ctx, headers, "GET", "/queue")
@@ -183,7 +183,7 @@ async def test_a_message_in_flight_is_left_alone(queued):
     for method, path in [("DELETE", f"/queue/{a.id}"), ("POST", f"/queue/{a.id}/retry")]:
         status, answer = await call(ctx, headers, method, path)
         assert status == 409 and answer["error"].startswith(f"message {a.id} is being delivered now"), answer
-    assert runner.spool.message_path(a.id).exists()
+    assert runner.spool.paths(a.id)
     status, shown = await call(ctx, headers, "GET", f"/queue/{a.id}")
     assert shown["slaves"]["s1"]["in_flight"] and not shown["slaves"]["s2"]["in_flight"]
     _, listed = await call(ctx, headers, "GET", "/queue")
@@ -208,7 +208,7 @@ async def test_a_shadow_copy_is_shown_but_not_retried_or_deleted(queued):
 async def test_a_damaged_message_answers_409_and_is_left_out_of_the_list(queued):
     ctx, headers, runner = queued
     a, b, c = await three(runner)
-    path = runner.spool.message_path(c.id)
+    [path] = runner.spool.paths(c.id)  # a batch file of its own: c was stored alone
     damaged = bytearray(path.read_bytes())
     damaged[40] ^= 0xFF  # inside the envelope: its checksum no longer matches
     path.write_bytes(bytes(damaged))
@@ -219,7 +219,7 @@ async def test_a_damaged_message_answers_409_and_is_left_out_of_the_list(queued)
     _, listed = await call(ctx, headers, "GET", "/queue")
     assert [m["id"] for m in listed["messages"]] == [a.id, b.id]
     assert (await call(ctx, headers, "DELETE", f"/queue/{c.id}"))[0] == 200  # an operator may drop it
-    assert not runner.spool.message_path(c.id).exists()
+    assert runner.spool.paths(c.id) == [] and not path.exists()
 
 
 @pytest.mark.parametrize(
@@ -251,7 +251,7 @@ async def test_credentials_and_a_removed_node(queued):
         status, answer = await call(ctx, headers, method, path)
         assert status == 403 and "removed from the cluster" in answer["error"], answer
     assert (await call(ctx, headers, "GET", "/queue"))[0] == 200  # reading is still fine
-    assert runner.spool.message_path(a.id).exists()
+    assert runner.spool.paths(a.id)
 
 
 async def test_a_node_without_an_mx_says_so(queued):

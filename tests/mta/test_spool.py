@@ -1,6 +1,10 @@
 """The spool on a real filesystem: round trips, the order of fsyncs and renames before store
-returns, group commit sharing folder fsyncs, corrupt files quarantined on rescan, and a child
-process SIGKILLed while it stores, updates and removes, leaving only whole messages."""
+returns, messages stored together sharing a batch file, group commit sharing folder fsyncs,
+corrupt files quarantined on rescan, and a child process SIGKILLed while it stores, updates
+and removes, leaving only whole messages.
+
+`store` of bytes goes into a batch file; `store` of a file (`io.BytesIO` here) into a message
+file of its own, as does `update` of a batched message."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import msgpack
 import pytest
 import trio
 
+from meshmail.mta import spool as spool_module
 from meshmail.mta.spool import (
     CorruptMessage,
     Envelope,
@@ -71,9 +76,11 @@ async def test_a_stored_message_reads_back_byte_for_byte_with_its_envelope(spool
     stored = await spool.store(envelope(), MESSAGE)
     assert stored.size == len(MESSAGE)
     assert await spool.read_message(stored.id) == (stored, MESSAGE)
-    assert spool.message_path(stored.id).exists()
+    [path] = spool.paths(stored.id)
+    assert path.parent == spool.folder and path.suffix == ".cps"  # a batch file, of one here
     assert not any(spool.temp_folder.iterdir())
-    assert stat.S_IMODE(spool.message_path(stored.id).stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert spool.scan().envelopes == [stored]
 
 
 async def test_a_message_is_copied_from_a_file_from_its_position(spool):
@@ -82,6 +89,8 @@ async def test_a_message_is_copied_from_a_file_from_its_position(spool):
     stored = await spool.store(envelope(), source)
     assert stored.size == len(MESSAGE) * 40_000
     assert (await spool.read_message(stored.id))[1] == MESSAGE * 40_000
+    assert spool.paths(stored.id) == [spool.message_path(stored.id)]
+    assert stat.S_IMODE(spool.message_path(stored.id).stat().st_mode) == 0o600
 
 
 async def test_an_update_replaces_the_envelope_and_a_rescan_sees_it(spool):
@@ -124,13 +133,20 @@ async def test_remove_takes_the_message_and_its_update_away(spool):
         await spool.read_message(stored.id)
 
 
-async def test_an_expired_message_moves_to_failed_with_its_final_envelope(spool):
-    stored = await spool.store(envelope(), MESSAGE)
+@pytest.mark.parametrize("kept_as", ["batched", "own file"])
+async def test_an_expired_message_moves_to_failed_with_its_final_envelope(spool, kept_as):
+    data = MESSAGE if kept_as == "batched" else io.BytesIO(MESSAGE)
+    stored = await spool.store(envelope(), data)
     final = attrs.evolve(stored, recipients=[attrs.evolve(r, state=RecipientState.FAILED) for r in stored.recipients])
     path = await spool.move_to_failed(final)
     assert path == spool.failed_folder / f"{stored.id}.msg"
     assert spool.scan().envelopes == []
-    assert (spool.failed_folder / f"{stored.id}.env").exists()
+    assert not list(spool.folder.glob("*.cps"))
+    # The newest envelope beside the message file, or in it when the update wrote that file.
+    newest = spool.failed_folder / f"{stored.id}.env"
+    source, kind = (newest, 2) if newest.exists() else (path, 1)
+    assert spool_module._read_file_head(source, kind).envelope == final
+    assert newest.exists() == (kept_as == "own file")
 
 
 def test_one_process_at_a_time_uses_the_folder(spool):
@@ -179,11 +195,14 @@ class Recorder:
         return sum(1 for event, _ in self.events if event == kind)
 
 
-async def test_the_file_is_synced_then_renamed_then_the_folder_synced_before_store_returns(spool, monkeypatch):
+@pytest.mark.parametrize("kept_as", ["batched", "own file"])
+async def test_the_file_is_synced_then_renamed_then_the_folder_synced_before_store_returns(
+    spool, monkeypatch, kept_as
+):
     recorder = Recorder(monkeypatch)
-    stored = await spool.store(envelope(), MESSAGE)
+    stored = await spool.store(envelope(), MESSAGE if kept_as == "batched" else io.BytesIO(MESSAGE))
     recorder.events.append(("returned", ""))
-    final = str(spool.message_path(stored.id))
+    [final] = spool.paths(stored.id)
     kinds = [event for event, _ in recorder.events]
     assert kinds == ["fsync-file", "rename", "fsync-folder", "returned"]
     assert recorder.events[0][1].startswith(str(spool.temp_folder))
@@ -193,8 +212,15 @@ async def test_the_file_is_synced_then_renamed_then_the_folder_synced_before_sto
     recorder.events.clear()
     await spool.update(attrs.evolve(stored, warned=True))
     recorder.events.append(("returned", ""))
-    assert [event for event, _ in recorder.events] == ["fsync-file", "rename", "fsync-folder", "returned"]
-    assert recorder.events[1][1].endswith(f"-> {spool.envelope_path(stored.id)}")
+    if kept_as == "batched":  # the message moves to a file of its own, then its batch file goes
+        assert [event for event, _ in recorder.events] == [
+            "fsync-file", "rename", "fsync-folder", "fsync-folder", "returned"
+        ]  # fmt: skip
+        assert recorder.events[1][1].endswith(f"-> {spool.message_path(stored.id)}")
+        assert not final.exists()
+    else:
+        assert [event for event, _ in recorder.events] == ["fsync-file", "rename", "fsync-folder", "returned"]
+        assert recorder.events[1][1].endswith(f"-> {spool.envelope_path(stored.id)}")
 
     recorder.events.clear()
     await spool.remove(stored.id)
@@ -202,43 +228,70 @@ async def test_the_file_is_synced_then_renamed_then_the_folder_synced_before_sto
     assert recorder.events == [("fsync-folder", str(spool.folder)), ("returned", "")]
 
 
-async def test_fifty_concurrent_stores_share_folder_fsyncs(spool, monkeypatch):
+async def test_fifty_concurrent_stores_share_batch_files(spool, monkeypatch):
     recorder = Recorder(monkeypatch, delay_folder_sync=0.05)
     stored: list[Envelope] = []
 
     async def store(number: int) -> None:
         stored.append(await spool.store(envelope(number), MESSAGE + b"%d" % number))
-        names = {os.path.basename(path) for event, path in recorder.events if event == "rename"}
-        assert any(name.endswith(f"{stored[-1].id}.msg") for name in names)  # renamed before it returned
+        [path] = spool.paths(stored[-1].id)
+        assert any(event == "rename" and renamed.endswith(f"-> {path}") for event, renamed in recorder.events)
 
     async with trio.open_nursery() as nursery:
         for number in range(50):
             nursery.start_soon(store, number)
+    # The first writers each start a round (up to STORE_ROUNDS at once); everyone who
+    # arrived meanwhile shares the next.
+    files = recorder.count("fsync-file")
+    assert files <= spool_module.STORE_ROUNDS + 2, files
+    assert len(list(spool.folder.glob("*.cps"))) == files
+    assert spool.commit_rounds == files
+    assert sorted(e.id for e in spool.scan().envelopes) == sorted(e.id for e in stored)
+    for kept in stored:
+        assert (await spool.read_message(kept.id))[1] == MESSAGE + b"%d" % int(kept.id[-2:], 32)
+
+
+async def test_fifty_concurrent_updates_share_folder_fsyncs(spool, monkeypatch):
+    stored = [await spool.store(envelope(number), io.BytesIO(MESSAGE)) for number in range(50)]
+    recorder = Recorder(monkeypatch, delay_folder_sync=0.05)
+    rounds = spool.commit_rounds
+
+    async def update(kept: Envelope) -> None:
+        await spool.update(attrs.evolve(kept, warned=True))
+        assert any(event == "rename" and path.endswith(f"{kept.id}.env") for event, path in recorder.events)
+
+    async with trio.open_nursery() as nursery:
+        for kept in stored:
+            nursery.start_soon(update, kept)
     assert recorder.count("fsync-file") == 50
     # One round for the first writer, then a few for everyone who arrived while it synced.
     assert recorder.count("fsync-folder") <= 5, recorder.count("fsync-folder")
-    assert spool.commit_rounds == recorder.count("fsync-folder")
+    assert spool.commit_rounds - rounds == recorder.count("fsync-folder")
     # Every folder fsync follows the renames of its round: the last event of all is one.
     assert recorder.events[-1][0] == "fsync-folder"
-    assert sorted(e.id for e in spool.scan().envelopes) == sorted(e.id for e in stored)
+    assert all(e.warned for e in spool.scan().envelopes)
 
 
-async def test_a_write_cancelled_before_its_round_leaves_nothing(spool, monkeypatch):
+@pytest.mark.parametrize("kept_as", ["batched", "own file"])
+async def test_a_write_cancelled_before_its_round_leaves_nothing(spool, monkeypatch, kept_as):
     recorder = Recorder(monkeypatch, delay_folder_sync=0.2)
+    rounds = spool_module.STORE_ROUNDS if kept_as == "batched" else 1
+    first = [envelope(number) for number in range(1, rounds + 1)]
+    data = (lambda: MESSAGE) if kept_as == "batched" else (lambda: io.BytesIO(MESSAGE))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(spool.store, envelope(1), MESSAGE)  # its round holds the next writer back
+        for kept in first:  # their rounds hold the next writer back
+            nursery.start_soon(spool.store, kept, data())
         await trio.sleep(0.05)
         with trio.move_on_after(0.05) as scope:
-            await spool.store(envelope(2), MESSAGE)
+            await spool.store(envelope(99), data())
     assert scope.cancelled_caught
-    assert [e.id for e in spool.scan().envelopes] == [envelope(1).id]
+    assert sorted(e.id for e in spool.scan().envelopes) == sorted(e.id for e in first)
     assert not any(spool.temp_folder.iterdir())
-    assert [path for event, path in recorder.events if event == "rename"] == [
-        f"{spool.temp_folder}/{envelope(1).id}.msg.0 -> {spool.message_path(envelope(1).id)}"
-    ]
+    renamed = [path for event, path in recorder.events if event == "rename"]
+    assert len(renamed) == rounds and not any(envelope(99).id in path for path in renamed)
 
 
-async def test_a_failed_file_fsync_fails_that_store_only(spool, monkeypatch):
+async def test_a_failed_file_fsync_fails_the_stores_of_that_file_only(spool, monkeypatch):
     real_fsync = os.fsync
     victim = envelope(7).id
 
@@ -268,7 +321,7 @@ async def test_a_failed_file_fsync_fails_that_store_only(spool, monkeypatch):
 
 
 async def test_a_rescan_quarantines_corrupt_files_and_keeps_the_rest(spool, caplog):
-    good = [await spool.store(envelope(n), MESSAGE) for n in range(3)]
+    good = [await spool.store(envelope(n), io.BytesIO(MESSAGE)) for n in range(3)]
     whole = spool.message_path(good[0].id).read_bytes()
     damaged = {
         "0000000000000001": whole[: len(whole) - 5],  # truncated data
@@ -292,7 +345,7 @@ async def test_a_rescan_quarantines_corrupt_files_and_keeps_the_rest(spool, capl
 
 
 async def test_a_corrupt_envelope_update_falls_back_to_the_first_envelope(spool):
-    stored = await spool.store(envelope(), MESSAGE)
+    stored = await spool.store(envelope(), io.BytesIO(MESSAGE))
     spool.envelope_path(stored.id).write_bytes(b"\x89MMQUE\r\n" + b"\0" * 40)
     result = spool.scan()
     assert result.envelopes == [stored]
@@ -301,7 +354,7 @@ async def test_a_corrupt_envelope_update_falls_back_to_the_first_envelope(spool)
 
 
 async def test_damaged_data_is_caught_on_read_and_quarantined(spool):
-    stored = await spool.store(envelope(), MESSAGE)
+    stored = await spool.store(envelope(), io.BytesIO(MESSAGE))
     path = spool.message_path(stored.id)
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x20
@@ -311,6 +364,22 @@ async def test_damaged_data_is_caught_on_read_and_quarantined(spool):
     await spool.quarantine(stored.id, "data checksum mismatch")
     assert (spool.corrupt_folder / path.name).exists()
     assert spool.scan().envelopes == []
+
+
+async def test_damaged_data_in_a_batch_file_quarantines_that_message_and_keeps_the_others(spool, reopened):
+    await spool.store_copies(copies(3))  # one batch file
+    [path] = spool.folder.glob("*.cps")
+    whole = path.read_bytes()
+    victim = envelope(1).id
+    at = whole.index(MESSAGE + b"1")
+    path.write_bytes(whole[:at] + b"X" + whole[at + 1 :])
+    with pytest.raises(CorruptMessage, match="data checksum"):
+        await spool.read_message(victim)
+    await spool.quarantine(victim, "data checksum mismatch")
+    assert (spool.corrupt_folder / f"{victim}.cps").read_bytes()[:at] == whole[:at]  # the evidence kept
+    spool = reopened(spool)
+    assert sorted(e.id for e in spool.scan().envelopes) == sorted(envelope(n).id for n in (0, 2))
+    assert (await spool.read_message(envelope(2).id))[1] == MESSAGE + b"2"
 
 
 # --- a real process killed while it writes -------------------------------------------------
@@ -454,7 +523,7 @@ async def test_an_update_moves_a_copy_to_a_message_file_of_its_own(spool, reopen
 
 async def test_a_message_file_wins_over_its_copy_after_a_crash_between_them(spool, reopened):
     first, second = await spool.store_copies(copies(2))
-    taken = await spool.store(attrs.evolve(first, shadow=False), MESSAGE + b"0")  # the copy not dropped yet
+    taken = await spool.store(attrs.evolve(first, shadow=False), io.BytesIO(MESSAGE + b"0"))  # copy not dropped yet
     spool = reopened(spool)
     found = {e.id: e for e in spool.scan().envelopes}
     assert found == {first.id: taken, second.id: second}
@@ -474,6 +543,7 @@ async def test_a_drop_record_cut_short_by_a_crash_is_cut_off_and_later_drops_cou
         spool = reopened(spool)
     assert "is cut at byte" in caplog.text
     assert path.stat().st_size == whole
+    assert (spool.corrupt_folder / path.name).read_bytes() == b"\x89MMQUE\r\n\x01\x00\x03"  # the cut tail, kept
     assert sorted(e.id for e in spool.scan().envelopes) == sorted([second.id, third.id])
     await spool.remove(second.id)
     assert [e.id for e in reopened(spool).scan().envelopes] == [third.id]
