@@ -18,7 +18,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -441,31 +441,49 @@ class _GroupCommit:
 
 @attrs.define(eq=False)
 class _Drop:
-    """A message to name in a drop record of its batch file."""
+    """A message to drop from its batch file: `last`, the file's last live message (the file
+    goes), else named in a drop record. `undo` puts it back in the spool's index when the drop
+    is not made."""
 
     path: Path
     queue_id: str
+    last: bool
+    undo: Callable[[], None]
     error: OSError | None = None
     done: bool = False
 
     def discard(self) -> None:
-        pass
+        self.undo()
 
 
 @attrs.define(eq=False)
 class _DropCommit(_GroupCommit):
-    """Shares the fdatasyncs of drop records the same way: a round appends one record to each
-    batch file naming every message dropped there meanwhile, and fdatasyncs that file."""
+    """Shares the syncs of drops the same way. A round removes each batch file whose last
+    message is dropped (the messages dropped with it need no record: a delivery round often
+    takes a whole file), then fsyncs the folder once; to each other file it appends one record
+    naming every message dropped there meanwhile, and fdatasyncs that file."""
 
     def _apply(self, batch: list) -> None:
         by_path: dict[Path, list[_Drop]] = {}
         for drop in batch:
             by_path.setdefault(drop.path, []).append(drop)
+        removed: list[_Drop] = []
         for path, drops in by_path.items():
             try:
-                _append_dropped(path, [drop.queue_id for drop in drops])
+                if any(drop.last for drop in drops):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                    removed += drops
+                else:
+                    _append_dropped(path, [drop.queue_id for drop in drops])
             except OSError as exc:
                 for drop in drops:
+                    drop.error = exc
+        if removed:
+            try:
+                sync_directory(self.folder)
+            except OSError as exc:
+                for drop in removed:
                     drop.error = exc
 
 
@@ -795,16 +813,25 @@ class Spool:
 
     async def _drop_batched(self, queue_id: str) -> None:
         """Drops a message from its batch file: a record naming it appended to the file, or
-        the file removed when it was the last message there."""
-        at = self._in_batch[queue_id]
+        the file removed when it was the last message there. The index forgets it at once
+        (so the file's last drop knows it is the last), and takes it back if the drop is not
+        made (cancelled before its round, or an OSError, which is raised)."""
+        at = self._in_batch.pop(queue_id)
         live = self._batch_files[at.file]
-        if live != {queue_id}:
-            await self._drops.commit(_Drop(self.folder / at.file, queue_id))
-        self._in_batch.pop(queue_id, None)
         live.discard(queue_id)
-        if not live:  # also when the others went while this record was written
-            await self._commit.commit(_Pending(remove=(self.folder / at.file,)))
-            self._batch_files.pop(at.file, None)
+        if not live:
+            del self._batch_files[at.file]
+
+        def undo() -> None:
+            self._in_batch[queue_id] = at
+            self._batch_files.setdefault(at.file, live).add(queue_id)
+
+        drop = _Drop(self.folder / at.file, queue_id, last=not live, undo=undo)
+        try:
+            await self._drops.commit(drop)
+        except OSError:
+            undo()
+            raise
 
     def _read_batched(self, queue_id: str, with_data: bool) -> tuple[Envelope, bytes]:
         """The envelope (and the data, `with_data`) of a message in a batch file."""

@@ -565,3 +565,35 @@ async def test_copies_dropped_at_the_same_time_share_a_drop_record(spool, monkey
             nursery.start_soon(spool.remove, kept.id)
     assert 1 <= len(syncs) <= 3, len(syncs)
     assert [e.id for e in reopened(spool).scan().envelopes] == [stored[0].id]
+
+
+async def test_a_batch_file_whose_messages_go_together_is_removed_with_one_folder_fsync(spool, monkeypatch, reopened):
+    stored = await spool.store_copies(copies(20))
+    records: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (records.append(fd), real(fd))[1])
+    recorder = Recorder(monkeypatch, delay_folder_sync=0.02)
+    async with trio.open_nursery() as nursery:
+        for kept in stored:
+            nursery.start_soon(spool.remove, kept.id)
+    # The first drop's round runs alone and writes a record; the file's last drop takes the
+    # file and every drop that came with it.
+    assert len(records) <= 1
+    assert recorder.count("fsync-folder") == 1
+    assert not list(spool.folder.glob("*.cps"))
+    assert reopened(spool).scan().envelopes == []
+
+
+async def test_a_drop_that_fails_leaves_the_message_in_its_batch_file(spool, monkeypatch, reopened):
+    first, second = await spool.store_copies(copies(2))
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(OSError, match="Input/output"):
+        await spool.remove(first.id)
+    monkeypatch.undo()
+    assert (await spool.read_message(first.id))[1] == MESSAGE + b"0"  # still indexed, still readable
+    await spool.remove(second.id)  # not the last one: first is still there
+    assert sorted(e.id for e in reopened(spool).scan().envelopes) == [first.id]
