@@ -430,13 +430,19 @@ class _GroupCommit:
             except OSError as exc:
                 change.error = exc
                 change.discard()
-        if applied:
-            try:
-                sync_directory(self.folder)
-            except OSError as exc:
-                # The renames may still reach the disk: a duplicate delivery beats a lost message.
-                for change in applied:
-                    change.error = exc
+        # An error of the folder's fsync fails them all, though the renames may still reach
+        # the disk: a duplicate delivery beats a lost message.
+        self._sync_folder(applied)
+
+    def _sync_folder(self, changes: list) -> None:
+        """One fsync of the folder for `changes` made in it; its error goes to each of them."""
+        if not changes:
+            return
+        try:
+            sync_directory(self.folder)
+        except OSError as exc:
+            for change in changes:
+                change.error = exc
 
 
 @attrs.define(eq=False)
@@ -479,12 +485,7 @@ class _DropCommit(_GroupCommit):
             except OSError as exc:
                 for drop in drops:
                     drop.error = exc
-        if removed:
-            try:
-                sync_directory(self.folder)
-            except OSError as exc:
-                for drop in removed:
-                    drop.error = exc
+        self._sync_folder(removed)
 
 
 @attrs.define(eq=False)
@@ -495,6 +496,7 @@ class _NewMessage:
     envelope: Envelope
     data: bytes
     stored: Envelope | None = None
+    at: _BatchedAt | None = None
     error: OSError | None = None
     done: bool = False
 
@@ -513,27 +515,19 @@ class _StoreBatch(_GroupCommit):
 
     spool: Spool | None = None
 
-    async def _run(self, batch: list) -> None:
-        spool = self.spool
-        assert spool is not None
-        with trio.CancelScope(shield=True):  # the writers of the round wait for it
-            try:
-                written = await trio.to_thread.run_sync(spool._write_new, batch)
-            except OSError as exc:
-                for new in batch:
-                    new.error = exc
-                written = None
-        if written is not None:
-            name, envelopes, offsets = written
-            spool._register(name, envelopes, offsets)
-            stored = iter(envelopes)
+    def _apply(self, batch: list[_NewMessage]) -> None:
+        assert self.spool is not None
+        try:
+            self.spool._write_new(batch)
+        except OSError as exc:
             for new in batch:
-                if new.error is None:
-                    new.stored = next(stored)
-        self.rounds += 1
-        self.changes += len(batch)
-        for new in batch:
-            new.done = True
+                new.error = new.error or exc
+
+    async def _run(self, batch: list) -> None:
+        await super()._run(batch)  # in a worker thread, not cancellable: the round's writers wait
+        if kept := [(new.stored, new.at) for new in batch if new.at is not None]:
+            assert self.spool is not None
+            self.spool._register(kept)
 
 
 def _append_dropped(path: Path, ids: list[str]) -> None:
@@ -754,20 +748,21 @@ class Spool:
     async def store_copies(self, copies: list[tuple[Envelope, bytes]]) -> list[Envelope]:
         """Writes shadow copies durably into one new batch file; returns their envelopes with
         `size` set. The ids must not be kept here yet (the caller's index knows). Raises OSError."""
-        name, envelopes, offsets = await trio.to_thread.run_sync(self._write_batch, copies)
-        self._register(name, envelopes, offsets)
-        return envelopes
+        kept = await trio.to_thread.run_sync(self._write_batch, copies)
+        self._register(kept)
+        return [envelope for envelope, _ in kept]
 
-    def _register(self, name: str, envelopes: list[Envelope], offsets: list[int]) -> None:
+    def _register(self, kept: list[tuple[Envelope, _BatchedAt]]) -> None:
+        """Indexes the messages of a batch file just written (on the event loop)."""
         self._batches += 1
-        self._batch_files[name] = {envelope.id for envelope in envelopes}
-        for envelope, offset in zip(envelopes, offsets, strict=True):
-            self._in_batch[envelope.id] = _BatchedAt(name, offset)
+        self._batch_files[kept[0][1].file] = {envelope.id for envelope, _ in kept}
+        for envelope, at in kept:
+            self._in_batch[envelope.id] = at
 
-    def _write_batch(self, copies: list[tuple[Envelope, bytes]]) -> tuple[str, list[Envelope], list[int]]:
+    def _write_batch(self, copies: list[tuple[Envelope, bytes]]) -> list[tuple[Envelope, _BatchedAt]]:
         """Writes a batch file in tmp/, fsyncs it, renames it into the folder and fsyncs the
-        folder, all in the calling thread (rounds in other threads overlap theirs); its name,
-        the envelopes (`size` set) and each record's offset."""
+        folder, all in the calling thread (rounds in other threads overlap theirs); each
+        envelope (`size` set) with where its record is."""
         chunks: list[bytes] = []
         envelopes, offsets, offset = [], [], 0
         for envelope, data in copies:
@@ -798,18 +793,21 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(change.final)
             raise
-        return name, envelopes, offsets
+        return [(envelope, _BatchedAt(name, offset)) for envelope, offset in zip(envelopes, offsets, strict=True)]
 
-    def _write_new(self, batch: list[_NewMessage]) -> tuple[str, list[Envelope], list[int]] | None:
+    def _write_new(self, batch: list[_NewMessage]) -> None:
         """`_write_batch` of the new messages in `batch` whose id has no message file here (the
-        others get FileExistsError); None when none is left."""
+        others get FileExistsError), each told its stored envelope and place. Raises OSError."""
         fresh = []
         for new in batch:
             if self.message_path(new.envelope.id).exists():
                 new.error = FileExistsError(f"queue id {new.envelope.id} is already queued")
             else:
-                fresh.append((new.envelope, new.data))
-        return self._write_batch(fresh) if fresh else None
+                fresh.append(new)
+        if fresh:
+            kept = self._write_batch([(new.envelope, new.data) for new in fresh])
+            for new, (envelope, at) in zip(fresh, kept, strict=True):
+                new.stored, new.at = envelope, at
 
     async def _drop_batched(self, queue_id: str) -> None:
         """Drops a message from its batch file: a record naming it appended to the file, or
