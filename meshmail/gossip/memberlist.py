@@ -205,11 +205,21 @@ class Memberlist:
             task_status.started(bound)
 
     async def join(self, seeds: Iterable[Address]) -> int:
-        """Exchange full state with each seed; return how many answered. Never raises for the network."""
-        joined = 0
+        """Exchange full state with each seed; return how many answered. Never raises for the network.
+
+        A node restarted after a kill may learn from one seed that the cluster holds it dead,
+        and refute with a new incarnation: the seeds that answered before heard the old one,
+        which their dead record outranks. They are told again at once, rather than left to
+        gossip that may miss them until the next push-pull."""
+        told: list[tuple[tuple[str, int], int]] = []  # seeds that answered, and our incarnation then
         for seed in seeds:
+            incarnation = self._state.incarnation
             if tuple(seed) != self.address and await self._net.push_pull(tuple(seed), join=True):
-                joined += 1
+                told.append((tuple(seed), incarnation))
+        for seed, incarnation in told:
+            if incarnation != self._state.incarnation:
+                await self._net.push_pull(seed, join=True)
+        joined = len(told)
         if joined:
             # Announce ourselves now rather than at the next gossip tick.
             self._gossip_soon()

@@ -269,6 +269,23 @@ async def test_restarted_node_rejoins_with_higher_incarnation(autojump_clock):
         assert {x.observer for x in joined} == set(cluster.nodes) - {"n4"}
 
 
+async def test_a_restarted_node_joining_through_several_seeds_tells_each_its_new_incarnation(autojump_clock):
+    """Restarted, n4 joins through n0, n1 and n2 in turn. n0 hears its old incarnation, which
+    n0's dead record outranks, and answers that n4 is dead; n4 refutes with a new one, which
+    n1 and n2 hear. When join() returns, n0 has been told the new one too, without waiting
+    for gossip (which may miss it) or the next push-pull."""
+    async with simulation(seed=17) as cluster:
+        await start_converged(cluster, 6, limit=10.0)
+        old = cluster.stop("n4")
+        await cluster.converge({"n4": State.DEAD}, limit=60.0)
+        new = await cluster.start("n4", old.address)
+        seeds = ["n0", "n1", "n2"]
+        assert await new.memberlist.join([cluster.nodes[x].address for x in seeds]) == 3
+        for seed in seeds:
+            seen = cluster.view(seed)["n4"]
+            assert (seen.state, seen.incarnation) == (State.ALIVE, new.memberlist.incarnation), seed
+
+
 async def test_name_conflict_keeps_the_original(autojump_clock):
     """A second node claiming a live member's name from another address is refused and counted.
 
