@@ -97,3 +97,28 @@ def test_bench_runs_in_short_mode_and_prints_its_figures(script):
     output = run_short(script)
     missing = [line for line in BENCHES[script] if not any(row.startswith(line) for row in output.splitlines())]
     assert not missing, f"{script} --short printed no line starting with {missing}:\n{output}"
+
+
+def test_bench_mx_reports_each_row_from_its_median_round():
+    """A full bench-mx run is several rounds; each row of its table comes from the round whose
+    ratio is the median, so one lucky (or unlucky) round decides nothing."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_mx
+    finally:
+        sys.path.remove(str(BENCH))
+    Row = bench_mx.Row
+
+    def round_of(ratio: float, cpu: str) -> list[Row]:
+        return [
+            Row("rate", "100", f"{100 * ratio:.0f}", ratio, ">= 1 x Postfix", ratio >= 1),
+            Row("cpu", "-", cpu),
+        ]
+
+    rounds = [round_of(1.4, "2.0"), round_of(0.9, "3.0"), round_of(1.1, "1.0")]
+    rate, cpu = bench_mx.median_rows(rounds)
+    assert (rate.meshmail, rate.ratio, rate.ok) == ("110", 1.1, True)
+    assert cpu.meshmail == "2.0"
+    rate, _ = bench_mx.median_rows([round_of(0.9, "1"), round_of(1.2, "1")])  # even count: the lower middle
+    assert (rate.ratio, rate.ok) == (0.9, False)
+    assert bench_mx.median_rows([round_of(1.2, "1")]) == round_of(1.2, "1")

@@ -12,7 +12,9 @@ Measured in one run: delivered messages per second while the Dovecot runs (Postf
 meshmail delivers in-line before its 250); accepted messages per second while the Dovecot is
 stopped (Postfix queues, fsync'd, its next hop refusing connections; meshmail queues, fsync'd,
 its slave publishing the endpoint down); then, the Dovecot started again, the time until each
-queue is in the mailbox. A script, not a test (tests/test_benches.py runs its short mode).
+queue is in the mailbox. A full run does this three times on fresh systems and reports each
+figure's median round (single rounds move with the shared machine's load).
+A script, not a test (tests/test_benches.py runs its short mode).
 Needs root (Dovecot and Postfix) and the Debian packages postfix and dovecot-lmtpd.
 """
 
@@ -82,6 +84,9 @@ class Sizes:
 
 
 FULL = Sizes(messages=2000, sessions=20, message_bytes=10_240)
+#: Rounds of a full run, each on fresh systems: the table gives each figure's median round, as
+#: the machine's load from other tenants moves single rounds of either system by up to 2x.
+FULL_ROUNDS = 3
 SHORT = Sizes(messages=100, sessions=5, message_bytes=10_240)
 
 
@@ -458,13 +463,35 @@ def print_table(rows: list[Row], short: bool) -> None:
         print(f"{row.label:{width}}  {values}  {row.target:18}  {judged}".rstrip())
 
 
-def report(results: Results, sizes: Sizes, short: bool, only: str | None = None) -> list[Figure]:
-    rows = shadow_rows(results, sizes) if only == "shadow" else rows_of(results, sizes)
+def median_rows(rounds: list[list[Row]]) -> list[Row]:
+    """Each row as in its median round: the round whose ratio (or, for a row without one,
+    whose meshmail figure) is the median of all rounds' (the lower middle of an even count)."""
+
+    def key(row: Row) -> float:
+        if row.ratio is not None:
+            return row.ratio
+        try:
+            return float(row.meshmail)
+        except ValueError:
+            return 0.0
+
+    return [sorted(same, key=key)[(len(same) - 1) // 2] for same in zip(*rounds, strict=True)]
+
+
+def report(done: list[Results], sizes: Sizes, short: bool, only: str | None = None) -> list[Figure]:
+    rounds = [shadow_rows(results, sizes) if only == "shadow" else rows_of(results, sizes) for results in done]
+    rows = median_rows(rounds)
     print()
     print(f"meshmail MX benchmark: smtp-source, {sizes.messages:,} messages of {sizes.message_bytes:,} bytes over "
-          f"{sizes.sessions} sessions; nproc {os.cpu_count()}, {platform.machine()}, "
-          f"Python {platform.python_version()}")  # fmt: skip
+          f"{sizes.sessions} sessions, {len(done)} round(s) on fresh systems; nproc {os.cpu_count()}, "
+          f"{platform.machine()}, Python {platform.python_version()}")  # fmt: skip
     print_table(rows, short)
+    if len(done) > 1:
+        print()
+        print("each round's ratio (the table shows each row's median round):")
+        for row, same in zip(rows, zip(*rounds, strict=True), strict=True):
+            if row.target:
+                print(f"  {row.label.strip()}: " + ", ".join(f"{r.ratio:.2f}" for r in same))
     print()
     print("ratio: meshmail / Postfix (for the drain rate: Postfix's seconds / meshmail's). Delivered: from "
           "smtp-source's start until the mailbox held every message (meshmail answers 250 after the slave took "
@@ -491,7 +518,9 @@ def missing() -> list[str]:
     return problems
 
 
-def run(root: Path, sizes: Sizes, short: bool, profile: Path | None, only: str | None = None) -> int:
+def run_round(root: Path, sizes: Sizes, profile: Path | None, only: str | None) -> Results:
+    """One round on fresh systems under `root`: both Dovecots, Postfix and meshmail started,
+    the phases measured, everything stopped again."""
     dovecots = {name: mailkit.Dovecot(root / f"dovecot-{name}", USERS, name=f"d-{name}")
                 for name in ("postfix", "meshmail")}  # fmt: skip
     postfix = mailkit.Postfix(root / "postfix", dovecots["postfix"], [DOMAIN])
@@ -501,14 +530,13 @@ def run(root: Path, sizes: Sizes, short: bool, profile: Path | None, only: str |
             dovecot.start()
         postfix.start()
         mesh.start()
-        results = (measure_shadow if only == "shadow" else measure)(postfix, mesh, dovecots, sizes)
+        return (measure_shadow if only == "shadow" else measure)(postfix, mesh, dovecots, sizes)
     except (BenchError, AssertionError, RuntimeError, OSError) as exc:
-        print(f"bench-mx failed: {exc}", file=sys.stderr)
         logs = {"postfix": postfix.log_tail(), "meshmail": mesh.fleet.logs(),
                 **{f"dovecot-{name}": d.log_tail() for name, d in dovecots.items()}}  # fmt: skip
         for name, tail in logs.items():
             print(f"--- {name}:\n{tail[-4000:]}", file=sys.stderr)
-        return FAILED
+        raise BenchError(str(exc)) from exc
     finally:
         if profile is not None:
             mesh.stop_m1()
@@ -516,7 +544,21 @@ def run(root: Path, sizes: Sizes, short: bool, profile: Path | None, only: str |
         postfix.close()
         for dovecot in dovecots.values():
             dovecot.close()
-    figures = report(results, sizes, short, only)
+
+
+def run(root: Path, sizes: Sizes, short: bool, profile: Path | None, only: str | None = None, rounds: int = 1) -> int:
+    """`rounds` rounds one after the other, each on fresh systems (the profile, if asked
+    for, is of the last round's m1), then the report."""
+    done: list[Results] = []
+    try:
+        for number in range(1, rounds + 1):
+            if rounds > 1:
+                print(f"--- round {number} of {rounds}", flush=True)
+            done.append(run_round(root / f"round-{number}", sizes, profile, only))
+    except BenchError as exc:
+        print(f"bench-mx failed: {exc}", file=sys.stderr)
+        return FAILED
+    figures = report(done, sizes, short, only)
     if profile is not None and profile.exists():
         print_profile(profile)
     return verdict(figures, short)
@@ -536,8 +578,12 @@ def main() -> int:
         help="run only Postfix's queue path and meshmail's queue path with a shadow master",
     )
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep every file and log under DIR (new or empty)")
+    parser.add_argument("--rounds", type=int, help=f"rounds on fresh systems (default {FULL_ROUNDS}, short 1)")
     args = parser.parse_args()
     sizes = SHORT if args.short else FULL
+    rounds = args.rounds or (1 if args.short else FULL_ROUNDS)
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
     sizes = attrs.evolve(sizes, messages=args.messages or sizes.messages, sessions=args.sessions or sizes.sessions)
     if problems := missing():
         print("bench-mx cannot run: " + "; ".join(problems), file=sys.stderr)
@@ -548,10 +594,10 @@ def main() -> int:
         if any(args.keep.iterdir()):
             print(f"bench-mx: {args.keep} is not empty", file=sys.stderr)
             return FAILED
-        return run(args.keep.resolve(), sizes, args.short, profile, args.only)
+        return run(args.keep.resolve(), sizes, args.short, profile, args.only, rounds)
     with tempfile.TemporaryDirectory(prefix="meshmail-bench-mx-") as root:
         try:
-            return run(Path(root), sizes, args.short, profile, args.only)
+            return run(Path(root), sizes, args.short, profile, args.only, rounds)
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
