@@ -135,15 +135,24 @@ class Runner:
 
     def _route(self, slave: str) -> tuple[Route | NoRoute, str]:
         """How to reach `slave` now; a service its health probe still publishes as down counts
-        as up for a while after this master's own look found it answering (_look)."""
+        as up for a while after this master's own look found it answering (_look), until the
+        probe catches up: once it publishes the service up, a later "down" is a new outage."""
         if slave == SMARTHOST:
             return smarthost_route(self.smarthost)
         route, protocol = route_to(self.router, slave)
         answered = self._answered.get(slave)
-        if isinstance(route, NoRoute) and route.reason == SERVICE_DOWN and answered is not None:
-            if trio.current_time() - answered < LOOK_VALID:
-                return route_to(self.router, slave, unprobed=True)
+        if answered is None:
+            return route, protocol
+        if isinstance(route, Route):
+            del self._answered[slave]
+        elif route.reason == SERVICE_DOWN and trio.current_time() - answered < LOOK_VALID:
+            return route_to(self.router, slave, unprobed=True)
         return route, protocol
+
+    def _failed(self, slave: str, replies: list[Reply]) -> None:
+        """A look's answer no longer counts once the slave could not be reached after it."""
+        if replies and all(reply is UNREACHABLE for reply in replies):
+            self._answered.pop(slave, None)
 
     def _look_if_down(self, slave: str, nursery: trio.Nursery) -> None:
         """Start looking at `slave`'s mail service when its health probe publishes it down."""
@@ -211,6 +220,7 @@ class Runner:
             assert isinstance(route, Route)
             transaction = _transaction(sender, [recipients[i][0] for i in indices], len(data))
             answers = await self.deliverer.deliver(route, protocol, transaction, data, client)
+            self._failed(route.slave, answers)
             replies.update(zip(indices, answers, strict=True))
 
         async with trio.open_nursery() as nursery:
@@ -409,6 +419,7 @@ class Runner:
                 Client((envelope.client_address, 0), ("0.0.0.0", 0), envelope.helo) if envelope.client_address else None
             )
             replies = await lane.deliver(transaction, data, client)
+            self._failed(slave, replies)
         elif isinstance(self._route(slave)[0], Route):
             # The slave came back while this round found it gone: due again at once, not after
             # a retry delay (the kick on its return missed this message, in flight here).

@@ -38,7 +38,7 @@ from meshmail.nodemeta import Endpoint, NodeMeta
 from meshmail.protocols import mx as mx_codec
 from meshmail.protocols.common import Closed
 from meshmail.proxy.backend import Connector, backend_contexts
-from meshmail.routing import Router
+from meshmail.routing import Route, Router
 
 USERS = {"alice@one.example": "alice-secret-1", "bob@one.example": "bob-secret-1"}
 
@@ -88,7 +88,9 @@ class Harness:
                 queue.load((await spool.rescan()).envelopes)
                 router = Router(DomainMap({"one.example": "s1"}), self.members)
                 deliverer = Deliverer(Connector(backend_contexts(None, None, "/")), "mx.test")
-                runner = Runner(spool, queue, deliverer, router, "mx.test", "m1", smarthost=self.smarthost)
+                runner = self.runner = Runner(
+                    spool, queue, deliverer, router, "mx.test", "m1", smarthost=self.smarthost
+                )
                 mx = Mx(self.section, router, deliverer, runner, None, Metrics(), "mx.test")
                 self.report = MxReport(mx, runner)
                 [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -252,6 +254,50 @@ def test_queued_mail_goes_as_soon_as_the_slave_answers_though_its_probe_still_sa
             lambda: {f"looked-{n}" for n in range(3)} <= set(delivered_ids(dovecot, "bob@one.example")),
         )
         wait_for("the spool emptied", lambda: not spooled(folder))
+
+
+def test_a_look_that_found_the_slave_answering_counts_only_until_the_probe_catches_up(dovecot, tmp_path):
+    """The look's "it answers" stands in for the probe only until the probe says "up" itself, or
+    until the slave cannot be reached: a new outage soon after is the probe's word again, so
+    the queue is not kicked and tried each tick against a service that is down."""
+
+    def route_is_up() -> bool:
+        return trio.from_thread.run_sync(
+            lambda: isinstance(mx.runner._route("s1")[0], Route), trio_token=mx.loop["token"]
+        )
+
+    def queue_then_look(subject: str) -> None:
+        """Mail while the service is down and published down; delivered by the look once it is back."""
+        dovecot.stop()
+        try:
+            with smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+                assert client.send_message(message(subject, "bob@one.example"), to_addrs=["bob@one.example"]) == {}
+            assert not route_is_up()
+        finally:
+            dovecot.start()
+        wait_for(f"the look delivered {subject}", lambda: subject in delivered_ids(dovecot, "bob@one.example"))
+
+    with Harness(dovecot, tmp_path / "queue") as mx:
+        mx.set_slave(State.ALIVE, service_up=False)
+        queue_then_look("first")
+        assert route_is_up()  # the look's answer, the probe still publishing the service down
+        mx.set_slave(State.ALIVE, service_up=True)  # the probe catches up
+        assert route_is_up()
+        mx.set_slave(State.ALIVE, service_up=False)  # a new outage, seconds after the look
+        assert not route_is_up()
+
+        queue_then_look("second")
+        assert route_is_up()
+        dovecot.stop()
+        try:
+            with smtplib.SMTP("127.0.0.1", mx.port, timeout=20) as client:
+                assert client.send_message(message("third", "bob@one.example"), to_addrs=["bob@one.example"]) == {}
+            assert mx.status()["queued"] == 1
+            # The queue's next try finds it gone and drops the look's answer (not 30 s later).
+            wait_for("the look's answer dropped", lambda: not route_is_up(), timeout=10.0)
+        finally:
+            dovecot.start()
+        wait_for("the look delivered third", lambda: "third" in delivered_ids(dovecot, "bob@one.example"))
 
 
 def test_a_restarted_mx_delivers_what_its_queue_holds(dovecot, tmp_path):
