@@ -592,7 +592,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help=f"rounds on fresh systems (default {FULL_ROUNDS}, short 1)")
     args = parser.parse_args()
     sizes = SHORT if args.short else FULL
-    rounds = args.rounds or (1 if args.short else FULL_ROUNDS)
+    rounds = args.rounds if args.rounds is not None else 1 if args.short else FULL_ROUNDS
     if rounds < 1:
         parser.error("--rounds must be at least 1")
     sizes = attrs.evolve(sizes, messages=args.messages or sizes.messages, sessions=args.sessions or sizes.sessions)
