@@ -47,6 +47,8 @@ BENCHES = {
         "  added over direct (ms)",
         "login latency p99 (ms)",
         "logins/s, 50 clients at once",
+        "meshmail logins/s, one master (after the sync)",
+        "  split over two masters' proxies: logins/s",
         "bulk FETCH of 5 MB, plain (MB/s)",
         "bulk FETCH of 5 MB, TLS (MB/s)",
         "RSS per idle session, 200 in IDLE (KiB)",

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import attrs
@@ -233,10 +233,11 @@ def timed_session(port: int, user: str) -> float:
 
 
 class Connection:
-    __slots__ = ("sock", "step", "buffer", "connecting")
+    __slots__ = ("sock", "port", "step", "buffer", "connecting")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, port: int) -> None:
         self.sock = sock
+        self.port = port
         self.step = 0
         self.buffer = b""
         self.connecting = True
@@ -244,39 +245,43 @@ class Connection:
 
 class Swarm:
     """Many scripted connections at once on non-blocking sockets and one selector: a client
-    that costs a few syscalls per IMAP line, far less than the servers it drives."""
+    that costs a few syscalls per IMAP line, far less than the servers it drives. New
+    connections go to `ports` in turn."""
 
-    def __init__(self, port: int, steps: list[Step]) -> None:
-        self.port = port
+    def __init__(self, ports: Sequence[int], steps: list[Step]) -> None:
+        self.ports = ports
         self.steps = steps
         self.selector = selectors.DefaultSelector()
         self.open_count = 0
+        self.opened = 0
 
     def open(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
-        sock.connect_ex((HOST, self.port))
-        self.selector.register(sock, selectors.EVENT_WRITE, Connection(sock))
+        port = self.ports[self.opened % len(self.ports)]
+        sock.connect_ex((HOST, port))
+        self.selector.register(sock, selectors.EVENT_WRITE, Connection(sock, port))
         self.open_count += 1
+        self.opened += 1
 
     def poll(self) -> list[Connection]:
         """Move every ready connection on; the ones whose script ended (unregistered, not closed)."""
         done = []
         events = self.selector.select(IO_TIMEOUT)
         if not events:
-            raise BenchError(f"no answer within {IO_TIMEOUT:.0f} s on port {self.port}")
+            raise BenchError(f"no answer within {IO_TIMEOUT:.0f} s on ports {self.ports}")
         for key, _ in events:
             conn: Connection = key.data
             if conn.connecting:
                 error = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if error:
-                    raise BenchError(f"connect to port {self.port}: {os.strerror(error)}")
+                    raise BenchError(f"connect to port {conn.port}: {os.strerror(error)}")
                 conn.connecting = False
                 self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
                 continue
             data = conn.sock.recv(65536)
             if not data:
-                raise BenchError(f"port {self.port} closed a session at step {conn.step}: {conn.buffer[-200:]!r}")
+                raise BenchError(f"port {conn.port} closed a session at step {conn.step}: {conn.buffer[-200:]!r}")
             conn.buffer += data
             while answer_done(conn.buffer, self.steps[conn.step]):
                 conn.buffer = b""
@@ -315,10 +320,11 @@ class Rate:
     proxy_cpu_ms: float  # the proxy's CPU milliseconds per login (0 for direct)
 
 
-def login_rate(port: int, seconds: float, proxy_pids: Callable[[], list[int]]) -> Rate:
-    """Logins per second with CONCURRENCY sessions at all times (each one connects, logs
-    in, selects, logs out), counted over `seconds` after a one-second warm-up."""
-    swarm = Swarm(port, session_steps(f"bench@{DOMAIN}"))
+def login_rate(ports: Sequence[int], seconds: float, proxy_pids: Callable[[], list[int]]) -> Rate:
+    """Logins per second with CONCURRENCY sessions at all times (each one connects to the
+    next of `ports`, logs in, selects, logs out), counted over `seconds` after a one-second
+    warm-up."""
+    swarm = Swarm(ports, session_steps(f"bench@{DOMAIN}"))
     try:
         for _ in range(CONCURRENCY):
             swarm.open()
@@ -344,7 +350,7 @@ def login_rate(port: int, seconds: float, proxy_pids: Callable[[], list[int]]) -
 
 def open_idle_sessions(port: int, count: int) -> list[socket.socket]:
     """`count` sessions logged in and in IDLE, opened CONCURRENCY at a time; their sockets."""
-    swarm = Swarm(port, idle_steps(f"idle@{DOMAIN}"))
+    swarm = Swarm([port], idle_steps(f"idle@{DOMAIN}"))
     idle: list[socket.socket] = []
     try:
         started = 0
@@ -511,7 +517,8 @@ def start_node(fleet: Cluster, name: str) -> None:
 
 class Meshmail:
     """A master m1 with [proxy] holding `domains` routes, and a slave s1 publishing the
-    Dovecot's domain; m2 joins later as the newly joined node of the sync figure."""
+    Dovecot's domain; m2 joins later as the newly joined node of the sync figure (a master
+    with the same [proxy], which the split figure then uses)."""
 
     def __init__(self, root: Path, dovecot: mailkit.Dovecot, cert: Path, key: Path, domains: int) -> None:
         root.mkdir()
@@ -525,22 +532,7 @@ class Meshmail:
         fleet = self.fleet
         fleet.init("m1")
         fill_state(fleet.data_dir("m1"), self.domains)
-        fleet.append_config(
-            "m1",
-            f"""
-[proxy]
-imap = "{HOST}:0"
-imaps = "{HOST}:0"
-pop3 = false
-pop3s = false
-submission = false
-submissions = false
-cert = "{self.cert}"
-key = "{self.key}"
-max_sessions = 20000
-max_sessions_per_client = 20000
-""",
-        )
+        self.add_proxy("m1")
         start_node(fleet, "m1")
         fleet.wait_alive(["m1"])
         if fleet.join("s1", fleet.token("m1", "slave"), "slave").returncode != 0:
@@ -571,8 +563,31 @@ path = "{self.dovecot.passwd}"
         )
         # Both stay busy for a while after the full sync to s1: measure once they are quiet.
         wait_quiet([fleet.processes[name].pid for name in ("m1", "s1")])
-        ports = json.loads(fleet._node("m1").ready.read_text())
-        self.imap, self.imaps = (int(ports[name].rsplit(":", 1)[1]) for name in ("imap", "imaps"))
+        self.imap, self.imaps = self.ports("m1")
+
+    def add_proxy(self, name: str) -> None:
+        """Give master `name` (not started yet) the [proxy] of the bench: IMAP and IMAPS only."""
+        self.fleet.append_config(
+            name,
+            f"""
+[proxy]
+imap = "{HOST}:0"
+imaps = "{HOST}:0"
+pop3 = false
+pop3s = false
+submission = false
+submissions = false
+cert = "{self.cert}"
+key = "{self.key}"
+max_sessions = 20000
+max_sessions_per_client = 20000
+""",
+        )
+
+    def ports(self, name: str) -> tuple[int, int]:
+        """The IMAP and IMAPS ports of master `name`'s proxy (from its ready file)."""
+        ports = json.loads(self.fleet._node(name).ready.read_text())
+        return int(ports["imap"].rsplit(":", 1)[1]), int(ports["imaps"].rsplit(":", 1)[1])
 
     def pids(self) -> list[int]:
         return [self.fleet.processes["m1"].pid]
@@ -628,7 +643,7 @@ def measure_latency(ways: list[Way], sizes: Sizes) -> None:
 def measure_rate(ways: list[Way], sizes: Sizes) -> None:
     for r in range(sizes.rate_rounds):
         for way in ways[r % len(ways) :] + ways[: r % len(ways)]:
-            way.rates.append(login_rate(way.imap, sizes.rate_seconds, way.pids))
+            way.rates.append(login_rate([way.imap], sizes.rate_seconds, way.pids))
 
 
 def measure_bulk(ways: list[Way], sizes: Sizes) -> int:
@@ -727,6 +742,7 @@ def measure_sync(mesh: Meshmail, sizes: Sizes) -> Sync:
     samples.clear()
     if fleet.join("m2", fleet.token("m1", "master"), "master").returncode != 0:
         raise BenchError(f"m2 could not join:\n{fleet.logs()}")
+    mesh.add_proxy("m2")
     node = fleet._node("m2")
     node.prefix = ["nice", "-n", "19"]
     total = mesh.domains + 1
@@ -761,6 +777,41 @@ def measure_sync(mesh: Meshmail, sizes: Sizes) -> Sync:
     return Sync(rest, during, refused_rest, refused, window[1] - window[0])
 
 
+@attrs.frozen
+class Split:
+    """Logins/s of m1's proxy alone and of the same clients split over m1's and m2's (best
+    round of each), and the proxies' CPU per login (median round)."""
+
+    one: float
+    two: float
+    cpu_one: float
+    cpu_two: float
+
+
+def measure_split(mesh: Meshmail, sizes: Sizes) -> Split:
+    """What a second proxy process adds on this machine (issue 11 asks to measure before
+    adding worker processes): the concurrent logins through m1 alone, and in turns with it
+    the same clients split over m1 and m2, a master whose proxy serves the same routes (its
+    nice undone after the sync, every thread of it)."""
+    fleet = mesh.fleet
+    pids = [fleet.processes[name].pid for name in ("m1", "m2")]
+    for task in os.listdir(f"/proc/{pids[1]}/task"):
+        os.setpriority(os.PRIO_PROCESS, int(task), 0)
+    wait_quiet(pids)
+    ports = [mesh.imap, mesh.ports("m2")[0]]
+    one: list[Rate] = []
+    two: list[Rate] = []
+    for _ in range(sizes.rate_rounds):
+        one.append(login_rate(ports[:1], sizes.rate_seconds, lambda: pids[:1]))
+        two.append(login_rate(ports, sizes.rate_seconds, lambda: pids))
+    return Split(
+        max(r.logins_per_s for r in one),
+        max(r.logins_per_s for r in two),
+        statistics.median(r.proxy_cpu_ms for r in one),
+        statistics.median(r.proxy_cpu_ms for r in two),
+    )
+
+
 # --- the report -------------------------------------------------------------------------------
 
 
@@ -781,7 +832,7 @@ def ms(seconds: float) -> float:
     return seconds * 1000
 
 
-def rows_of(ways: list[Way], sync: Sync, sizes: Sizes) -> list[Row]:
+def rows_of(ways: list[Way], sync: Sync, split: Split, sizes: Sizes) -> list[Row]:
     direct, nginx, mesh = ways
 
     def each(value: Callable[[Way], float | None], proxies_only: bool = False) -> tuple:
@@ -810,6 +861,10 @@ def rows_of(ways: list[Way], sync: Sync, sizes: Sizes) -> list[Row]:
         Row(f"logins/s, {CONCURRENCY} clients at once", rate, 0, ratio(rate), ">= nginx", rate[2] >= rate[1]),
         Row("  proxy CPU per login (ms)", cpu, ratio=ratio(cpu)),
         Row("  client CPU busy (% of one core)", busy, 0),
+        Row("meshmail logins/s, one master (after the sync)", (None, None, split.one), 0),
+        Row("  proxy CPU per login (ms)", (None, None, split.cpu_one)),
+        Row("  split over two masters' proxies: logins/s", (None, None, split.two), 0, ratio=split.two / split.one),
+        Row("  their CPU per login (ms)", (None, None, split.cpu_two), ratio=split.cpu_two / split.cpu_one),
         Row(f"bulk FETCH of {mailbox}, plain (MB/s)", plain, 0, ratio(plain), f">= {TARGET_BULK_RATIO} x nginx",
             plain[2] >= TARGET_BULK_RATIO * plain[1]),
         Row(f"bulk FETCH of {mailbox}, TLS (MB/s)", tls, 0, ratio(tls), f">= {TARGET_BULK_RATIO} x nginx",
@@ -838,14 +893,15 @@ def print_table(rows: list[Row], short: bool) -> None:
         print(f"{row.label:{width}}  {cells}  {ratio:>6}  {row.target:28}  {judged}".rstrip())
 
 
-def report(ways: list[Way], sync: Sync, sizes: Sizes, fetched: int, short: bool) -> list[Figure]:
-    rows = rows_of(ways, sync, sizes)
+def report(ways: list[Way], sync: Sync, split: Split, sizes: Sizes, fetched: int, short: bool) -> list[Figure]:
+    rows = rows_of(ways, sync, split, sizes)
     print()
     print(f"meshmail proxy benchmark: one Dovecot, direct / nginx mail proxy / meshmail master; "
           f"nproc {os.cpu_count()}, {platform.machine()}, Python {platform.python_version()}")  # fmt: skip
     print_table(rows, short)
     print()
-    print("ratio: meshmail / nginx (for the sync rows: during / at rest). Latency: "
+    print("ratio: meshmail / nginx (for the sync rows: during / at rest; for the two-master rows: two masters / "
+          "one, measured in turns after the sync). Latency: "
           f"{len(ways[0].latencies)} sessions per way, one at a time, in {sizes.rounds} rounds taking turns. "
           f"Rate: best of {sizes.rate_rounds} x {sizes.rate_seconds:g} s.")  # fmt: skip
     print(f"Bulk: best of {sizes.bulk_repeat}, {fetched:,} bytes on the wire per FETCH; TLS ciphers: "
@@ -901,6 +957,8 @@ def run(root: Path, sizes: Sizes, short: bool) -> int:
         measure_idle(ways[2], sizes.idle, mesh.sessions)
         print(f"login latency during a full sync of {sizes.domains:,} domains ...", flush=True)
         sync = measure_sync(mesh, sizes)
+        print("logins/s split over two masters ...", flush=True)
+        split = measure_split(mesh, sizes)
     except (BenchError, AssertionError, RuntimeError, OSError) as exc:
         print(f"bench-proxy failed: {exc}", file=sys.stderr)
         logs = {"dovecot": dovecot.log_tail(), "nginx": nginx.log_tail(), "meshmail": mesh.fleet.logs()}
@@ -911,7 +969,7 @@ def run(root: Path, sizes: Sizes, short: bool) -> int:
         mesh.close()
         nginx.stop()
         dovecot.close()
-    return verdict(report(ways, sync, sizes, fetched, short), short)
+    return verdict(report(ways, sync, split, sizes, fetched, short), short)
 
 
 def main() -> int:
