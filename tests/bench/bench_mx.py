@@ -512,8 +512,14 @@ def report(done: list[Results], sizes: Sizes, short: bool, only: str | None = No
     return [Figure(row.label.strip(), "", row.target, row.ok) for row in rows if row.ok is not None]
 
 
-def print_profile(path: Path, lines: int = 30) -> None:
-    print(f"\nm1 under cProfile (whole run; {path}):")
+def merge_profiles(rounds: list[Path], path: Path) -> None:
+    """The profiles of every round's m1 added up, written to `path`."""
+    stats = pstats.Stats(*(str(found) for found in rounds))
+    stats.dump_stats(str(path))
+
+
+def print_profile(path: Path, rounds: int, lines: int = 30) -> None:
+    print(f"\nm1 under cProfile (whole run, {rounds} round(s) added up; {path}):")
     stats = pstats.Stats(str(path))
     stats.sort_stats("tottime").print_stats(lines)
     stats.sort_stats("cumulative").print_stats(lines)
@@ -558,20 +564,24 @@ def run_round(root: Path, sizes: Sizes, profile: Path | None, only: str | None) 
 
 
 def run(root: Path, sizes: Sizes, short: bool, profile: Path | None, only: str | None = None, rounds: int = 1) -> int:
-    """`rounds` rounds one after the other, each on fresh systems (the profile, if asked
-    for, is of the last round's m1), then the report."""
+    """`rounds` rounds one after the other, each on fresh systems, then the report (and, with
+    `profile`, every round's m1 profile added up, written there and printed)."""
     done: list[Results] = []
+    profiles: list[Path] = []
     try:
         for number in range(1, rounds + 1):
             if rounds > 1:
                 print(f"--- round {number} of {rounds}", flush=True)
-            done.append(run_round(root / f"round-{number}", sizes, profile, only))
+            folder = root / f"round-{number}"
+            profiles += [folder / "m1.prof"] if profile is not None else []
+            done.append(run_round(folder, sizes, profiles[-1] if profiles else None, only))
     except BenchError as exc:
         print(f"bench-mx failed: {exc}", file=sys.stderr)
         return FAILED
     figures = report(done, sizes, short, only)
-    if profile is not None and profile.exists():
-        print_profile(profile)
+    if profile is not None and (written := [path for path in profiles if path.exists()]):
+        merge_profiles(written, profile)
+        print_profile(profile, len(written))
     return verdict(figures, short)
 
 
@@ -582,7 +592,8 @@ def main() -> int:
     parser.add_argument("--messages", type=int, help=f"messages per phase (default {FULL.messages:,})")
     parser.add_argument("--sessions", type=int, help=f"parallel SMTP sessions (default {FULL.sessions})")
     parser.add_argument("--profile", type=Path, metavar="FILE",
-                        help="run m1 under cProfile, write its profile to FILE, print its top functions")  # fmt: skip
+                        help="run m1 under cProfile in every round, write the rounds' profiles added up to FILE, print "
+                             "its top functions")  # fmt: skip
     parser.add_argument(
         "--only",
         choices=["shadow"],
