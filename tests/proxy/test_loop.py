@@ -14,7 +14,7 @@ import time
 import pytest
 
 from meshmail.proxy import loop
-from meshmail.proxy.streams import SocketStream, TlsStream
+from meshmail.proxy.streams import SocketStream, TlsStream, connect
 
 
 def test_move_on_after_ends_a_wait_at_its_deadline_on_the_mock_clock():
@@ -339,3 +339,74 @@ def test_a_socket_closed_behind_the_loops_back_does_not_strand_the_next_one_with
         return reused, data
 
     assert loop.run(main()) == (True, b"y")
+
+
+def test_tasks_woken_in_a_round_run_in_it_and_each_yield_lets_the_loop_poll_first():
+    """A spawned task, and the task its event wakes, run in the round that made them ready (no
+    epoll call in between); a task that yields (checkpoint) runs again only after a poll."""
+    proxy_loop = loop.Loop()
+    polls: list[float] = []
+    poll = proxy_loop._poll
+    proxy_loop._poll = lambda timeout: polls.append(timeout) or poll(timeout)  # type: ignore[method-assign]
+    counted: dict[str, int] = {}
+
+    async def child(event: loop.Event) -> None:
+        event.set()
+
+    async def main() -> None:
+        before = len(polls)
+        event = loop.Event()
+        task = proxy_loop.spawn(child(event))
+        await event.wait()
+        await task.join()
+        counted["spawn and event"] = len(polls) - before
+        before = len(polls)
+        for _ in range(3):
+            await loop.checkpoint()
+        counted["yields"] = len(polls) - before
+        proxy_loop.stop()
+
+    proxy_loop.spawn(main())
+    proxy_loop.run()
+    assert counted == {"spawn and event": 0, "yields": 3}
+
+
+def test_a_task_that_keeps_yielding_leaves_the_others_their_sockets():
+    async def main() -> bytes:
+        a, b = socket.socketpair()
+        stream = SocketStream(a)
+        spinning = True
+
+        async def spinner() -> None:
+            while spinning:
+                await loop.checkpoint()
+
+        loop.current_loop().spawn(spinner())
+        await loop.sleep(0.01)
+        b.send(b"through")
+        with loop.fail_after(5):
+            data = await stream.receive_some()
+        spinning = False
+        stream.close(), b.close()
+        return data
+
+    assert loop.run(main()) == b"through"
+
+
+def test_connect_gives_a_connected_stream_or_the_refusal():
+    async def main() -> tuple[bytes, type]:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            stream = await connect(socket.AF_INET, server.getsockname())
+            peer, _ = server.accept()
+            with peer:
+                peer.send(b"greeting")
+                data = await stream.receive_some()
+            stream.close()
+            closed = server.getsockname()
+        try:
+            await connect(socket.AF_INET, closed)
+        except OSError as exc:
+            return data, type(exc)
+        raise AssertionError("a connect to a closed port succeeded")
+
+    assert loop.run(main()) == (b"greeting", ConnectionRefusedError)
