@@ -216,6 +216,13 @@ class Queue:
         self.rng = rng
         self._slaves: dict[str, _SlaveQueue] = {}
         self._shadows: dict[str, dict[str, Entry]] = {}
+        # Kept as the index changes, so that stats() does not scan it (/status and /metrics
+        # ask often; a scan of 100,000 entries held the event loop some 20 ms): the entries
+        # beyond a message's first (it is queued at several slaves), the bytes of the shadow
+        # copies, and when the oldest queued message came (None: not known, scanned for once).
+        self._copies = 0
+        self._shadow_bytes = 0
+        self._oldest: int | None = None
 
     def load(self, envelopes: Iterable[Envelope]) -> None:
         """Adds the envelopes of a rescan."""
@@ -235,8 +242,14 @@ class Queue:
                 len(envelope.queued()),
             )
             self._shadows.setdefault(envelope.origin, {})[envelope.id] = entry
+            self._shadow_bytes += entry.size
             return
-        for slave in envelope.slaves():
+        slaves = envelope.slaves()
+        if slaves:
+            self._copies += len(slaves) - 1
+            if self._oldest is not None:
+                self._oldest = min(self._oldest, envelope.received_ms)
+        for slave in slaves:
             queued = envelope.queued(slave)
             entry = Entry(
                 envelope.id,
@@ -257,14 +270,26 @@ class Queue:
     def remove(self, queue_id: str) -> None:
         """Forgets a message everywhere (delivered, deleted, moved to failed/, a shadow dropped)."""
         for slave, queue in list(self._slaves.items()):
-            entry = queue.entries.pop(queue_id, None)
+            entry = queue.entries.get(queue_id)
             if entry is not None:
-                queue.bytes -= entry.size
-                if not queue.entries:
-                    del self._slaves[slave]
+                self._drop(slave, queue, entry)
         for origin, shadows in list(self._shadows.items()):
-            if shadows.pop(queue_id, None) is not None and not shadows:
-                del self._shadows[origin]
+            entry = shadows.pop(queue_id, None)
+            if entry is not None:
+                self._shadow_bytes -= entry.size
+                if not shadows:
+                    del self._shadows[origin]
+
+    def _drop(self, slave: str, queue: _SlaveQueue, entry: Entry) -> None:
+        """Takes `entry` out of `slave`'s queue (its heap item is skipped when it comes up)."""
+        del queue.entries[entry.id]
+        queue.bytes -= entry.size
+        if not queue.entries:
+            del self._slaves[slave]
+        if any(entry.id in other.entries for other in self._slaves.values()):
+            self._copies -= 1
+        elif self._oldest is not None and entry.received_ms <= self._oldest:
+            self._oldest = None  # the oldest may have left: the next stats() looks again
 
     def __contains__(self, queue_id: str) -> bool:
         return any(queue_id in q.entries for q in self._slaves.values()) or any(
@@ -363,10 +388,7 @@ class Queue:
             return
         queued = result.envelope.queued(result.slave)
         if not queued:
-            del queue.entries[entry.id]
-            queue.bytes -= entry.size
-            if not queue.entries:
-                del self._slaves[result.slave]
+            self._drop(result.slave, queue, entry)
             return
         entry.next_ms = min(r.next_attempt_ms for r in queued)
         entry.attempts = max(r.attempts for r in queued)
@@ -387,19 +409,16 @@ class Queue:
         return sorted(found)
 
     def stats(self, now_ms: int) -> QueueStats:
-        """The figures for /status (a scan of the index)."""
-        ids: set[str] = set()
-        oldest = now_ms
-        per_slave = {}
-        for slave, queue in self._slaves.items():
-            per_slave[slave] = SlaveStats(len(queue.entries), queue.bytes)
-            ids.update(queue.entries)
-            oldest = min([oldest, *(entry.received_ms for entry in queue.entries.values())])
-        shadows = [entry for held in self._shadows.values() for entry in held.values()]
+        """The figures for /status, from counts kept as the index changes: a look at each
+        slave's queue, and a scan for the oldest message only once the one known has left."""
+        per_slave = {slave: SlaveStats(len(queue.entries), queue.bytes) for slave, queue in self._slaves.items()}
+        if self._oldest is None and self._slaves:
+            self._oldest = min(entry.received_ms for queue in self._slaves.values() for entry in queue.entries.values())
+        oldest = now_ms if self._oldest is None else min(now_ms, self._oldest)
         return QueueStats(
             slaves=per_slave,
-            messages=len(ids),
-            oldest_age_ms=max(0, now_ms - oldest),
-            shadows=len(shadows),
-            shadow_bytes=sum(entry.size for entry in shadows),
+            messages=sum(stats.messages for stats in per_slave.values()) - self._copies,
+            oldest_age_ms=now_ms - oldest,
+            shadows=sum(len(held) for held in self._shadows.values()),
+            shadow_bytes=self._shadow_bytes,
         )

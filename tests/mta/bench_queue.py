@@ -1,7 +1,8 @@
 """Figures for the queue, run by hand (python tests/mta/bench_queue.py [count]): fsyncs per
 message when 50 stores run at once, the time a rescan of 100,000 queued messages takes (in
-batch files of 8, as stores at the same time leave them), and the memory per message of the
-spool's and the queue's indexes. Prints them; asserts nothing about time."""
+batch files of 8, as stores at the same time leave them), the memory per message of the
+spool's and the queue's indexes, and what the /status figures of that queue cost. Prints
+them; asserts nothing about time."""
 
 from __future__ import annotations
 
@@ -103,12 +104,21 @@ def rescan_and_index(folder: Path, count: int) -> None:
     indexed = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     started = time.perf_counter()
+    queue.stats(T0)
+    first_stats = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(100):
+        queue.stats(T0)
+    later_stats = (time.perf_counter() - started) / 100
+    started = time.perf_counter()
     due = sum(len(queue.due(slave, T0 + 10**9)) for slave in queue.slaves())
     taken = time.perf_counter() - started
     spool.close()
     print(f"rescan: {count} messages in {scanned:.2f} s ({scanned / count * 1e6:.0f} us each, warm page cache)")
     print(f"index: {indexed / count:.0f} bytes per message, the spool's and the queue's "
           f"({indexed / 2**20:.1f} MiB for {count} messages)")
+    print(f"stats (/status): the first {first_stats * 1000:.1f} ms (it looks for the oldest), "
+          f"then {later_stats * 1e6:.0f} us each")
     print(f"due: {due} entries taken in {taken * 1000:.0f} ms")
 
 

@@ -219,3 +219,52 @@ async def test_the_index_is_rebuilt_from_a_rescan_of_the_spool(tmp_path):
     }
     assert entry.id not in [e.id for e in rebuilt.due("s1", T0)]
     spool.close()
+
+
+def scanned_stats(q: Queue, held: dict[str, Envelope], now_ms: int) -> tuple:
+    """The /status figures by a scan of the index (the messages queued at its slaves) and of
+    the shadow copies the test added."""
+    queued = {entry.id: entry for slave in q.slaves() for entry in q.entries(slave)}
+    shadows = [env for env in held.values() if env.shadow]
+    assert sorted(q.shadows("m2")) == sorted(env.id for env in shadows)
+    oldest = min([now_ms, *(entry.received_ms for entry in queued.values())])
+    return len(queued), now_ms - oldest, len(shadows), sum(env.size for env in shadows)
+
+
+def test_stats_kept_as_the_index_changes_match_a_scan_of_it():
+    """Adds (at one slave or two, shadows, again for a message queued already), removals,
+    settlements (part of a message delivered, some of it retried) in random order: the counts
+    stats() keeps always equal what a scan of the whole index finds."""
+    rng = random.Random(7)
+    q = queue()
+    held: dict[str, Envelope] = {}
+    for step in range(3000):
+        now = T0 + step * 1000
+        action = rng.random()
+        if action < 0.45 or not held:
+            slaves = rng.choice([("s1",), ("s2",), ("s1", "s2"), ("s2", "s3", "s1")])
+            shadow = rng.random() < 0.15
+            env = message(step, slaves=slaves, size=rng.randrange(1, 5000),
+                          received_ms=T0 + rng.randrange(-10**6, step * 1000 + 1),
+                          **({"origin": "m2", "shadow": True} if shadow else {}))  # fmt: skip
+            if held and rng.random() < 0.1:  # a message indexed again, as a retry's update does
+                env = rng.choice(list(held.values()))
+            q.add(env)
+            held[env.id] = env
+        elif action < 0.7:
+            q.remove(held.pop(rng.choice(list(held))).id)
+        else:
+            env = rng.choice(list(held.values()))
+            if env.shadow or not env.queued():
+                continue
+            slave = rng.choice(env.slaves())
+            replies = {r.address: rng.choice([OK, BUSY, UNKNOWN]) for r in env.queued(slave)}
+            result = q.settle(env, slave, replies, now)
+            if result.done:
+                del held[env.id]
+            else:
+                held[env.id] = result.envelope
+        stats = q.stats(now)
+        kept = (stats.messages, stats.oldest_age_ms, stats.shadows, stats.shadow_bytes)
+        assert kept == scanned_stats(q, held, now), step
+    assert q.stats(T0 + 10**9).messages == len([e for e in held.values() if not e.shadow])
