@@ -14,6 +14,7 @@ import collections
 import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -395,6 +396,9 @@ STATUS_GOSSIP: tuple[Series, ...] = (*GOSSIP, GOSSIP_UNLISTED)
 STATUS_STATE: tuple[Series, ...] = (*STATE, STATE_UNLISTED, *SERVICES)
 
 
+_C = TypeVar("_C")
+
+
 class Metrics:
     """The metrics of one node: its registry and the counters its services count on.
 
@@ -405,11 +409,16 @@ class Metrics:
 
     def __init__(self, *, gossip: Mapping[str, int] | None = None, state: Mapping[str, int] | None = None) -> None:
         self.registry = CollectorRegistry()
-        if gossip is not None:
-            self.registry.register(_CountersCollector(GOSSIP, GOSSIP_UNLISTED, gossip))
-        if state is not None:
-            self.registry.register(_CountersCollector(STATE, STATE_UNLISTED, state))
-        counter = functools.partial(_counter, self.registry)
+        #: Series name -> the collector that gives it, so that status_counters collects only
+        #: what it shows (a /status has several blocks; a gauge may compute its value).
+        self._collectors: dict[str, Any] = {}
+        for listed, unlisted, counts in ((GOSSIP, GOSSIP_UNLISTED, gossip), (STATE, STATE_UNLISTED, state)):
+            if counts is not None:
+                self._register(_CountersCollector(listed, unlisted, counts), (*listed, unlisted))
+
+        def counter(series: Series) -> Counter:
+            return self._register(_counter(self.registry, series), [series])
+
         # web/auth.py and web/app.py
         self.logins = counter(LOGINS)
         self.login_failures = counter(LOGIN_FAILURES)
@@ -430,7 +439,7 @@ class Metrics:
         self.routes_written = counter(ROUTES_WRITTEN)
         self.publish_failures = counter(PUBLISH_FAILURES)
         # proxy/
-        self.proxy_sessions = _gauge(self.registry, PROXY_SESSIONS)
+        self.proxy_sessions = self._register(_gauge(self.registry, PROXY_SESSIONS), [PROXY_SESSIONS])
         self.proxy_logins = counter(PROXY_LOGINS)
         self.proxy_turned_away = counter(PROXY_TURNED_AWAY)
         self.proxy_bytes = counter(PROXY_BYTES)
@@ -438,10 +447,18 @@ class Metrics:
             PROXY_BACKEND_CONNECT.name, PROXY_BACKEND_CONNECT.help, registry=self.registry, buckets=CONNECT_BUCKETS
         )
         # mta/
-        self.mx_sessions = _gauge(self.registry, MX_SESSIONS)
+        self.mx_sessions = self._register(_gauge(self.registry, MX_SESSIONS), [MX_SESSIONS])
         self.mx_rejections = counter(MX_REJECTIONS)
         self.mx_recipients = counter(MX_RECIPIENTS)
-        self.mx_queued = _gauge(self.registry, MX_QUEUED)
+        self.mx_queued = self._register(_gauge(self.registry, MX_QUEUED), [MX_QUEUED])
+
+    def _register(self, collector: _C, series: Iterable[Series]) -> _C:
+        """Note `collector` (in the registry already, or registered here) as the one of `series`."""
+        if isinstance(collector, _CountersCollector):
+            self.registry.register(collector)
+        for one in series:
+            self._collectors[one.name] = collector
+        return collector
 
     def status_counters(self, series: Iterable[Series]) -> dict[str, int]:
         """The values of `series` keyed by their status names, sorted by name.
@@ -451,8 +468,9 @@ class Metrics:
         unlabelled series from the start, at 0, so that rates and alerts see it.)
         """
         wanted = {s.name: s for s in series}
+        collectors = {id(c): c for name in wanted if (c := self._collectors.get(name)) is not None}
         counts: collections.Counter[str] = collections.Counter()
-        for family in self.registry.collect():
+        for family in (family for collector in collectors.values() for family in collector.collect()):
             for sample in family.samples:
                 found = wanted.get(sample.name)
                 if found is None or not (sample.labels or sample.value):

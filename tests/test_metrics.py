@@ -29,6 +29,7 @@ from meshmail.gossip.messages import State
 from meshmail.metrics import (
     ALL,
     MX,
+    PROXY,
     SERVICES,
     STATUS_GOSSIP,
     STATUS_STATE,
@@ -125,6 +126,22 @@ def test_a_service_counter_shows_in_status_once_it_counted():
     metrics.source_reads.labels(source="b").inc()
     counters = metrics.status_counters(SERVICES)
     assert counters["slave.skipped_lines"] == 3 and counters["slave.source_reads"] == 2  # summed over sources
+
+
+def test_status_counters_collect_only_the_series_they_show():
+    """A /status builds several blocks: each collects its own series, not the whole registry
+    (the queued-messages gauge computes its value from the queue at each collection)."""
+    gossip = collections.Counter({"packets_in": 4})
+    metrics = Metrics(gossip=gossip, state=collections.Counter())
+    reads: list[int] = []
+    metrics.mx_queued.set_function(lambda: reads.append(1) or 7)
+    metrics.proxy_logins.labels(protocol="imap", result="ok").inc()
+    assert metrics.status_counters(STATUS_GOSSIP) == {"packets_in": 4}
+    assert metrics.status_counters(SERVICES) == {}
+    assert metrics.status_counters(PROXY) == {"proxy.logins.ok": 1}
+    assert reads == []
+    assert metrics.status_counters(MX) == {"mx.queued": 7} and reads == [1]
+    assert metrics.registry.get_sample_value("meshmail_mx_queued_messages") == 7  # /metrics sees everything
 
 
 def test_each_node_has_its_own_registry():
