@@ -414,10 +414,12 @@ class Metrics:
         self._collectors: dict[str, Any] = {}
         for listed, unlisted, counts in ((GOSSIP, GOSSIP_UNLISTED, gossip), (STATE, STATE_UNLISTED, state)):
             if counts is not None:
-                self._register(_CountersCollector(listed, unlisted, counts), (*listed, unlisted))
+                collector = _CountersCollector(listed, unlisted, counts)
+                self.registry.register(collector)
+                self._note(collector, (*listed, unlisted))
 
         def counter(series: Series) -> Counter:
-            return self._register(_counter(self.registry, series), [series])
+            return self._note(_counter(self.registry, series), [series])
 
         # web/auth.py and web/app.py
         self.logins = counter(LOGINS)
@@ -439,7 +441,7 @@ class Metrics:
         self.routes_written = counter(ROUTES_WRITTEN)
         self.publish_failures = counter(PUBLISH_FAILURES)
         # proxy/
-        self.proxy_sessions = self._register(_gauge(self.registry, PROXY_SESSIONS), [PROXY_SESSIONS])
+        self.proxy_sessions = self._note(_gauge(self.registry, PROXY_SESSIONS), [PROXY_SESSIONS])
         self.proxy_logins = counter(PROXY_LOGINS)
         self.proxy_turned_away = counter(PROXY_TURNED_AWAY)
         self.proxy_bytes = counter(PROXY_BYTES)
@@ -447,15 +449,13 @@ class Metrics:
             PROXY_BACKEND_CONNECT.name, PROXY_BACKEND_CONNECT.help, registry=self.registry, buckets=CONNECT_BUCKETS
         )
         # mta/
-        self.mx_sessions = self._register(_gauge(self.registry, MX_SESSIONS), [MX_SESSIONS])
+        self.mx_sessions = self._note(_gauge(self.registry, MX_SESSIONS), [MX_SESSIONS])
         self.mx_rejections = counter(MX_REJECTIONS)
         self.mx_recipients = counter(MX_RECIPIENTS)
-        self.mx_queued = self._register(_gauge(self.registry, MX_QUEUED), [MX_QUEUED])
+        self.mx_queued = self._note(_gauge(self.registry, MX_QUEUED), [MX_QUEUED])
 
-    def _register(self, collector: _C, series: Iterable[Series]) -> _C:
-        """Note `collector` (in the registry already, or registered here) as the one of `series`."""
-        if isinstance(collector, _CountersCollector):
-            self.registry.register(collector)
+    def _note(self, collector: _C, series: Iterable[Series]) -> _C:
+        """Note `collector` (in the registry) as the one that gives `series`; returns it."""
         for one in series:
             self._collectors[one.name] = collector
         return collector

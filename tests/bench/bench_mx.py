@@ -603,8 +603,10 @@ def run(root: Path, sizes: Sizes, short: bool, profile: Path | None, only: str |
             if rounds > 1:
                 print(f"--- round {number} of {rounds}", flush=True)
             folder = root / f"round-{number}"
-            profiles += [folder / "m1.prof"] if profile is not None else []
-            done.append(run_round(folder, sizes, profiles[-1] if profiles else None, only))
+            round_profile = folder / "m1.prof" if profile is not None else None
+            if round_profile is not None:
+                profiles.append(round_profile)
+            done.append(run_round(folder, sizes, round_profile, only))
     except BenchError as exc:
         print(f"bench-mx failed: {exc}", file=sys.stderr)
         return FAILED
