@@ -293,10 +293,13 @@ async def test_a_write_cancelled_before_its_round_leaves_nothing(spool, monkeypa
 
 async def test_a_failed_file_fsync_fails_the_stores_of_that_file_only(spool, monkeypatch):
     real_fsync = os.fsync
-    victim = envelope(7).id
+    victim = envelope(7).id.encode()
+    failed: list[bytes] = []  # what the file whose fsync failed held
 
     def fsync(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(spool.temp_folder / victim)):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.startswith(str(spool.temp_folder)) and victim in (content := Path(path).read_bytes()):
+            failed.append(content)
             raise OSError(5, "Input/output error")
         real_fsync(fd)
 
@@ -312,8 +315,12 @@ async def test_a_failed_file_fsync_fails_the_stores_of_that_file_only(spool, mon
     async with trio.open_nursery() as nursery:
         for number in range(5, 10):
             nursery.start_soon(store, number)
-    assert errors == [(7, 5)]
-    assert sorted(e.id for e in spool.scan().envelopes) == sorted(envelope(n).id for n in (5, 6, 8, 9))
+    [content] = failed
+    shared = {number for number in range(5, 10) if envelope(number).id.encode() in content}
+    assert len(shared) < 5  # the others went into files of their own
+    assert sorted(errors) == [(number, 5) for number in sorted(shared)]
+    kept = sorted(envelope(number).id for number in range(5, 10) if number not in shared)
+    assert sorted(e.id for e in spool.scan().envelopes) == kept
     assert not any(spool.temp_folder.iterdir())
 
 
@@ -380,6 +387,37 @@ async def test_damaged_data_in_a_batch_file_quarantines_that_message_and_keeps_t
     spool = reopened(spool)
     assert sorted(e.id for e in spool.scan().envelopes) == sorted(envelope(n).id for n in (0, 2))
     assert (await spool.read_message(envelope(2).id))[1] == MESSAGE + b"2"
+
+
+async def test_reads_asked_for_at_the_same_time_share_a_thread_and_fail_alone(spool, monkeypatch):
+    stored = [await spool.store(envelope(n), MESSAGE + b"%d" % n) for n in range(30)]
+    [path] = spool.paths(stored[7].id)
+    whole = path.read_bytes()
+    at = whole.index(MESSAGE + b"7")
+    path.write_bytes(whole[:at] + b"X" + whole[at + 1 :])
+    threads = []
+    real_run_sync = trio.to_thread.run_sync
+
+    async def run_sync(fn, *args, **kwargs):
+        threads.append(fn)
+        return await real_run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
+    read: dict[str, bytes | Exception] = {}
+
+    async def reader(kept: Envelope) -> None:
+        try:
+            read[kept.id] = (await spool.read_message(kept.id))[1]
+        except CorruptMessage as exc:
+            read[kept.id] = exc
+
+    async with trio.open_nursery() as nursery:
+        for kept in stored:
+            nursery.start_soon(reader, kept)
+    # The first read runs alone; the 29 that arrive meanwhile share the next thread.
+    assert len(threads) == 2, threads
+    assert isinstance(read.pop(stored[7].id), CorruptMessage)
+    assert read == {kept.id: MESSAGE + b"%d" % n for n, kept in enumerate(stored) if n != 7}
 
 
 # --- a real process killed while it writes -------------------------------------------------
