@@ -12,8 +12,12 @@ Measured in one run: delivered messages per second while the Dovecot runs (Postf
 meshmail delivers in-line before its 250); accepted messages per second while the Dovecot is
 stopped (Postfix queues, fsync'd, its next hop refusing connections; meshmail queues, fsync'd,
 its slave publishing the endpoint down); then, the Dovecot started again, the time until each
-queue is in the mailbox. A full run does this three times on fresh systems and reports each
-figure's median round (single rounds move with the shared machine's load).
+queue is in the mailbox; then the queue paths again, meshmail's with a second master keeping
+shadow copies. The queue paths are measured in turns (each system a quarter of the messages at
+a time, the other idle meanwhile), so a minute of a busier machine weighs on both alike, and
+the queue path and the drain twice a round, the drains in the order ABBA. A full run does this
+three times on fresh systems and reports each figure's median round (single rounds move with
+the shared machine's load).
 A script, not a test (tests/test_benches.py runs its short mode).
 Needs root (Dovecot and Postfix) and the Debian packages postfix and dovecot-lmtpd.
 """
@@ -25,12 +29,12 @@ import json
 import os
 import platform
 import pstats
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
@@ -46,6 +50,7 @@ from helpers import mailkit  # noqa: E402
 from helpers.cluster import Cluster  # noqa: E402
 from helpers.config import set_key  # noqa: E402
 
+from meshmail.mta.runner import LOOK_INTERVAL  # noqa: E402
 from meshmail.security import files  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -65,10 +70,25 @@ MX_SETTINGS = {"hostname": "mx.bench.test", "max_sessions_per_client": 1000, "co
 #: Seconds one phase (sending, or waiting for a mailbox or a queue) may take.
 PHASE_TIMEOUT = 600.0
 POLL = 0.02
-#: How often the bench asks m1's /status whether it sees the LMTP endpoint up while its queue
-#: drains: each answer costs m1 some 8 ms of CPU (a TLS connection and the whole document),
-#: CPU the drain needs (Postfix is asked nothing while its queue drains).
-UP_POLL = 0.25
+#: The queue paths are measured in turns: each system takes 1 / SLICES of the messages at a time,
+#: the systems alternating (which goes first alternates too), so the shared machine's load,
+#: which moves by up to 2x within a minute, weighs on both alike rather than on whichever ran
+#: in a slower minute.
+SLICES = 4
+#: Each round measures the queue path and the drain this many times, the drains in the order
+#: Postfix, meshmail, meshmail, Postfix (or the other way round in even rounds): one drain of
+#: each moved by up to 1.4x with the machine's load, and neither system should always drain
+#: second. The table gives the mean.
+CYCLES = 2
+#: Before each turn the bench waits until the servers are idle (what one system still does
+#: after its turn, Postfix deferring its new queue files say, must not slow the other's): their
+#: process groups together using less than QUIET_CPU of a core over QUIET_WINDOW seconds,
+#: waiting QUIET_TIMEOUT seconds at most.
+QUIET_CPU = 0.1
+QUIET_WINDOW = 0.5
+QUIET_TIMEOUT = 20.0
+#: m1's log line when it begins delivering what waited for a slave that answers again.
+BACK_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO meshmail\.mta: slave s1 is back: delivering")
 
 # Targets of issue 12 ("Benchmark"): queue path at least Postfix's acceptance rate, in-line
 # at least 0.8 x Postfix's relay rate, drain time at most Postfix's.
@@ -135,29 +155,6 @@ def wait_for(what: str, done: Callable[[], bool], timeout: float = PHASE_TIMEOUT
             raise BenchError(f"{what}: not within {timeout:.0f} s")
         time.sleep(every)
     return time.perf_counter()
-
-
-class Watch:
-    """`wait_for` in a thread of its own, every `every` seconds: `seen()` joins it and gives
-    the perf_counter() when `done` first held, or raises what stopped it."""
-
-    def __init__(self, what: str, done: Callable[[], bool], every: float) -> None:
-        self._result: float | BaseException = BenchError(f"{what}: the watch never ended")
-
-        def watch() -> None:
-            try:
-                self._result = wait_for(what, done, every=every)
-            except BaseException as exc:  # noqa: BLE001 (raised again by seen())
-                self._result = exc
-
-        self._thread = threading.Thread(target=watch, daemon=True)
-        self._thread.start()
-
-    def seen(self) -> float:
-        self._thread.join(PHASE_TIMEOUT)
-        if isinstance(self._result, BaseException):
-            raise self._result
-        return self._result
 
 
 def group_cpu(group: int) -> float:
@@ -259,6 +256,21 @@ path = "{self.dovecot.passwd}"
     def queued(self) -> int:
         return self.fleet.status("m1")["mx"]["queued"]
 
+    def spooled(self) -> int:
+        """Files holding queued messages in m1's queue folder (batch files, message files)."""
+        folder = self.fleet.data_dir("m1") / "queue"
+        return sum(1 for path in folder.iterdir() if path.suffix in (".cps", ".msg"))
+
+    def delivering_since(self, after: float) -> float:
+        """When (time.time()) m1 logged, at `after` or later, that it began delivering the mail
+        waiting for s1 (the line has milliseconds; m1's clock is the bench's)."""
+        for line in self.fleet.nodes["m1"].log.read_text(errors="replace").splitlines():
+            if (found := BACK_LINE.match(line)) is not None:
+                logged = time.mktime(time.strptime(found[1], "%Y-%m-%d %H:%M:%S")) + int(found[2]) / 1000
+                if logged >= after - 0.001:
+                    return logged
+        raise BenchError("m1 never logged that it delivers s1's queue")
+
     def stop_m1(self) -> None:
         """SIGTERM m1 (it leaves, and cProfile writes its file), wait until it exited."""
         node = self.fleet.nodes["m1"]
@@ -276,7 +288,8 @@ path = "{self.dovecot.passwd}"
 
 @attrs.define
 class Results:
-    """Seconds per phase, by system ("postfix", "meshmail")."""
+    """Seconds per phase, by system ("postfix", "meshmail"): the queue path's and the drain's
+    added up over CYCLES (the CPU figures are means)."""
 
     live_accepted: dict[str, float] = attrs.Factory(dict)
     live_delivered: dict[str, float] = attrs.Factory(dict)
@@ -284,11 +297,10 @@ class Results:
     drain: dict[str, float] = attrs.Factory(dict)
     #: CPU milliseconds per message of each server's processes (not Dovecot's), by phase.
     cpu_ms: dict[str, dict[str, float]] = attrs.Factory(dict)
-    #: meshmail: from the Dovecot's start until m1 saw the endpoint up again.
-    slave_seen_up: float = 0.0
-    #: meshmail's queue path again with a second master holding shadow copies (seconds, CPU ms).
-    shadow_accepted: float = 0.0
-    shadow_cpu_ms: float = 0.0
+    #: meshmail: from the Dovecot's start until m1 began delivering its queue (mean).
+    delivering_after: float = 0.0
+    #: The queue paths again, meshmail with a second master holding shadow copies (seconds).
+    shadow_accepted: dict[str, float] = attrs.Factory(dict)
     #: CPU milliseconds per message of m2, the master keeping the copies, meanwhile.
     holder_cpu_ms: float = 0.0
 
@@ -304,57 +316,99 @@ def live_phase(name: str, port: int, dovecot: mailkit.Dovecot, sizes: Sizes, res
         raise BenchError(f"{name}: {found} messages in the mailbox, {sizes.messages} sent")
 
 
-def queue_phase(name: str, port: int, sizes: Sizes, results: Results) -> None:
-    address = RECIPIENTS["queue"]
-    results.queue_accepted[name] = smtp_source(port, address, sizes.messages, sizes.sessions, sizes.message_bytes)
+def wait_quiet(groups: list[int]) -> None:
+    """Wait until the process groups `groups` together use less than QUIET_CPU of a core over
+    QUIET_WINDOW (QUIET_TIMEOUT at most: a busier machine then slows a figure, it is no error)."""
+    deadline = time.monotonic() + QUIET_TIMEOUT
+    before = sum(group_cpu(group) for group in groups)
+    while time.monotonic() < deadline:
+        time.sleep(QUIET_WINDOW)
+        now = sum(group_cpu(group) for group in groups)
+        if now - before < QUIET_CPU * QUIET_WINDOW:
+            return
+        before = now
 
 
-def drain_postfix(postfix: mailkit.Postfix, dovecot: mailkit.Dovecot, sizes: Sizes, results: Results) -> None:
-    """Start the Dovecot, ask Postfix to flush its queue at once (it would retry within its
-    backoff anyway), seconds until the mailbox holds every queued message."""
-    dovecot.start()
+def slices(messages: int) -> list[int]:
+    """`messages` in SLICES turns (fewer for a handful), as even as they go."""
+    count = max(1, min(SLICES, messages // 20))
+    return [messages // count + (index < messages % count) for index in range(count)]
+
+
+def take_turns(targets: dict[str, int], recipient: str, groups: dict[str, list[int]], sizes: Sizes,
+               cpu_ms: dict[int, float]) -> dict[str, float]:  # fmt: skip
+    """Send `sizes.messages` to each system of `targets` (name -> port) in turns (see SLICES),
+    each turn once the servers are idle; each system's seconds added up. `cpu_ms` gets the CPU
+    milliseconds per message of each process group of `groups` (name -> groups of that system)
+    from the start of its system's turns until the servers were idle again."""
+    everyone = [group for found in groups.values() for group in found]
+    seconds = dict.fromkeys(targets, 0.0)
+    spent = dict.fromkeys(everyone, 0.0)
+    names = list(targets)
+    for turn, count in enumerate(slices(sizes.messages)):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            wait_quiet(everyone)
+            before = {group: group_cpu(group) for group in groups[name]}
+            seconds[name] += smtp_source(targets[name], recipient, count, min(sizes.sessions, count),
+                                         sizes.message_bytes)  # fmt: skip
+            wait_quiet(everyone)
+            for group in groups[name]:
+                spent[group] += group_cpu(group) - before[group]
+    cpu_ms.update({group: total * 1000 / sizes.messages for group, total in spent.items()})
+    return seconds
+
+
+def add(totals: dict[str, float], name: str, value: float) -> None:
+    totals[name] = totals.get(name, 0.0) + value
+
+
+def drain_postfix(postfix: mailkit.Postfix, dovecot: mailkit.Dovecot, count: int, results: Results) -> None:
+    """Start the Dovecot, ask Postfix to flush its queue once it is up (it would retry within
+    its backoff anyway); seconds from the start until the mailbox holds `count` messages
+    (every queued one). Both systems' drains count from the Dovecot's start command: its
+    start-up (every port open and a greeting) is the same for both, and m1 may begin while
+    it lasts."""
     start = time.perf_counter()
+    dovecot.start()
     flush = subprocess.run(["postqueue", "-c", str(postfix.config_dir), "-f"], capture_output=True, text=True)
     if flush.returncode != 0:
         raise BenchError(f"postqueue -f failed: {flush.stderr.strip()}")
-    end = wait_mailbox("postfix: the queue in the mailbox", dovecot, RECIPIENTS["queue"], sizes.messages)
-    results.drain["postfix"] = end - start
-    dovecot_cpu(dovecot, "postfix", sizes, results)
+    end = wait_mailbox("postfix: the queue in the mailbox", dovecot, RECIPIENTS["queue"], count)
+    add(results.drain, "postfix", end - start)
 
 
-def drain_meshmail(mesh: Meshmail, dovecot: mailkit.Dovecot, sizes: Sizes, results: Results) -> None:
-    """Start the Dovecot; seconds until the mailbox holds every queued message and m1's queue
-    is empty. Nothing is asked of meshmail: the slave's probe publishes the endpoint up and
-    m1's queue runner delivers what waits for it at once. Meanwhile a thread asks m1 every
-    UP_POLL seconds whether it sees the endpoint up yet (for the row under the drain)."""
+def drain_meshmail(mesh: Meshmail, dovecot: mailkit.Dovecot, count: int, results: Results) -> None:
+    """Start the Dovecot; seconds until the mailbox holds `count` messages (every queued one)
+    and m1's queue folder holds none (looked at on disk, as the mailbox: asking m1's /status
+    takes CPU and event-loop time from the drain; /status is asked once at the end to check).
+    Nothing is asked of meshmail meanwhile: m1's queue runner finds the slave answering again
+    (or the slave's probe publishes the endpoint up) and delivers what waits for it. When m1
+    began is read from its log afterwards, for the row under the drain."""
+    start, wall = time.perf_counter(), time.time()
     dovecot.start()
-    start = time.perf_counter()
-    up = Watch("meshmail: m1 sees the LMTP endpoint up", lambda: mesh.lmtp_up() is True, UP_POLL)
-    wait_mailbox("meshmail: the queue in the mailbox", dovecot, RECIPIENTS["queue"], sizes.messages)
-    end = wait_for("meshmail: m1's queue empty", lambda: mesh.queued() == 0)
-    results.drain["meshmail"] = end - start
-    results.slave_seen_up = up.seen() - start
-    dovecot_cpu(dovecot, "meshmail", sizes, results)
-
-
-def dovecot_cpu(dovecot: mailkit.Dovecot, name: str, sizes: Sizes, results: Results) -> None:
-    """Record the CPU milliseconds per queued message the Dovecot spent since it was started for
-    the drain (its start included, the same for both systems)."""
-    assert dovecot.process is not None
-    results.cpu_ms.setdefault("dovecot drain", {})[name] = group_cpu(dovecot.process.pid) * 1000 / sizes.messages
+    wait_mailbox("meshmail: the queue in the mailbox", dovecot, RECIPIENTS["queue"], count)
+    end = wait_for("meshmail: m1's queue folder empty", lambda: mesh.spooled() == 0)
+    if (queued := mesh.queued()) != 0:
+        raise BenchError(f"meshmail: m1's queue folder is empty, but m1 reports {queued} messages queued")
+    add(results.drain, "meshmail", end - start)
+    results.delivering_after += (mesh.delivering_since(wall) - wall) / CYCLES
 
 
 @contextmanager
 def counting_cpu(results: Results, phase: str, name: str, group: int, messages: int) -> Iterator[None]:
-    """Record the CPU milliseconds per message process group `group` spends in the block."""
+    """Add the CPU milliseconds per message (of `messages`) that process group `group` spends in
+    the block to `results.cpu_ms[phase][name]`."""
     before = group_cpu(group)
     yield
-    results.cpu_ms.setdefault(phase, {})[name] = (group_cpu(group) - before) * 1000 / messages
+    add(results.cpu_ms.setdefault(phase, {}), name, (group_cpu(group) - before) * 1000 / messages)
 
 
-def measure(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, mailkit.Dovecot], sizes: Sizes) -> Results:
-    """The phases in order: warm-up, live (Postfix, then meshmail), both Dovecots stopped,
-    queue (meshmail, then Postfix: neither retries while the other is measured), drains."""
+def measure(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, mailkit.Dovecot], sizes: Sizes,
+            number: int = 1) -> Results:  # fmt: skip
+    """The phases in order: warm-up; live (Postfix, then meshmail); CYCLES times: both Dovecots
+    stopped, the queue paths (in turns: neither retries while the other is measured), the drains
+    (ABBA over the cycles, Postfix first in odd rounds `number`); the queue paths again with a
+    shadow master."""
     results = Results()
     ports = {"postfix": postfix.port, "meshmail": mesh.port}
     assert postfix.process is not None
@@ -370,62 +424,74 @@ def measure(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, mailki
         print(f"{name}: {sizes.messages:,} messages to a running Dovecot ...", flush=True)
         with cpu("live", name):
             live_phase(name, port, dovecots[name], sizes, results)
-    for dovecot in dovecots.values():
-        dovecot.stop()
-    wait_for("meshmail: m1 sees the LMTP endpoint down", lambda: mesh.lmtp_up() is False, 60)
-    for name in ("meshmail", "postfix"):
-        print(f"{name}: {sizes.messages:,} messages while its Dovecot is stopped ...", flush=True)
-        with cpu("queue", name):
-            queue_phase(name, ports[name], sizes, results)
-    if (queued := mesh.queued()) != sizes.messages:
-        raise BenchError(f"meshmail: m1 reports {queued} messages queued, {sizes.messages} were sent")
-    print("postfix: Dovecot back, flushing the queue ...", flush=True)
-    with cpu("drain", "postfix"):
-        drain_postfix(postfix, dovecots["postfix"], sizes, results)
-    print("meshmail: Dovecot back ...", flush=True)
-    with cpu("drain", "meshmail"):
-        drain_meshmail(mesh, dovecots["meshmail"], sizes, results)
+    drains = {"postfix": lambda count: drain_postfix(postfix, dovecots["postfix"], count, results),
+              "meshmail": lambda count: drain_meshmail(mesh, dovecots["meshmail"], count, results)}  # fmt: skip
+    servers = [postfix.process.pid, *(node.pid for node in mesh.fleet.processes.values())]
+    for cycle in range(CYCLES):
+        for dovecot in dovecots.values():
+            dovecot.stop()
+        wait_for("meshmail: m1 sees the LMTP endpoint down", lambda: mesh.lmtp_up() is False, 60)
+        print(f"both: {sizes.messages:,} messages each while the Dovecots are stopped, in turns ...", flush=True)
+        spent: dict[int, float] = {}
+        seconds = take_turns(ports, RECIPIENTS["queue"], {name: [group] for name, group in groups.items()}, sizes,
+                             spent)  # fmt: skip
+        for name, group in groups.items():
+            add(results.queue_accepted, name, seconds[name])
+            add(results.cpu_ms.setdefault("queue", {}), name, spent[group] / CYCLES)
+        if (queued := mesh.queued()) != sizes.messages:
+            raise BenchError(f"meshmail: m1 reports {queued} messages queued, {sizes.messages} were sent")
+        in_mailbox = (cycle + 1) * sizes.messages
+        for name in ("postfix", "meshmail") if (number + cycle) % 2 else ("meshmail", "postfix"):
+            wait_quiet(servers)
+            print(f"{name}: Dovecot back, its queue delivered ...", flush=True)
+            with counting_cpu(results, "drain", name, groups[name], CYCLES * sizes.messages):
+                drains[name](in_mailbox)
+            process = dovecots[name].process
+            assert process is not None  # started for the drain: all its CPU is the drain's
+            add(results.cpu_ms.setdefault("dovecot drain", {}), name,
+                group_cpu(process.pid) * 1000 / (CYCLES * sizes.messages))  # fmt: skip
     for name, dovecot in dovecots.items():
-        if (found := mailbox_count(dovecot, RECIPIENTS["queue"])) != sizes.messages:
-            raise BenchError(f"{name}: {found} queued messages delivered, {sizes.messages} sent")
-    shadow_phase(mesh, dovecots["meshmail"], sizes, results)
+        if (found := mailbox_count(dovecot, RECIPIENTS["queue"])) != CYCLES * sizes.messages:
+            raise BenchError(f"{name}: {found} queued messages delivered, {CYCLES * sizes.messages} sent")
+    shadow_phase(postfix, mesh, dovecots, sizes, results)
     return results
 
 
 def measure_shadow(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, mailkit.Dovecot],
                    sizes: Sizes) -> Results:  # fmt: skip
-    """Only what the shadow rows need: warm-up, Postfix's queue path (its Dovecot stopped),
-    then meshmail's queue path with a shadow master."""
+    """Only what the shadow rows need: warm-up, then the queue paths in turns, meshmail's with
+    a shadow master."""
     results = Results()
-    assert postfix.process is not None
     for name, port in {"postfix": postfix.port, "meshmail": mesh.port}.items():
         smtp_source(port, RECIPIENTS["warm"], WARM_MESSAGES, min(sizes.sessions, WARM_MESSAGES), sizes.message_bytes)
         wait_mailbox(f"{name}: warm-up mail delivered", dovecots[name], RECIPIENTS["warm"], WARM_MESSAGES)
-    dovecots["postfix"].stop()
-    print(f"postfix: {sizes.messages:,} messages while its Dovecot is stopped ...", flush=True)
-    with counting_cpu(results, "queue", "postfix", postfix.process.pid, sizes.messages):
-        queue_phase("postfix", postfix.port, sizes, results)
-    shadow_phase(mesh, dovecots["meshmail"], sizes, results)
+    shadow_phase(postfix, mesh, dovecots, sizes, results)
     return results
 
 
-def shadow_phase(mesh: Meshmail, dovecot: mailkit.Dovecot, sizes: Sizes, results: Results) -> None:
-    """The queue path once more, with m2 holding a shadow copy of every message m1 queues;
-    then the Dovecot back and the queue delivered (not timed)."""
-    print("meshmail: a second master joins; messages while the Dovecot is stopped, with shadow copies ...", flush=True)
+def shadow_phase(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, mailkit.Dovecot], sizes: Sizes,
+                 results: Results) -> None:  # fmt: skip
+    """The queue paths once more in turns, with m2 holding a shadow copy of every message m1
+    queues; then meshmail's Dovecot back and its queue delivered (not timed)."""
+    print("meshmail: a second master joins; both: messages while the Dovecots are stopped, in turns, meshmail's "
+          "with shadow copies ...", flush=True)  # fmt: skip
     mesh.add_shadow_master()
-    dovecot.stop()
+    for dovecot in dovecots.values():
+        dovecot.stop()
     wait_for("meshmail: m1 sees the LMTP endpoint down", lambda: mesh.lmtp_up() is False, 60)
+    assert postfix.process is not None
     group, holder = mesh.fleet.processes["m1"].pid, mesh.fleet.processes["m2"].pid
-    before, holder_before = group_cpu(group), group_cpu(holder)
-    results.shadow_accepted = smtp_source(mesh.port, RECIPIENTS["shadow"], sizes.messages, sizes.sessions,
-                                          sizes.message_bytes)  # fmt: skip
-    results.shadow_cpu_ms = (group_cpu(group) - before) * 1000 / sizes.messages
-    results.holder_cpu_ms = (group_cpu(holder) - holder_before) * 1000 / sizes.messages
+    groups = {"postfix": [postfix.process.pid], "meshmail": [group, holder]}
+    spent: dict[int, float] = {}
+    results.shadow_accepted = take_turns({"postfix": postfix.port, "meshmail": mesh.port}, RECIPIENTS["shadow"],
+                                         groups, sizes, spent)  # fmt: skip
+    results.cpu_ms["shadow"] = {"postfix": spent[postfix.process.pid], "meshmail": spent[group]}
+    results.holder_cpu_ms = spent[holder]
     if (held := mesh.shadows_on_m2()) != sizes.messages:
         raise BenchError(f"meshmail: m2 holds {held} shadow copies, {sizes.messages} messages were queued")
-    dovecot.start()
-    wait_mailbox("meshmail: the shadowed queue in the mailbox", dovecot, RECIPIENTS["shadow"], sizes.messages)
+    dovecots["meshmail"].start()
+    wait_mailbox("meshmail: the shadowed queue in the mailbox", dovecots["meshmail"], RECIPIENTS["shadow"],
+                 sizes.messages)  # fmt: skip
 
 
 #: The phases of the CPU rows, in the order of the rows above them.
@@ -449,14 +515,14 @@ class Row:
 
 
 def shadow_rows(results: Results, sizes: Sizes) -> list[Row]:
-    """The rows of the queue path with a shadow master, against Postfix's queue path."""
-    postfix = sizes.messages / results.queue_accepted["postfix"]
-    shadow = sizes.messages / results.shadow_accepted
+    """The rows of the queue path with a shadow master, against Postfix's queue path in the
+    same turns."""
+    postfix = sizes.messages / results.shadow_accepted["postfix"]
+    shadow = sizes.messages / results.shadow_accepted["meshmail"]
     return [
         Row("  with a shadow copy on another master (msgs/s)", f"{postfix:.0f}", f"{shadow:.0f}", shadow / postfix,
             f">= {TARGET_QUEUE_RATIO:g} x Postfix", shadow / postfix >= TARGET_QUEUE_RATIO),
-        Row("  server CPU per message with the shadow copy (ms)", f"{results.cpu_ms['queue']['postfix']:.2f}",
-            f"{results.shadow_cpu_ms:.2f}", results.shadow_cpu_ms / results.cpu_ms["queue"]["postfix"]),
+        cpu_row("  server CPU per message with the shadow copy (ms)", results.cpu_ms["shadow"]),
         Row("  and of m2, keeping the copies (ms)", "-", f"{results.holder_cpu_ms:.2f}"),
     ]  # fmt: skip
 
@@ -464,14 +530,14 @@ def shadow_rows(results: Results, sizes: Sizes) -> list[Row]:
 def rows_of(results: Results, sizes: Sizes) -> list[Row]:
     n = sizes.messages
 
-    def rate(seconds: dict[str, float]) -> tuple[float, float, float]:
-        pf, mm = n / seconds["postfix"], n / seconds["meshmail"]
+    def rate(seconds: dict[str, float], messages: int = n) -> tuple[float, float, float]:
+        pf, mm = messages / seconds["postfix"], messages / seconds["meshmail"]
         return pf, mm, mm / pf
 
-    queue = rate(results.queue_accepted)
+    queue = rate(results.queue_accepted, CYCLES * n)
     live = rate(results.live_delivered)
     accepted = rate(results.live_accepted)
-    drain_pf, drain_mm = results.drain["postfix"], results.drain["meshmail"]
+    drain_pf, drain_mm = results.drain["postfix"] / CYCLES, results.drain["meshmail"] / CYCLES
     return [
         Row("queue path: accepted msgs/s (next hop down, fsync'd)", f"{queue[0]:.0f}", f"{queue[1]:.0f}", queue[2],
             f">= {TARGET_QUEUE_RATIO:g} x Postfix", queue[2] >= TARGET_QUEUE_RATIO),
@@ -481,7 +547,7 @@ def rows_of(results: Results, sizes: Sizes) -> list[Row]:
         Row("  accepted msgs/s (smtp-source done)", f"{accepted[0]:.0f}", f"{accepted[1]:.0f}", accepted[2]),
         Row(f"drain: Dovecot back -> {n:,} queued in the mailbox (s)", f"{drain_pf:.2f}", f"{drain_mm:.2f}",
             drain_mm / drain_pf, f"<= {TARGET_DRAIN_RATIO:g} x Postfix", drain_mm <= TARGET_DRAIN_RATIO * drain_pf),
-        Row("  of it until m1 saw the slave's LMTP up (s)", "-", f"{results.slave_seen_up:.2f}"),
+        Row("  of it until m1 began delivering (s)", "-", f"{results.delivering_after:.2f}"),
         Row("  drain rate (msgs/s)", f"{n / drain_pf:.0f}", f"{n / drain_mm:.0f}", drain_pf / drain_mm),
         *(cpu_row(f"server CPU per message, {phase} (ms)", results.cpu_ms[phase]) for phase in PHASES),
         cpu_row("  the Dovecot's CPU per message, drain (ms)", results.cpu_ms["dovecot drain"]),
@@ -533,12 +599,15 @@ def report(done: list[Results], sizes: Sizes, short: bool, only: str | None = No
             if row.target:
                 print(f"  {row.label.strip()}: " + ", ".join(f"{r.ratio:.2f}" for r in same))
     print()
-    print("ratio: meshmail / Postfix (for the drain rate: Postfix's seconds / meshmail's). Delivered: from "
+    print(f"ratio: meshmail / Postfix (for the drain rate: Postfix's seconds / meshmail's). Queue paths: in "
+          f"{SLICES} turns each, the systems alternating, each turn once the servers were idle; with the drains, "
+          f"{CYCLES} times a round (the drains' order ABBA), the mean shown. Delivered: from "
           "smtp-source's start until the mailbox held every message (meshmail answers 250 after the slave took "
-          "it; Postfix after its queue file). Drain: from the Dovecot's start; Postfix is flushed at once "
-          f"(postqueue -f), meshmail's slave probes its endpoint every {PROBE_INTERVAL:g} s. Server CPU: user + system "
-          "of Postfix's processes (master, smtpd, cleanup, qmgr, lmtp, ...) or of m1, not of Dovecot; the "
-          "Dovecot's own row is its CPU from its start for the drain until the queue was in.")  # fmt: skip
+          "it; Postfix after its queue file). Drain: from the Dovecot's start command; Postfix is flushed once it "
+          f"is up (postqueue -f); meshmail's m1 tries the slave every {LOOK_INTERVAL:g} s while its probe (every "
+          f"{PROBE_INTERVAL:g} s) publishes it down, until the mailbox and m1's queue folder are done. Server CPU: "
+          "user + system of Postfix's processes (master, smtpd, cleanup, qmgr, lmtp, ...) or of m1, not of Dovecot; "
+          "the Dovecot's own row is its CPU from its start for the drain until the queue was in.")  # fmt: skip
     return [Figure(row.label.strip(), "", row.target, row.ok) for row in rows if row.ok is not None]
 
 
@@ -565,7 +634,7 @@ def missing() -> list[str]:
     return problems
 
 
-def run_round(root: Path, sizes: Sizes, profile: Path | None, only: str | None) -> Results:
+def run_round(root: Path, sizes: Sizes, profile: Path | None, only: str | None, number: int = 1) -> Results:
     """One round on fresh systems under `root`: both Dovecots, Postfix and meshmail started,
     the phases measured, everything stopped again."""
     dovecots = {name: mailkit.Dovecot(root / f"dovecot-{name}", USERS, name=f"d-{name}")
@@ -577,7 +646,9 @@ def run_round(root: Path, sizes: Sizes, profile: Path | None, only: str | None) 
             dovecot.start()
         postfix.start()
         mesh.start()
-        return (measure_shadow if only == "shadow" else measure)(postfix, mesh, dovecots, sizes)
+        if only == "shadow":
+            return measure_shadow(postfix, mesh, dovecots, sizes)
+        return measure(postfix, mesh, dovecots, sizes, number)
     except (BenchError, AssertionError, RuntimeError, OSError) as exc:
         logs = {"postfix": postfix.log_tail(), "meshmail": mesh.fleet.logs(),
                 **{f"dovecot-{name}": d.log_tail() for name, d in dovecots.items()}}  # fmt: skip
@@ -606,7 +677,7 @@ def run(root: Path, sizes: Sizes, short: bool, profile: Path | None, only: str |
             round_profile = folder / "m1.prof" if profile is not None else None
             if round_profile is not None:
                 profiles.append(round_profile)
-            done.append(run_round(folder, sizes, round_profile, only))
+            done.append(run_round(folder, sizes, round_profile, only, number))
     except BenchError as exc:
         print(f"bench-mx failed: {exc}", file=sys.stderr)
         return FAILED
