@@ -586,7 +586,9 @@ class Postfix(_Daemon):
     over TLS with passwords checked by `dovecot`'s auth listener (Dovecot(auth_listener=True)),
     XCLIENT from 127.0.0.0/8, and relaying for authenticated users, which still delivers to
     the kit's own domains only. Runs `master -d` on its own config_directory, queue_directory
-    and data_directory; logs to root/postfix.log through postlogd.
+    and data_directory; logs to root/postfix.log through postlogd. Deferred mail is retried
+    every 2-4 s, so tests need not wait for Postfix's default minutes; `settings` replaces or
+    adds main.cf settings (a benchmark restores Postfix's retry defaults, say).
     """
 
     def __init__(
@@ -601,9 +603,11 @@ class Postfix(_Daemon):
         xforward: bool = False,
         tls: bool = False,
         submission: bool = False,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(root, host, output="master.out", log="postfix.log")
         self.routes = {domain: dovecot for domain in domains} | dict(routes or {})
+        self.settings = dict(settings or {})
         self.xclient = xclient
         self.xforward = xforward
         self.tls = tls
@@ -693,6 +697,7 @@ class Postfix(_Daemon):
                 "smtpd_tls_loglevel": "1",
                 "smtpd_tls_received_header": "yes",
             }
+        main |= self.settings
         (self.config_dir / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
         services = [
             f"{self.host}:{self.port} inet n - n - - smtpd",
