@@ -37,7 +37,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -309,6 +308,13 @@ class Results:
     holder_cpu_ms: float = 0.0
 
 
+def warm_up(ports: dict[str, int], dovecots: dict[str, mailkit.Dovecot], sizes: Sizes) -> None:
+    """WARM_MESSAGES to each system, delivered (processes forked, caches warm); not measured."""
+    for name, port in ports.items():
+        smtp_source(port, RECIPIENTS["warm"], WARM_MESSAGES, min(sizes.sessions, WARM_MESSAGES), sizes.message_bytes)
+        wait_mailbox(f"{name}: warm-up mail delivered", dovecots[name], RECIPIENTS["warm"], WARM_MESSAGES)
+
+
 def live_phase(name: str, port: int, dovecot: mailkit.Dovecot, sizes: Sizes, results: Results) -> None:
     """Mail to a running Dovecot: seconds until smtp-source ended, and until the mailbox held all."""
     address = RECIPIENTS["live"]
@@ -339,10 +345,10 @@ def slices(messages: int) -> list[int]:
     return [messages // count + (index < messages % count) for index in range(count)]
 
 
-def take_turns(targets: dict[str, int], recipient: str, groups: dict[str, list[int]], sizes: Sizes,
-               cpu_ms: dict[int, float]) -> dict[str, float]:  # fmt: skip
+def take_turns(targets: dict[str, int], recipient: str, groups: dict[str, list[int]],
+               sizes: Sizes) -> tuple[dict[str, float], dict[int, float]]:  # fmt: skip
     """Send `sizes.messages` to each system of `targets` (name -> port) in turns (see SLICES),
-    each turn once the servers are idle; each system's seconds added up. `cpu_ms` gets the CPU
+    each turn once the servers are idle: each system's seconds added up, and the CPU
     milliseconds per message of each process group of `groups` (name -> groups of that system)
     from the start of its system's turns until the servers were idle again."""
     everyone = [group for found in groups.values() for group in found]
@@ -358,8 +364,7 @@ def take_turns(targets: dict[str, int], recipient: str, groups: dict[str, list[i
             wait_quiet(everyone)
             for group in groups[name]:
                 spent[group] += group_cpu(group) - before[group]
-    cpu_ms.update({group: total * 1000 / sizes.messages for group, total in spent.items()})
-    return seconds
+    return seconds, {group: total * 1000 / sizes.messages for group, total in spent.items()}
 
 
 def add(totals: dict[str, float], name: str, value: float) -> None:
@@ -418,15 +423,10 @@ def measure(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, mailki
     assert postfix.process is not None
     groups = {"postfix": postfix.process.pid, "meshmail": mesh.fleet.processes["m1"].pid}
 
-    def cpu(phase: str, name: str) -> ContextManager[None]:
-        return counting_cpu(results, phase, name, groups[name], sizes.messages)
-
-    for name, port in ports.items():
-        smtp_source(port, RECIPIENTS["warm"], WARM_MESSAGES, min(sizes.sessions, WARM_MESSAGES), sizes.message_bytes)
-        wait_mailbox(f"{name}: warm-up mail delivered", dovecots[name], RECIPIENTS["warm"], WARM_MESSAGES)
+    warm_up(ports, dovecots, sizes)
     for name, port in ports.items():
         print(f"{name}: {sizes.messages:,} messages to a running Dovecot ...", flush=True)
-        with cpu("live", name):
+        with counting_cpu(results, "live", name, groups[name], sizes.messages):
             live_phase(name, port, dovecots[name], sizes, results)
     drains = {"postfix": lambda count: drain_postfix(postfix, dovecots["postfix"], count, results),
               "meshmail": lambda count: drain_meshmail(mesh, dovecots["meshmail"], count, results)}  # fmt: skip
@@ -436,9 +436,8 @@ def measure(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, mailki
             dovecot.stop()
         wait_for("meshmail: m1 sees the LMTP endpoint down", lambda: mesh.lmtp_up() is False, 60)
         print(f"both: {sizes.messages:,} messages each while the Dovecots are stopped, in turns ...", flush=True)
-        spent: dict[int, float] = {}
-        seconds = take_turns(ports, RECIPIENTS["queue"], {name: [group] for name, group in groups.items()}, sizes,
-                             spent)  # fmt: skip
+        seconds, spent = take_turns(ports, RECIPIENTS["queue"], {name: [group] for name, group in groups.items()},
+                                    sizes)  # fmt: skip
         for name, group in groups.items():
             add(results.queue_accepted, name, seconds[name])
             add(results.cpu_ms.setdefault("queue", {}), name, spent[group] / CYCLES)
@@ -466,9 +465,7 @@ def measure_shadow(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str,
     """Only what the shadow rows need: warm-up, then the queue paths in turns, meshmail's with
     a shadow master."""
     results = Results()
-    for name, port in {"postfix": postfix.port, "meshmail": mesh.port}.items():
-        smtp_source(port, RECIPIENTS["warm"], WARM_MESSAGES, min(sizes.sessions, WARM_MESSAGES), sizes.message_bytes)
-        wait_mailbox(f"{name}: warm-up mail delivered", dovecots[name], RECIPIENTS["warm"], WARM_MESSAGES)
+    warm_up({"postfix": postfix.port, "meshmail": mesh.port}, dovecots, sizes)
     shadow_phase(postfix, mesh, dovecots, sizes, results)
     return results
 
@@ -486,9 +483,8 @@ def shadow_phase(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, m
     assert postfix.process is not None
     group, holder = mesh.fleet.processes["m1"].pid, mesh.fleet.processes["m2"].pid
     groups = {"postfix": [postfix.process.pid], "meshmail": [group, holder]}
-    spent: dict[int, float] = {}
-    results.shadow_accepted = take_turns({"postfix": postfix.port, "meshmail": mesh.port}, RECIPIENTS["shadow"],
-                                         groups, sizes, spent)  # fmt: skip
+    results.shadow_accepted, spent = take_turns({"postfix": postfix.port, "meshmail": mesh.port},
+                                                RECIPIENTS["shadow"], groups, sizes)  # fmt: skip
     results.cpu_ms["shadow"] = {"postfix": spent[postfix.process.pid], "meshmail": spent[group]}
     results.holder_cpu_ms = spent[holder]
     if (held := mesh.shadows_on_m2()) != sizes.messages:
