@@ -326,6 +326,13 @@ def live_phase(name: str, port: int, dovecot: mailkit.Dovecot, sizes: Sizes, res
         raise BenchError(f"{name}: {found} messages in the mailbox, {sizes.messages} sent")
 
 
+def stop_dovecots(mesh: Meshmail, dovecots: dict[str, mailkit.Dovecot]) -> None:
+    """Stop both Dovecots; return once m1 sees s1's LMTP endpoint published down."""
+    for dovecot in dovecots.values():
+        dovecot.stop()
+    wait_for("meshmail: m1 sees the LMTP endpoint down", lambda: mesh.lmtp_up() is False, 60)
+
+
 def wait_quiet(groups: list[int]) -> None:
     """Wait until the process groups `groups` together use less than QUIET_CPU of a core over
     QUIET_WINDOW (QUIET_TIMEOUT at most: a busier machine then slows a figure, it is no error)."""
@@ -355,9 +362,9 @@ def take_turns(targets: dict[str, int], recipient: str, groups: dict[str, list[i
     seconds = dict.fromkeys(targets, 0.0)
     spent = dict.fromkeys(everyone, 0.0)
     names = list(targets)
+    wait_quiet(everyone)  # and after each turn: each starts with the servers idle
     for turn, count in enumerate(slices(sizes.messages)):
         for name in names if turn % 2 == 0 else names[::-1]:
-            wait_quiet(everyone)
             before = {group: group_cpu(group) for group in groups[name]}
             seconds[name] += smtp_source(targets[name], recipient, count, min(sizes.sessions, count),
                                          sizes.message_bytes)  # fmt: skip
@@ -432,9 +439,7 @@ def measure(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, mailki
               "meshmail": lambda count: drain_meshmail(mesh, dovecots["meshmail"], count, results)}  # fmt: skip
     servers = [postfix.process.pid, *(node.pid for node in mesh.fleet.processes.values())]
     for cycle in range(CYCLES):
-        for dovecot in dovecots.values():
-            dovecot.stop()
-        wait_for("meshmail: m1 sees the LMTP endpoint down", lambda: mesh.lmtp_up() is False, 60)
+        stop_dovecots(mesh, dovecots)
         print(f"both: {sizes.messages:,} messages each while the Dovecots are stopped, in turns ...", flush=True)
         seconds, spent = take_turns(ports, RECIPIENTS["queue"], {name: [group] for name, group in groups.items()},
                                     sizes)  # fmt: skip
@@ -477,9 +482,7 @@ def shadow_phase(postfix: mailkit.Postfix, mesh: Meshmail, dovecots: dict[str, m
     print("meshmail: a second master joins; both: messages while the Dovecots are stopped, in turns, meshmail's "
           "with shadow copies ...", flush=True)  # fmt: skip
     mesh.add_shadow_master()
-    for dovecot in dovecots.values():
-        dovecot.stop()
-    wait_for("meshmail: m1 sees the LMTP endpoint down", lambda: mesh.lmtp_up() is False, 60)
+    stop_dovecots(mesh, dovecots)
     assert postfix.process is not None
     group, holder = mesh.fleet.processes["m1"].pid, mesh.fleet.processes["m2"].pid
     groups = {"postfix": [postfix.process.pid], "meshmail": [group, holder]}
